@@ -1,0 +1,14 @@
+//! moltbot: the multi-tenant gateway and sandboxed worker pool of the moltbot assistant.
+//!
+//! One gateway on one port serves many users; each user is pinned to one worker process
+//! (sticky, consistent hashing with bounded load), each worker lives in its own sandbox, and a
+//! monitor thread respawns workers that crash or stall. See `DESIGN.md` in the repository for
+//! the whole picture.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod gateway;
+pub mod router;
+pub mod sandbox;
+pub mod user;
+pub mod worker;

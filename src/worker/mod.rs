@@ -1,0 +1,3 @@
+//! The worker process: its runtime loop and the built-in handlers.
+
+pub mod handlers;
