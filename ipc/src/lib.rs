@@ -5,6 +5,15 @@
 pub mod message;
 
 pub use message::{
-    access_request, access_response, ArchivedRequest, ArchivedResponse, CodecError, Header, Kind,
-    Method, Request, Response,
+    ArchivedRequest, ArchivedResponse, CodecError, Header, Kind, Method, Request, Response,
+    access_request, access_response,
 };
+pub mod ring;
+
+pub use ring::{AlignedBuf, Consumer, Frame, HeapRing, Producer, RingError, RingRef};
+pub mod clock;
+pub mod segment;
+pub mod wake;
+
+pub use segment::{Segment, SegmentError, SegmentHeader, SegmentLayout};
+pub use wake::{ParkOutcome, WakeReceiver, WakeSender, wake_pair};
