@@ -1,1 +1,1040 @@
-//! router
+//! The sticky router: userId → worker slot.
+//!
+//! A consistent-hash ring byte-for-byte compatible with the TypeScript sticky router (32-bit
+//! FNV-1a over UTF-16 code units, 150 virtual nodes per worker keyed `worker-{i}:{v}`, first
+//! node ≥ hash with wrap), optionally with bounded load (HAProxy's `hash-balance-factor`,
+//! Mirrokni et al. 2018), and a routing table that pins each user to the slot it was first
+//! given. The table is persisted append-only in `routing-table.jsonl` so assignments survive
+//! gateway restarts; lookups of assigned users are lock-free.
+//!
+//! The router does not validate user ids beyond refusing the empty string: callers validate
+//! with [`crate::user::validate_user_id`] first.
+
+use std::borrow::Cow;
+use std::collections::HashMap as StdHashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+/// Virtual nodes per worker on the ring (as in the TypeScript router).
+pub const VIRTUAL_NODES: usize = 150;
+
+/// The most worker slots a ring accepts (150 nodes each; bounds the ring's memory).
+pub const MAX_WORKERS: usize = 4096;
+
+/// The largest accepted balance factor; beyond it the bound could never bite anyway.
+pub const MAX_BALANCE_FACTOR: f64 = 1_000_000.0;
+
+/// The file name of the persisted routing table inside the router's directory.
+pub const TABLE_FILE: &str = "routing-table.jsonl";
+
+/// Fixed-point scale of the balance factor: it is held in millionths so the load bound is
+/// computed in exact integer arithmetic (1.1 × 10 users is 11, not 11.000000000000002 → 12).
+const FACTOR_SCALE: u64 = 1_000_000;
+
+const FNV_OFFSET_BASIS: u32 = 0x811c_9dc5;
+const FNV_PRIME: u32 = 0x0100_0193;
+
+/// Errors of the router.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    /// The worker count is 0 or above [`MAX_WORKERS`].
+    #[error("worker count must be between 1 and {MAX_WORKERS}, got {0}")]
+    InvalidWorkerCount(usize),
+    /// The balance factor is not 0 (off) and not a finite number in 1.0..=1e6.
+    #[error("balance factor must be 0 (off) or between 1.0 and {MAX_BALANCE_FACTOR}, got {0}")]
+    InvalidBalanceFactor(f64),
+    /// The user id is the empty string.
+    #[error("user id is empty")]
+    EmptyUser,
+    /// Reading, writing or syncing the routing table failed.
+    #[error("routing table {path}: {source}")]
+    Io {
+        /// The file (or directory) concerned.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RouterError {
+    fn io(path: &Path, source: io::Error) -> Self {
+        RouterError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// 32-bit FNV-1a over the UTF-16 code units of `s`, as JavaScript computes it with
+/// `charCodeAt`: each whole code unit is XORed in, then the hash is multiplied (wrapping) by
+/// the FNV prime.
+pub fn fnv1a_utf16(s: &str) -> u32 {
+    s.encode_utf16().fold(FNV_OFFSET_BASIS, |hash, unit| {
+        (hash ^ u32::from(unit)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// One virtual node of the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Node {
+    hash: u32,
+    worker: u32,
+}
+
+/// The consistent-hash ring: 150 virtual nodes per worker, keyed `worker-{i}:{v}`.
+#[derive(Debug, Clone)]
+pub struct HashRing {
+    /// Sorted by (hash, worker): equal hashes (rare) resolve to the lower worker, which is
+    /// also what a stable sort by hash of the TypeScript insertion order gives.
+    nodes: Vec<Node>,
+    workers: usize,
+}
+
+impl HashRing {
+    /// Builds the ring for `workers` slots (1..=[`MAX_WORKERS`]).
+    pub fn new(workers: usize) -> Result<HashRing, RouterError> {
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(RouterError::InvalidWorkerCount(workers));
+        }
+        let mut nodes = Vec::with_capacity(workers * VIRTUAL_NODES);
+        let mut key = String::new();
+        for worker in 0..workers {
+            for v in 0..VIRTUAL_NODES {
+                key.clear();
+                // Writing to a String cannot fail.
+                let _ = std::fmt::Write::write_fmt(&mut key, format_args!("worker-{worker}:{v}"));
+                nodes.push(Node {
+                    hash: fnv1a_utf16(&key),
+                    // workers <= MAX_WORKERS, so this never truncates.
+                    worker: worker as u32,
+                });
+            }
+        }
+        nodes.sort_unstable();
+        Ok(HashRing { nodes, workers })
+    }
+
+    /// The number of worker slots.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Index of the first node with hash ≥ `hash`, wrapping to 0.
+    fn start(&self, hash: u32) -> usize {
+        let i = self.nodes.partition_point(|n| n.hash < hash);
+        if i == self.nodes.len() { 0 } else { i }
+    }
+
+    /// The worker owning `key` on the pure ring (no load bound): the TypeScript assignment.
+    pub fn lookup(&self, key: &str) -> usize {
+        // The ring is never empty (workers >= 1), so `start` is a valid index.
+        self.nodes
+            .get(self.start(fnv1a_utf16(key)))
+            .map_or(0, |n| n.worker as usize)
+    }
+
+    /// The distinct workers in ring order, starting at `key`'s position: the owner first, then
+    /// each further worker the first time one of its nodes is met.
+    pub fn walk(&self, key: &str) -> Walk<'_> {
+        let start = self.start(fnv1a_utf16(key));
+        Walk {
+            nodes: self.nodes[start..].iter().chain(&self.nodes[..start]),
+            seen: vec![false; self.workers],
+            remaining: self.workers,
+        }
+    }
+}
+
+/// Iterator of [`HashRing::walk`]: stops as soon as every worker has been seen.
+#[derive(Debug)]
+pub struct Walk<'a> {
+    nodes: std::iter::Chain<std::slice::Iter<'a, Node>, std::slice::Iter<'a, Node>>,
+    seen: Vec<bool>,
+    remaining: usize,
+}
+
+impl Iterator for Walk<'_> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        while self.remaining > 0 {
+            let w = self.nodes.next()?.worker as usize;
+            if let Some(seen) = self.seen.get_mut(w).filter(|s| !**s) {
+                *seen = true;
+                self.remaining -= 1;
+                return Some(w);
+            }
+        }
+        None
+    }
+}
+
+/// Parses and checks a balance factor; `None` means the bound is off.
+fn parse_balance_factor(f: f64) -> Result<Option<u64>, RouterError> {
+    if f == 0.0 {
+        return Ok(None);
+    }
+    if !f.is_finite() || !(1.0..=MAX_BALANCE_FACTOR).contains(&f) {
+        return Err(RouterError::InvalidBalanceFactor(f));
+    }
+    // In range 1e6..=1e12 after scaling: exact in f64 and in u64.
+    Ok(Some((f * FACTOR_SCALE as f64).round() as u64))
+}
+
+/// `ceil(f × (assigned + 1) / workers)` with `f` in millionths, in exact integer arithmetic.
+fn load_bound(factor_micros: u64, assigned: usize, workers: usize) -> u128 {
+    let num = u128::from(factor_micros) * (assigned as u128 + 1);
+    let den = u128::from(FACTOR_SCALE) * workers as u128;
+    num.div_ceil(den)
+}
+
+/// One line of the routing table file.
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+    worker: usize,
+}
+
+/// The append-only routing table file.
+#[derive(Debug)]
+struct Journal {
+    file: File,
+    path: PathBuf,
+    /// Length of the file up to its last complete, valid line.
+    len: u64,
+    /// A failed append may have left a partial line behind `len`: cut it before the next one.
+    dirty: bool,
+}
+
+impl Journal {
+    /// Appends one entry as a single write and syncs it; on failure the file is cut back to
+    /// its last complete line (or marked for that before the next append).
+    fn append(&mut self, user: &str, worker: usize) -> Result<(), RouterError> {
+        if self.dirty {
+            self.file
+                .set_len(self.len)
+                .map_err(|e| RouterError::io(&self.path, e))?;
+            self.dirty = false;
+        }
+        let mut line = serde_json::to_vec(&Entry {
+            user: Cow::Borrowed(user),
+            worker,
+        })
+        .map_err(|e| RouterError::io(&self.path, e.into()))?;
+        line.push(b'\n');
+        let result = self
+            .file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data());
+        match result {
+            Ok(()) => {
+                self.len += line.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                // The line may or may not be on disk: remove it so the file and the table agree.
+                self.dirty = self.file.set_len(self.len).is_err();
+                Err(RouterError::io(&self.path, e))
+            }
+        }
+    }
+}
+
+/// What a first assignment needs, behind the mutex.
+#[derive(Debug)]
+struct AssignState {
+    /// Users per worker slot.
+    counts: Vec<usize>,
+    /// Users whose persisted slot no longer exists (fewer workers than before), with that slot.
+    stale: StdHashMap<Box<str>, usize>,
+    journal: Option<Journal>,
+}
+
+/// The sticky router: the ring, the optional load bound and the routing table.
+///
+/// `route` on an assigned user is a hash and a lock-free map read; only a first assignment
+/// takes the mutex (count update, file append and fsync, table insert). Share it via `Arc`.
+#[derive(Debug)]
+pub struct StickyRouter {
+    ring: HashRing,
+    /// Balance factor in millionths; `None` = pure ring.
+    factor: Option<u64>,
+    table: papaya::HashMap<Box<str>, usize>,
+    len: AtomicUsize,
+    state: Mutex<AssignState>,
+}
+
+impl StickyRouter {
+    /// A router without a file: assignments last as long as the value.
+    pub fn in_memory(workers: usize, balance_factor: f64) -> Result<StickyRouter, RouterError> {
+        Self::build(workers, balance_factor, Vec::new(), None)
+    }
+
+    /// Opens (or creates) `dir/routing-table.jsonl`, loads its assignments and appends new
+    /// ones to it.
+    ///
+    /// Tolerated on load: a torn or garbage tail (ignored, and the file cut back to its last
+    /// valid line so later appends stay parseable), garbage lines in the middle (skipped),
+    /// duplicate lines for a user (the LAST one wins: duplicates only arise when a stale user
+    /// was re-assigned, and the latest line is the slot that user was last served by).
+    /// A persisted slot ≥ `workers` (restarted with fewer workers) is not loaded: that user is
+    /// re-assigned on next sight. With more workers than before, no existing user moves.
+    /// Only one router may have the file open at a time.
+    pub fn open(
+        dir: &Path,
+        workers: usize,
+        balance_factor: f64,
+    ) -> Result<StickyRouter, RouterError> {
+        // Check the arguments before touching the file system.
+        HashRing::new(workers)?;
+        parse_balance_factor(balance_factor)?;
+        std::fs::create_dir_all(dir).map_err(|e| RouterError::io(dir, e))?;
+        let path = dir.join(TABLE_FILE);
+        let existed = path.exists();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| RouterError::io(&path, e))?;
+        if !existed {
+            sync_dir(dir);
+        }
+        let mut data = Vec::new();
+        file.read_to_end(&mut data)
+            .map_err(|e| RouterError::io(&path, e))?;
+        let (entries, valid_len) = parse_table(&data);
+        if valid_len < data.len() {
+            tracing::warn!(
+                path = %path.display(),
+                dropped_bytes = data.len() - valid_len,
+                "routing table has a torn or invalid tail; truncating it"
+            );
+            file.set_len(valid_len as u64)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| RouterError::io(&path, e))?;
+        }
+        let journal = Journal {
+            file,
+            path,
+            len: valid_len as u64,
+            dirty: false,
+        };
+        Self::build(workers, balance_factor, entries, Some(journal))
+    }
+
+    fn build(
+        workers: usize,
+        balance_factor: f64,
+        entries: Vec<(String, usize)>,
+        journal: Option<Journal>,
+    ) -> Result<StickyRouter, RouterError> {
+        let ring = HashRing::new(workers)?;
+        let factor = parse_balance_factor(balance_factor)?;
+        // Last line wins (see `open`).
+        let mut latest: StdHashMap<Box<str>, usize> = StdHashMap::with_capacity(entries.len());
+        for (user, worker) in entries {
+            latest.insert(user.into_boxed_str(), worker);
+        }
+        let table = papaya::HashMap::with_capacity(latest.len());
+        let mut counts = vec![0; workers];
+        let mut stale = StdHashMap::new();
+        {
+            let pinned = table.pin();
+            for (user, worker) in latest {
+                match counts.get_mut(worker) {
+                    Some(c) => {
+                        *c += 1;
+                        pinned.insert(user, worker);
+                    }
+                    None => {
+                        stale.insert(user, worker);
+                    }
+                }
+            }
+        }
+        if !stale.is_empty() {
+            tracing::warn!(
+                users = stale.len(),
+                workers,
+                "routing table has users on slots that no longer exist; they are re-assigned on next sight"
+            );
+        }
+        let len = counts.iter().sum();
+        Ok(StickyRouter {
+            ring,
+            factor,
+            table,
+            len: AtomicUsize::new(len),
+            state: Mutex::new(AssignState {
+                counts,
+                stale,
+                journal,
+            }),
+        })
+    }
+
+    /// The slot of `user`, assigning (and persisting) one on first sight.
+    ///
+    /// Errors: an empty `user`, or a failure to persist a new assignment (then nothing is
+    /// assigned, and a later call tries again).
+    pub fn route(&self, user: &str) -> Result<usize, RouterError> {
+        if let Some(&slot) = self.table.pin().get(user) {
+            return Ok(slot);
+        }
+        if user.is_empty() {
+            return Err(RouterError::EmptyUser);
+        }
+        self.assign(user)
+    }
+
+    fn assign(&self, user: &str) -> Result<usize, RouterError> {
+        let mut state = self.lock();
+        let table = self.table.pin();
+        // Another thread may have assigned this user while we waited for the lock.
+        if let Some(&slot) = table.get(user) {
+            return Ok(slot);
+        }
+        let slot = self.choose(user, &state.counts);
+        if let Some(journal) = state.journal.as_mut() {
+            journal.append(user, slot)?;
+        }
+        if let Some(previous) = state.stale.remove(user) {
+            tracing::warn!(
+                user,
+                previous = format_args!("worker-{previous}"),
+                now = format_args!("worker-{slot}"),
+                "re-assigned a user whose slot no longer exists"
+            );
+        }
+        table.insert(user.into(), slot);
+        if let Some(c) = state.counts.get_mut(slot) {
+            *c += 1;
+        }
+        self.len.fetch_add(1, Ordering::Release);
+        Ok(slot)
+    }
+
+    /// Where a new user goes given the current counts.
+    fn choose(&self, user: &str, counts: &[usize]) -> usize {
+        let Some(factor) = self.factor else {
+            return self.ring.lookup(user);
+        };
+        let assigned: usize = counts.iter().sum();
+        let bound = load_bound(factor, assigned, self.ring.workers());
+        // With f >= 1 some worker is always under the bound (else the counts would sum to more
+        // than `assigned`); the ring owner is only a fallback that cannot be reached.
+        self.ring
+            .walk(user)
+            .find(|&w| counts.get(w).is_some_and(|&c| (c as u128) < bound))
+            .unwrap_or_else(|| self.ring.lookup(user))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, AssignState> {
+        // Nothing in the critical section panics midway; the state stays consistent.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The assigned slot of `user`, if it has one.
+    pub fn lookup(&self, user: &str) -> Option<usize> {
+        self.table.pin().get(user).copied()
+    }
+
+    /// The assigned slot of `user`, or where it would go now if unseen, without assigning.
+    pub fn peek(&self, user: &str) -> usize {
+        if let Some(slot) = self.lookup(user) {
+            return slot;
+        }
+        let state = self.lock();
+        match self.table.pin().get(user) {
+            Some(&slot) => slot,
+            None => self.choose(user, &state.counts),
+        }
+    }
+
+    /// The number of assigned users (the status's `routingTableSize`).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether no user is assigned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Users per worker slot.
+    pub fn counts(&self) -> Vec<usize> {
+        self.lock().counts.clone()
+    }
+
+    /// The number of worker slots.
+    pub fn workers(&self) -> usize {
+        self.ring.workers()
+    }
+
+    /// The ring (pure consistent-hash assignment, without the load bound).
+    pub fn ring(&self) -> &HashRing {
+        &self.ring
+    }
+}
+
+/// Parses the table file: the valid entries in file order and the byte length up to the end
+/// of the last valid line. Lines after it (a torn or garbage tail) are dropped.
+fn parse_table(data: &[u8]) -> (Vec<(String, usize)>, usize) {
+    let mut entries = Vec::new();
+    let mut valid_len = 0;
+    let mut pos = 0;
+    while let Some(nl) = data[pos..].iter().position(|&b| b == b'\n') {
+        let end = pos + nl + 1;
+        let line = &data[pos..pos + nl];
+        match serde_json::from_slice::<Entry<'_>>(line) {
+            Ok(e) if !e.user.is_empty() => {
+                entries.push((e.user.into_owned(), e.worker));
+                valid_len = end;
+            }
+            _ if line.iter().all(u8::is_ascii_whitespace) => {}
+            _ => {
+                tracing::warn!(offset = pos, "skipping an unreadable routing table line");
+            }
+        }
+        pos = end;
+    }
+    (entries, valid_len)
+}
+
+/// Makes a newly created file's directory entry durable; a failure only costs durability of
+/// an empty file, so it is logged, not fatal.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not sync the routing table directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::Arc;
+
+    fn table_path(dir: &Path) -> PathBuf {
+        dir.join(TABLE_FILE)
+    }
+
+    fn read_lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(table_path(dir))
+            .expect("read table")
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn fnv1a_vectors() {
+        assert_eq!(fnv1a_utf16(""), 0x811c9dc5);
+        assert_eq!(fnv1a_utf16("a"), 0xe40c292c);
+        assert_eq!(fnv1a_utf16("foobar"), 0xbf9cf968);
+    }
+
+    #[test]
+    fn fnv1a_uses_whole_utf16_code_units() {
+        // 'é' is one code unit 0x00E9 (not its two UTF-8 bytes).
+        let by_hand = (FNV_OFFSET_BASIS ^ 0xE9).wrapping_mul(FNV_PRIME);
+        assert_eq!(fnv1a_utf16("é"), by_hand);
+        // U+1F600 is the surrogate pair D83D DE00.
+        let pair = [0xD83Du32, 0xDE00]
+            .iter()
+            .fold(FNV_OFFSET_BASIS, |h, &u| (h ^ u).wrapping_mul(FNV_PRIME));
+        assert_eq!(fnv1a_utf16("😀"), pair);
+    }
+
+    #[test]
+    fn ring_vectors_three_workers() {
+        let ring = HashRing::new(3).expect("ring");
+        for (user, worker) in [
+            ("user-a", 1),
+            ("user-b", 2),
+            ("user-c", 1),
+            ("user-1", 0),
+            ("user-2", 1),
+        ] {
+            assert_eq!(ring.lookup(user), worker, "{user}");
+        }
+    }
+
+    #[test]
+    fn ring_shape() {
+        let ring = HashRing::new(5).expect("ring");
+        assert_eq!(ring.nodes.len(), 5 * VIRTUAL_NODES);
+        assert!(ring.nodes.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(
+            ring.nodes
+                .iter()
+                .filter(|n| n.hash == fnv1a_utf16("worker-3:149"))
+                .map(|n| n.worker)
+                .collect::<Vec<_>>(),
+            vec![3]
+        );
+    }
+
+    #[test]
+    fn ring_lookup_is_first_node_at_or_after_hash_with_wrap() {
+        let ring = HashRing::new(3).expect("ring");
+        let last = ring.nodes[ring.nodes.len() - 1];
+        let first = ring.nodes[0];
+        assert_eq!(ring.start(last.hash), ring.nodes.len() - 1);
+        assert_eq!(ring.start(first.hash), 0);
+        assert_eq!(ring.start(last.hash.wrapping_add(1)), 0);
+        assert_eq!(ring.start(u32::MAX), 0);
+        assert_eq!(ring.start(first.hash.saturating_add(1)), 1);
+    }
+
+    #[test]
+    fn walk_visits_each_worker_once_owner_first() {
+        let ring = HashRing::new(8).expect("ring");
+        for user in ["user-a", "x", "", "😀"] {
+            let order: Vec<usize> = ring.walk(user).collect();
+            assert_eq!(order.len(), 8);
+            assert_eq!(order[0], ring.lookup(user));
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..8).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn invalid_construction_is_an_error() {
+        assert!(matches!(
+            HashRing::new(0),
+            Err(RouterError::InvalidWorkerCount(0))
+        ));
+        assert!(matches!(
+            StickyRouter::in_memory(MAX_WORKERS + 1, 1.0),
+            Err(RouterError::InvalidWorkerCount(_))
+        ));
+        for f in [0.5, 0.999, -1.0, f64::NAN, f64::INFINITY, 1e7] {
+            assert!(
+                matches!(
+                    StickyRouter::in_memory(3, f),
+                    Err(RouterError::InvalidBalanceFactor(_))
+                ),
+                "{f}"
+            );
+        }
+        for f in [0.0, -0.0, 1.0, 1.25, 2.0] {
+            assert!(StickyRouter::in_memory(3, f).is_ok(), "{f}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(StickyRouter::open(dir.path(), 3, 0.5).is_err());
+        assert!(
+            !table_path(dir.path()).exists(),
+            "no file for bad arguments"
+        );
+    }
+
+    #[test]
+    fn load_bound_is_exact() {
+        // 1.1 × 10 / 1 = 11 exactly (float arithmetic gives 11.000000000000002 → 12).
+        let f = parse_balance_factor(1.1).expect("f").expect("on");
+        assert_eq!(load_bound(f, 9, 1), 11);
+        let f = parse_balance_factor(1.0).expect("f").expect("on");
+        assert_eq!(load_bound(f, 0, 3), 1);
+        assert_eq!(load_bound(f, 2, 3), 1);
+        assert_eq!(load_bound(f, 3, 3), 2);
+        let f = parse_balance_factor(1.25).expect("f").expect("on");
+        assert_eq!(load_bound(f, 9_999, 8), 1563);
+        assert_eq!(parse_balance_factor(0.0).expect("off"), None);
+    }
+
+    #[test]
+    fn bounded_load_order_example() {
+        let r = StickyRouter::in_memory(3, 1.0).expect("router");
+        assert_eq!(r.route("user-a").expect("a"), 1);
+        assert_eq!(r.route("user-b").expect("b"), 2);
+        assert_eq!(r.route("user-c").expect("c"), 0);
+        assert_eq!(r.counts(), vec![1, 1, 1]);
+        assert_eq!(r.len(), 3);
+    }
+
+    #[test]
+    fn unbounded_router_is_the_pure_ring() {
+        let r = StickyRouter::in_memory(3, 0.0).expect("router");
+        for (user, worker) in [
+            ("user-a", 1),
+            ("user-b", 2),
+            ("user-c", 1),
+            ("user-1", 0),
+            ("user-2", 1),
+        ] {
+            assert_eq!(r.route(user).expect("route"), worker, "{user}");
+        }
+        assert_eq!(r.counts(), vec![1, 3, 1]);
+    }
+
+    #[test]
+    fn empty_user_is_refused() {
+        let r = StickyRouter::in_memory(3, 1.0).expect("router");
+        assert!(matches!(r.route(""), Err(RouterError::EmptyUser)));
+        assert!(r.is_empty());
+        assert_eq!(r.lookup(""), None);
+    }
+
+    #[test]
+    fn lookup_and_peek_do_not_assign() {
+        let r = StickyRouter::in_memory(3, 1.0).expect("router");
+        assert_eq!(r.lookup("user-a"), None);
+        assert_eq!(r.peek("user-a"), 1);
+        assert_eq!(r.peek("user-b"), 2);
+        assert!(r.is_empty());
+        assert_eq!(r.route("user-a").expect("a"), 1);
+        // Now worker-1 (user-c's ring owner) is full: peek reflects the current counts.
+        assert_eq!(r.ring().lookup("user-c"), 1);
+        assert_eq!(r.peek("user-c"), 2);
+        assert_eq!(r.lookup("user-a"), Some(1));
+        assert_eq!(r.peek("user-a"), 1);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r.workers(), 3);
+    }
+
+    #[test]
+    fn persistence_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let users: Vec<String> = (0..50).map(|i| format!("user-{i}")).collect();
+        let first: Vec<usize> = {
+            let r = StickyRouter::open(dir.path(), 4, 1.0).expect("open");
+            users.iter().map(|u| r.route(u).expect("route")).collect()
+        };
+        // Every assignment is on disk before `route` returned: one line per user.
+        assert_eq!(read_lines(dir.path()).len(), 50);
+        let r = StickyRouter::open(dir.path(), 4, 1.0).expect("reopen");
+        assert_eq!(r.len(), 50);
+        let mut counts = vec![0; 4];
+        for (u, &w) in users.iter().zip(&first) {
+            assert_eq!(r.lookup(u), Some(w));
+            assert_eq!(r.route(u).expect("route"), w);
+            counts[w] += 1;
+        }
+        assert_eq!(r.counts(), counts);
+        // Routing known users appends nothing.
+        assert_eq!(read_lines(dir.path()).len(), 50);
+    }
+
+    #[test]
+    fn file_format_is_one_json_object_per_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+        r.route("user-a").expect("a");
+        r.route("we\"ird\nid").expect("weird");
+        let text = std::fs::read_to_string(table_path(dir.path())).expect("read");
+        assert_eq!(
+            text,
+            "{\"user\":\"user-a\",\"worker\":1}\n{\"user\":\"we\\\"ird\\nid\",\"worker\":"
+                .to_owned()
+                + &r.lookup("we\"ird\nid").expect("assigned").to_string()
+                + "}\n"
+        );
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen");
+        assert_eq!(r.lookup("user-a"), Some(1));
+        assert!(r.lookup("we\"ird\nid").is_some());
+    }
+
+    #[test]
+    fn torn_last_line_is_dropped_and_later_appends_parse() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+            r.route("user-a").expect("a");
+            r.route("user-b").expect("b");
+        }
+        let path = table_path(dir.path());
+        let good_len = std::fs::metadata(&path).expect("meta").len();
+        {
+            let mut f = OpenOptions::new().append(true).open(&path).expect("append");
+            f.write_all(b"{\"user\":\"user-c\",\"wor").expect("torn");
+        }
+        {
+            let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen torn");
+            assert_eq!(r.len(), 2);
+            assert_eq!(std::fs::metadata(&path).expect("meta").len(), good_len);
+            assert_eq!(r.lookup("user-c"), None);
+            assert_eq!(r.route("user-c").expect("c"), 0);
+            assert_eq!(
+                r.route("user-d").expect("d"),
+                r.lookup("user-d").expect("d")
+            );
+        }
+        let lines = read_lines(dir.path());
+        assert_eq!(lines.len(), 4);
+        for line in &lines {
+            serde_json::from_str::<serde_json::Value>(line).expect("every line parses");
+        }
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen again");
+        assert_eq!(r.len(), 4);
+        assert_eq!(r.lookup("user-a"), Some(1));
+        assert_eq!(r.lookup("user-b"), Some(2));
+        assert_eq!(r.lookup("user-c"), Some(0));
+    }
+
+    #[test]
+    fn garbage_tail_and_middle_lines_are_tolerated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = table_path(dir.path());
+        std::fs::write(
+            &path,
+            b"{\"user\":\"u1\",\"worker\":0}\n\
+              not json\n\
+              \n\
+              {\"user\":\"\",\"worker\":1}\n\
+              {\"user\":\"u2\",\"worker\":-1}\n\
+              {\"user\":\"u3\",\"worker\":2,\"extra\":true}\n\
+              \xff\xfe garbage\n\
+              {\"user\":\"u4\"",
+        )
+        .expect("write");
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.lookup("u1"), Some(0));
+        assert_eq!(r.lookup("u2"), None);
+        assert_eq!(r.lookup("u3"), Some(2));
+        assert_eq!(r.counts(), vec![1, 0, 1]);
+        // The tail after the last valid line is cut; the middle is left alone.
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.ends_with("\"extra\":true}\n"), "{text:?}");
+        assert!(text.contains("not json"));
+        r.route("u5").expect("u5");
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen");
+        assert_eq!(r.len(), 3);
+        assert!(r.lookup("u5").is_some());
+    }
+
+    #[test]
+    fn duplicate_lines_latest_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            table_path(dir.path()),
+            "{\"user\":\"u\",\"worker\":0}\n{\"user\":\"u\",\"worker\":2}\n\
+             {\"user\":\"v\",\"worker\":1}\n{\"user\":\"v\",\"worker\":1}\n",
+        )
+        .expect("write");
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+        assert_eq!(r.lookup("u"), Some(2));
+        assert_eq!(r.lookup("v"), Some(1));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.counts(), vec![0, 1, 1]);
+    }
+
+    #[test]
+    fn fewer_workers_reassigns_and_growing_back_keeps_the_new_slot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            table_path(dir.path()),
+            "{\"user\":\"gone\",\"worker\":5}\n{\"user\":\"kept\",\"worker\":1}\n",
+        )
+        .expect("write");
+        let slot = {
+            let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+            assert_eq!(r.len(), 1);
+            assert_eq!(r.lookup("gone"), None);
+            assert_eq!(r.counts(), vec![0, 1, 0]);
+            let slot = r.route("gone").expect("reassign");
+            assert!(slot < 3);
+            assert_eq!(r.len(), 2);
+            slot
+        };
+        // Back to 6 workers: the latest assignment holds, not the old slot 5.
+        let r = StickyRouter::open(dir.path(), 6, 1.0).expect("reopen");
+        assert_eq!(r.lookup("gone"), Some(slot));
+        assert_eq!(r.lookup("kept"), Some(1));
+    }
+
+    #[test]
+    fn failed_append_assigns_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = table_path(dir.path());
+        std::fs::write(&path, "").expect("create");
+        // A read-only handle: every write (and the cut-back) fails.
+        let file = File::open(&path).expect("open ro");
+        let journal = Journal {
+            file,
+            path: path.clone(),
+            len: 0,
+            dirty: false,
+        };
+        let r = StickyRouter::build(3, 1.0, Vec::new(), Some(journal)).expect("build");
+        assert!(matches!(r.route("user-a"), Err(RouterError::Io { .. })));
+        assert_eq!(r.lookup("user-a"), None);
+        assert_eq!(r.len(), 0);
+        assert_eq!(r.counts(), vec![0, 0, 0]);
+        // The cut-back failed too, so the next append retries it first and fails again.
+        assert!(matches!(r.route("user-a"), Err(RouterError::Io { .. })));
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn dirty_journal_is_cut_back_before_the_next_append() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = table_path(dir.path());
+        let good = "{\"user\":\"u\",\"worker\":0}\n";
+        std::fs::write(&path, format!("{good}{{\"user\":\"par")).expect("write");
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .expect("open");
+        let mut journal = Journal {
+            file,
+            path: path.clone(),
+            len: good.len() as u64,
+            dirty: true,
+        };
+        journal.append("w", 1).expect("append");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "{\"user\":\"u\",\"worker\":0}\n{\"user\":\"w\",\"worker\":1}\n"
+        );
+    }
+
+    #[test]
+    fn concurrent_routing_agrees() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = Arc::new(StickyRouter::open(dir.path(), 8, 1.0).expect("open"));
+        let users: Arc<Vec<String>> = Arc::new((0..1000).map(|i| format!("u{i}")).collect());
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let r = Arc::clone(&r);
+                let users = Arc::clone(&users);
+                std::thread::spawn(move || {
+                    // Each thread walks the users from a different start.
+                    (0..users.len())
+                        .map(|i| {
+                            let j = (i + t * 125) % users.len();
+                            (j, r.route(&users[j]).expect("route"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let results: Vec<Vec<(usize, usize)>> = handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect();
+        assert_eq!(r.len(), 1000);
+        assert_eq!(r.counts().iter().sum::<usize>(), 1000);
+        for res in &results {
+            for &(j, w) in res {
+                assert_eq!(r.lookup(&users[j]), Some(w));
+            }
+        }
+        // Each user was written exactly once.
+        assert_eq!(read_lines(dir.path()).len(), 1000);
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 8, 1.0).expect("reopen");
+        assert_eq!(r.len(), 1000);
+        for &(j, w) in &results[0] {
+            assert_eq!(r.lookup(&users[j]), Some(w));
+        }
+    }
+
+    #[test]
+    fn router_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<StickyRouter>();
+        check::<HashRing>();
+    }
+
+    #[test]
+    fn bounded_load_holds_at_scale() {
+        let r = StickyRouter::in_memory(8, 1.25).expect("router");
+        for i in 0..10_000 {
+            r.route(&format!("user-{i}")).expect("route");
+        }
+        let bound = 1563; // ceil(1.25 × 10,000 / 8)
+        let counts = r.counts();
+        assert_eq!(counts.iter().sum::<usize>(), 10_000);
+        assert!(counts.iter().all(|&c| c <= bound), "{counts:?}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn assignment_is_sticky_across_lookups_and_reload(
+            users in proptest::collection::vec("\\PC{1,20}", 1..60),
+            workers in 1usize..10,
+            f in prop_oneof![Just(0.0), Just(1.0), 1.0f64..3.0],
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let r = StickyRouter::open(dir.path(), workers, f).expect("open");
+            let first: Vec<usize> = users.iter().map(|u| r.route(u).expect("route")).collect();
+            for _ in 0..3 {
+                for (u, &w) in users.iter().zip(&first) {
+                    prop_assert_eq!(r.route(u).expect("route"), w);
+                    prop_assert_eq!(r.lookup(u), Some(w));
+                    prop_assert_eq!(r.peek(u), w);
+                }
+            }
+            let len = r.len();
+            drop(r);
+            let r = StickyRouter::open(dir.path(), workers, f).expect("reopen");
+            prop_assert_eq!(r.len(), len);
+            for (u, &w) in users.iter().zip(&first) {
+                prop_assert_eq!(r.route(u).expect("route"), w);
+            }
+        }
+
+        #[test]
+        fn adding_a_worker_never_moves_a_user(
+            n in 1usize..300,
+            workers in 1usize..9,
+            f in prop_oneof![Just(0.0), Just(1.0), 1.0f64..2.0],
+        ) {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let users: Vec<String> = (0..n).map(|i| format!("user-{i}")).collect();
+            let before: Vec<usize> = {
+                let r = StickyRouter::open(dir.path(), workers, f).expect("open");
+                users.iter().map(|u| r.route(u).expect("route")).collect()
+            };
+            let r = StickyRouter::open(dir.path(), workers + 1, f).expect("grow");
+            for (u, &w) in users.iter().zip(&before) {
+                prop_assert_eq!(r.route(u).expect("route"), w);
+            }
+            prop_assert_eq!(r.len(), n);
+        }
+
+        #[test]
+        fn unbounded_equals_pure_ring(
+            users in proptest::collection::vec(any::<String>(), 1..100),
+            workers in 1usize..12,
+        ) {
+            let r = StickyRouter::in_memory(workers, 0.0).expect("router");
+            let ring = HashRing::new(workers).expect("ring");
+            for u in users.iter().filter(|u| !u.is_empty()) {
+                prop_assert_eq!(r.route(u).expect("route"), ring.lookup(u));
+            }
+        }
+
+        #[test]
+        fn bounded_load_never_exceeds_the_bound(
+            n in 1usize..500,
+            workers in 1usize..9,
+            f in 1.0f64..2.0,
+        ) {
+            let r = StickyRouter::in_memory(workers, f).expect("router");
+            for i in 0..n {
+                r.route(&format!("u-{i}")).expect("route");
+            }
+            let micros = parse_balance_factor(f).expect("f").expect("on");
+            let bound = load_bound(micros, n - 1, workers);
+            prop_assert!(r.counts().iter().all(|&c| (c as u128) <= bound));
+            prop_assert_eq!(r.counts().iter().sum::<usize>(), n);
+        }
+    }
+}
