@@ -6,9 +6,19 @@
 //! the whole picture.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod cli;
+pub mod command;
 pub mod config;
+pub mod error;
 pub mod gateway;
+pub mod pool;
 pub mod router;
 pub mod sandbox;
 pub mod user;
 pub mod worker;
+
+pub use api::{GatewayRouter, RouteRequest, RouteResponse};
+pub use config::Config;
+pub use error::RouteError;
+pub use pool::{PoolStatus, WorkerStatus};

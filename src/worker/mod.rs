@@ -1,3 +1,5 @@
-//! The worker process: its runtime loop and the built-in handlers.
+//! The worker process: its runtime loop, its confinement and the built-in handlers.
 
 pub mod handlers;
+pub mod isolation;
+pub mod runtime;

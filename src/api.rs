@@ -1,0 +1,363 @@
+//! The Rust library API, mirroring the TypeScript `createGatewayRouter`: `new`, `start`,
+//! `route`, `worker_for_user`, `status`, `stop`.
+//!
+//! `route` goes through the same rings as HTTP requests, on a lane of its own that a pump
+//! thread drives, so a library caller gets the same admission, timeouts, crash handling and
+//! stickiness as a client of the gateway.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moltbot_ipc::clock::monotonic_us;
+use moltbot_ipc::{Kind, Method};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::RouteError;
+use crate::pool::lane::{LaneSet, Outgoing, Reply, SubmitError};
+use crate::pool::{LaneEndpoint, Pool, PoolError, PoolStatus};
+
+/// A request, as the seed's `router.route({type, userId, payload})`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRequest {
+    /// `agent:message`, `agent:command`, `session`, `health:check`, `echo`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The user.
+    pub user_id: String,
+    /// Handler-specific payload.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+}
+
+/// The answer, as the seed's `WorkerResponse`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteResponse {
+    /// Unique per gateway run.
+    pub request_id: String,
+    /// The worker that handled it (or would have).
+    pub worker_id: Option<String>,
+    /// True if the handler succeeded.
+    pub success: bool,
+    /// The handler's payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// A message if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// A machine-readable code if it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
+    /// Handler time in microseconds.
+    pub duration_us: u64,
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// A request id unique within this process: `<pid hex>-<sequence>`.
+pub fn next_request_id() -> String {
+    format!(
+        "{:x}-{}",
+        std::process::id(),
+        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Turns a worker's answer into a `RouteResponse`.
+pub fn response_from_reply(request_id: String, reply: &Reply) -> RouteResponse {
+    let worker_id = Some(crate::sandbox::worker_id(reply.slot));
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(reply.body()).ok();
+    if reply.is_success() {
+        let payload = parsed.unwrap_or_else(|| {
+            serde_json::Value::String(String::from_utf8_lossy(reply.body()).into_owned())
+        });
+        RouteResponse {
+            request_id,
+            worker_id,
+            success: true,
+            payload: Some(payload),
+            error: None,
+            error_code: None,
+            duration_us: reply.duration_us,
+        }
+    } else {
+        let message = parsed
+            .as_ref()
+            .and_then(|v| v.get("message"))
+            .and_then(|m| m.as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("handler failed with status {}", reply.status));
+        RouteResponse {
+            request_id,
+            worker_id,
+            success: false,
+            payload: None,
+            error: Some(message),
+            error_code: Some(if reply.error_code.is_empty() {
+                "HANDLER_ERROR".into()
+            } else {
+                reply.error_code.clone()
+            }),
+            duration_us: reply.duration_us,
+        }
+    }
+}
+
+/// Turns a gateway-side failure into a `RouteResponse`.
+pub fn response_from_error(request_id: String, worker_id: Option<String>, e: &RouteError) -> RouteResponse {
+    RouteResponse {
+        request_id,
+        worker_id,
+        success: false,
+        payload: None,
+        error: Some(e.to_string()),
+        error_code: Some(e.code().to_string()),
+        duration_us: 0,
+    }
+}
+
+/// The method a `/v1/route`-style request is sent with.
+pub fn route_method(kind: Kind) -> Method {
+    match kind {
+        Kind::HealthCheck => Method::Get,
+        _ => Method::Post,
+    }
+}
+
+struct InProcess {
+    set: Mutex<LaneSet>,
+    endpoint_wake: moltbot_ipc::WakeReceiver,
+    waker: Arc<moltbot_ipc::WakeSender>,
+    stop: AtomicBool,
+}
+
+struct Running {
+    pool: Arc<Pool>,
+    inproc: Arc<InProcess>,
+    pump: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The gateway router: the pool plus an in-process lane.
+pub struct GatewayRouter {
+    config: Arc<Config>,
+    running: Mutex<Option<Running>>,
+}
+
+impl std::fmt::Debug for GatewayRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayRouter").finish_non_exhaustive()
+    }
+}
+
+/// How long `start` waits for the workers to come up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl GatewayRouter {
+    /// A router for `config` (validated here; nothing starts yet).
+    pub fn new(config: Config) -> Result<GatewayRouter, PoolError> {
+        config.validate()?;
+        Ok(GatewayRouter {
+            config: Arc::new(config),
+            running: Mutex::new(None),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// Starts the pool and waits until every worker is ready.
+    pub fn start(&self) -> Result<(), PoolError> {
+        self.start_with_lanes(0).map(|_| ())
+    }
+
+    /// Starts the pool with `extra` more lanes (for gateway cores) besides the in-process one,
+    /// and returns their endpoints.
+    pub fn start_with_lanes(&self, extra: usize) -> Result<Vec<LaneEndpoint>, PoolError> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        if running.is_some() {
+            return Ok(Vec::new());
+        }
+        let (pool, mut endpoints) = Pool::start(self.config.clone(), extra + 1)?;
+        let own = endpoints.remove(0);
+        let inproc = Arc::new(InProcess {
+            set: Mutex::new(own.set),
+            endpoint_wake: own.wake,
+            waker: own.waker,
+            stop: AtomicBool::new(false),
+        });
+        let pump_state = inproc.clone();
+        let pump = std::thread::Builder::new()
+            .name("moltbot-inproc-lane".into())
+            .spawn(move || pump(pump_state))
+            .map_err(|e| PoolError::Io("lane thread", e))?;
+        let r = Running {
+            pool: pool.clone(),
+            inproc,
+            pump: Some(pump),
+        };
+        if let Err(e) = pool.wait_ready(START_TIMEOUT) {
+            stop_running(r, Duration::ZERO);
+            return Err(e);
+        }
+        *running = Some(r);
+        Ok(endpoints)
+    }
+
+    /// The running pool, if started.
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        self.running
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(|r| r.pool.clone()))
+    }
+
+    /// Routes one request to its user's worker and waits for the answer (at most the request
+    /// timeout). Never panics; every failure is a `RouteResponse` with `success: false`.
+    pub fn route(&self, req: RouteRequest) -> RouteResponse {
+        let request_id = next_request_id();
+        let (pool, inproc) = match self.running.lock() {
+            Ok(r) => match r.as_ref() {
+                Some(r) => (r.pool.clone(), r.inproc.clone()),
+                None => return response_from_error(request_id, None, &RouteError::ShuttingDown),
+            },
+            Err(_) => return response_from_error(request_id, None, &RouteError::ShuttingDown),
+        };
+        match self.route_inner(&pool, &inproc, &req) {
+            Ok(reply) => response_from_reply(request_id, &reply),
+            Err((slot, e)) => {
+                response_from_error(request_id, slot.map(crate::sandbox::worker_id), &e)
+            }
+        }
+    }
+
+    fn route_inner(
+        &self,
+        pool: &Pool,
+        inproc: &InProcess,
+        req: &RouteRequest,
+    ) -> Result<Reply, (Option<usize>, RouteError)> {
+        let user = crate::user::validate_user_id(&req.user_id)
+            .map_err(|e| (None, RouteError::InvalidUser(e.to_string())))?;
+        let kind = Kind::parse(&req.kind).ok_or_else(|| {
+            (
+                None,
+                RouteError::InvalidRequest(format!("unknown request type {:?}", req.kind)),
+            )
+        })?;
+        let slot_id = pool
+            .router()
+            .route(user)
+            .map_err(|e| (None, RouteError::Internal(e.to_string())))?;
+        let fail = |e| (Some(slot_id), e);
+        let slot = pool
+            .slots()
+            .get(slot_id)
+            .ok_or_else(|| fail(RouteError::Internal("no such slot".into())))?;
+        let timeout = self.config.request_timeout;
+        let deadline = Instant::now() + timeout;
+        let body = serde_json::to_vec(&req.payload)
+            .map_err(|e| fail(RouteError::InvalidRequest(e.to_string())))?;
+        let mut permit =
+            crate::pool::admission::acquire_blocking(slot, deadline, timeout).map_err(fail)?;
+        let out = Outgoing {
+            kind,
+            method: route_method(kind),
+            user_id: user,
+            path: "",
+            headers: &[],
+            body: &body,
+            deadline_us: monotonic_us() + timeout.as_micros() as u64,
+        };
+        let (mut tx, rx) = oneshot::channel();
+        loop {
+            let result = {
+                let mut set = inproc.set.lock().unwrap_or_else(|p| p.into_inner());
+                match set.get_mut(slot_id) {
+                    Some(lane) => lane.submit(&out, tx, permit),
+                    None => return Err(fail(RouteError::Internal("no such lane".into()))),
+                }
+            };
+            match result {
+                Ok(()) => break,
+                Err(SubmitError::TooLarge(len, max)) => {
+                    return Err(fail(RouteError::TooLarge { len, max }));
+                }
+                Err(SubmitError::Full(t, p)) => {
+                    if Instant::now() >= deadline {
+                        return Err(fail(RouteError::Timeout(timeout)));
+                    }
+                    (tx, permit) = (t, p);
+                    inproc.waker.notify();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        }
+        match rx.recv_deadline(deadline) {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(fail(e)),
+            Err(oneshot::RecvTimeoutError::Timeout) => Err(fail(RouteError::Timeout(timeout))),
+            Err(oneshot::RecvTimeoutError::Disconnected) => Err(fail(RouteError::ShuttingDown)),
+        }
+    }
+
+    /// The worker a user is (or would be) routed to, without routing anything: the assigned
+    /// slot for a known user, else where it would go now.
+    pub fn worker_for_user(&self, user: &str) -> Option<String> {
+        let pool = self.pool()?;
+        let user = crate::user::validate_user_id(user).ok()?;
+        Some(crate::sandbox::worker_id(pool.router().peek(user)))
+    }
+
+    /// The pool status (all zero when not started).
+    pub fn status(&self) -> Option<PoolStatus> {
+        self.pool().map(|p| p.status())
+    }
+
+    /// Stops the workers (SIGTERM, SIGKILL after the drain timeout) and removes the segments.
+    /// Pending in-process requests are answered with `UNAVAILABLE`.
+    pub fn stop(&self) {
+        let r = self.running.lock().ok().and_then(|mut r| r.take());
+        if let Some(r) = r {
+            stop_running(r, self.config.drain_timeout);
+        }
+    }
+}
+
+fn stop_running(mut r: Running, grace: Duration) {
+    r.pool.stop(grace);
+    r.inproc.stop.store(true, Ordering::Release);
+    r.inproc.waker.notify();
+    if let Some(h) = r.pump.take() {
+        let _ = h.join();
+    }
+    let mut set = r.inproc.set.lock().unwrap_or_else(|p| p.into_inner());
+    set.fail_all(RouteError::ShuttingDown);
+}
+
+impl Drop for GatewayRouter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The in-process lane's owner thread: delivers answers, runs recoveries, sleeps when idle.
+fn pump(lane: Arc<InProcess>) {
+    while !lane.stop.load(Ordering::Acquire) {
+        let worked = lane.set.lock().map(|mut s| s.poll()).unwrap_or(false);
+        if worked {
+            continue;
+        }
+        let park = lane.set.lock().map(|mut s| s.prepare_park()).unwrap_or(false);
+        if park {
+            let _ = lane.endpoint_wake.wait(Duration::from_secs(1));
+            if let Ok(s) = lane.set.lock() {
+                s.cancel_park();
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! One module per subcommand.
+
+pub mod demo;
+pub mod info;
+pub mod worker;
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `default_level`).
+pub fn init_logging(default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
+}

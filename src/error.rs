@@ -1,0 +1,140 @@
+//! The errors a routed request can end with, in the moltbot gateway's error shape.
+
+use std::time::Duration;
+
+/// Why a request was not answered by its worker's handler.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The userId is missing or not acceptable.
+    #[error("invalid userId: {0}")]
+    InvalidUser(String),
+    /// The request itself is malformed (unknown type, bad JSON, bad name).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The request does not fit in a ring frame.
+    #[error("request of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Bytes the request needs.
+        len: usize,
+        /// Most bytes accepted.
+        max: usize,
+    },
+    /// The worker died (crashed, was killed as stalled, or broke the protocol) after it had
+    /// taken the request. Never retried by the gateway: agent requests are not idempotent.
+    #[error("worker-{slot} crashed while handling the request")]
+    WorkerCrashed {
+        /// The slot.
+        slot: usize,
+    },
+    /// The worker sent a response that does not make sense.
+    #[error("worker-{slot} sent an invalid response: {reason}")]
+    BadWorkerResponse {
+        /// The slot.
+        slot: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The worker is failed (restart limit reached), its queue is full, or the pool stops.
+    #[error("worker-{slot} is unavailable: {reason}")]
+    Unavailable {
+        /// The slot.
+        slot: usize,
+        /// Why.
+        reason: String,
+        /// When a retry makes sense.
+        retry_after: Duration,
+    },
+    /// No answer within the request timeout.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The gateway is stopping and takes no new requests.
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    /// A fault of the gateway itself (e.g. the routing table could not be written).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl RouteError {
+    /// Machine-readable code for `errorCode` / `error.code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RouteError::InvalidUser(_) => "INVALID_USER",
+            RouteError::InvalidRequest(_) => "INVALID_REQUEST",
+            RouteError::TooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            RouteError::WorkerCrashed { .. } => "WORKER_CRASHED",
+            RouteError::BadWorkerResponse { .. } => "BAD_WORKER_RESPONSE",
+            RouteError::Unavailable { .. } | RouteError::ShuttingDown => "UNAVAILABLE",
+            RouteError::Timeout(_) => "TIMEOUT",
+            RouteError::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// The HTTP status that fits.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::InvalidUser(_) | RouteError::InvalidRequest(_) => 400,
+            RouteError::TooLarge { .. } => 413,
+            RouteError::WorkerCrashed { .. } | RouteError::BadWorkerResponse { .. } => 502,
+            RouteError::Unavailable { .. } | RouteError::ShuttingDown => 503,
+            RouteError::Timeout(_) => 504,
+            RouteError::Internal(_) => 500,
+        }
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            RouteError::Unavailable { .. }
+                | RouteError::ShuttingDown
+                | RouteError::Timeout(_)
+                | RouteError::WorkerCrashed { .. }
+        )
+    }
+
+    /// Suggested wait before a retry (also sent as `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            RouteError::Unavailable { retry_after, .. } => Some(*retry_after),
+            RouteError::ShuttingDown => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_statuses() {
+        let cases: Vec<(RouteError, &str, u16, bool)> = vec![
+            (RouteError::InvalidUser("x".into()), "INVALID_USER", 400, false),
+            (RouteError::TooLarge { len: 2, max: 1 }, "PAYLOAD_TOO_LARGE", 413, false),
+            (RouteError::WorkerCrashed { slot: 1 }, "WORKER_CRASHED", 502, true),
+            (
+                RouteError::Unavailable {
+                    slot: 0,
+                    reason: "failed".into(),
+                    retry_after: Duration::from_secs(3),
+                },
+                "UNAVAILABLE",
+                503,
+                true,
+            ),
+            (RouteError::Timeout(Duration::from_secs(1)), "TIMEOUT", 504, true),
+            (RouteError::ShuttingDown, "UNAVAILABLE", 503, true),
+        ];
+        for (e, code, status, retry) in cases {
+            assert_eq!(e.code(), code);
+            assert_eq!(e.status(), status);
+            assert_eq!(e.retryable(), retry, "{e}");
+        }
+        assert_eq!(
+            RouteError::ShuttingDown.retry_after(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(RouteError::WorkerCrashed { slot: 0 }.retry_after(), None);
+    }
+}

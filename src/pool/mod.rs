@@ -1,0 +1,422 @@
+//! The worker pool: slots, their segments and sandboxes, the monitor thread, and the lane
+//! endpoints that gateway cores and in-process callers drive.
+
+pub mod admission;
+pub mod lane;
+pub mod monitor;
+pub mod policy;
+pub mod proc;
+pub mod slot;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use moltbot_ipc::{Segment, SegmentLayout, WakeReceiver, WakeSender, wake_pair};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::pool::admission::Admission;
+use crate::pool::lane::LaneSet;
+use crate::pool::monitor::{Command_, Monitor, SpawnSpec};
+use crate::pool::slot::{Slot, SlotState, now_ms};
+use crate::router::StickyRouter;
+use crate::sandbox::Sandbox;
+
+/// Errors starting the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The configuration does not hold.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The sandbox base directory could not be prepared.
+    #[error("sandbox base {path}: {source}")]
+    Base {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another gateway uses this sandbox base directory.
+    #[error("another gateway is running on {0} (its lock is held)")]
+    Locked(PathBuf),
+    /// A sandbox could not be prepared.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The routing table could not be opened.
+    #[error(transparent)]
+    Router(#[from] crate::router::RouterError),
+    /// Shared memory could not be set up.
+    #[error(transparent)]
+    Segment(#[from] moltbot_ipc::SegmentError),
+    /// A lane could not be attached.
+    #[error("lane: {0}")]
+    Ring(#[from] moltbot_ipc::RingError),
+    /// Wake sockets or threads could not be created.
+    #[error("{0}: {1}")]
+    Io(&'static str, std::io::Error),
+    /// Workers did not come up.
+    #[error("workers not ready within {0:?}: {1}")]
+    NotReady(Duration, String),
+}
+
+/// A lane for its owner: its lane in every slot plus the socket that wakes it.
+pub struct LaneEndpoint {
+    /// Lane number.
+    pub lane: usize,
+    /// The owner's side of the lane in each slot.
+    pub set: LaneSet,
+    /// Readable when a worker answered on this lane or the monitor asks for a recovery.
+    pub wake: WakeReceiver,
+    /// Wakes this lane's owner (e.g. to stop it).
+    pub waker: Arc<WakeSender>,
+}
+
+/// The file naming this run's segments, so that a later run can remove them after a crash.
+const SEGMENTS_FILE: &str = "segments.json";
+/// Held (flock) while a gateway uses the base directory.
+const LOCK_FILE: &str = "gateway.lock";
+
+#[derive(Debug, Serialize, serde::Deserialize)]
+struct SegmentsRecord {
+    pid: u32,
+    names: Vec<String>,
+}
+
+/// The worker pool.
+pub struct Pool {
+    config: Arc<Config>,
+    slots: Vec<Arc<Slot>>,
+    router: Arc<StickyRouter>,
+    lane_wakers: Vec<Arc<WakeSender>>,
+    monitor_tx: crossbeam::channel::Sender<Command_>,
+    monitor: Mutex<Option<std::thread::JoinHandle<()>>>,
+    monitor_wake: Arc<WakeSender>,
+    base: PathBuf,
+    started: Instant,
+    _lock: File,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("base", &self.base)
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+fn create_base(path: &Path) -> Result<(), PoolError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| PoolError::Base {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn lock_base(base: &Path) -> Result<File, PoolError> {
+    let path = base.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| PoolError::Base {
+            path: path.clone(),
+            source,
+        })?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| PoolError::Locked(base.to_path_buf()))?;
+    Ok(file)
+}
+
+/// Removes the segments a crashed earlier run left behind (we hold the base lock, so no live
+/// gateway uses them).
+fn remove_stale_segments(base: &Path) {
+    let path = base.join(SEGMENTS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    match serde_json::from_str::<SegmentsRecord>(&text) {
+        Ok(rec) => {
+            for name in rec.names {
+                if name.starts_with("/moltbot-") && Segment::unlink(&name).is_ok() {
+                    tracing::warn!("removed stale segment {name} of gateway pid {}", rec.pid);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("ignoring unreadable {}: {e}", path.display()),
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+fn write_segments(base: &Path, names: &[String]) -> Result<(), PoolError> {
+    let rec = SegmentsRecord {
+        pid: std::process::id(),
+        names: names.to_vec(),
+    };
+    let path = base.join(SEGMENTS_FILE);
+    let tmp = base.join(format!("{SEGMENTS_FILE}.tmp"));
+    let text = serde_json::to_vec(&rec).unwrap_or_default();
+    std::fs::write(&tmp, text)
+        .and_then(|()| File::open(&tmp)?.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| PoolError::Base { path, source })
+}
+
+impl Pool {
+    /// Starts the pool with `lanes` lane owners and waits until every worker is ready.
+    /// Returns the pool and one endpoint per lane.
+    pub fn start(config: Arc<Config>, lanes: usize) -> Result<(Arc<Pool>, Vec<LaneEndpoint>), PoolError> {
+        config.validate()?;
+        let base = config.sandbox_dir.clone();
+        create_base(&base)?;
+        let lock = lock_base(&base)?;
+        remove_stale_segments(&base);
+        let router = Arc::new(StickyRouter::open(
+            &base,
+            config.worker_count,
+            config.balance_factor,
+        )?);
+
+        let (monitor_wake, monitor_rx) = wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
+        let monitor_wake = Arc::new(monitor_wake);
+        let mut lane_wakers = Vec::with_capacity(lanes);
+        let mut lane_receivers = Vec::with_capacity(lanes);
+        let mut wake_fds = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            let (tx, rx) = wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
+            wake_fds.push(tx.inheritable().map_err(|e| PoolError::Io("wake socket", e))?);
+            lane_wakers.push(Arc::new(tx));
+            lane_receivers.push(rx);
+        }
+
+        let layout = SegmentLayout::new(lanes as u32, config.ring_capacity)?;
+        let token: u32 = rand::random();
+        let mut slots = Vec::with_capacity(config.worker_count);
+        let mut sandboxes = Vec::with_capacity(config.worker_count);
+        let mut names = Vec::with_capacity(config.worker_count);
+        for id in 0..config.worker_count {
+            names.push(format!("/moltbot-{}-{token:08x}-w{id}", std::process::id()));
+        }
+        write_segments(&base, &names)?;
+        for (id, name) in names.iter().enumerate() {
+            let segment = Segment::create(name, layout, id as u32)?;
+            let slot = Arc::new(Slot::new(
+                id,
+                segment,
+                lanes,
+                Admission::new(config.max_concurrent, config.max_queue),
+                monitor_wake.clone(),
+            ));
+            sandboxes.push(Sandbox::prepare(&base, id)?);
+            slots.push(slot);
+        }
+
+        let mut endpoints = Vec::with_capacity(lanes);
+        for (lane, wake) in lane_receivers.into_iter().enumerate() {
+            endpoints.push(LaneEndpoint {
+                lane,
+                set: LaneSet::new(&slots, lane)?,
+                wake,
+                waker: lane_wakers[lane].clone(),
+            });
+        }
+
+        let program = config
+            .resolved_worker_program()
+            .map_err(|e| PoolError::Io("worker program", e))?;
+        let (monitor_tx, commands) = crossbeam::channel::unbounded();
+        let monitor = Monitor::new(
+            config.clone(),
+            SpawnSpec { program, wake_fds },
+            slots.iter().cloned().zip(sandboxes).collect(),
+            lane_wakers.clone(),
+            monitor_rx,
+            commands,
+        );
+        let handle = std::thread::Builder::new()
+            .name("moltbot-monitor".into())
+            .spawn(move || monitor.run())
+            .map_err(|e| PoolError::Io("monitor thread", e))?;
+
+        let pool = Arc::new(Pool {
+            config,
+            slots,
+            router,
+            lane_wakers,
+            monitor_tx,
+            monitor: Mutex::new(Some(handle)),
+            monitor_wake,
+            base,
+            started: Instant::now(),
+            _lock: lock,
+        });
+        Ok((pool, endpoints))
+    }
+
+    /// Waits until every slot is serving (`ready`), at most `timeout`.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<(), PoolError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let not_ready: Vec<String> = self
+                .slots
+                .iter()
+                .filter(|s| !matches!(s.state(), SlotState::Ready | SlotState::Busy))
+                .map(|s| format!("{} {}", s.worker_id, s.state().as_str()))
+                .collect();
+            if not_ready.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(PoolError::NotReady(timeout, not_ready.join(", ")));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
+    }
+
+    /// The slots.
+    pub fn slots(&self) -> &[Arc<Slot>] {
+        &self.slots
+    }
+
+    /// The sticky router.
+    pub fn router(&self) -> &Arc<StickyRouter> {
+        &self.router
+    }
+
+    /// The sandbox base directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// The status of the pool (the seed's `getStatus()`).
+    pub fn status(&self) -> PoolStatus {
+        let now = now_ms();
+        let workers: Vec<WorkerStatus> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let st = &s.stats;
+                let pid = st.pid.load(Ordering::Relaxed);
+                let started = st.started_at_ms.load(Ordering::Relaxed);
+                WorkerStatus {
+                    worker_id: s.worker_id.clone(),
+                    state: s.reported_state().as_str(),
+                    pid: (pid != 0).then_some(pid),
+                    requests_processed: st.requests.load(Ordering::Relaxed),
+                    active_requests: s.admission.in_flight(),
+                    queued_requests: s.admission.queued(),
+                    last_heartbeat: st.last_heartbeat_ms.load(Ordering::Relaxed),
+                    memory_usage: st.rss_bytes.load(Ordering::Relaxed),
+                    uptime: if pid != 0 { now.saturating_sub(started) } else { 0 },
+                    restarts: st.restarts.load(Ordering::Relaxed),
+                    crashes: st.crashes.load(Ordering::Relaxed),
+                    error_count: st.errors.load(Ordering::Relaxed),
+                    generation: s.segment.header().generation.load(Ordering::Relaxed),
+                }
+            })
+            .collect();
+        PoolStatus {
+            total_workers: workers.len(),
+            healthy_workers: workers
+                .iter()
+                .filter(|w| matches!(w.state, "ready" | "busy"))
+                .count(),
+            busy_workers: workers.iter().filter(|w| w.state == "busy").count(),
+            queued_requests: self.slots.iter().map(|s| s.admission.queued()).sum(),
+            routing_table_size: self.router.len(),
+            uptime: self.started.elapsed().as_millis() as u64,
+            workers,
+        }
+    }
+
+    /// Stops every worker (SIGTERM, SIGKILL after `grace`), removes the segments. Idempotent.
+    pub fn stop(&self, grace: Duration) {
+        let handle = self.monitor.lock().ok().and_then(|mut m| m.take());
+        if let Some(handle) = handle {
+            let (tx, rx) = oneshot::channel();
+            if self.monitor_tx.send(Command_::Stop(grace, tx)).is_ok() {
+                self.monitor_wake.notify();
+                let _ = rx.recv();
+            }
+            let _ = handle.join();
+            for s in &self.slots {
+                let _ = Segment::unlink(s.segment.name());
+            }
+            let _ = std::fs::remove_file(self.base.join(SEGMENTS_FILE));
+            for w in &self.lane_wakers {
+                w.notify();
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.stop(Duration::ZERO);
+    }
+}
+
+/// The pool status (`GET /status`, `getStatus()`).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// Slots.
+    pub total_workers: usize,
+    /// Slots ready or busy.
+    pub healthy_workers: usize,
+    /// Slots at their concurrency limit.
+    pub busy_workers: usize,
+    /// Requests waiting for admission, all slots.
+    pub queued_requests: usize,
+    /// Users in the routing table.
+    pub routing_table_size: usize,
+    /// Milliseconds since the pool started.
+    pub uptime: u64,
+    /// Per slot.
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One slot in the status.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStatus {
+    /// `worker-N`.
+    pub worker_id: String,
+    /// `starting | ready | busy | draining | stopped | crashed | failed`.
+    pub state: &'static str,
+    /// Current process, if any.
+    pub pid: Option<u32>,
+    /// Requests answered (all generations).
+    pub requests_processed: u64,
+    /// Requests admitted and not yet answered.
+    pub active_requests: usize,
+    /// Requests waiting for admission.
+    pub queued_requests: usize,
+    /// When the heartbeat last advanced (ms since the epoch).
+    pub last_heartbeat: u64,
+    /// RSS in bytes.
+    pub memory_usage: u64,
+    /// Milliseconds the current process has been running.
+    pub uptime: u64,
+    /// Respawns.
+    pub restarts: u64,
+    /// Unrequested process deaths (crashes, stalls, violations).
+    pub crashes: u64,
+    /// Requests that ended in an error.
+    pub error_count: u64,
+    /// Generation of the current process.
+    pub generation: u64,
+}

@@ -1,0 +1,549 @@
+//! The monitor thread: spawns the workers, reaps them, watches heartbeats, memory and request
+//! counts, and applies the restart policy.
+//!
+//! It is a plain thread (not a glommio executor) that sleeps in `poll(2)` on one pidfd per
+//! worker plus its own wake socket, with a timeout of half a heartbeat interval: a crash is
+//! seen at once, a stall within a tick. Workers are spawned from this thread, so their
+//! parent-death signal is tied to a thread that lives as long as the pool.
+//!
+//! After a worker is gone the monitor bumps the slot's epoch and wakes every lane owner; each
+//! one answers or fails what the dead process held and acknowledges; only then, and after the
+//! restart delay, does the successor start, so it never sees a half-recovered lane.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::{WakeReceiver, WakeSender};
+use rustix::event::{PollFd, PollFlags};
+
+use crate::config::Config;
+use crate::pool::policy::{Decision, ExitKind, RestartPolicy, RestartState};
+use crate::pool::slot::{Slot, SlotState, now_ms};
+use crate::sandbox::{RecycleCause, RestartReason, Sandbox};
+
+/// Commands to the monitor.
+pub enum Command_ {
+    /// Stop every worker: SIGTERM, wait up to the timeout, then SIGKILL. Replies when done.
+    Stop(Duration, oneshot::Sender<()>),
+}
+
+/// What the monitor needs to start a worker process.
+pub struct SpawnSpec {
+    /// The binary to run as `<program> worker ...`.
+    pub program: std::path::PathBuf,
+    /// Raw descriptor numbers of the lanes' wake sockets, in lane order (inheritable).
+    pub wake_fds: Vec<i32>,
+}
+
+struct Proc {
+    child: Child,
+    pidfd: Option<OwnedFd>,
+    pid: u32,
+    started: Instant,
+}
+
+enum Phase {
+    Running {
+        proc: Proc,
+        heartbeat: u64,
+        heartbeat_at: Instant,
+        ready: bool,
+        /// Set when the monitor killed it or asked it to leave, and why.
+        ending: Option<(ExitKind, RestartReason)>,
+        /// Graceful recycle: SIGTERM sent; SIGKILL at this instant.
+        recycle_deadline: Option<Instant>,
+    },
+    Waiting {
+        epoch: u64,
+        at: Instant,
+        reason: RestartReason,
+    },
+    Failed {
+        epoch: u64,
+        until: Instant,
+    },
+    Stopped,
+}
+
+struct SlotRt {
+    slot: Arc<Slot>,
+    sandbox: Sandbox,
+    phase: Phase,
+    restart: RestartState,
+    max_requests: u64,
+}
+
+/// The monitor's state; `run` is its thread body.
+pub struct Monitor {
+    config: Arc<Config>,
+    policy: RestartPolicy,
+    spec: SpawnSpec,
+    slots: Vec<SlotRt>,
+    lane_wakers: Vec<Arc<WakeSender>>,
+    wake: WakeReceiver,
+    commands: crossbeam::channel::Receiver<Command_>,
+}
+
+fn describe(status: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(s)) => format!("signal {s}"),
+        _ => "unknown".into(),
+    }
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+impl Monitor {
+    /// A monitor for `slots` (each with its prepared sandbox).
+    pub fn new(
+        config: Arc<Config>,
+        spec: SpawnSpec,
+        slots: Vec<(Arc<Slot>, Sandbox)>,
+        lane_wakers: Vec<Arc<WakeSender>>,
+        wake: WakeReceiver,
+        commands: crossbeam::channel::Receiver<Command_>,
+    ) -> Monitor {
+        let slots = slots
+            .into_iter()
+            .map(|(slot, sandbox)| SlotRt {
+                slot,
+                sandbox,
+                phase: Phase::Waiting {
+                    epoch: 0,
+                    at: Instant::now(),
+                    reason: RestartReason::Initial,
+                },
+                restart: RestartState::default(),
+                max_requests: config.jittered_max_requests(rand::random::<f64>()),
+            })
+            .collect();
+        Monitor {
+            policy: RestartPolicy::new(config.clone()),
+            config,
+            spec,
+            slots,
+            lane_wakers,
+            wake,
+            commands,
+        }
+    }
+
+    fn tick(&self) -> Duration {
+        (self.config.heartbeat_interval / 2).clamp(Duration::from_millis(5), Duration::from_millis(500))
+    }
+
+    /// The thread body: runs until a Stop command (or the pool is dropped).
+    pub fn run(mut self) {
+        loop {
+            self.sleep();
+            self.wake.drain();
+            match self.commands.try_recv() {
+                Ok(Command_::Stop(grace, done)) => {
+                    self.stop_all(grace);
+                    let _ = done.send(());
+                    return;
+                }
+                Err(crossbeam::channel::TryRecvError::Disconnected) => {
+                    self.stop_all(Duration::ZERO);
+                    return;
+                }
+                Err(crossbeam::channel::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            for i in 0..self.slots.len() {
+                self.step(i, now);
+            }
+        }
+    }
+
+    /// Sleeps until a worker exits, someone wakes the monitor, or the next tick.
+    fn sleep(&self) {
+        let mut timeout = self.tick();
+        let now = Instant::now();
+        for s in &self.slots {
+            let due = match &s.phase {
+                Phase::Waiting { at, .. } => Some(*at),
+                Phase::Failed { until, .. } => Some(*until),
+                _ => None,
+            };
+            if let Some(due) = due {
+                timeout = timeout.min(due.saturating_duration_since(now));
+            }
+        }
+        let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.slots.len() + 1);
+        fds.push(PollFd::new(&self.wake, PollFlags::IN));
+        for s in &self.slots {
+            if let Phase::Running { proc, .. } = &s.phase {
+                if let Some(fd) = &proc.pidfd {
+                    fds.push(PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN));
+                }
+            }
+        }
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+    }
+
+    fn notify_lanes(&self) {
+        for w in &self.lane_wakers {
+            w.notify();
+        }
+    }
+
+    fn step(&mut self, i: usize, now: Instant) {
+        let stall = self.config.stall_timeout();
+        let max_memory = self.config.max_memory;
+        let drain = self.config.drain_timeout;
+        let rt = &mut self.slots[i];
+        let slot = rt.slot.clone();
+        let h = slot.segment.header();
+        match &mut rt.phase {
+            Phase::Running {
+                proc,
+                heartbeat,
+                heartbeat_at,
+                ready,
+                ending,
+                recycle_deadline,
+            } => {
+                match proc.child.try_wait() {
+                    Ok(Some(status)) => {
+                        self.on_exit(i, status, now);
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(worker = %slot.worker_id, "waitpid: {e}"),
+                }
+                if let Some(why) = slot.take_kill_request() {
+                    tracing::error!(worker = %slot.worker_id, pid = proc.pid, "killing: protocol violation: {why}");
+                    signal(proc.pid, rustix::process::Signal::KILL);
+                    *ending = Some((ExitKind::Violation, RestartReason::Protocol(why)));
+                }
+                let hb = h.heartbeat.load(Ordering::Relaxed);
+                if hb != *heartbeat {
+                    *heartbeat = hb;
+                    *heartbeat_at = now;
+                    slot.stats.last_heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+                    if !*ready && h.worker_state.load(Ordering::Acquire) == worker_state::SERVING {
+                        *ready = true;
+                        if slot.state() == SlotState::Starting {
+                            slot.set_state(SlotState::Ready);
+                        }
+                        tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
+                    }
+                } else if now.duration_since(*heartbeat_at) > stall && ending.is_none() {
+                    tracing::error!(
+                        worker = %slot.worker_id,
+                        pid = proc.pid,
+                        "no heartbeat for {:?}: killing the stalled worker",
+                        now.duration_since(*heartbeat_at)
+                    );
+                    signal(proc.pid, rustix::process::Signal::KILL);
+                    *ending = Some((ExitKind::Stalled, RestartReason::Stalled));
+                }
+                if let Some(rss) = crate::pool::proc::rss_bytes(proc.pid) {
+                    slot.stats.rss_bytes.store(rss, Ordering::Relaxed);
+                    if rss > max_memory && ending.is_none() && *ready {
+                        tracing::warn!(worker = %slot.worker_id, rss, max_memory, "over max_memory: recycling");
+                        signal(proc.pid, rustix::process::Signal::TERM);
+                        *ending = Some((
+                            ExitKind::Requested,
+                            RestartReason::Recycled(RecycleCause::MaxMemory),
+                        ));
+                        *recycle_deadline = Some(now + drain);
+                        slot.set_state(SlotState::Draining);
+                    }
+                }
+                let served = h.requests_served.load(Ordering::Relaxed);
+                if served >= rt.max_requests && ending.is_none() && *ready {
+                    tracing::info!(worker = %slot.worker_id, served, "max_requests reached: recycling");
+                    signal(proc.pid, rustix::process::Signal::TERM);
+                    *ending = Some((
+                        ExitKind::Requested,
+                        RestartReason::Recycled(RecycleCause::MaxRequests),
+                    ));
+                    *recycle_deadline = Some(now + drain);
+                    slot.set_state(SlotState::Draining);
+                }
+                if let Some(deadline) = recycle_deadline {
+                    if now >= *deadline {
+                        tracing::warn!(worker = %slot.worker_id, "did not exit within the drain timeout: killing");
+                        signal(proc.pid, rustix::process::Signal::KILL);
+                        *recycle_deadline = None;
+                    }
+                }
+            }
+            Phase::Waiting { epoch, at, reason } => {
+                if now >= *at && slot.all_lanes_acked(*epoch) {
+                    let reason = reason.clone();
+                    self.spawn(i, reason, now);
+                }
+            }
+            Phase::Failed { epoch, until } => {
+                if now >= *until && slot.all_lanes_acked(*epoch) {
+                    tracing::info!(worker = %slot.worker_id, "cool-down over: retrying");
+                    self.policy.on_retry(&mut rt.restart);
+                    self.spawn(i, RestartReason::Retried, now);
+                }
+            }
+            Phase::Stopped => {}
+        }
+    }
+
+    fn on_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
+        let rt = &mut self.slots[i];
+        let slot = rt.slot.clone();
+        let phase = std::mem::replace(&mut rt.phase, Phase::Stopped);
+        let Phase::Running { proc, ending, .. } = phase else {
+            return;
+        };
+        let (kind, reason) = match ending {
+            Some((ExitKind::Requested, r)) if status.success() => (ExitKind::Requested, r),
+            Some((ExitKind::Requested, _)) | None => (
+                ExitKind::Crashed,
+                RestartReason::Crashed(describe(&status)),
+            ),
+            Some(other) => other,
+        };
+        let ran = now.duration_since(proc.started);
+        if kind != ExitKind::Requested {
+            slot.stats.crashes.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(worker = %slot.worker_id, pid = proc.pid, ran = ?ran, "worker ended: {reason}");
+        } else {
+            tracing::info!(worker = %slot.worker_id, pid = proc.pid, "worker recycled: {reason}");
+        }
+        slot.stats.pid.store(0, Ordering::Relaxed);
+        slot.segment.header().worker_pid.store(0, Ordering::Relaxed);
+        let decision = self.policy.on_exit(&mut rt.restart, &kind, ran, now);
+        // The state is set before the epoch is bumped: lanes read it while recovering.
+        let epoch = match decision {
+            Decision::RestartAfter(delay) => {
+                slot.set_state(if kind == ExitKind::Requested {
+                    SlotState::Starting
+                } else {
+                    SlotState::Crashed
+                });
+                let epoch = slot.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                rt.phase = Phase::Waiting {
+                    epoch,
+                    at: now + delay,
+                    reason,
+                };
+                epoch
+            }
+            Decision::FailUntil(until) => {
+                let wait = until.saturating_duration_since(now);
+                slot.stats
+                    .failed_until_ms
+                    .store(now_ms() + wait.as_millis() as u64, Ordering::Relaxed);
+                tracing::error!(
+                    worker = %slot.worker_id,
+                    "restart limit reached ({} crashes within {:?}): failed for {wait:?}",
+                    rt.restart.recent_crashes(),
+                    self.config.restart_window
+                );
+                slot.set_state(SlotState::Failed);
+                let epoch = slot.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                rt.phase = Phase::Failed { epoch, until };
+                epoch
+            }
+        };
+        tracing::debug!(worker = %slot.worker_id, epoch, "lanes asked to recover");
+        self.notify_lanes();
+    }
+
+    fn spawn(&mut self, i: usize, reason: RestartReason, now: Instant) {
+        let rt = &mut self.slots[i];
+        let slot = rt.slot.clone();
+        let initial = reason == RestartReason::Initial;
+        let generation = match rt.sandbox.record_start(reason.clone()) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
+                rt.sandbox.generation() + 1
+            }
+        };
+        if !initial {
+            slot.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        let h = slot.segment.header();
+        h.generation.store(generation, Ordering::Relaxed);
+        h.worker_state.store(worker_state::STARTING, Ordering::Release);
+        h.requests_served.store(0, Ordering::Relaxed);
+        h.start_time_ms.store(now_ms(), Ordering::Relaxed);
+        let _ = slot.take_kill_request();
+        slot.set_state(SlotState::Starting);
+        rt.max_requests = self
+            .config
+            .jittered_max_requests(rand::random::<f64>());
+
+        let cmd = worker_command(&self.config, &self.spec, &slot, &rt.sandbox);
+        let result = cmd.and_then(|mut c| c.spawn().map_err(|e| e.to_string()));
+        match result {
+            Ok(child) => {
+                let pid = child.id();
+                let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                });
+                h.worker_pid.store(pid, Ordering::Relaxed);
+                slot.stats.pid.store(pid, Ordering::Relaxed);
+                slot.stats.started_at_ms.store(now_ms(), Ordering::Relaxed);
+                slot.stats.rss_bytes.store(0, Ordering::Relaxed);
+                if let Err(e) = rt.sandbox.record_pid(pid) {
+                    tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
+                }
+                tracing::info!(worker = %slot.worker_id, pid, generation, "spawned ({reason})");
+                rt.phase = Phase::Running {
+                    heartbeat: h.heartbeat.load(Ordering::Relaxed),
+                    heartbeat_at: now,
+                    proc: Proc {
+                        child,
+                        pidfd,
+                        pid,
+                        started: now,
+                    },
+                    ready: false,
+                    ending: None,
+                    recycle_deadline: None,
+                };
+            }
+            Err(e) => {
+                tracing::error!(worker = %slot.worker_id, "cannot spawn the worker: {e}");
+                // Counted like a crash, so that a broken binary ends in `failed`.
+                let decision = self.policy.on_exit(
+                    &mut rt.restart,
+                    &ExitKind::Crashed,
+                    Duration::ZERO,
+                    now,
+                );
+                let epoch = slot.epoch.load(Ordering::Acquire);
+                rt.phase = match decision {
+                    Decision::RestartAfter(d) => {
+                        slot.set_state(SlotState::Crashed);
+                        Phase::Waiting {
+                            epoch,
+                            at: now + d,
+                            reason: RestartReason::Crashed(format!("spawn failed: {e}")),
+                        }
+                    }
+                    Decision::FailUntil(until) => {
+                        slot.stats.failed_until_ms.store(
+                            now_ms() + until.saturating_duration_since(now).as_millis() as u64,
+                            Ordering::Relaxed,
+                        );
+                        slot.set_state(SlotState::Failed);
+                        let epoch = slot.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                        Phase::Failed { epoch, until }
+                    }
+                };
+                if matches!(rt.phase, Phase::Failed { .. }) {
+                    self.notify_lanes();
+                }
+            }
+        }
+    }
+
+    /// Stops every worker: SIGTERM, then SIGKILL after `grace`; reaps them all.
+    fn stop_all(&mut self, grace: Duration) {
+        for rt in &self.slots {
+            rt.slot.set_state(SlotState::Draining);
+            if let Phase::Running { proc, .. } = &rt.phase {
+                signal(proc.pid, rustix::process::Signal::TERM);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            let mut running = 0;
+            for rt in &mut self.slots {
+                if let Phase::Running { proc, .. } = &mut rt.phase {
+                    match proc.child.try_wait() {
+                        Ok(Some(_)) | Err(_) => rt.phase = Phase::Stopped,
+                        Ok(None) => running += 1,
+                    }
+                }
+            }
+            if running == 0 || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for rt in &mut self.slots {
+            if let Phase::Running { proc, .. } = &mut rt.phase {
+                tracing::warn!(worker = %rt.slot.worker_id, pid = proc.pid, "did not stop in time: killing");
+                let _ = proc.child.kill();
+                let _ = proc.child.wait();
+            }
+            rt.phase = Phase::Stopped;
+            rt.slot.stats.pid.store(0, Ordering::Relaxed);
+            rt.slot.set_state(SlotState::Stopped);
+            rt.slot.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        self.notify_lanes();
+    }
+}
+
+/// The command line and environment of a worker process.
+fn worker_command(
+    config: &Config,
+    spec: &SpawnSpec,
+    slot: &Slot,
+    sandbox: &Sandbox,
+) -> Result<Command, String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(sandbox.logs_dir().join("worker.log"))
+        .map_err(|e| format!("worker log: {e}"))?;
+    let log2 = log.try_clone().map_err(|e| format!("worker log: {e}"))?;
+    let lanes = spec.wake_fds.len();
+    let mut cmd = Command::new(&spec.program);
+    cmd.arg("worker")
+        .arg("--slot")
+        .arg(slot.id.to_string())
+        .arg("--segment")
+        .arg(slot.segment.name())
+        .arg("--wake-fds")
+        .arg(
+            spec.wake_fds
+                .iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
+        .arg("--sandbox")
+        .arg(sandbox.root())
+        .arg("--heartbeat-ms")
+        .arg(config.heartbeat_interval.as_millis().max(1).to_string())
+        .arg("--nofile")
+        .arg(config.worker_nofile.to_string());
+    if let Some(limit) = config.worker_address_space_limit(lanes) {
+        cmd.arg("--address-space").arg(limit.to_string());
+    }
+    if !config.landlock {
+        cmd.arg("--no-landlock");
+    }
+    if config.test_handlers {
+        cmd.arg("--test-handlers");
+    }
+    cmd.env_clear()
+        .envs(sandbox.worker_env(std::env::vars_os()))
+        .current_dir(sandbox.root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2));
+    Ok(cmd)
+}

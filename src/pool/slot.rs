@@ -1,0 +1,214 @@
+//! The state of one worker slot shared by the monitor and every lane owner (gateway cores and
+//! the in-process lane): the segment, the lifecycle state, the crash epoch handshake and the
+//! counters behind `/status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use moltbot_ipc::{Segment, WakeSender};
+use serde::Serialize;
+
+use crate::pool::admission::Admission;
+
+/// Lifecycle of a slot, as reported in the status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum SlotState {
+    /// A process was spawned and has not reported in yet.
+    Starting = 0,
+    /// Serving, below its concurrency limit.
+    Ready = 1,
+    /// Serving at its concurrency limit (further requests queue).
+    Busy = 2,
+    /// Finishing in-flight work before a recycle or a stop.
+    Draining = 3,
+    /// Stopped with the pool.
+    Stopped = 4,
+    /// The process died; a new one is scheduled.
+    Crashed = 5,
+    /// Too many crashes within the restart window; retried after a cool-down.
+    Failed = 6,
+}
+
+impl SlotState {
+    fn from_u8(v: u8) -> SlotState {
+        match v {
+            0 => SlotState::Starting,
+            1 => SlotState::Ready,
+            2 => SlotState::Busy,
+            3 => SlotState::Draining,
+            4 => SlotState::Stopped,
+            5 => SlotState::Crashed,
+            _ => SlotState::Failed,
+        }
+    }
+
+    /// The name used in the status (`ready`, `failed`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlotState::Starting => "starting",
+            SlotState::Ready => "ready",
+            SlotState::Busy => "busy",
+            SlotState::Draining => "draining",
+            SlotState::Stopped => "stopped",
+            SlotState::Crashed => "crashed",
+            SlotState::Failed => "failed",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Counters of a slot, across all generations of its worker.
+#[derive(Debug, Default)]
+pub struct SlotStats {
+    /// Pid of the current process (0 when none).
+    pub pid: AtomicU32,
+    /// Start of the current process, ms since the epoch.
+    pub started_at_ms: AtomicU64,
+    /// When the heartbeat last advanced, ms since the epoch.
+    pub last_heartbeat_ms: AtomicU64,
+    /// Resident set size of the current process in bytes (measured by the monitor).
+    pub rss_bytes: AtomicU64,
+    /// Restarts (every spawn after the first).
+    pub restarts: AtomicU64,
+    /// Requests answered by the worker (any status).
+    pub requests: AtomicU64,
+    /// Requests that ended in an error (handler errors, crashes, timeouts, bad responses).
+    pub errors: AtomicU64,
+    /// Worker process deaths that were not a requested recycle or stop.
+    pub crashes: AtomicU64,
+    /// While failed: when the next attempt is due, ms since the epoch.
+    pub failed_until_ms: AtomicU64,
+}
+
+/// One worker slot.
+pub struct Slot {
+    /// Slot number (the N of `worker-N`).
+    pub id: usize,
+    /// `worker-N`.
+    pub worker_id: String,
+    /// The slot's segment; the same for the life of the pool, whatever the generation.
+    pub segment: Segment,
+    state: AtomicU8,
+    /// Bumped by the monitor after the slot's process died (or the slot failed): every lane
+    /// owner then recovers its lane and acknowledges in `lane_acks` before a successor starts.
+    pub epoch: AtomicU64,
+    lane_acks: Box<[AtomicU64]>,
+    /// Concurrency limit and queue.
+    pub admission: Admission,
+    /// Counters for the status.
+    pub stats: SlotStats,
+    kill_requested: AtomicBool,
+    kill_reason: Mutex<String>,
+    monitor_wake: Arc<WakeSender>,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot")
+            .field("worker_id", &self.worker_id)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Slot {
+    /// A slot in state `starting`.
+    pub fn new(
+        id: usize,
+        segment: Segment,
+        lanes: usize,
+        admission: Admission,
+        monitor_wake: Arc<WakeSender>,
+    ) -> Slot {
+        Slot {
+            id,
+            worker_id: crate::sandbox::worker_id(id),
+            segment,
+            state: AtomicU8::new(SlotState::Starting as u8),
+            epoch: AtomicU64::new(0),
+            lane_acks: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
+            admission,
+            stats: SlotStats::default(),
+            kill_requested: AtomicBool::new(false),
+            kill_reason: Mutex::new(String::new()),
+            monitor_wake,
+        }
+    }
+
+    /// Current state.
+    pub fn state(&self) -> SlotState {
+        SlotState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state (monitor only). Waiters in the admission queue re-check it.
+    pub fn set_state(&self, s: SlotState) {
+        self.state.store(s as u8, Ordering::Release);
+        if matches!(s, SlotState::Failed | SlotState::Stopped) {
+            self.admission.wake_all();
+        }
+    }
+
+    /// The state as shown in the status: `busy` when at the concurrency limit.
+    pub fn reported_state(&self) -> SlotState {
+        match self.state() {
+            SlotState::Ready if self.admission.in_flight() >= self.admission.max_concurrent() => {
+                SlotState::Busy
+            }
+            s => s,
+        }
+    }
+
+    /// Records that `lane` has recovered from `epoch`.
+    pub fn ack_epoch(&self, lane: usize, epoch: u64) {
+        if let Some(a) = self.lane_acks.get(lane) {
+            a.store(epoch, Ordering::Release);
+        }
+    }
+
+    /// True when every lane has recovered from `epoch`.
+    pub fn all_lanes_acked(&self, epoch: u64) -> bool {
+        self.lane_acks
+            .iter()
+            .all(|a| a.load(Ordering::Acquire) >= epoch)
+    }
+
+    /// Asks the monitor to kill the process (a lane saw it break the protocol).
+    pub fn request_kill(&self, reason: &str) {
+        if !self.kill_requested.swap(true, Ordering::AcqRel) {
+            if let Ok(mut r) = self.kill_reason.lock() {
+                *r = reason.to_string();
+            }
+            self.monitor_wake.notify();
+        }
+    }
+
+    /// Takes a pending kill request (monitor only).
+    pub fn take_kill_request(&self) -> Option<String> {
+        if self.kill_requested.swap(false, Ordering::AcqRel) {
+            Some(
+                self.kill_reason
+                    .lock()
+                    .map(|r| r.clone())
+                    .unwrap_or_default(),
+            )
+        } else {
+            None
+        }
+    }
+
+    /// Time left until a failed slot is retried.
+    pub fn retry_after(&self) -> Duration {
+        let until = self.stats.failed_until_ms.load(Ordering::Relaxed);
+        Duration::from_millis(until.saturating_sub(now_ms()).max(1000))
+    }
+}

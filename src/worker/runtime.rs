@@ -1,0 +1,346 @@
+//! The worker process (`moltbot worker`, a hidden subcommand the gateway runs in each slot):
+//! confine itself, attach to its segment, then serve its lanes until told to stop.
+//!
+//! One thread serves every lane, one request at a time, round-robin across lanes so that no
+//! gateway core starves. The heartbeat is bumped by this same loop, so a handler that hangs
+//! stops the heartbeat and the monitor replaces the process. When idle the loop spins briefly,
+//! then parks on the futex in its segment with a timeout of half the heartbeat interval, which
+//! keeps the heartbeat going while using no CPU.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use moltbot_ipc::clock::monotonic_us;
+use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, wake_needed};
+use moltbot_ipc::{
+    ArchivedRequest, Consumer, Frame, Kind, Producer, Response, RingError, Segment, WakeSender,
+};
+
+use crate::worker::handlers::{HandlerReply, HandlerRequest, Handlers};
+use crate::worker::isolation::{self, IsolationPolicy};
+
+/// Command-line arguments of `moltbot worker` (set by the gateway, not by people).
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Slot number.
+    #[arg(long)]
+    pub slot: usize,
+    /// Name of the slot's shared-memory segment.
+    #[arg(long)]
+    pub segment: String,
+    /// Inherited wake sockets, one per lane, in lane order.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub wake_fds: Vec<i32>,
+    /// Pid of the gateway; the worker exits if it is not its parent.
+    #[arg(long)]
+    pub parent_pid: u32,
+    /// The sandbox root (also the working directory).
+    #[arg(long)]
+    pub sandbox: PathBuf,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_ms: u64,
+    /// RLIMIT_NOFILE.
+    #[arg(long, default_value_t = 1024)]
+    pub nofile: u64,
+    /// RLIMIT_AS in bytes (none if absent).
+    #[arg(long)]
+    pub address_space: Option<u64>,
+    /// Do not apply Landlock.
+    #[arg(long)]
+    pub no_landlock: bool,
+    /// Enable the test-only fault handlers.
+    #[arg(long)]
+    pub test_handlers: bool,
+}
+
+/// A lane as the worker sees it.
+struct Lane {
+    req: Consumer,
+    resp: Producer,
+    wake: WakeSender,
+}
+
+/// Spins this many empty rounds before parking.
+const SPIN_ROUNDS: u32 = 200;
+
+/// Runs the worker until SIGTERM (finish the current request, exit 0) or a fatal error.
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    isolation::set_parent_death_signal(args.parent_pid).context("parent death signal")?;
+    let policy = IsolationPolicy {
+        sandbox_root: args.sandbox.clone(),
+        landlock: !args.no_landlock,
+        nofile: args.nofile,
+        address_space: args.address_space,
+        extra_read_only: Vec::new(),
+    };
+    isolation::apply_rlimits(&policy).context("rlimits")?;
+
+    let term = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, term.clone())
+        .context("SIGTERM handler")?;
+
+    let seg = Segment::attach(&args.segment).context("attach segment")?;
+    let lanes_n = seg.layout().lanes() as usize;
+    if args.wake_fds.len() != lanes_n {
+        bail!(
+            "{} wake fds for {lanes_n} lanes",
+            args.wake_fds.len()
+        );
+    }
+    let mut lanes = Vec::with_capacity(lanes_n);
+    for (i, fd) in args.wake_fds.iter().enumerate() {
+        let l = i as u32;
+        let req = seg.request_ring(l).context("request ring")?;
+        let resp = seg.response_ring(l).context("response ring")?;
+        lanes.push(Lane {
+            req: Consumer::attach(req).context("request ring")?,
+            resp: Producer::attach(resp).context("response ring")?,
+            wake: WakeSender::from_inherited(*fd).context("wake fd")?,
+        });
+    }
+
+    // From here on no new files outside the sandbox: the segment is mapped, the fds are open.
+    let landlock = isolation::apply_landlock(&policy).context("landlock")?;
+    tracing::info!(
+        worker = args.slot,
+        pid = std::process::id(),
+        ?landlock,
+        "worker serving {lanes_n} lanes"
+    );
+
+    let max_reply = lanes
+        .first()
+        .map(|l| l.resp.ring().max_payload().saturating_sub(1024))
+        .unwrap_or(0);
+    let mut handlers = Handlers::new(
+        crate::sandbox::worker_id(args.slot),
+        std::process::id(),
+        &args.sandbox,
+        args.test_handlers,
+    );
+    handlers.set_max_reply_bytes(max_reply);
+
+    let mut w = Worker {
+        seg,
+        lanes,
+        handlers,
+        test_handlers: args.test_handlers,
+        max_reply,
+    };
+    let park_for = Duration::from_millis((args.heartbeat_ms / 2).clamp(1, 1000));
+    w.serve(&term, park_for)
+}
+
+struct Worker {
+    seg: Segment,
+    lanes: Vec<Lane>,
+    handlers: Handlers,
+    test_handlers: bool,
+    max_reply: usize,
+}
+
+impl Worker {
+    fn heartbeat(&self) {
+        self.seg.header().heartbeat.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn serve(&mut self, term: &AtomicBool, park_for: Duration) -> anyhow::Result<()> {
+        let seg = self.seg.clone();
+        let h = seg.header();
+        h.worker_state.store(worker_state::SERVING, Ordering::Release);
+        self.update_rss();
+        let mut idle = 0u32;
+        loop {
+            self.heartbeat();
+            if term.load(Ordering::Relaxed) {
+                h.worker_state.store(worker_state::EXITING, Ordering::Release);
+                tracing::info!("SIGTERM: exiting between requests");
+                return Ok(());
+            }
+            let mut served = false;
+            for i in 0..self.lanes.len() {
+                if let Some(frame) = self.lanes[i].req.peek().context("request ring")? {
+                    self.serve_one(i, frame)?;
+                    served = true;
+                }
+            }
+            if served {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle < SPIN_ROUNDS {
+                std::hint::spin_loop();
+                continue;
+            }
+            let parked = seg.worker_parked();
+            announce_park(parked);
+            let mut work = false;
+            for l in &mut self.lanes {
+                work |= l.req.has_data().context("request ring")?;
+            }
+            if !work && !term.load(Ordering::Relaxed) {
+                self.update_rss();
+                futex_park(parked, park_for);
+            }
+            cancel_park(parked);
+            idle = 0;
+        }
+    }
+
+    fn update_rss(&self) {
+        if let Some(rss) = crate::pool::proc::rss_bytes(std::process::id()) {
+            self.seg.header().rss_bytes.store(rss, Ordering::Relaxed);
+        }
+    }
+
+    fn serve_one(&mut self, lane: usize, frame: Frame) -> anyhow::Result<()> {
+        let seg = self.seg.clone();
+        let h = seg.header();
+        let started = Instant::now();
+        let l = &mut self.lanes[lane];
+        l.req.claim(&frame);
+        h.in_flight.store(1, Ordering::Relaxed);
+        let bytes = l.req.bytes(&frame);
+        let req = match moltbot_ipc::access_request(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                // The gateway is trusted; a frame it wrote that does not decode means the two
+                // sides disagree on the layout. Without a request id nothing can be answered.
+                bail!("undecodable request frame: {e}");
+            }
+        };
+        let id = req.request_id.to_native();
+        let deadline = req.deadline_us.to_native();
+        let kind = req.kind.to_native();
+        let (status, code, body): (u16, &str, Vec<u8>);
+        if deadline != 0 && monotonic_us() > deadline {
+            (status, code, body) = (
+                504,
+                "TIMEOUT",
+                br#"{"message":"the deadline passed before the worker took the request"}"#.to_vec(),
+            );
+        } else if kind == Kind::Echo {
+            // Straight from the request frame into the response frame: no copy in between.
+            let echo = Response {
+                request_id: id,
+                duration_us: 0,
+                status: 200,
+                body: &req.body,
+                error_code: "",
+            };
+            write_response(&mut l.resp, &l.wake, &echo, h)?;
+            l.req.release(frame);
+            self.finish(lane);
+            return Ok(());
+        } else if kind == Kind::Test && self.test_handlers && test_fault(&req, &mut l.resp) {
+            l.req.release(frame);
+            self.finish(lane);
+            return Ok(());
+        } else {
+            let reply: HandlerReply = self.handlers.handle(&HandlerRequest {
+                kind,
+                method: req.method.to_native(),
+                user_id: &req.user_id,
+                path: &req.path,
+                body: &req.body,
+            });
+            (status, code, body) = (reply.status, reply.error_code, reply.body);
+        }
+        let l = &mut self.lanes[lane];
+        let duration_us = started.elapsed().as_micros() as u64;
+        let body: &[u8] = if body.len() > self.max_reply {
+            br#"{"message":"the reply does not fit in a ring frame"}"#
+        } else {
+            &body
+        };
+        let resp = Response {
+            request_id: id,
+            duration_us,
+            status,
+            body,
+            error_code: code,
+        };
+        write_response(&mut l.resp, &l.wake, &resp, h)?;
+        l.req.release(frame);
+        self.finish(lane);
+        Ok(())
+    }
+
+    fn finish(&self, _lane: usize) {
+        let h = self.seg.header();
+        h.in_flight.store(0, Ordering::Relaxed);
+        h.requests_served.fetch_add(1, Ordering::Relaxed);
+        self.heartbeat();
+    }
+}
+
+/// Publishes a response, waiting while the ring is full (the gateway is behind; the heartbeat
+/// keeps going because the worker is not stuck), and wakes the gateway core if it sleeps.
+fn write_response(
+    ring: &mut Producer,
+    wake: &WakeSender,
+    resp: &Response<'_>,
+    h: &moltbot_ipc::SegmentHeader,
+) -> anyhow::Result<()> {
+    let bound = resp.encoded_len_bound();
+    loop {
+        match ring.push_with(bound, |slot| resp.encode_into(slot)) {
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => bail!("encode response: {e}"),
+            Err(RingError::Full) => {
+                if wake_needed(ring.ring().parked_flag()) {
+                    wake.notify();
+                }
+                h.heartbeat.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) => bail!("response ring: {e}"),
+        }
+    }
+    if wake_needed(ring.ring().parked_flag()) {
+        wake.notify();
+    }
+    Ok(())
+}
+
+/// Test-only faults that need the rings themselves (the others live in the handlers).
+/// Returns true if it handled the request.
+fn test_fault(req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
+    let id = req.request_id.to_native();
+    match &*req.path {
+        // A frame that is not a Response archive.
+        "garbage-frame" => {
+            let _ = ring.push(&[0xa5; 96]);
+            true
+        }
+        // A well-formed response to a request that does not exist.
+        "garbage-id" => {
+            let r = Response {
+                request_id: id ^ 0x5555_0000_0000_0000,
+                duration_us: 0,
+                status: 200,
+                body: b"{}",
+                error_code: "",
+            };
+            let bound = r.encoded_len_bound();
+            let _ = ring.push_with(bound, |slot| r.encode_into(slot));
+            true
+        }
+        // Positions that break the ring's invariants.
+        "garbage-ring" => {
+            ring.ring()
+                .header()
+                .producer
+                .tail
+                .store(u64::MAX - 7, Ordering::Release);
+            true
+        }
+        _ => false,
+    }
+}
