@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::clock::monotonic_us;
-use moltbot_ipc::{Kind, Method};
+/// Request kinds and methods, for [`GatewayRouter::route_parts`].
+pub use moltbot_ipc::{Kind, Method};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -107,7 +108,11 @@ pub fn response_from_reply(request_id: String, reply: &Reply) -> RouteResponse {
 }
 
 /// Turns a gateway-side failure into a `RouteResponse`.
-pub fn response_from_error(request_id: String, worker_id: Option<String>, e: &RouteError) -> RouteResponse {
+pub fn response_from_error(
+    request_id: String,
+    worker_id: Option<String>,
+    e: &RouteError,
+) -> RouteResponse {
     RouteResponse {
         request_id,
         worker_id,
@@ -125,6 +130,15 @@ pub fn route_method(kind: Kind) -> Method {
         Kind::HealthCheck => Method::Get,
         _ => Method::Post,
     }
+}
+
+/// A request in its parts, after `route`'s or the caller's parsing.
+struct Parts<'a> {
+    kind: Kind,
+    method: Method,
+    user_id: &'a str,
+    path: &'a str,
+    body: &'a [u8],
 }
 
 struct InProcess {
@@ -220,6 +234,57 @@ impl GatewayRouter {
     /// timeout). Never panics; every failure is a `RouteResponse` with `success: false`.
     pub fn route(&self, req: RouteRequest) -> RouteResponse {
         let request_id = next_request_id();
+        // Same checks, in the same order, as before `route_parts` existed: user, type, payload.
+        let parsed = crate::user::validate_user_id(&req.user_id)
+            .map_err(|e| RouteError::InvalidUser(e.to_string()))
+            .and_then(|_| {
+                Kind::parse(&req.kind).ok_or_else(|| {
+                    RouteError::InvalidRequest(format!("unknown request type {:?}", req.kind))
+                })
+            })
+            .and_then(|kind| {
+                serde_json::to_vec(&req.payload)
+                    .map(|body| (kind, body))
+                    .map_err(|e| RouteError::InvalidRequest(e.to_string()))
+            });
+        match parsed {
+            Ok((kind, body)) => self.route_with_id(
+                request_id,
+                &Parts {
+                    kind,
+                    method: route_method(kind),
+                    user_id: &req.user_id,
+                    path: "",
+                    body: &body,
+                },
+            ),
+            Err(e) => response_from_error(request_id, None, &e),
+        }
+    }
+
+    /// Routes a request given in its parts (kind, method, path, raw body), as the HTTP
+    /// gateway has them; `route` is this with the method of the kind, an empty path and the
+    /// JSON payload as the body. The path is the kind-specific target: a session name, or the
+    /// action of a `test` request. Never panics; failures are `success: false` responses.
+    pub fn route_parts(
+        &self,
+        kind: Kind,
+        method: Method,
+        user_id: &str,
+        path: &str,
+        body: &[u8],
+    ) -> RouteResponse {
+        let parts = Parts {
+            kind,
+            method,
+            user_id,
+            path,
+            body,
+        };
+        self.route_with_id(next_request_id(), &parts)
+    }
+
+    fn route_with_id(&self, request_id: String, parts: &Parts<'_>) -> RouteResponse {
         let (pool, inproc) = match self.running.lock() {
             Ok(r) => match r.as_ref() {
                 Some(r) => (r.pool.clone(), r.inproc.clone()),
@@ -227,7 +292,7 @@ impl GatewayRouter {
             },
             Err(_) => return response_from_error(request_id, None, &RouteError::ShuttingDown),
         };
-        match self.route_inner(&pool, &inproc, &req) {
+        match self.route_inner(&pool, &inproc, parts) {
             Ok(reply) => response_from_reply(request_id, &reply),
             Err((slot, e)) => {
                 response_from_error(request_id, slot.map(crate::sandbox::worker_id), &e)
@@ -239,16 +304,10 @@ impl GatewayRouter {
         &self,
         pool: &Pool,
         inproc: &InProcess,
-        req: &RouteRequest,
+        req: &Parts<'_>,
     ) -> Result<Reply, (Option<usize>, RouteError)> {
-        let user = crate::user::validate_user_id(&req.user_id)
+        let user = crate::user::validate_user_id(req.user_id)
             .map_err(|e| (None, RouteError::InvalidUser(e.to_string())))?;
-        let kind = Kind::parse(&req.kind).ok_or_else(|| {
-            (
-                None,
-                RouteError::InvalidRequest(format!("unknown request type {:?}", req.kind)),
-            )
-        })?;
         let slot_id = pool
             .router()
             .route(user)
@@ -260,17 +319,15 @@ impl GatewayRouter {
             .ok_or_else(|| fail(RouteError::Internal("no such slot".into())))?;
         let timeout = self.config.request_timeout;
         let deadline = Instant::now() + timeout;
-        let body = serde_json::to_vec(&req.payload)
-            .map_err(|e| fail(RouteError::InvalidRequest(e.to_string())))?;
         let mut permit =
             crate::pool::admission::acquire_blocking(slot, deadline, timeout).map_err(fail)?;
         let out = Outgoing {
-            kind,
-            method: route_method(kind),
+            kind: req.kind,
+            method: req.method,
             user_id: user,
-            path: "",
+            path: req.path,
             headers: &[],
-            body: &body,
+            body: req.body,
             deadline_us: monotonic_us() + timeout.as_micros() as u64,
         };
         let (mut tx, rx) = oneshot::channel();
@@ -321,9 +378,15 @@ impl GatewayRouter {
     /// Stops the workers (SIGTERM, SIGKILL after the drain timeout) and removes the segments.
     /// Pending in-process requests are answered with `UNAVAILABLE`.
     pub fn stop(&self) {
+        self.stop_with_grace(self.config.drain_timeout);
+    }
+
+    /// Like [`GatewayRouter::stop`], with workers killed after `grace` instead of the drain
+    /// timeout.
+    pub fn stop_with_grace(&self, grace: Duration) {
         let r = self.running.lock().ok().and_then(|mut r| r.take());
         if let Some(r) = r {
-            stop_running(r, self.config.drain_timeout);
+            stop_running(r, grace);
         }
     }
 }
@@ -352,7 +415,11 @@ fn pump(lane: Arc<InProcess>) {
         if worked {
             continue;
         }
-        let park = lane.set.lock().map(|mut s| s.prepare_park()).unwrap_or(false);
+        let park = lane
+            .set
+            .lock()
+            .map(|mut s| s.prepare_park())
+            .unwrap_or(false);
         if park {
             let _ = lane.endpoint_wake.wait(Duration::from_secs(1));
             if let Ok(s) = lane.set.lock() {

@@ -17,6 +17,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the gateway on its port until SIGTERM (drain) or SIGINT (fast stop).
+    Gateway(crate::command::gateway::GatewayCmdArgs),
     /// Manage and try the worker pool.
     #[command(subcommand)]
     Workers(WorkersCommand),
@@ -32,6 +34,10 @@ pub enum WorkersCommand {
     Demo(DemoArgs),
     /// Print the architecture and the effective configuration.
     Info(InfoArgs),
+    /// Show the status of a running gateway.
+    Status(crate::command::status::StatusArgs),
+    /// Show which worker a user is (or would be) routed to by a running gateway.
+    Route(crate::command::route::RouteArgs),
 }
 
 /// `moltbot workers demo`
@@ -40,8 +46,16 @@ pub struct DemoArgs {
     /// Pool settings.
     #[command(flatten)]
     pub pool: PoolArgs,
+    /// Gateway settings (the demo serves on the port too; `-p 0` picks a free one).
+    #[command(flatten)]
+    pub gateway: crate::config::GatewayArgs,
     /// Seconds to keep running after the demo (0 = until Ctrl-C).
-    #[arg(short = 't', long = "timeout", value_name = "SECONDS", default_value_t = 5)]
+    #[arg(
+        short = 't',
+        long = "timeout",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
     pub timeout: u64,
 }
 

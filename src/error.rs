@@ -110,9 +110,24 @@ mod tests {
     #[test]
     fn codes_and_statuses() {
         let cases: Vec<(RouteError, &str, u16, bool)> = vec![
-            (RouteError::InvalidUser("x".into()), "INVALID_USER", 400, false),
-            (RouteError::TooLarge { len: 2, max: 1 }, "PAYLOAD_TOO_LARGE", 413, false),
-            (RouteError::WorkerCrashed { slot: 1 }, "WORKER_CRASHED", 502, true),
+            (
+                RouteError::InvalidUser("x".into()),
+                "INVALID_USER",
+                400,
+                false,
+            ),
+            (
+                RouteError::TooLarge { len: 2, max: 1 },
+                "PAYLOAD_TOO_LARGE",
+                413,
+                false,
+            ),
+            (
+                RouteError::WorkerCrashed { slot: 1 },
+                "WORKER_CRASHED",
+                502,
+                true,
+            ),
             (
                 RouteError::Unavailable {
                     slot: 0,
@@ -123,7 +138,12 @@ mod tests {
                 503,
                 true,
             ),
-            (RouteError::Timeout(Duration::from_secs(1)), "TIMEOUT", 504, true),
+            (
+                RouteError::Timeout(Duration::from_secs(1)),
+                "TIMEOUT",
+                504,
+                true,
+            ),
             (RouteError::ShuttingDown, "UNAVAILABLE", 503, true),
         ];
         for (e, code, status, retry) in cases {

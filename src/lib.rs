@@ -12,6 +12,8 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod http_client;
+pub mod metrics;
 pub mod pool;
 pub mod router;
 pub mod sandbox;

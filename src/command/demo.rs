@@ -1,15 +1,48 @@
-//! `moltbot workers demo`: the guide's walk-through, for real.
+//! `moltbot workers demo`: the guide's walk-through, for real: a gateway on the port, the
+//! demo users routed through HTTP requests to it.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::api::{GatewayRouter, RouteRequest};
+use anyhow::{Context, bail};
+
 use crate::cli::DemoArgs;
 use crate::config::Config;
+use crate::gateway::{Gateway, Shutdown};
+use crate::http_client::{self, HttpResponse};
 
 const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn rule() {
     println!("{}", "─".repeat(30));
+}
+
+struct Client {
+    url: String,
+    token: Option<String>,
+}
+
+impl Client {
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        user: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<HttpResponse> {
+        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+        let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+        if let Some(u) = user {
+            headers.push(("x-moltbot-user", u));
+        }
+        if let Some(a) = &auth {
+            headers.push(("authorization", a.as_str()));
+        }
+        Ok(http_client::request(
+            &self.url, method, path, &headers, body, TIMEOUT,
+        )?)
+    }
 }
 
 /// Runs the demo; returns the exit code.
@@ -18,82 +51,102 @@ pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
     if pool_args.workers.is_none() {
         pool_args.workers = Some(3);
     }
-    let config = Config::resolve(&pool_args, None, Config::process_env())?;
-    println!("Starting worker pool with {} workers...\n", config.worker_count);
-    let router = GatewayRouter::new(config)?;
-    router.start()?;
-    println!("Worker pool ready!\n");
+    let config = Config::resolve(&pool_args, Some(&args.gateway), Config::process_env())?;
+    println!(
+        "Starting worker pool with {} workers...\n",
+        config.worker_count
+    );
+    let token = config.token.clone();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    let gateway = Gateway::start(config)?;
+    let client = Client {
+        url: format!("http://{}", gateway.local_addr()),
+        token,
+    };
+    println!("Worker pool ready! Gateway listening on {}\n", client.url);
+    let result = walk_through(&client);
+    if result.is_ok() {
+        if args.timeout == 0 {
+            println!("\nRunning until Ctrl-C...");
+            let _ = signals.forever().next();
+        } else {
+            let deadline = std::time::Instant::now() + Duration::from_secs(args.timeout);
+            while std::time::Instant::now() < deadline {
+                if signals.pending().next().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+    println!("\nStopping workers...");
+    gateway.shutdown(Shutdown::Drain);
+    println!("Done!");
+    result.map(|()| 0)
+}
 
+fn walk_through(client: &Client) -> anyhow::Result<()> {
     println!("Routing assignments:");
     rule();
-    let mut ok = true;
     for user in USERS {
-        let resp = router.route(RouteRequest {
-            kind: "agent:message".into(),
-            user_id: user.into(),
-            payload: serde_json::json!({ "message": format!("Hello from {user}") }),
+        let body = serde_json::json!({
+            "type": "agent:message",
+            "userId": user,
+            "payload": { "message": format!("Hello from {user}") },
         });
-        let worker = router.worker_for_user(user).unwrap_or_default();
-        if !resp.success || resp.worker_id.as_deref() != Some(worker.as_str()) {
-            ok = false;
-            println!("  {user:<10} → {worker} (request failed: {:?})", resp.error);
-        } else {
-            println!("  {user:<10} → {worker}");
+        let resp = client.call("POST", "/v1/route", None, Some(body.to_string().as_bytes()))?;
+        let json: serde_json::Value = resp.json().context("route answer")?;
+        if resp.status != 200 || json["success"] != serde_json::Value::Bool(true) {
+            bail!(
+                "routing {user} failed: {} {}",
+                resp.status,
+                String::from_utf8_lossy(&resp.body)
+            );
         }
+        let worker = json["workerId"].as_str().unwrap_or("?");
+        println!("  {user:<10} → {worker}");
     }
 
     println!("\nVerifying sticky routing (10 requests each):");
     rule();
     for user in USERS {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..10 {
-            let resp = router.route(RouteRequest {
-                kind: "echo".into(),
-                user_id: user.into(),
-                payload: serde_json::json!({}),
-            });
-            seen.insert(resp.worker_id.unwrap_or_else(|| "none".into()));
+        let mut seen = BTreeSet::new();
+        for i in 0..10 {
+            let body = format!("{{\"ping\":{i}}}");
+            let resp = client.call("POST", "/v1/echo", Some(user), Some(body.as_bytes()))?;
+            if resp.status != 200 || resp.body != body.as_bytes() {
+                bail!("echo for {user} failed: {}", resp.status);
+            }
+            seen.insert(
+                resp.header("x-moltbot-worker")
+                    .unwrap_or("none")
+                    .to_string(),
+            );
         }
-        ok &= seen.len() == 1;
-        let list: Vec<_> = seen.into_iter().collect();
+        let list: Vec<_> = seen.iter().cloned().collect();
         println!("  {user:<10} → always {}", list.join(", "));
+        if seen.len() != 1 {
+            bail!("{user} reached more than one worker: {list:?}");
+        }
     }
 
     println!("\nWorker Status:");
     rule();
-    if let Some(status) = router.status() {
-        for w in &status.workers {
-            let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-            println!("  {}: {} (pid: {pid})", w.worker_id, w.state);
-        }
+    let resp = client.call("GET", "/status", None, None)?;
+    let status: serde_json::Value = resp.json().context("status answer")?;
+    for w in status["workers"].as_array().into_iter().flatten() {
+        let pid = w["pid"]
+            .as_u64()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {}: {} (pid: {pid})",
+            w["workerId"].as_str().unwrap_or("?"),
+            w["state"].as_str().unwrap_or("?")
+        );
     }
-
-    wait(args.timeout)?;
-    println!("\nStopping workers...");
-    router.stop();
-    println!("Done!");
-    Ok(if ok { 0 } else { 1 })
-}
-
-/// Waits `seconds` (0: until SIGINT/SIGTERM); a signal ends the wait early.
-fn wait(seconds: u64) -> anyhow::Result<()> {
-    let (tx, rx) = crossbeam::channel::bounded(1);
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
-    let handle = signals.handle();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            let _ = tx.send(());
-        }
-    });
-    if seconds == 0 {
-        println!("\nRunning until Ctrl-C...");
-        let _ = rx.recv();
-    } else {
-        let _ = rx.recv_timeout(Duration::from_secs(seconds));
-    }
-    handle.close();
     Ok(())
 }

@@ -1,7 +1,10 @@
 //! One module per subcommand.
 
 pub mod demo;
+pub mod gateway;
 pub mod info;
+pub mod route;
+pub mod status;
 pub mod worker;
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `default_level`).

@@ -1,3 +1,320 @@
-//! The HTTP/1.1 front of the gateway.
+//! The gateway: one glommio executor per core, each pinned to its CPU with its own
+//! `SO_REUSEPORT` listener on the same port, routing each request to its user's worker over
+//! shared memory.
 
+pub mod conn;
+pub mod core;
+pub mod endpoints;
 pub mod http;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use glommio::{LocalExecutorBuilder, Placement};
+
+use crate::api::GatewayRouter;
+use crate::config::{Config, Cores};
+use crate::gateway::core::{CoreSetup, Shared};
+use crate::metrics::CoreMetrics;
+use crate::pool::PoolError;
+
+/// Bytes of io_uring-registered memory per core. The gateway does socket I/O only, which
+/// does not use these buffers (they serve glommio's direct file I/O), so a small amount
+/// suffices; it is pinned (`RLIMIT_MEMLOCK`) once per ring and glommio has three per executor.
+pub const IO_MEMORY: usize = 256 * 1024;
+/// glommio refuses to start below this `RLIMIT_MEMLOCK`.
+const GLOMMIO_MIN_MEMLOCK: u64 = 512 * 1024;
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The pool could not start.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The configuration is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The port is taken.
+    #[error(
+        "port {port} on {ip} is already in use (another gateway?); choose another with -p/--port, or -p 0 for any free port"
+    )]
+    PortInUse {
+        /// Address.
+        ip: IpAddr,
+        /// Port.
+        port: u16,
+    },
+    /// Listening failed otherwise.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(SocketAddr, String),
+    /// Not enough locked memory for io_uring.
+    #[error(
+        "RLIMIT_MEMLOCK is {have} KiB but {cores} gateway cores need {need} KiB for io_uring; run `ulimit -l {need}` (or more) before starting, or use fewer --cores"
+    )]
+    Memlock {
+        /// Current soft limit, KiB.
+        have: u64,
+        /// Needed, KiB.
+        need: u64,
+        /// Cores.
+        cores: usize,
+    },
+    /// An executor could not be created.
+    #[error("gateway core {0}: {1}")]
+    Executor(usize, String),
+}
+
+/// The CPUs the cores run on.
+fn core_cpus(config: &Config) -> Result<Vec<usize>, GatewayError> {
+    let available: Vec<usize> = core_affinity::get_core_ids()
+        .map(|ids| ids.into_iter().map(|c| c.id).collect())
+        .unwrap_or_else(|| {
+            (0..std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1))
+                .collect()
+        });
+    let cpus = match &config.cores {
+        None => available.clone(),
+        Some(Cores::Count(n)) => {
+            if *n == 0 || *n > available.len() {
+                return Err(GatewayError::Config(format!(
+                    "cores = {n}, but {} CPUs are available",
+                    available.len()
+                )));
+            }
+            available[..*n].to_vec()
+        }
+        Some(Cores::List(list)) => {
+            for c in list {
+                if !available.contains(c) {
+                    return Err(GatewayError::Config(format!(
+                        "core {c} is not available (available: {available:?})"
+                    )));
+                }
+            }
+            list.clone()
+        }
+    };
+    if cpus.is_empty() {
+        return Err(GatewayError::Config("no cores to run on".into()));
+    }
+    Ok(cpus)
+}
+
+/// Makes sure io_uring can lock the memory the cores need, raising the soft limit (and the hard
+/// one when privileged) if necessary.
+fn ensure_memlock(cores: usize) -> Result<(), GatewayError> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let need = (cores as u64 * 3 * IO_MEMORY as u64 + 256 * 1024).max(GLOMMIO_MIN_MEMLOCK);
+    let cur = getrlimit(Resource::Memlock);
+    let have = cur.current.unwrap_or(u64::MAX);
+    if have >= need {
+        return Ok(());
+    }
+    let hard = cur.maximum.unwrap_or(u64::MAX);
+    let new = Rlimit {
+        current: Some(need),
+        maximum: Some(hard.max(need)),
+    };
+    if setrlimit(Resource::Memlock, new).is_ok() {
+        tracing::info!(
+            "raised RLIMIT_MEMLOCK from {} KiB to {} KiB",
+            have / 1024,
+            need / 1024
+        );
+        return Ok(());
+    }
+    Err(GatewayError::Memlock {
+        have: have / 1024,
+        need: need.div_ceil(1024),
+        cores,
+    })
+}
+
+/// A running gateway.
+pub struct Gateway {
+    router: Arc<GatewayRouter>,
+    shared: Arc<Shared>,
+    cores: Vec<glommio::ExecutorJoinHandle<()>>,
+    addr: SocketAddr,
+    stopped: AtomicBool,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("addr", &self.addr).finish()
+    }
+}
+
+/// How to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// SIGTERM: stop accepting, answer what is in flight (up to the drain timeout), then stop
+    /// the workers.
+    Drain,
+    /// SIGINT: close everything now.
+    Fast,
+}
+
+impl Gateway {
+    /// Starts the pool, then the cores; returns when every core listens.
+    pub fn start(config: Config) -> Result<Gateway, GatewayError> {
+        config
+            .validate()
+            .map_err(|e| GatewayError::Config(e.to_string()))?;
+        let cpus = core_cpus(&config)?;
+        ensure_memlock(cpus.len())?;
+        // Fail fast on a busy port, before starting workers. A socket without SO_REUSEPORT
+        // cannot bind where another group of listeners already is, so this also catches a
+        // second gateway that would otherwise share the port silently.
+        let ip = config.bind;
+        let probe = std::net::TcpListener::bind((ip, config.port)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                GatewayError::PortInUse {
+                    ip,
+                    port: config.port,
+                }
+            } else {
+                GatewayError::Listen(SocketAddr::new(ip, config.port), e.to_string())
+            }
+        })?;
+        let port = probe
+            .local_addr()
+            .map_err(|e| GatewayError::Listen(SocketAddr::new(ip, config.port), e.to_string()))?
+            .port();
+        drop(probe);
+        let addr = SocketAddr::new(ip, port);
+
+        let router = Arc::new(GatewayRouter::new(config)?);
+        let endpoints = router.start_with_lanes(cpus.len())?;
+        let pool = router
+            .pool()
+            .ok_or_else(|| GatewayError::Config("pool did not start".into()))?;
+        let shared = Arc::new(Shared {
+            config: router.config().clone(),
+            pool: pool.clone(),
+            metrics: (0..cpus.len())
+                .map(|_| Arc::new(CoreMetrics::default()))
+                .collect(),
+            listening: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            stop_now: AtomicBool::new(false),
+            shutdown: event_listener::Event::new(),
+            connections: AtomicUsize::new(0),
+            landlock: crate::worker::isolation::probe_landlock(),
+            started: Instant::now(),
+            core_wakers: endpoints.iter().map(|e| e.waker.clone()).collect(),
+        });
+        let mut cores = Vec::with_capacity(cpus.len());
+        for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let setup = CoreSetup {
+                id,
+                endpoint,
+                shared: shared.clone(),
+                addr,
+            };
+            let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("moltbot-core-{id}"))
+                .io_memory(IO_MEMORY)
+                .spawn(move || core::run(setup, tx))
+                .map_err(|e| GatewayError::Executor(id, e.to_string()));
+            let handle = match handle {
+                Ok(h) => h,
+                Err(e) => {
+                    abort_start(&shared, &router, cores);
+                    return Err(e);
+                }
+            };
+            match rx.recv() {
+                Ok(Ok(_)) => cores.push(handle),
+                Ok(Err(msg)) => {
+                    let _ = handle.join();
+                    abort_start(&shared, &router, cores);
+                    return Err(GatewayError::Listen(addr, msg));
+                }
+                Err(_) => {
+                    let _ = handle.join();
+                    abort_start(&shared, &router, cores);
+                    return Err(GatewayError::Executor(id, "core thread ended".into()));
+                }
+            }
+        }
+        shared.listening.store(true, Ordering::Release);
+        let port_file = shared.config.sandbox_dir.join("gateway.port");
+        if let Err(e) = std::fs::write(&port_file, format!("{port}\n")) {
+            tracing::warn!("cannot write {}: {e}", port_file.display());
+        }
+        if !matches!(
+            shared.landlock.enforced,
+            crate::worker::isolation::Enforcement::FullyEnforced
+        ) && shared.config.landlock
+        {
+            tracing::warn!(
+                landlock = ?shared.landlock,
+                "Landlock is not fully enforced on this kernel: workers are isolated by directories, rlimits and process boundaries only"
+            );
+        }
+        Ok(Gateway {
+            router,
+            shared,
+            cores,
+            addr,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    /// The address the cores listen on (the real port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The router (library API on the same pool).
+    pub fn router(&self) -> &Arc<GatewayRouter> {
+        &self.router
+    }
+
+    /// Stops the gateway. `Drain` waits for in-flight requests (up to the drain timeout).
+    pub fn shutdown(mut self, mode: Shutdown) {
+        self.stop(mode);
+    }
+
+    fn stop(&mut self, mode: Shutdown) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let fast = mode == Shutdown::Fast;
+        tracing::info!(?mode, "gateway stopping");
+        self.shared.begin_shutdown(fast);
+        for h in self.cores.drain(..) {
+            let _ = h.join();
+        }
+        if fast {
+            self.router.stop_with_grace(Duration::ZERO);
+        } else {
+            self.router.stop();
+        }
+        tracing::info!("gateway stopped");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop(Shutdown::Fast);
+    }
+}
+
+fn abort_start(
+    shared: &Shared,
+    router: &GatewayRouter,
+    cores: Vec<glommio::ExecutorJoinHandle<()>>,
+) {
+    shared.begin_shutdown(true);
+    for h in cores {
+        let _ = h.join();
+    }
+    router.stop_with_grace(Duration::ZERO);
+}

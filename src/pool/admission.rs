@@ -172,9 +172,13 @@ fn fast_path(slot: &Arc<Slot>) -> Result<Option<Permit>, RouteError> {
 
 /// Admits a request to `slot`, waiting in the queue until a permit frees up or `timer`
 /// completes (the request's deadline). For async callers.
-pub async fn acquire<T>(slot: &Arc<Slot>, timer: &mut T, timeout: Duration) -> Result<Permit, RouteError>
+pub async fn acquire<T>(
+    slot: &Arc<Slot>,
+    timer: &mut T,
+    timeout: Duration,
+) -> Result<Permit, RouteError>
 where
-    T: Future<Output = ()> + Unpin,
+    T: Future + Unpin,
 {
     if let Some(p) = fast_path(slot)? {
         return Ok(p);
@@ -187,10 +191,16 @@ where
         if a.try_acquire() {
             return Ok(Permit { slot: slot.clone() });
         }
-        let woke = futures_lite::future::or(async { listener.await; true }, async {
-            (&mut *timer).await;
-            false
-        })
+        let woke = futures_lite::future::or(
+            async {
+                listener.await;
+                true
+            },
+            async {
+                let _ = (&mut *timer).await;
+                false
+            },
+        )
         .await;
         if !woke {
             a.pass_on();
@@ -200,7 +210,11 @@ where
 }
 
 /// Admits a request to `slot`, blocking the calling thread until `deadline` at most.
-pub fn acquire_blocking(slot: &Arc<Slot>, deadline: Instant, timeout: Duration) -> Result<Permit, RouteError> {
+pub fn acquire_blocking(
+    slot: &Arc<Slot>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Permit, RouteError> {
     if let Some(p) = fast_path(slot)? {
         return Ok(p);
     }
@@ -226,10 +240,20 @@ mod tests {
     use moltbot_ipc::{Segment, SegmentLayout};
 
     fn slot(max: usize, queue: usize) -> Arc<Slot> {
-        let name = format!("/moltbot-adm-test-{}-{:x}", std::process::id(), rand::random::<u64>());
+        let name = format!(
+            "/moltbot-adm-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
         let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
         let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
-        Arc::new(Slot::new(0, seg, 1, Admission::new(max, queue), Arc::new(tx)))
+        Arc::new(Slot::new(
+            0,
+            seg,
+            1,
+            Admission::new(max, queue),
+            Arc::new(tx),
+        ))
     }
 
     #[test]
@@ -242,8 +266,12 @@ mod tests {
         // A third waits in the queue until p1 is dropped.
         let s2 = s.clone();
         let waiter = std::thread::spawn(move || {
-            acquire_blocking(&s2, Instant::now() + Duration::from_secs(60), Duration::from_secs(60))
-                .map(|_| ())
+            acquire_blocking(
+                &s2,
+                Instant::now() + Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .map(|_| ())
         });
         // Wait (bounded) until it is queued, then a fourth is refused: the queue holds one.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -264,8 +292,12 @@ mod tests {
     fn queued_request_times_out() {
         let s = slot(1, 10);
         let _p = acquire_blocking(&s, Instant::now(), Duration::ZERO).unwrap();
-        let e = acquire_blocking(&s, Instant::now() + Duration::from_millis(20), Duration::from_millis(20))
-            .unwrap_err();
+        let e = acquire_blocking(
+            &s,
+            Instant::now() + Duration::from_millis(20),
+            Duration::from_millis(20),
+        )
+        .unwrap_err();
         assert_eq!(e.code(), "TIMEOUT");
         assert_eq!(s.admission.queued(), 0);
     }
@@ -276,8 +308,12 @@ mod tests {
         let _p = acquire_blocking(&s, Instant::now(), Duration::ZERO).unwrap();
         let s2 = s.clone();
         let waiter = std::thread::spawn(move || {
-            acquire_blocking(&s2, Instant::now() + Duration::from_secs(60), Duration::from_secs(60))
-                .map(|_| ())
+            acquire_blocking(
+                &s2,
+                Instant::now() + Duration::from_secs(60),
+                Duration::from_secs(60),
+            )
+            .map(|_| ())
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         while s.admission.queued() == 0 {
@@ -300,7 +336,8 @@ mod tests {
         let h = std::thread::spawn(move || {
             let mut never = std::future::pending::<()>();
             let mut never = std::pin::pin!(never);
-            futures_lite::future::block_on(acquire(&s2, &mut never, Duration::from_secs(60))).map(|_| ())
+            futures_lite::future::block_on(acquire(&s2, &mut never, Duration::from_secs(60)))
+                .map(|_| ())
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         while s.admission.queued() == 0 {

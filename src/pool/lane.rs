@@ -157,7 +157,12 @@ impl LaneClient {
 
     /// Places a request in the ring and wakes the worker if it sleeps. The permit is held until
     /// the request is answered.
-    pub fn submit(&mut self, out: &Outgoing<'_>, tx: Completion, permit: Permit) -> Result<(), SubmitError> {
+    pub fn submit(
+        &mut self,
+        out: &Outgoing<'_>,
+        tx: Completion,
+        permit: Permit,
+    ) -> Result<(), SubmitError> {
         if self.poisoned || self.slot.epoch.load(Ordering::Acquire) != self.seen_epoch {
             // Recovery pending: the owner's next poll handles it; the caller retries.
             return Err(SubmitError::Full(tx, permit));
@@ -363,10 +368,17 @@ impl LaneClient {
         if self.poisoned || self.drain_responses().is_err() {
             self.resp.reset_producer();
         }
-        // 2. What it had taken, and what it never read.
+        // 2. What it had taken, and what it never read. Taken requests get WORKER_CRASHED
+        // even when this crash failed the slot: the worker may have acted on them, so they must
+        // not be reported as never handled (UNAVAILABLE invites a retry of a non-idempotent
+        // request). Only what it never read is refused with UNAVAILABLE when the slot failed.
         let failed = self.slot.state() == SlotState::Failed;
-        let positions = if failed { None } else { self.req.peer_positions().ok() };
-        match positions {
+        let unavailable = RouteError::Unavailable {
+            slot: slot_id,
+            reason: "worker failed: restart limit reached".into(),
+            retry_after: self.slot.retry_after(),
+        };
+        match self.req.peer_positions().ok() {
             Some((head, claimed)) => {
                 let taken_until = claimed.max(head);
                 let doomed: Vec<u64> = self
@@ -378,20 +390,14 @@ impl LaneClient {
                 for id in doomed {
                     self.fail(id, crashed.clone());
                 }
-                if self.req.discard_until(taken_until).is_err() {
+                if failed {
+                    self.discard_all(unavailable);
+                } else if self.req.discard_until(taken_until).is_err() {
                     self.discard_all(crashed.clone());
                 }
             }
             None => {
-                let err = if failed {
-                    RouteError::Unavailable {
-                        slot: slot_id,
-                        reason: "worker failed: restart limit reached".into(),
-                        retry_after: self.slot.retry_after(),
-                    }
-                } else {
-                    crashed
-                };
+                let err = if failed { unavailable } else { crashed };
                 self.discard_all(err);
             }
         }

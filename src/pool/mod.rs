@@ -96,7 +96,9 @@ pub struct Pool {
     monitor_wake: Arc<WakeSender>,
     base: PathBuf,
     started: Instant,
-    _lock: File,
+    /// The base directory's lock; released by `stop` (not only on drop), so that a handle to
+    /// a stopped pool that someone still holds does not block a new pool on the same base.
+    lock: Mutex<Option<File>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -173,7 +175,10 @@ fn write_segments(base: &Path, names: &[String]) -> Result<(), PoolError> {
 impl Pool {
     /// Starts the pool with `lanes` lane owners and waits until every worker is ready.
     /// Returns the pool and one endpoint per lane.
-    pub fn start(config: Arc<Config>, lanes: usize) -> Result<(Arc<Pool>, Vec<LaneEndpoint>), PoolError> {
+    pub fn start(
+        config: Arc<Config>,
+        lanes: usize,
+    ) -> Result<(Arc<Pool>, Vec<LaneEndpoint>), PoolError> {
         config.validate()?;
         let base = config.sandbox_dir.clone();
         create_base(&base)?;
@@ -185,14 +190,18 @@ impl Pool {
             config.balance_factor,
         )?);
 
-        let (monitor_wake, monitor_rx) = wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
+        let (monitor_wake, monitor_rx) =
+            wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
         let monitor_wake = Arc::new(monitor_wake);
         let mut lane_wakers = Vec::with_capacity(lanes);
         let mut lane_receivers = Vec::with_capacity(lanes);
         let mut wake_fds = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             let (tx, rx) = wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
-            wake_fds.push(tx.inheritable().map_err(|e| PoolError::Io("wake socket", e))?);
+            wake_fds.push(
+                tx.inheritable()
+                    .map_err(|e| PoolError::Io("wake socket", e))?,
+            );
             lane_wakers.push(Arc::new(tx));
             lane_receivers.push(rx);
         }
@@ -256,7 +265,7 @@ impl Pool {
             monitor_wake,
             base,
             started: Instant::now(),
-            _lock: lock,
+            lock: Mutex::new(Some(lock)),
         });
         Ok((pool, endpoints))
     }
@@ -320,7 +329,11 @@ impl Pool {
                     queued_requests: s.admission.queued(),
                     last_heartbeat: st.last_heartbeat_ms.load(Ordering::Relaxed),
                     memory_usage: st.rss_bytes.load(Ordering::Relaxed),
-                    uptime: if pid != 0 { now.saturating_sub(started) } else { 0 },
+                    uptime: if pid != 0 {
+                        now.saturating_sub(started)
+                    } else {
+                        0
+                    },
                     restarts: st.restarts.load(Ordering::Relaxed),
                     crashes: st.crashes.load(Ordering::Relaxed),
                     error_count: st.errors.load(Ordering::Relaxed),
@@ -359,6 +372,8 @@ impl Pool {
             for w in &self.lane_wakers {
                 w.notify();
             }
+            // No worker and no segment is left: the base is free for the next pool.
+            drop(self.lock.lock().ok().and_then(|mut l| l.take()));
         }
     }
 }

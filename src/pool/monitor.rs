@@ -139,7 +139,8 @@ impl Monitor {
     }
 
     fn tick(&self) -> Duration {
-        (self.config.heartbeat_interval / 2).clamp(Duration::from_millis(5), Duration::from_millis(500))
+        (self.config.heartbeat_interval / 2)
+            .clamp(Duration::from_millis(5), Duration::from_millis(500))
     }
 
     /// The thread body: runs until a Stop command (or the pool is dropped).
@@ -235,7 +236,9 @@ impl Monitor {
                 if hb != *heartbeat {
                     *heartbeat = hb;
                     *heartbeat_at = now;
-                    slot.stats.last_heartbeat_ms.store(now_ms(), Ordering::Relaxed);
+                    slot.stats
+                        .last_heartbeat_ms
+                        .store(now_ms(), Ordering::Relaxed);
                     if !*ready && h.worker_state.load(Ordering::Acquire) == worker_state::SERVING {
                         *ready = true;
                         if slot.state() == SlotState::Starting {
@@ -311,10 +314,9 @@ impl Monitor {
         };
         let (kind, reason) = match ending {
             Some((ExitKind::Requested, r)) if status.success() => (ExitKind::Requested, r),
-            Some((ExitKind::Requested, _)) | None => (
-                ExitKind::Crashed,
-                RestartReason::Crashed(describe(&status)),
-            ),
+            Some((ExitKind::Requested, _)) | None => {
+                (ExitKind::Crashed, RestartReason::Crashed(describe(&status)))
+            }
             Some(other) => other,
         };
         let ran = now.duration_since(proc.started);
@@ -380,14 +382,13 @@ impl Monitor {
         }
         let h = slot.segment.header();
         h.generation.store(generation, Ordering::Relaxed);
-        h.worker_state.store(worker_state::STARTING, Ordering::Release);
+        h.worker_state
+            .store(worker_state::STARTING, Ordering::Release);
         h.requests_served.store(0, Ordering::Relaxed);
         h.start_time_ms.store(now_ms(), Ordering::Relaxed);
         let _ = slot.take_kill_request();
         slot.set_state(SlotState::Starting);
-        rt.max_requests = self
-            .config
-            .jittered_max_requests(rand::random::<f64>());
+        rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 
         let cmd = worker_command(&self.config, &self.spec, &slot, &rt.sandbox);
         let result = cmd.and_then(|mut c| c.spawn().map_err(|e| e.to_string()));
@@ -422,12 +423,9 @@ impl Monitor {
             Err(e) => {
                 tracing::error!(worker = %slot.worker_id, "cannot spawn the worker: {e}");
                 // Counted like a crash, so that a broken binary ends in `failed`.
-                let decision = self.policy.on_exit(
-                    &mut rt.restart,
-                    &ExitKind::Crashed,
-                    Duration::ZERO,
-                    now,
-                );
+                let decision =
+                    self.policy
+                        .on_exit(&mut rt.restart, &ExitKind::Crashed, Duration::ZERO, now);
                 let epoch = slot.epoch.load(Ordering::Acquire);
                 rt.phase = match decision {
                     Decision::RestartAfter(d) => {

@@ -118,7 +118,14 @@ mod tests {
         let t = Instant::now();
         let short = Duration::from_millis(10);
         let d: Vec<Decision> = (0..3)
-            .map(|i| p.on_exit(&mut s, &ExitKind::Crashed, short, t + Duration::from_millis(i)))
+            .map(|i| {
+                p.on_exit(
+                    &mut s,
+                    &ExitKind::Crashed,
+                    short,
+                    t + Duration::from_millis(i),
+                )
+            })
             .collect();
         assert_eq!(
             d,
@@ -138,16 +145,31 @@ mod tests {
         let short = Duration::from_millis(10);
         for i in 0..3 {
             assert!(matches!(
-                p.on_exit(&mut s, &ExitKind::Stalled, short, t + Duration::from_secs(i)),
+                p.on_exit(
+                    &mut s,
+                    &ExitKind::Stalled,
+                    short,
+                    t + Duration::from_secs(i)
+                ),
                 Decision::RestartAfter(_)
             ));
         }
-        let d = p.on_exit(&mut s, &ExitKind::Crashed, short, t + Duration::from_secs(3));
+        let d = p.on_exit(
+            &mut s,
+            &ExitKind::Crashed,
+            short,
+            t + Duration::from_secs(3),
+        );
         assert_eq!(d, Decision::FailUntil(t + Duration::from_secs(33)));
         p.on_retry(&mut s);
         assert_eq!(s.recent_crashes(), 0);
         assert_eq!(
-            p.on_exit(&mut s, &ExitKind::Crashed, short, t + Duration::from_secs(40)),
+            p.on_exit(
+                &mut s,
+                &ExitKind::Crashed,
+                short,
+                t + Duration::from_secs(40)
+            ),
             Decision::RestartAfter(Duration::from_millis(100))
         );
     }
@@ -159,7 +181,12 @@ mod tests {
         let t = Instant::now();
         let short = Duration::from_millis(10);
         for i in 0..10u64 {
-            let d = p.on_exit(&mut s, &ExitKind::Crashed, short, t + Duration::from_secs(61 * i));
+            let d = p.on_exit(
+                &mut s,
+                &ExitKind::Crashed,
+                short,
+                t + Duration::from_secs(61 * i),
+            );
             assert!(matches!(d, Decision::RestartAfter(_)), "crash {i}: {d:?}");
         }
     }

@@ -87,10 +87,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let seg = Segment::attach(&args.segment).context("attach segment")?;
     let lanes_n = seg.layout().lanes() as usize;
     if args.wake_fds.len() != lanes_n {
-        bail!(
-            "{} wake fds for {lanes_n} lanes",
-            args.wake_fds.len()
-        );
+        bail!("{} wake fds for {lanes_n} lanes", args.wake_fds.len());
     }
     let mut lanes = Vec::with_capacity(lanes_n);
     for (i, fd) in args.wake_fds.iter().enumerate() {
@@ -152,13 +149,15 @@ impl Worker {
     fn serve(&mut self, term: &AtomicBool, park_for: Duration) -> anyhow::Result<()> {
         let seg = self.seg.clone();
         let h = seg.header();
-        h.worker_state.store(worker_state::SERVING, Ordering::Release);
+        h.worker_state
+            .store(worker_state::SERVING, Ordering::Release);
         self.update_rss();
         let mut idle = 0u32;
         loop {
             self.heartbeat();
             if term.load(Ordering::Relaxed) {
-                h.worker_state.store(worker_state::EXITING, Ordering::Release);
+                h.worker_state
+                    .store(worker_state::EXITING, Ordering::Release);
                 tracing::info!("SIGTERM: exiting between requests");
                 return Ok(());
             }

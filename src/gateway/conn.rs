@@ -1,0 +1,447 @@
+//! One HTTP/1.1 connection: keep-alive, pipelining (answers in order), Content-Length and
+//! chunked bodies, `Expect: 100-continue`, HTTP/1.0, timeouts, and back-pressure (a client
+//! that does not read its answers stops being read from).
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use crate::gateway::core::Core;
+use crate::gateway::endpoints::{self, Answer, Prepared};
+use crate::gateway::http::{self, BodyFraming, ChunkedDecoder, HttpError, Limits, RequestHead};
+use crate::metrics::Endpoint;
+
+/// Most pipelined requests prepared before the first answer is written.
+const PIPELINE_DEPTH: usize = 32;
+/// Bytes asked of each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Answers 503 and closes: the core is at its connection limit.
+pub async fn reject(mut stream: TcpStream) {
+    let a = Answer::error(
+        Endpoint::Other,
+        503,
+        "TOO_MANY_CONNECTIONS",
+        "the gateway is at its connection limit",
+        true,
+        Some(Duration::from_secs(1)),
+    );
+    let mut out = Vec::with_capacity(256);
+    write_answer(&mut out, &a, false);
+    let write = stream.write_all(&out);
+    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+        write.await.map_err(Into::into)
+    })
+    .await;
+    let _ = stream.close().await;
+}
+
+/// The bytes read from the socket and not yet consumed.
+struct ReadBuf {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadBuf {
+    fn new() -> Self {
+        ReadBuf {
+            buf: vec![0; READ_CHUNK],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Room for at least `READ_CHUNK` more bytes (compacting first); never grows beyond `cap`
+    /// bytes of data plus one chunk.
+    fn spare(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < READ_CHUNK {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.buf.len() - self.end < READ_CHUNK {
+            self.buf.resize(self.end + READ_CHUNK, 0);
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    /// Gives back memory after a large request.
+    fn shrink(&mut self) {
+        if self.buf.len() > 4 * READ_CHUNK && self.end - self.start < READ_CHUNK {
+            let data = self.data().to_vec();
+            self.buf = vec![0; READ_CHUNK.max(data.len())];
+            self.buf[..data.len()].copy_from_slice(&data);
+            self.start = 0;
+            self.end = data.len();
+        }
+    }
+}
+
+enum ReadOutcome {
+    Data,
+    Eof,
+    TimedOut,
+    Shutdown,
+    Failed,
+}
+
+struct Conn {
+    core: Rc<Core>,
+    stream: TcpStream,
+    rb: ReadBuf,
+    out: Vec<u8>,
+    limits: Limits,
+}
+
+impl Conn {
+    /// Reads more bytes, giving up at `deadline`; while `idle` (nothing buffered) a shutdown
+    /// also ends the wait.
+    async fn read_more(&mut self, deadline: Instant, idle: bool) -> ReadOutcome {
+        enum Woke {
+            Read(std::io::Result<usize>),
+            Timer,
+            Shutdown,
+        }
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return ReadOutcome::TimedOut;
+        };
+        let shared = self.core.shared.clone();
+        let stream = &mut self.stream;
+        let spare = self.rb.spare();
+        let read = async { Woke::Read(stream.read(spare).await) };
+        let timer = async {
+            glommio::timer::sleep(left).await;
+            Woke::Timer
+        };
+        let shutdown = async {
+            if idle {
+                shared.shutdown_signal().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+            Woke::Shutdown
+        };
+        match futures_lite::future::or(read, futures_lite::future::or(timer, shutdown)).await {
+            Woke::Read(Ok(0)) => ReadOutcome::Eof,
+            Woke::Read(Ok(n)) => {
+                self.rb.filled(n);
+                ReadOutcome::Data
+            }
+            Woke::Read(Err(_)) => ReadOutcome::Failed,
+            Woke::Timer => ReadOutcome::TimedOut,
+            Woke::Shutdown => ReadOutcome::Shutdown,
+        }
+    }
+
+    async fn flush(&mut self) -> bool {
+        if self.out.is_empty() {
+            return true;
+        }
+        // A client that does not read its answers blocks here (bounded by the idle timeout),
+        // and meanwhile nothing more is read from it: back-pressure, bounded memory.
+        let idle = self.core.shared.config.idle_timeout;
+        let stream = &mut self.stream;
+        let out = &self.out;
+        let ok = glommio::timer::timeout(idle, async {
+            stream.write_all(out).await.map_err(Into::into)
+        })
+        .await
+        .is_ok();
+        self.out.clear();
+        if self.out.capacity() > 1 << 20 {
+            self.out = Vec::with_capacity(READ_CHUNK);
+        }
+        ok
+    }
+
+    async fn write_error_and_close(&mut self, e: HttpError) {
+        let a = Answer::error(
+            Endpoint::Other,
+            e.status(),
+            e.code(),
+            &e.to_string(),
+            false,
+            None,
+        );
+        self.core
+            .metrics
+            .record(a.endpoint, a.status, Duration::ZERO);
+        write_answer(&mut self.out, &a, false);
+        self.flush().await;
+    }
+}
+
+/// Writes an answer (head + body) into `out`.
+fn write_answer(out: &mut Vec<u8>, a: &Answer, keep_alive: bool) {
+    let headers: Vec<(&str, &str)> = a.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let body = a.body.as_slice();
+    http::write_response_head(
+        out,
+        a.status,
+        a.content_type,
+        body.len(),
+        keep_alive,
+        &headers,
+    );
+    out.extend_from_slice(body);
+}
+
+/// A request read from the buffer, with its body.
+enum Parsed {
+    /// A complete request whose body is `rb.data()[head_len..head_len + body_len]`.
+    InBuffer { head: RequestHead, body_len: usize },
+    /// A complete chunked request, body decoded; `consumed` bytes of the buffer used.
+    Decoded {
+        head: RequestHead,
+        body: Vec<u8>,
+        consumed: usize,
+    },
+    /// More bytes are needed.
+    Incomplete { head: Option<RequestHead> },
+}
+
+/// Tries to take one complete request from the front of the buffer.
+fn parse_one(data: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
+    let Some(head) = http::parse_head(data, limits)? else {
+        return Ok(Parsed::Incomplete { head: None });
+    };
+    let rest = &data[head.head_len..];
+    match head.body {
+        BodyFraming::None => Ok(Parsed::InBuffer { head, body_len: 0 }),
+        BodyFraming::Length(n) => {
+            let n = n as usize;
+            if rest.len() >= n {
+                Ok(Parsed::InBuffer { head, body_len: n })
+            } else {
+                Ok(Parsed::Incomplete { head: Some(head) })
+            }
+        }
+        BodyFraming::Chunked => {
+            let mut dec = ChunkedDecoder::new();
+            let mut body = Vec::new();
+            let p = dec.decode(rest, &mut body, limits)?;
+            if p.done {
+                let consumed = head.head_len + p.consumed;
+                Ok(Parsed::Decoded {
+                    head,
+                    body,
+                    consumed,
+                })
+            } else {
+                Ok(Parsed::Incomplete { head: Some(head) })
+            }
+        }
+    }
+}
+
+/// Serves a connection until it closes, errs, times out, or the gateway stops.
+pub async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let c = &core.shared.config;
+    let limits = Limits {
+        max_header_bytes: c.max_header_bytes,
+        max_headers: c.max_headers,
+        max_body_bytes: c.max_body_bytes,
+        max_uri_bytes: c.max_uri_bytes,
+    };
+    let mut conn = Conn {
+        core: core.clone(),
+        stream,
+        rb: ReadBuf::new(),
+        out: Vec::with_capacity(READ_CHUNK),
+        limits,
+    };
+    serve_loop(&mut conn).await;
+    let _ = conn.stream.close().await;
+}
+
+async fn serve_loop(conn: &mut Conn) {
+    let core = conn.core.clone();
+    let shared = core.shared.clone();
+    let cfg = shared.config.clone();
+    // When the first byte of the current head arrived (slow-header defence), and by when its
+    // body must be complete once the head is (a minimum upload rate).
+    let mut head_started: Option<Instant> = None;
+    let mut body_deadline: Option<Instant> = None;
+    let mut continue_sent = false;
+    loop {
+        if shared.stop_now.load(Ordering::Acquire) {
+            return;
+        }
+        // 1. Prepare every complete request in the buffer (pipelining), in order.
+        let mut batch: Vec<(Prepared, bool, Instant)> = Vec::new();
+        let mut close_after = false;
+        let mut need_more = false;
+        while batch.len() < PIPELINE_DEPTH && !close_after {
+            if conn.rb.data().is_empty() {
+                need_more = true;
+                break;
+            }
+            let parsed = match parse_one(conn.rb.data(), &conn.limits) {
+                Ok(p) => p,
+                Err(e) => {
+                    // Answer what came before, then the error, then close.
+                    finish_batch(conn, batch, shared.stopping()).await;
+                    conn.write_error_and_close(e).await;
+                    return;
+                }
+            };
+            let started = Instant::now();
+            match parsed {
+                Parsed::Incomplete { head } => {
+                    if head_started.is_none() {
+                        head_started = Some(started);
+                    }
+                    if let (Some(h), None) = (&head, body_deadline) {
+                        body_deadline = Some(started + body_time(&h.body, &cfg));
+                    }
+                    if let Some(h) = head {
+                        if h.expect_continue && !continue_sent && batch.is_empty() {
+                            conn.out.extend_from_slice(http::CONTINUE_100);
+                            if !conn.flush().await {
+                                return;
+                            }
+                            continue_sent = true;
+                        }
+                    }
+                    need_more = true;
+                    break;
+                }
+                Parsed::InBuffer { head, body_len } => {
+                    head_started = None;
+                    body_deadline = None;
+                    continue_sent = false;
+                    let keep = head.keep_alive && !shared.stopping();
+                    core.metrics.request_started();
+                    let body_start = head.head_len;
+                    let prepared = {
+                        let data = conn.rb.data();
+                        let body = &data[body_start..body_start + body_len];
+                        endpoints::prepare(&core, &head, body).await
+                    };
+                    conn.rb.consume(body_start + body_len);
+                    batch.push((prepared, keep, started));
+                    close_after = !keep;
+                }
+                Parsed::Decoded {
+                    head,
+                    body,
+                    consumed,
+                } => {
+                    head_started = None;
+                    body_deadline = None;
+                    continue_sent = false;
+                    let keep = head.keep_alive && !shared.stopping();
+                    core.metrics.request_started();
+                    conn.rb.consume(consumed);
+                    let prepared = endpoints::prepare(&core, &head, &body).await;
+                    batch.push((prepared, keep, started));
+                    close_after = !keep;
+                }
+            }
+        }
+        // 2. Answer them in order.
+        if !batch.is_empty() {
+            if !finish_batch(conn, batch, shared.stopping()).await || close_after {
+                return;
+            }
+            conn.rb.shrink();
+            continue;
+        }
+        // 3. Read more: an idle connection waits up to the keep-alive timeout (and gives way
+        //    to a shutdown); a partial request must complete within the header timeout.
+        if need_more {
+            let idle = conn.rb.data().is_empty();
+            if idle && shared.stopping() {
+                return;
+            }
+            let deadline = match (body_deadline, head_started) {
+                _ if idle => Instant::now() + cfg.idle_timeout,
+                (Some(d), _) => d,
+                (None, Some(t)) => t + cfg.header_read_timeout,
+                (None, None) => Instant::now() + cfg.header_read_timeout,
+            };
+            match conn.read_more(deadline, idle).await {
+                ReadOutcome::Data => {
+                    if head_started.is_none() {
+                        head_started = Some(Instant::now());
+                    }
+                }
+                ReadOutcome::TimedOut if !idle => {
+                    let a = Answer::error(
+                        Endpoint::Other,
+                        408,
+                        "REQUEST_TIMEOUT",
+                        "the request was not received in time",
+                        false,
+                        None,
+                    );
+                    core.metrics.record(a.endpoint, a.status, Duration::ZERO);
+                    write_answer(&mut conn.out, &a, false);
+                    conn.flush().await;
+                    return;
+                }
+                ReadOutcome::TimedOut
+                | ReadOutcome::Eof
+                | ReadOutcome::Shutdown
+                | ReadOutcome::Failed => return,
+            }
+        }
+    }
+}
+
+/// Bytes per second a body must arrive at, at least, once its head is complete.
+const MIN_BODY_RATE: u64 = 64 * 1024;
+
+/// Time allowed for a body after its head: the header timeout plus what the body needs at
+/// the minimum rate.
+fn body_time(framing: &BodyFraming, cfg: &crate::config::Config) -> Duration {
+    let bytes = match framing {
+        BodyFraming::Length(n) => *n,
+        _ => cfg.max_body_bytes as u64,
+    };
+    cfg.header_read_timeout + Duration::from_secs(bytes / MIN_BODY_RATE)
+}
+
+/// Waits for each prepared request in order and writes the answers. False if the connection
+/// broke.
+async fn finish_batch(
+    conn: &mut Conn,
+    batch: Vec<(Prepared, bool, Instant)>,
+    draining: bool,
+) -> bool {
+    let n = batch.len();
+    for (i, (prepared, keep, started)) in batch.into_iter().enumerate() {
+        let answer = prepared.finish().await;
+        let metrics = &conn.core.metrics;
+        metrics.request_finished();
+        metrics.record(answer.endpoint, answer.status, started.elapsed());
+        write_answer(&mut conn.out, &answer, keep && !draining);
+        // Write as answers become ready once the buffer is large, otherwise all at once.
+        if conn.out.len() >= 64 * 1024 || i + 1 == n {
+            if !conn.flush().await {
+                return false;
+            }
+        }
+    }
+    true
+}
