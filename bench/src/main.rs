@@ -1,5 +1,310 @@
-//! `moltbot-bench`: the load generator for the moltbot gateway.
+//! `moltbot-bench`: the load generator for the moltbot gateway (a thin CLI over the
+//! `moltbot_bench` engine).
+//!
+//! Exit status: 0 when every answer was verified (or `--allow-errors`), 1 when there were
+//! errors or sticky violations, 2 for bad usage or a run that could not start.
+#![forbid(unsafe_code)]
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("moltbot-bench: the load generator is not built yet")
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use moltbot_bench::{Config, Dist, Endpoint, Progress, Report, Stop, Target};
+
+/// HTTP/1.1 keep-alive load generator for the moltbot gateway. Verifies every answer (status
+/// 200, echoed body, sticky worker per user) and exits non-zero on any error or violation.
+#[derive(Debug, Parser)]
+#[command(name = "moltbot-bench", version)]
+struct Cli {
+    /// Target, e.g. http://127.0.0.1:18789 (a path is used as a prefix).
+    url: String,
+    /// Load threads [default: number of cores].
+    #[arg(short, long)]
+    threads: Option<usize>,
+    /// Keep-alive connections, spread over the threads.
+    #[arg(short, long, default_value_t = 32)]
+    connections: usize,
+    /// Measured duration: seconds or "500ms", "2m" [default: 10].
+    #[arg(short, long, value_parser = parse_secs, conflicts_with = "requests")]
+    duration: Option<Duration>,
+    /// Stop after this many measured requests instead of a duration.
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// Distinct users user-0 .. user-{N-1}.
+    #[arg(long, default_value_t = 100)]
+    users: u32,
+    /// How each request's user is drawn.
+    #[arg(long, value_enum, default_value_t = DistArg::Uniform)]
+    dist: DistArg,
+    /// Zipf exponent s (user of rank k drawn with probability ∝ 1/k^s).
+    #[arg(long, default_value_t = 1.0)]
+    zipf_s: f64,
+    /// Endpoint: echo (POST /v1/echo), agent (POST /v1/agent), route (POST /v1/route).
+    #[arg(long, value_enum, default_value_t = EndpointArg::Echo)]
+    endpoint: EndpointArg,
+    /// Request body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    body_size: usize,
+    /// Bearer token.
+    #[arg(long, env = "MOLTBOT_GATEWAY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Warm-up before measuring (seconds or "500ms"); not counted.
+    #[arg(long, value_parser = parse_secs, default_value = "1")]
+    warmup: Duration,
+    /// Open loop: total requests per second, on a fixed schedule; latency is measured from
+    /// the intended send time (coordinated omission corrected). Default: closed loop.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// A request not answered within this is a timeout error.
+    #[arg(long, value_parser = parse_secs, default_value = "10")]
+    timeout: Duration,
+    /// Seed of the user draws.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the report as JSON to FILE, or to stdout with "-" (the table then goes to
+    /// stderr).
+    #[arg(long, value_name = "FILE|-")]
+    json: Option<String>,
+    /// Report errors and violations but exit 0.
+    #[arg(long)]
+    allow_errors: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DistArg {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EndpointArg {
+    Echo,
+    Agent,
+    Route,
+}
+
+/// Seconds as a number ("1.5") or a humantime duration ("500ms", "2m").
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn config(cli: &Cli) -> Result<Config, moltbot_bench::BenchError> {
+    let mut cfg = Config::new(Target::parse(&cli.url)?);
+    if let Some(t) = cli.threads {
+        cfg.threads = t;
+    }
+    cfg.connections = cli.connections;
+    cfg.stop = match (cli.requests, cli.duration) {
+        (Some(n), _) => Stop::Requests(n),
+        (None, Some(d)) => Stop::Duration(d),
+        (None, None) => Stop::Duration(Duration::from_secs(10)),
+    };
+    cfg.warmup = cli.warmup;
+    cfg.users = cli.users;
+    cfg.dist = match cli.dist {
+        DistArg::Uniform => Dist::Uniform,
+        DistArg::Zipf => Dist::Zipf,
+    };
+    cfg.zipf_s = cli.zipf_s;
+    cfg.endpoint = match cli.endpoint {
+        EndpointArg::Echo => Endpoint::Echo,
+        EndpointArg::Agent => Endpoint::Agent,
+        EndpointArg::Route => Endpoint::Route,
+    };
+    cfg.body_size = cli.body_size;
+    cfg.token = cli.token.clone().filter(|t| !t.is_empty());
+    cfg.rate = cli.rate;
+    cfg.timeout = cli.timeout;
+    cfg.seed = cli.seed;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// One progress line on a terminal, rewritten in place.
+struct ProgressLine {
+    last_requests: u64,
+    last_elapsed: Duration,
+}
+
+impl ProgressLine {
+    fn show(&mut self, p: &Progress) {
+        let dt = (p.elapsed - self.last_elapsed.min(p.elapsed)).as_secs_f64();
+        let rps = if dt > 0.0 {
+            p.requests.saturating_sub(self.last_requests) as f64 / dt
+        } else {
+            0.0
+        };
+        self.last_requests = p.requests;
+        self.last_elapsed = p.elapsed;
+        let phase = if p.measuring { "measuring" } else { "warm-up" };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r\x1b[K[{:>4.0}s] {phase}: {} requests, {rps:.0} req/s, {} errors",
+            p.elapsed.as_secs_f64(),
+            p.requests,
+            p.errors
+        );
+        let _ = err.flush();
+    }
+}
+
+fn write_json(report: &Report, dest: &str) -> std::io::Result<()> {
+    let mut doc = report.to_json();
+    doc.push('\n');
+    if dest == "-" {
+        let mut out = std::io::stdout().lock();
+        out.write_all(doc.as_bytes())?;
+        out.flush()
+    } else {
+        std::fs::write(dest, doc)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moltbot-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(limit) = moltbot_bench::raise_nofile_limit(cfg.connections) {
+        if limit < cfg.connections as u64 + 16 {
+            eprintln!(
+                "moltbot-bench: warning: at most {limit} open files allowed; \
+                 {} connections will not all fit",
+                cfg.connections
+            );
+        }
+    }
+    let tty = std::io::stderr().is_terminal();
+    let mut line = ProgressLine {
+        last_requests: 0,
+        last_elapsed: Duration::ZERO,
+    };
+    let result = moltbot_bench::run_with_progress(&cfg, |p| {
+        if tty {
+            line.show(p);
+        }
+    });
+    if tty {
+        eprint!("\r\x1b[K");
+    }
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("moltbot-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let table = report.render_table();
+    match cli.json.as_deref() {
+        Some("-") => eprint!("{table}"),
+        _ => print!("{table}"),
+    }
+    if let Some(dest) = cli.json.as_deref() {
+        if let Err(e) = write_json(&report, dest) {
+            eprintln!("moltbot-bench: cannot write the JSON report to {dest}: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if report.unsent > 0 {
+        eprintln!(
+            "moltbot-bench: warning: {} requests due were never sent: the target did not keep \
+             up with --rate {}",
+            report.unsent,
+            cli.rate.unwrap_or(0.0)
+        );
+    }
+    let failures = report.failures();
+    if failures.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let label = if cli.allow_errors {
+        "warning"
+    } else {
+        "FAILED"
+    };
+    for f in &failures {
+        eprintln!("moltbot-bench: {label}: {f}");
+    }
+    for p in report.problems.iter().take(5) {
+        eprintln!("moltbot-bench:   e.g. {p}");
+    }
+    if cli.allow_errors {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_seconds_or_humantime() {
+        assert_eq!(parse_secs("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_secs("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_secs("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_secs("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["-1", "abc", "", "1e400"] {
+            assert!(parse_secs(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn flags_map_onto_the_config() {
+        let cli = Cli::try_parse_from([
+            "moltbot-bench",
+            "-t",
+            "3",
+            "-c",
+            "9",
+            "-n",
+            "77",
+            "--users",
+            "5",
+            "--dist",
+            "zipf",
+            "--zipf-s",
+            "1.2",
+            "--endpoint",
+            "route",
+            "--body-size",
+            "10",
+            "--token",
+            "tok",
+            "--warmup",
+            "0",
+            "--rate",
+            "50",
+            "--timeout",
+            "3s",
+            "--seed",
+            "9",
+            "http://127.0.0.1:1",
+        ])
+        .expect("flags");
+        let cfg = config(&cli).expect("config");
+        assert_eq!((cfg.threads, cfg.connections), (3, 9));
+        assert_eq!(cfg.stop, Stop::Requests(77));
+        assert_eq!((cfg.users, cfg.dist, cfg.zipf_s), (5, Dist::Zipf, 1.2));
+        assert_eq!((cfg.endpoint, cfg.body_size), (Endpoint::Route, 10));
+        assert_eq!(cfg.token.as_deref(), Some("tok"));
+        assert_eq!((cfg.warmup, cfg.rate), (Duration::ZERO, Some(50.0)));
+        assert_eq!((cfg.timeout, cfg.seed), (Duration::from_secs(3), 9));
+
+        let cli = Cli::try_parse_from(["moltbot-bench", "http://127.0.0.1:1"]).expect("flags");
+        let cfg = config(&cli).expect("config");
+        assert_eq!(cfg.stop, Stop::Duration(Duration::from_secs(10)));
+        assert_eq!(cfg.rate, None);
+        assert!(Cli::try_parse_from(["moltbot-bench", "-d", "1", "-n", "1", "http://x"]).is_err());
+    }
 }

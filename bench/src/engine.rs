@@ -1,0 +1,980 @@
+//! The load engine: one OS thread per load thread, each driving its connections with
+//! non-blocking sockets on an edge-triggered epoll set (plus a timerfd for the open-loop
+//! schedule). One request in flight per connection.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, SocketFlags, SocketType};
+use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
+
+use crate::BenchError;
+use crate::config::{Config, Stop};
+use crate::report::Report;
+use crate::response::{ParseError, ResponseReader};
+use crate::schedule::{Schedule, latency};
+use crate::stats::{ErrorKind, ThreadStats, merge};
+use crate::users::{UserPicker, thread_rng};
+use crate::workload::{RequestTemplate, verify};
+
+/// Wait before reconnecting after a failed connect.
+const RECONNECT_DELAY: Duration = Duration::from_millis(50);
+/// The epoll token of the timerfd (connections use their index).
+const TIMER_TOKEN: u64 = u64::MAX;
+/// Longest single wait (a safety net: every wait has a reason to end sooner).
+const MAX_WAIT: Duration = Duration::from_secs(1);
+/// Events that mean bytes (or an end) can be read.
+const READABLE: epoll::EventFlags = epoll::EventFlags::IN
+    .union(epoll::EventFlags::RDHUP)
+    .union(epoll::EventFlags::HUP)
+    .union(epoll::EventFlags::ERR);
+
+/// A live view of a run, given to the progress callback about once per second.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Since the run started (warm-up included).
+    pub elapsed: Duration,
+    /// Whether the warm-up is over.
+    pub measuring: bool,
+    /// Measured answers so far.
+    pub requests: u64,
+    /// Measured errors so far.
+    pub errors: u64,
+}
+
+/// Runs `cfg` to completion.
+pub fn run(cfg: &Config) -> Result<Report, BenchError> {
+    run_with_progress(cfg, |_| {})
+}
+
+/// Runs `cfg` to completion, calling `on_progress` about once per second meanwhile.
+pub fn run_with_progress(
+    cfg: &Config,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<Report, BenchError> {
+    cfg.validate()?;
+    let picker = UserPicker::new(cfg.users, cfg.dist, cfg.zipf_s)?;
+    let template = RequestTemplate::new(cfg);
+    let threads = cfg.effective_threads();
+    let t0 = Instant::now();
+    let measure_start = t0 + cfg.warmup;
+    let plan = Plan {
+        t0,
+        measure_start,
+        stop_at: match cfg.stop {
+            Stop::Duration(d) => Some(measure_start + d),
+            Stop::Requests(_) => None,
+        },
+        limit: match cfg.stop {
+            Stop::Requests(n) => Some(n),
+            Stop::Duration(_) => None,
+        },
+    };
+    let shared = Shared {
+        claimed: AtomicU64::new(0),
+        counters: (0..threads).map(|_| Counters::default()).collect(),
+    };
+
+    let results: Vec<Result<ThreadStats, BenchError>> = std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel::<()>();
+        let mut handles = Vec::with_capacity(threads);
+        let mut spawn_error = None;
+        for t in 0..threads {
+            let tx = tx.clone();
+            let (plan, shared, picker, template) = (&plan, &shared, &picker, &template);
+            let spawned = std::thread::Builder::new()
+                .name(format!("moltbot-bench-{t}"))
+                .spawn_scoped(s, move || {
+                    // Tells the progress loop this thread ended, even by a panic.
+                    let _done = DoneSignal(tx);
+                    LoadThread::new(cfg, plan, shared, picker, template, t)?.run()
+                });
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(source) => {
+                    spawn_error = Some(BenchError::Os {
+                        what: "cannot start a load thread",
+                        source,
+                    });
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let mut finished = 0;
+        let mut next_tick = Instant::now() + Duration::from_secs(1);
+        while finished < handles.len() {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(()) => finished += 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    next_tick += Duration::from_secs(1);
+                    on_progress(&Progress {
+                        elapsed: t0.elapsed(),
+                        measuring: Instant::now() >= measure_start,
+                        requests: shared.requests(),
+                        errors: shared.errors(),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        let mut results: Vec<Result<ThreadStats, BenchError>> = handles
+            .into_iter()
+            .enumerate()
+            .map(|(t, h)| h.join().unwrap_or(Err(BenchError::ThreadPanicked(t))))
+            .collect();
+        if let Some(e) = spawn_error {
+            results.push(Err(e));
+        }
+        results
+    });
+    let stats = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let merged = merge(&stats);
+    let end = match (plan.stop_at, merged.last_done) {
+        (Some(stop), Some(last)) => stop.max(last),
+        (Some(stop), None) => stop,
+        (None, Some(last)) => last,
+        (None, None) => Instant::now(),
+    };
+    let measured = end.saturating_duration_since(measure_start);
+    Ok(Report::new(cfg, merged, measured))
+}
+
+/// Sends on drop.
+struct DoneSignal(mpsc::Sender<()>);
+
+impl Drop for DoneSignal {
+    fn drop(&mut self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// The timeline of a run, shared by all threads.
+#[derive(Debug)]
+struct Plan {
+    /// Start (warm-up begins; the open-loop schedule is anchored here).
+    t0: Instant,
+    /// Requests due from here on are measured.
+    measure_start: Instant,
+    /// No request due at or after this is sent (duration mode).
+    stop_at: Option<Instant>,
+    /// Measured requests to send in total (request-count mode).
+    limit: Option<u64>,
+}
+
+/// Per-thread progress counters, each on its own cache lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Counters {
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Measured requests claimed so far (request-count mode).
+    claimed: AtomicU64,
+    counters: Vec<Counters>,
+}
+
+impl Shared {
+    fn requests(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.requests.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    fn errors(&self) -> u64 {
+        self.counters
+            .iter()
+            .map(|c| c.errors.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// No socket; reconnect at `wake_at`.
+    Down,
+    /// Non-blocking connect in progress.
+    Connecting,
+    /// Connected, nothing in flight (open loop: waiting for `wake_at`).
+    Idle,
+    /// Request partly written.
+    Writing,
+    /// Request written, answer not complete.
+    Reading,
+    /// Finished for good.
+    Done,
+}
+
+#[derive(Debug)]
+struct Conn {
+    stream: Option<TcpStream>,
+    state: State,
+    req: Vec<u8>,
+    written: usize,
+    expect: Vec<u8>,
+    user: u32,
+    reader: ResponseReader,
+    /// Latency origin of the request in flight.
+    intended: Instant,
+    /// Timeout of the request (or connect) in flight.
+    deadline: Instant,
+    /// Whether the request in flight is measured.
+    measured: bool,
+    schedule: Option<Schedule>,
+    /// Index of the next request in the schedule.
+    k: u64,
+    wake_at: Instant,
+    /// An input edge arrived while the request was still being written (an early answer):
+    /// read once the write completes, as no new edge will announce those bytes.
+    readable_seen: bool,
+}
+
+/// What a completed read means for the connection.
+enum Next {
+    /// Keep the connection, send the next request.
+    Continue,
+    /// The server closes the connection: reconnect (not an error).
+    Reconnect,
+    /// An error of this kind; reconnect.
+    Fail(ErrorKind, String),
+}
+
+struct LoadThread<'a> {
+    cfg: &'a Config,
+    plan: &'a Plan,
+    shared: &'a Shared,
+    picker: &'a UserPicker,
+    template: &'a RequestTemplate,
+    counters: &'a Counters,
+    epoll: OwnedFd,
+    timer: Option<OwnedFd>,
+    timer_armed: Option<Instant>,
+    conns: Vec<Conn>,
+    /// Reconnect and open-loop wake-ups: (when, connection).
+    heap: BinaryHeap<Reverse<(Instant, usize)>>,
+    rng: SmallRng,
+    stats: ThreadStats,
+    seq: u64,
+    live: usize,
+    /// When to look for timed-out requests next.
+    scan_at: Instant,
+}
+
+impl<'a> LoadThread<'a> {
+    fn new(
+        cfg: &'a Config,
+        plan: &'a Plan,
+        shared: &'a Shared,
+        picker: &'a UserPicker,
+        template: &'a RequestTemplate,
+        tid: usize,
+    ) -> Result<LoadThread<'a>, BenchError> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
+        let timer = match cfg.rate {
+            None => None,
+            Some(_) => {
+                let fd = rustix::time::timerfd_create(
+                    TimerfdClockId::Monotonic,
+                    TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+                )
+                .map_err(os_error("timerfd_create"))?;
+                epoll::add(
+                    &epoll,
+                    &fd,
+                    epoll::EventData::new_u64(TIMER_TOKEN),
+                    epoll::EventFlags::IN,
+                )
+                .map_err(os_error("epoll_ctl(timerfd)"))?;
+                Some(fd)
+            }
+        };
+        let (count, first) = cfg.connections_of(tid);
+        let conns = (0..count)
+            .map(|i| Conn {
+                stream: None,
+                state: State::Down,
+                req: Vec::with_capacity(cfg.body_size + 256),
+                written: 0,
+                expect: Vec::with_capacity(cfg.body_size + 16),
+                user: 0,
+                reader: ResponseReader::new(),
+                intended: plan.t0,
+                deadline: plan.t0,
+                measured: false,
+                schedule: cfg
+                    .rate
+                    .map(|r| Schedule::new(plan.t0, r, cfg.connections, first + i)),
+                k: 0,
+                wake_at: plan.t0,
+                readable_seen: false,
+            })
+            .collect();
+        Ok(LoadThread {
+            cfg,
+            plan,
+            shared,
+            picker,
+            template,
+            counters: &shared.counters[tid],
+            epoll,
+            timer,
+            timer_armed: None,
+            conns,
+            heap: BinaryHeap::new(),
+            rng: thread_rng(cfg.seed, tid),
+            stats: ThreadStats::new(cfg.users),
+            seq: 0,
+            live: count,
+            scan_at: plan.t0 + cfg.timeout,
+        })
+    }
+
+    fn run(mut self) -> Result<ThreadStats, BenchError> {
+        let now = Instant::now();
+        for i in 0..self.conns.len() {
+            self.open(i, now);
+        }
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        while self.live > 0 {
+            let now = Instant::now();
+            let wake = self.next_wake(now);
+            self.arm_timer(now);
+            let timeout =
+                Timespec::try_from(wake.saturating_duration_since(now)).unwrap_or(Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                });
+            events.clear();
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            ) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(BenchError::Os {
+                        what: "epoll_wait",
+                        source: e.into(),
+                    });
+                }
+            }
+            let now = Instant::now();
+            for ev in &events {
+                let token = ev.data.u64();
+                if token == TIMER_TOKEN {
+                    self.drain_timer();
+                } else if let Ok(i) = usize::try_from(token) {
+                    if i < self.conns.len() {
+                        self.on_event(i, ev.flags, now);
+                    }
+                }
+            }
+            let now = Instant::now();
+            while let Some(&Reverse((due, i))) = self.heap.peek() {
+                if due > now {
+                    break;
+                }
+                self.heap.pop();
+                self.wake(i, now);
+            }
+            if now >= self.scan_at {
+                self.scan_timeouts(now);
+            }
+        }
+        Ok(self.stats)
+    }
+
+    /// The earliest of: a scheduled wake-up, a request timeout, the safety net.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let mut wake = (now + MAX_WAIT).min(self.scan_at);
+        if let Some(&Reverse((due, _))) = self.heap.peek() {
+            wake = wake.min(due);
+        }
+        wake
+    }
+
+    /// Open loop: the timerfd fires at the next scheduled send with sub-millisecond precision
+    /// (epoll's own timeout has millisecond granularity).
+    fn arm_timer(&mut self, now: Instant) {
+        let Some(timer) = &self.timer else {
+            return;
+        };
+        let due = self.heap.peek().map(|&Reverse((d, _))| d);
+        if due == self.timer_armed {
+            return;
+        }
+        let value = match due {
+            // A zero it_value disarms: use at least 1 ns.
+            Some(d) => Timespec::try_from(
+                d.saturating_duration_since(now)
+                    .max(Duration::from_nanos(1)),
+            )
+            .unwrap_or(Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            }),
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        if rustix::time::timerfd_settime(timer, TimerfdTimerFlags::empty(), &spec).is_ok() {
+            self.timer_armed = due;
+        }
+    }
+
+    fn drain_timer(&mut self) {
+        if let Some(timer) = &self.timer {
+            let mut buf = [0u8; 8];
+            let _ = rustix::io::read(timer, &mut buf);
+            self.timer_armed = None;
+        }
+    }
+
+    fn measuring(&self, now: Instant) -> bool {
+        now >= self.plan.measure_start
+    }
+
+    fn past_stop(&self, t: Instant) -> bool {
+        self.plan.stop_at.is_some_and(|s| t >= s)
+    }
+
+    fn claims_exhausted(&self) -> bool {
+        self.plan
+            .limit
+            .is_some_and(|n| self.shared.claimed.load(Ordering::Relaxed) >= n)
+    }
+
+    /// Claims one measured request (request-count mode); false when none is left.
+    fn claim(&self) -> bool {
+        match self.plan.limit {
+            None => true,
+            Some(n) => self.shared.claimed.fetch_add(1, Ordering::Relaxed) < n,
+        }
+    }
+
+    fn error(&mut self, kind: ErrorKind, describe: impl FnOnce() -> String) {
+        self.stats.errors.add(kind);
+        self.stats.problem(describe);
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Starts connecting connection `i`.
+    fn open(&mut self, i: usize, now: Instant) {
+        if self.past_stop(now) || self.claims_exhausted() {
+            self.finish(i);
+            return;
+        }
+        match connect(self.cfg.target.addr) {
+            Ok((stream, connected)) => {
+                let added = epoll::add(
+                    &self.epoll,
+                    &stream,
+                    epoll::EventData::new_u64(i as u64),
+                    epoll::EventFlags::IN
+                        | epoll::EventFlags::OUT
+                        | epoll::EventFlags::RDHUP
+                        | epoll::EventFlags::ET,
+                );
+                if let Err(e) = added {
+                    self.connect_failed(i, now, e.into());
+                    return;
+                }
+                let c = &mut self.conns[i];
+                c.stream = Some(stream);
+                c.reader.reset();
+                if connected {
+                    c.state = State::Idle;
+                    self.next(i, now);
+                } else {
+                    c.state = State::Connecting;
+                    c.deadline = now + self.cfg.timeout;
+                    self.scan_at = self.scan_at.min(c.deadline);
+                }
+            }
+            Err(e) => self.connect_failed(i, now, e),
+        }
+    }
+
+    fn connect_failed(&mut self, i: usize, now: Instant, e: io::Error) {
+        self.close(i);
+        if self.measuring(now) {
+            // In request-count mode a failed connect uses up a request: the run stays bounded
+            // even when nothing listens.
+            if !self.claim() {
+                self.finish(i);
+                return;
+            }
+            let addr = self.cfg.target.addr;
+            self.error(ErrorKind::Connect, || format!("connect to {addr}: {e}"));
+        }
+        let c = &mut self.conns[i];
+        c.wake_at = now + RECONNECT_DELAY;
+        self.heap.push(Reverse((c.wake_at, i)));
+    }
+
+    /// Drops the socket (epoll forgets it with its last descriptor).
+    fn close(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        c.stream = None;
+        c.reader.reset();
+        if c.state != State::Done {
+            c.state = State::Down;
+        }
+    }
+
+    fn finish(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.state != State::Done {
+            c.stream = None;
+            c.state = State::Done;
+            self.live -= 1;
+        }
+    }
+
+    /// A heap entry is due.
+    fn wake(&mut self, i: usize, now: Instant) {
+        let c = &self.conns[i];
+        if c.wake_at > now {
+            return; // A stale entry: a later one exists.
+        }
+        match c.state {
+            State::Down => self.open(i, now),
+            State::Idle => self.next(i, now),
+            _ => {}
+        }
+    }
+
+    fn on_event(&mut self, i: usize, flags: epoll::EventFlags, now: Instant) {
+        match self.conns[i].state {
+            State::Connecting => {
+                if flags.intersects(
+                    epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
+                ) {
+                    self.connected(i, now);
+                }
+            }
+            State::Writing => {
+                if flags.intersects(READABLE) {
+                    self.conns[i].readable_seen = true;
+                }
+                self.write(i, now);
+                let c = &self.conns[i];
+                if c.state == State::Reading && c.readable_seen {
+                    self.read(i, now);
+                }
+            }
+            State::Reading => self.read(i, now),
+            State::Idle => {
+                if flags.intersects(READABLE) {
+                    self.idle_readable(i, now);
+                }
+            }
+            State::Down | State::Done => {}
+        }
+    }
+
+    fn connected(&mut self, i: usize, now: Instant) {
+        let Some(stream) = &self.conns[i].stream else {
+            return;
+        };
+        match rustix::net::sockopt::socket_error(stream) {
+            Ok(Ok(())) => {
+                self.conns[i].state = State::Idle;
+                self.next(i, now);
+            }
+            Ok(Err(e)) | Err(e) => self.connect_failed(i, now, e.into()),
+        }
+    }
+
+    /// Sends the next request of connection `i` if one is due (or waits for its time).
+    fn next(&mut self, i: usize, now: Instant) {
+        if self.conns[i].state != State::Idle {
+            return;
+        }
+        let intended = match self.conns[i].schedule {
+            Some(s) => {
+                let k = self.conns[i].k;
+                let due = s.at(k);
+                if self.past_stop(due) {
+                    self.finish(i);
+                    return;
+                }
+                if self.past_stop(now) {
+                    // Behind schedule at the end: the run stops on time; the requests that
+                    // were due and never sent are reported, not hidden.
+                    if let Some(stop) = self.plan.stop_at {
+                        let measure_start = self.plan.measure_start;
+                        let unsent = (k..)
+                            .map(|k| s.at(k))
+                            .take_while(|&t| t < stop)
+                            .filter(|&t| t >= measure_start)
+                            .count();
+                        self.stats.unsent += unsent as u64;
+                    }
+                    self.finish(i);
+                    return;
+                }
+                if due > now {
+                    let c = &mut self.conns[i];
+                    c.wake_at = due;
+                    self.heap.push(Reverse((due, i)));
+                    return;
+                }
+                self.conns[i].k = k + 1;
+                due
+            }
+            None => {
+                if self.past_stop(now) {
+                    self.finish(i);
+                    return;
+                }
+                // Closed loop: latency counts from this very moment.
+                Instant::now()
+            }
+        };
+        let measured = intended >= self.plan.measure_start;
+        if measured && !self.claim() {
+            self.finish(i);
+            return;
+        }
+        let user = self.picker.pick(&mut self.rng);
+        self.seq += 1;
+        let c = &mut self.conns[i];
+        self.template
+            .build(user, self.seq, &mut c.req, &mut c.expect);
+        c.user = user;
+        c.written = 0;
+        c.intended = intended;
+        c.measured = measured;
+        c.deadline = now + self.cfg.timeout;
+        c.readable_seen = false;
+        c.state = State::Writing;
+        self.scan_at = self.scan_at.min(c.deadline);
+        self.write(i, now);
+    }
+
+    fn write(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        let Some(stream) = c.stream.as_mut() else {
+            return;
+        };
+        loop {
+            match stream.write(&c.req[c.written..]) {
+                Ok(0) => {
+                    return self.fail(i, now, ErrorKind::Write, "write returned 0".into());
+                }
+                Ok(n) => {
+                    c.written += n;
+                    if c.written >= c.req.len() {
+                        // The answer comes later: its arrival is an epoll edge.
+                        c.state = State::Reading;
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.fail(i, now, ErrorKind::Write, e.to_string()),
+            }
+        }
+    }
+
+    fn read(&mut self, i: usize, now: Instant) {
+        loop {
+            let c = &mut self.conns[i];
+            let Some(stream) = c.stream.as_mut() else {
+                return;
+            };
+            let spare = c.reader.spare();
+            let room = spare.len();
+            let n = match stream.read(spare) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.fail(i, now, ErrorKind::Read, e.to_string()),
+            };
+            if n == 0 {
+                c.reader.set_eof();
+            } else {
+                c.reader.filled(n);
+            }
+            let next = self.complete(i, n == 0);
+            match next {
+                None if n == 0 => {
+                    return self.fail(
+                        i,
+                        now,
+                        ErrorKind::Read,
+                        "connection closed before the response".into(),
+                    );
+                }
+                // A short read emptied the socket: the next bytes bring a new edge.
+                None if n < room => return,
+                None => continue,
+                Some(Next::Continue) => {
+                    self.conns[i].state = State::Idle;
+                    return self.next(i, now);
+                }
+                Some(Next::Reconnect) => return self.reconnect_soon(i, now),
+                Some(Next::Fail(kind, why)) => return self.fail(i, now, kind, why),
+            }
+        }
+    }
+
+    /// Checks for a complete answer and records it.
+    fn complete(&mut self, i: usize, eof: bool) -> Option<Next> {
+        // A fresh clock: `now` of the event batch may be stale by the batch's earlier work.
+        let now = Instant::now();
+        let endpoint = self.cfg.endpoint;
+        let c = &mut self.conns[i];
+        let stats = &mut self.stats;
+        let resp = match c.reader.parse() {
+            Ok(None) => return None,
+            Ok(Some(r)) => r,
+            Err(ParseError::Truncated) => {
+                return Some(Next::Fail(
+                    ErrorKind::Read,
+                    "connection closed mid-response".into(),
+                ));
+            }
+            Err(e) => return Some(Next::Fail(ErrorKind::Parse, e.to_string())),
+        };
+        let measured = c.measured;
+        let user = c.user;
+        match resp.worker {
+            Some(w) => {
+                if let Some(before) = stats.workers.observe(user, w, measured) {
+                    let (before, now_w) = (
+                        String::from_utf8_lossy(before).into_owned(),
+                        String::from_utf8_lossy(w).into_owned(),
+                    );
+                    stats.problem(|| {
+                        format!("user-{user} answered by {now_w} after {before}: not sticky")
+                    });
+                }
+            }
+            None if measured => stats.no_worker_header += 1,
+            None => {}
+        }
+        let mut bad: Option<(ErrorKind, String)> = None;
+        if resp.status != 200 {
+            let status = resp.status;
+            let snippet =
+                String::from_utf8_lossy(&resp.body[..resp.body.len().min(160)]).into_owned();
+            bad = Some((
+                ErrorKind::Status,
+                format!("user-{user}: status {status}: {snippet}"),
+            ));
+        } else if let Err(why) = verify(endpoint, user, &c.expect, &resp) {
+            bad = Some((ErrorKind::Body, why));
+        }
+        let close = resp.close || eof;
+        if measured {
+            stats.answered(resp.status, latency(c.intended, now), now);
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if let Some((kind, why)) = bad {
+                stats.errors.add(kind);
+                stats.problem(|| why);
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match c.reader.consume() {
+            Ok(()) => {}
+            Err(e) => {
+                // The answer counted; the stray bytes make the connection unusable.
+                let what = e.to_string();
+                if measured {
+                    self.error(ErrorKind::Parse, || what);
+                }
+                return Some(Next::Reconnect);
+            }
+        }
+        Some(if close {
+            Next::Reconnect
+        } else {
+            Next::Continue
+        })
+    }
+
+    /// A request failed: count it (if measured), drop the connection, reconnect.
+    fn fail(&mut self, i: usize, now: Instant, kind: ErrorKind, why: String) {
+        let c = &self.conns[i];
+        if c.measured && matches!(c.state, State::Writing | State::Reading) {
+            let user = c.user;
+            self.error(kind, || format!("user-{user}: {why}"));
+        }
+        self.reconnect_soon(i, now);
+    }
+
+    /// Drops the connection and reconnects from the main loop (not from here: a server that
+    /// fails every connection at once must not turn into unbounded recursion).
+    fn reconnect_soon(&mut self, i: usize, now: Instant) {
+        self.close(i);
+        let c = &mut self.conns[i];
+        if c.state == State::Down {
+            c.wake_at = now;
+            self.heap.push(Reverse((now, i)));
+        }
+    }
+
+    /// Bytes or a close on a connection with nothing in flight.
+    fn idle_readable(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        let Some(stream) = c.stream.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // The server closed an idle keep-alive connection: not an error.
+            Ok(0) => self.reconnect_soon(i, now),
+            Ok(n) => {
+                if self.measuring(now) {
+                    self.error(ErrorKind::Parse, || {
+                        format!("{n} unsolicited bytes on an idle connection")
+                    });
+                }
+                self.reconnect_soon(i, now);
+            }
+            Err(e) => {
+                if self.measuring(now) {
+                    self.error(ErrorKind::Read, || format!("idle connection: {e}"));
+                }
+                self.reconnect_soon(i, now);
+            }
+        }
+    }
+
+    /// Fails requests and connects past their deadline; sets the next scan time.
+    fn scan_timeouts(&mut self, now: Instant) {
+        // Requests started below (reconnects) lower it again through `next` and `open`.
+        self.scan_at = now + MAX_WAIT;
+        let timeout = self.cfg.timeout;
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            let in_flight = matches!(c.state, State::Writing | State::Reading | State::Connecting);
+            if !in_flight {
+                continue;
+            }
+            if now < c.deadline {
+                self.scan_at = self.scan_at.min(c.deadline);
+            } else if c.state == State::Connecting {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                );
+                self.connect_failed(i, now, e);
+            } else {
+                let why = format!("no answer within {timeout:?}");
+                self.fail(i, now, ErrorKind::Timeout, why);
+            }
+        }
+    }
+}
+
+/// Raises this process's open-file soft limit towards the hard limit so that `connections`
+/// sockets fit (a process-wide change, so the CLI calls it, not [`run`]). Returns the limit
+/// now in force (`None`: unlimited).
+pub fn raise_nofile_limit(connections: usize) -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = connections as u64 + 64;
+    let cur = getrlimit(Resource::Nofile);
+    match cur.current {
+        Some(soft) if soft < want => {
+            let target = cur.maximum.map_or(want, |hard| want.min(hard));
+            let raised = Rlimit {
+                current: Some(target),
+                maximum: cur.maximum,
+            };
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => Some(target),
+                Err(_) => Some(soft),
+            }
+        }
+        other => other,
+    }
+}
+
+/// Maps an errno from setting up the engine.
+fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
+    move |e| BenchError::Os {
+        what,
+        source: e.into(),
+    }
+}
+
+/// A non-blocking TCP connection to `addr` with `TCP_NODELAY`; true when already connected.
+fn connect(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(
+        family,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::net::sockopt::set_tcp_nodelay(&fd, true)?;
+    let connected = match rustix::net::connect(&fd, &addr) {
+        Ok(()) => true,
+        Err(Errno::INPROGRESS) | Err(Errno::INTR) => false,
+        Err(e) => return Err(e.into()),
+    };
+    Ok((TcpStream::from(fd), connected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+
+    #[test]
+    fn raises_the_open_file_limit_for_many_connections() {
+        let before = getrlimit(Resource::Nofile);
+        let (Some(soft), hard) = (before.current, before.maximum) else {
+            return assert_eq!(raise_nofile_limit(100_000), None);
+        };
+        if soft < 300 {
+            // Nothing to lower: just check that it asks for enough.
+            let got = raise_nofile_limit(1000).unwrap_or(u64::MAX);
+            assert!(got >= hard.unwrap_or(u64::MAX).min(1064));
+            return;
+        }
+        let lowered = Rlimit {
+            current: Some(256),
+            maximum: hard,
+        };
+        setrlimit(Resource::Nofile, lowered).expect("lower the soft limit");
+        let got = raise_nofile_limit(1000);
+        let now = getrlimit(Resource::Nofile).current;
+        setrlimit(Resource::Nofile, before).expect("restore");
+        let want = hard.map_or(1064, |h| h.min(1064));
+        assert_eq!(got, Some(want));
+        assert_eq!(now, Some(want));
+        // Enough already: unchanged.
+        assert_eq!(raise_nofile_limit(10), Some(soft));
+    }
+}
