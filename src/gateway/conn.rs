@@ -193,6 +193,13 @@ impl Conn {
 
 /// Writes an answer (head + body) into `out`.
 fn write_answer(out: &mut Vec<u8>, a: &Answer, keep_alive: bool) {
+    write_answer_to(out, a, keep_alive, false);
+}
+
+/// Writes an answer; `head_only` (the request was HEAD) keeps the Content-Length but leaves
+/// the body out: a response to HEAD never has content (RFC 9110 §9.3.2), and body bytes would
+/// be read as the start of the next response on a keep-alive connection.
+fn write_answer_to(out: &mut Vec<u8>, a: &Answer, keep_alive: bool, head_only: bool) {
     let headers: Vec<(&str, &str)> = a.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let body = a.body.as_slice();
     http::write_response_head(
@@ -203,7 +210,18 @@ fn write_answer(out: &mut Vec<u8>, a: &Answer, keep_alive: bool) {
         keep_alive,
         &headers,
     );
-    out.extend_from_slice(body);
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+}
+
+/// A prepared request waiting for its turn to be answered.
+struct Pending {
+    prepared: Prepared,
+    keep: bool,
+    started: Instant,
+    /// The request was HEAD: answer without a body.
+    head_only: bool,
 }
 
 /// A request read from the buffer, with its body.
@@ -247,11 +265,27 @@ fn parse_one(data: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
                     body,
                     consumed,
                 })
+            } else if rest.len() > chunked_raw_limit(limits) {
+                // The raw chunked bytes stay buffered (and are decoded again on every read)
+                // until the body is complete. Chunk extensions and tiny chunks make them
+                // arbitrarily larger than the decoded body, so they are bounded too: without
+                // this a client grew the buffer, and the core's time re-decoding it, without
+                // limit until the body timeout.
+                Err(HttpError::BodyTooLarge)
             } else {
                 Ok(Parsed::Incomplete { head: Some(head) })
             }
         }
     }
+}
+
+/// Most raw bytes (framing included) a chunked body may take in the buffer: twice the body
+/// limit plus 64 KiB, room for any sensible chunking (8-byte chunks cost 1.6×).
+fn chunked_raw_limit(limits: &Limits) -> usize {
+    limits
+        .max_body_bytes
+        .saturating_mul(2)
+        .saturating_add(64 * 1024)
 }
 
 /// Serves a connection until it closes, errs, times out, or the gateway stops.
@@ -288,7 +322,7 @@ async fn serve_loop(conn: &mut Conn) {
             return;
         }
         // 1. Prepare every complete request in the buffer (pipelining), in order.
-        let mut batch: Vec<(Prepared, bool, Instant)> = Vec::new();
+        let mut batch: Vec<Pending> = Vec::new();
         let mut close_after = false;
         let mut need_more = false;
         while batch.len() < PIPELINE_DEPTH && !close_after {
@@ -339,7 +373,12 @@ async fn serve_loop(conn: &mut Conn) {
                         endpoints::prepare(&core, &head, body).await
                     };
                     conn.rb.consume(body_start + body_len);
-                    batch.push((prepared, keep, started));
+                    batch.push(Pending {
+                        prepared,
+                        keep,
+                        started,
+                        head_only: head.method == http::Method::Head,
+                    });
                     close_after = !keep;
                 }
                 Parsed::Decoded {
@@ -354,7 +393,12 @@ async fn serve_loop(conn: &mut Conn) {
                     core.metrics.request_started();
                     conn.rb.consume(consumed);
                     let prepared = endpoints::prepare(&core, &head, &body).await;
-                    batch.push((prepared, keep, started));
+                    batch.push(Pending {
+                        prepared,
+                        keep,
+                        started,
+                        head_only: head.method == http::Method::Head,
+                    });
                     close_after = !keep;
                 }
             }
@@ -365,6 +409,11 @@ async fn serve_loop(conn: &mut Conn) {
                 return;
             }
             conn.rb.shrink();
+            // The time spent answering was the server's: restart the clocks of a partial
+            // request behind the batch (they started when it was seen, before the answers;
+            // a slow answer used to time out a client that had done nothing wrong).
+            head_started = None;
+            body_deadline = None;
             continue;
         }
         // 3. Read more: an idle connection waits up to the keep-alive timeout (and gives way
@@ -424,24 +473,82 @@ fn body_time(framing: &BodyFraming, cfg: &crate::config::Config) -> Duration {
 
 /// Waits for each prepared request in order and writes the answers. False if the connection
 /// broke.
-async fn finish_batch(
-    conn: &mut Conn,
-    batch: Vec<(Prepared, bool, Instant)>,
-    draining: bool,
-) -> bool {
+async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, draining: bool) -> bool {
     let n = batch.len();
-    for (i, (prepared, keep, started)) in batch.into_iter().enumerate() {
+    for (i, p) in batch.into_iter().enumerate() {
+        let Pending {
+            prepared,
+            keep,
+            started,
+            head_only,
+        } = p;
         let answer = prepared.finish().await;
         let metrics = &conn.core.metrics;
         metrics.request_finished();
         metrics.record(answer.endpoint, answer.status, started.elapsed());
-        write_answer(&mut conn.out, &answer, keep && !draining);
+        write_answer_to(&mut conn.out, &answer, keep && !draining, head_only);
         // Write as answers become ready once the buffer is large, otherwise all at once.
-        if conn.out.len() >= 64 * 1024 || i + 1 == n {
-            if !conn.flush().await {
-                return false;
-            }
+        if (conn.out.len() >= 64 * 1024 || i + 1 == n) && !conn.flush().await {
+            return false;
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_framing_is_bounded_with_the_body() {
+        let limits = Limits {
+            max_body_bytes: 1024,
+            ..Limits::default()
+        };
+        let head = b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let chunk = format!("1;{}\r\nX\r\n", "e".repeat(1000));
+        let mut req = head.to_vec();
+        while req.len() + chunk.len() <= head.len() + chunked_raw_limit(&limits) {
+            req.extend_from_slice(chunk.as_bytes());
+        }
+        // At the bound: still waiting for more (the decoded body is small).
+        assert!(matches!(
+            parse_one(&req, &limits),
+            Ok(Parsed::Incomplete { head: Some(_) })
+        ));
+        req.extend_from_slice(chunk.as_bytes());
+        assert!(matches!(
+            parse_one(&req, &limits),
+            Err(HttpError::BodyTooLarge)
+        ));
+        // Ordinary chunking of a body at the limit is far below the bound.
+        let mut req = head.to_vec();
+        for _ in 0..4 {
+            req.extend_from_slice(b"100\r\n");
+            req.extend_from_slice(&[b'b'; 256]);
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        match parse_one(&req, &limits) {
+            Ok(Parsed::Decoded { body, consumed, .. }) => {
+                assert_eq!(body.len(), 1024);
+                assert_eq!(consumed, req.len());
+            }
+            _ => panic!("expected a decoded body"),
+        }
+    }
+
+    #[test]
+    fn answers_to_head_have_no_body() {
+        let a = Answer::json(Endpoint::Livez, 405, br#"{"x":1}"#.to_vec());
+        let mut full = Vec::new();
+        write_answer_to(&mut full, &a, true, false);
+        let mut head_only = Vec::new();
+        write_answer_to(&mut head_only, &a, true, true);
+        assert!(full.ends_with(br#"{"x":1}"#));
+        assert!(head_only.ends_with(b"\r\n\r\n"));
+        assert_eq!(&full[..head_only.len()], head_only.as_slice());
+        let text = String::from_utf8_lossy(&head_only);
+        assert!(text.contains("content-length: 7\r\n"), "{text}");
+    }
 }

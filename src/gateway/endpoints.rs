@@ -4,6 +4,9 @@
 //! and submits a routed request (waiting only if its worker is at its concurrency limit) and
 //! returns at once; [`Prepared::finish`] then waits for the worker's answer. The connection
 //! prepares every request already in its buffer before finishing the first.
+//!
+//! TEST-ONLY: with `test_handlers` on, `/v1/route` with type `test` takes the worker's test
+//! action from `payload.action` (see `test_action`); off, the worker refuses it with 403.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -424,14 +427,29 @@ pub fn classify(path: &str) -> Endpoint {
         "/metrics" => Endpoint::Metrics,
         "/v1/sessions" => Endpoint::Sessions,
         p if p.starts_with("/v1/sessions/") => Endpoint::Sessions,
-        p if p.starts_with("/v1/users/") && p.ends_with("/worker") => Endpoint::Users,
+        p if users_segment(p).is_some() => Endpoint::Users,
         _ => Endpoint::Other,
     }
 }
 
+/// The `{userId}` segment of `/v1/users/{userId}/worker` (possibly empty). Prefix and suffix
+/// must not overlap: `/v1/users/worker` is no lookup (slicing it by lengths panicked).
+fn users_segment(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/users/")?.strip_suffix("/worker")
+}
+
 fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
     let endpoint = Endpoint::Users;
-    let seg = &path["/v1/users/".len()..path.len() - "/worker".len()];
+    let Some(seg) = users_segment(path) else {
+        return Answer::error(
+            endpoint,
+            404,
+            "NOT_FOUND",
+            &format!("no such endpoint: {path}"),
+            false,
+            None,
+        );
+    };
     let user = match http::percent_decode_segment(seg) {
         Ok(u) => u,
         Err(e) => return Answer::error(endpoint, 400, "INVALID_USER", &e.to_string(), false, None),
@@ -490,19 +508,40 @@ async fn route(core: &Rc<Core>, body: &[u8]) -> Prepared {
         return bad_request(endpoint, "INVALID_USER", &format!("invalid userId: {e}"));
     }
     let payload = req.payload.map(|p| p.get()).unwrap_or("null");
+    let path = match test_action(core, kind, payload) {
+        Ok(p) => p,
+        Err(msg) => return bad_request(endpoint, "INVALID_REQUEST", &msg),
+    };
     call(
         core,
         endpoint,
         &req.user_id,
         kind,
         crate::api::route_method(kind),
-        "",
+        &path,
         payload.as_bytes(),
         Shape::Route {
             request_id: crate::api::next_request_id(),
         },
     )
     .await
+}
+
+/// TEST-ONLY: the worker's test handlers dispatch on the request path, which `/v1/route`
+/// otherwise leaves empty. With `test_handlers` on, `{"type":"test","payload":{"action":A,...}}`
+/// sends `A` as the path so the integration tests can reach them over HTTP. With it off the
+/// path stays empty and the worker answers `403 TEST_HANDLERS_DISABLED`, as for any test request.
+fn test_action(core: &Rc<Core>, kind: Kind, payload: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Action {
+        action: String,
+    }
+    if kind != Kind::Test || !core.shared.config.test_handlers {
+        return Ok(String::new());
+    }
+    serde_json::from_str::<Action>(payload)
+        .map(|a| a.action)
+        .map_err(|e| format!("a test request needs {{\"payload\":{{\"action\": ...}}}}: {e}"))
 }
 
 async fn sessions(core: &Rc<Core>, head: &RequestHead, path: &str, body: &[u8]) -> Prepared {
@@ -661,6 +700,11 @@ mod tests {
         assert_eq!(classify("/v1/sessions/notes"), Endpoint::Sessions);
         assert_eq!(classify("/v1/users/a/worker"), Endpoint::Users);
         assert_eq!(classify("/v1/users/a"), Endpoint::Other);
+        assert_eq!(classify("/v1/users//worker"), Endpoint::Users);
+        assert_eq!(classify("/v1/users/worker"), Endpoint::Other);
+        assert_eq!(users_segment("/v1/users/worker"), None);
+        assert_eq!(users_segment("/v1/users//worker"), Some(""));
+        assert_eq!(users_segment("/v1/users/a/worker"), Some("a"));
         assert_eq!(classify("/"), Endpoint::Other);
     }
 

@@ -1,0 +1,110 @@
+//! The load engine of `moltbot-bench` (in process) against a real `moltbot gateway` with two
+//! workers: short bounded runs, closed and open loop, every answer verified.
+
+mod gw;
+
+use std::time::Duration;
+
+use moltbot_bench::{Config, Dist, Endpoint, Report, Stop, Target};
+
+fn config(gw: &gw::GatewayProc) -> Config {
+    let mut cfg = Config::new(Target::parse(&gw.url()).expect("gateway URL"));
+    cfg.threads = 2;
+    cfg.connections = 8;
+    cfg.users = 100;
+    cfg.warmup = Duration::from_millis(200);
+    cfg.stop = Stop::Duration(Duration::from_secs(1));
+    cfg.timeout = gw::DEADLINE;
+    cfg
+}
+
+fn assert_clean(r: &Report, gw: &gw::GatewayProc) {
+    assert!(
+        r.is_clean(),
+        "{:?}\nproblems: {:?}\n{}\ngateway log:\n{}",
+        r.failures(),
+        r.problems,
+        r.render_table(),
+        gw.log()
+    );
+    assert_eq!(r.errors.total(), 0);
+    assert_eq!(r.sticky_violations, 0);
+    assert_eq!(r.no_worker_header, 0);
+    assert_eq!(r.per_worker.values().sum::<u64>(), r.requests);
+    assert_eq!(r.status.get(&200).copied(), Some(r.requests));
+}
+
+#[test]
+fn closed_and_open_loop_against_a_gateway_with_two_workers() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+
+    // Closed loop, 8 connections, 100 users drawn uniformly, 1 s.
+    let cfg = config(&gw);
+    let mut ticks = Vec::new();
+    let closed =
+        moltbot_bench::run_with_progress(&cfg, |p| ticks.push(*p)).expect("closed-loop run");
+    // 1.2 s in all: at least the 1 s progress tick, measured counts never above the total.
+    assert!(!ticks.is_empty());
+    assert!(
+        ticks
+            .iter()
+            .all(|p| p.requests <= closed.requests && p.errors == 0)
+    );
+    assert_clean(&closed, &gw);
+    assert!(closed.requests > 0);
+    assert_eq!(closed.per_worker.len(), 2, "{:?}", closed.per_worker);
+    assert!(
+        closed
+            .per_worker
+            .keys()
+            .all(|w| w == "worker-0" || w == "worker-1")
+    );
+    assert_eq!(closed.users_seen, 100);
+
+    // The gateway assigned exactly the users the bench drew.
+    let status = gw.status();
+    assert_eq!(status["routingTableSize"], 100);
+
+    // Open loop at a modest rate, Zipf-distributed users.
+    let mut open = config(&gw);
+    open.rate = Some(400.0);
+    open.dist = Dist::Zipf;
+    let report = moltbot_bench::run(&open).expect("open-loop run");
+    assert_clean(&report, &gw);
+    assert!(report.requests > 0);
+    assert_eq!(report.config.mode, "open");
+}
+
+#[test]
+fn route_and_agent_endpoints_are_verified_too() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    for endpoint in [Endpoint::Route, Endpoint::Agent] {
+        let mut cfg = config(&gw);
+        cfg.endpoint = endpoint;
+        cfg.users = 20;
+        cfg.warmup = Duration::ZERO;
+        cfg.stop = Stop::Requests(300);
+        let r = moltbot_bench::run(&cfg).expect("run");
+        assert_clean(&r, &gw);
+        assert_eq!(r.requests, 300, "{}", endpoint.name());
+    }
+}
+
+#[test]
+fn a_token_protected_gateway_refuses_the_bench_without_it() {
+    let gw = gw::GatewayProc::start(gw::Options::new(1).env("MOLTBOT_GATEWAY_TOKEN", "s3cret"));
+    let mut cfg = config(&gw);
+    cfg.threads = 1;
+    cfg.connections = 2;
+    cfg.warmup = Duration::ZERO;
+    cfg.stop = Stop::Requests(20);
+    let refused = moltbot_bench::run(&cfg).expect("run");
+    assert_eq!(refused.errors.status, 20);
+    assert_eq!(refused.status.get(&401).copied(), Some(20));
+    assert!(!refused.is_clean());
+
+    cfg.token = Some("s3cret".into());
+    let ok = moltbot_bench::run(&cfg).expect("run");
+    assert_clean(&ok, &gw);
+    assert_eq!(ok.requests, 20);
+}
