@@ -317,6 +317,8 @@ async fn serve_loop(conn: &mut Conn) {
     let mut head_started: Option<Instant> = None;
     let mut body_deadline: Option<Instant> = None;
     let mut continue_sent = false;
+    // Whether the one read of already-arrived bytes at a drain was done.
+    let mut drain_read = false;
     loop {
         if shared.stop_now.load(Ordering::Acquire) {
             return;
@@ -324,88 +326,103 @@ async fn serve_loop(conn: &mut Conn) {
         // 1. Prepare every complete request in the buffer (pipelining), in order.
         let mut batch: Vec<Pending> = Vec::new();
         let mut close_after = false;
-        let mut need_more = false;
-        while batch.len() < PIPELINE_DEPTH && !close_after {
-            if conn.rb.data().is_empty() {
-                need_more = true;
-                break;
-            }
-            let parsed = match parse_one(conn.rb.data(), &conn.limits) {
-                Ok(p) => p,
-                Err(e) => {
-                    // Answer what came before, then the error, then close.
-                    finish_batch(conn, batch, shared.stopping()).await;
-                    conn.write_error_and_close(e).await;
-                    return;
-                }
-            };
-            let started = Instant::now();
-            match parsed {
-                Parsed::Incomplete { head } => {
-                    if head_started.is_none() {
-                        head_started = Some(started);
-                    }
-                    if let (Some(h), None) = (&head, body_deadline) {
-                        body_deadline = Some(started + body_time(&h.body, &cfg));
-                    }
-                    if let Some(h) = head {
-                        if h.expect_continue && !continue_sent && batch.is_empty() {
-                            conn.out.extend_from_slice(http::CONTINUE_100);
-                            if !conn.flush().await {
-                                return;
-                            }
-                            continue_sent = true;
-                        }
-                    }
+        let mut need_more;
+        'prepare: loop {
+            need_more = false;
+            while batch.len() < PIPELINE_DEPTH && !close_after {
+                if conn.rb.data().is_empty() {
                     need_more = true;
                     break;
                 }
-                Parsed::InBuffer { head, body_len } => {
-                    head_started = None;
-                    body_deadline = None;
-                    continue_sent = false;
-                    let keep = head.keep_alive && !shared.stopping();
-                    core.metrics.request_started();
-                    let body_start = head.head_len;
-                    let prepared = {
-                        let data = conn.rb.data();
-                        let body = &data[body_start..body_start + body_len];
-                        endpoints::prepare(&core, &head, body).await
-                    };
-                    conn.rb.consume(body_start + body_len);
-                    batch.push(Pending {
-                        prepared,
-                        keep,
-                        started,
-                        head_only: head.method == http::Method::Head,
-                    });
-                    close_after = !keep;
-                }
-                Parsed::Decoded {
-                    head,
-                    body,
-                    consumed,
-                } => {
-                    head_started = None;
-                    body_deadline = None;
-                    continue_sent = false;
-                    let keep = head.keep_alive && !shared.stopping();
-                    core.metrics.request_started();
-                    conn.rb.consume(consumed);
-                    let prepared = endpoints::prepare(&core, &head, &body).await;
-                    batch.push(Pending {
-                        prepared,
-                        keep,
-                        started,
-                        head_only: head.method == http::Method::Head,
-                    });
-                    close_after = !keep;
+                let parsed = match parse_one(conn.rb.data(), &conn.limits) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // Answer what came before, then the error, then close.
+                        finish_batch(conn, batch, true).await;
+                        conn.write_error_and_close(e).await;
+                        return;
+                    }
+                };
+                let started = Instant::now();
+                match parsed {
+                    Parsed::Incomplete { head } => {
+                        if head_started.is_none() {
+                            head_started = Some(started);
+                        }
+                        if let (Some(h), None) = (&head, body_deadline) {
+                            body_deadline = Some(started + body_time(&h.body, &cfg));
+                        }
+                        if let Some(h) = head {
+                            if h.expect_continue && !continue_sent && batch.is_empty() {
+                                conn.out.extend_from_slice(http::CONTINUE_100);
+                                if !conn.flush().await {
+                                    return;
+                                }
+                                continue_sent = true;
+                            }
+                        }
+                        need_more = true;
+                        break;
+                    }
+                    Parsed::InBuffer { head, body_len } => {
+                        head_started = None;
+                        body_deadline = None;
+                        continue_sent = false;
+                        let keep = head.keep_alive && !shared.stopping();
+                        core.metrics.request_started();
+                        let body_start = head.head_len;
+                        let prepared = {
+                            let data = conn.rb.data();
+                            let body = &data[body_start..body_start + body_len];
+                            endpoints::prepare(&core, &head, body).await
+                        };
+                        conn.rb.consume(body_start + body_len);
+                        batch.push(Pending {
+                            prepared,
+                            keep,
+                            started,
+                            head_only: head.method == http::Method::Head,
+                        });
+                        close_after = !keep;
+                    }
+                    Parsed::Decoded {
+                        head,
+                        body,
+                        consumed,
+                    } => {
+                        head_started = None;
+                        body_deadline = None;
+                        continue_sent = false;
+                        let keep = head.keep_alive && !shared.stopping();
+                        core.metrics.request_started();
+                        conn.rb.consume(consumed);
+                        let prepared = endpoints::prepare(&core, &head, &body).await;
+                        batch.push(Pending {
+                            prepared,
+                            keep,
+                            started,
+                            head_only: head.method == http::Method::Head,
+                        });
+                        close_after = !keep;
+                    }
                 }
             }
+            // Draining: requests that already reached the socket are in flight too. Take them in
+            // (once) so that they are answered, the last answer saying `connection: close`,
+            // instead of being dropped with the connection.
+            if shared.stopping() && !drain_read && !close_after && batch.len() < PIPELINE_DEPTH {
+                drain_read = true;
+                let soon = Instant::now() + Duration::from_millis(2);
+                if matches!(conn.read_more(soon, false).await, ReadOutcome::Data) {
+                    continue 'prepare;
+                }
+            }
+            break;
         }
+
         // 2. Answer them in order.
         if !batch.is_empty() {
-            if !finish_batch(conn, batch, shared.stopping()).await || close_after {
+            if !finish_batch(conn, batch, false).await || close_after || shared.stopping() {
                 return;
             }
             conn.rb.shrink();
@@ -421,6 +438,14 @@ async fn serve_loop(conn: &mut Conn) {
         if need_more {
             let idle = conn.rb.data().is_empty();
             if idle && shared.stopping() {
+                if drain_read {
+                    return;
+                }
+                drain_read = true;
+                let soon = Instant::now() + Duration::from_millis(2);
+                if matches!(conn.read_more(soon, false).await, ReadOutcome::Data) {
+                    continue;
+                }
                 return;
             }
             let deadline = match (body_deadline, head_started) {
@@ -473,7 +498,11 @@ fn body_time(framing: &BodyFraming, cfg: &crate::config::Config) -> Duration {
 
 /// Waits for each prepared request in order and writes the answers. False if the connection
 /// broke.
-async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, draining: bool) -> bool {
+///
+/// Each answer keeps the connection alive as its request asked, except the last one once a
+/// drain began (checked when it is written, not when the batch started): after it the
+/// connection closes. `more_follows`: another answer is written after the batch.
+async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) -> bool {
     let n = batch.len();
     for (i, p) in batch.into_iter().enumerate() {
         let Pending {
@@ -486,7 +515,9 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, draining: bool) -> b
         let metrics = &conn.core.metrics;
         metrics.request_finished();
         metrics.record(answer.endpoint, answer.status, started.elapsed());
-        write_answer_to(&mut conn.out, &answer, keep && !draining, head_only);
+        let last = i + 1 == n && !more_follows;
+        let keep = keep && !(last && conn.core.shared.stopping());
+        write_answer_to(&mut conn.out, &answer, keep, head_only);
         // Write as answers become ready once the buffer is large, otherwise all at once.
         if (conn.out.len() >= 64 * 1024 || i + 1 == n) && !conn.flush().await {
             return false;

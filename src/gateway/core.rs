@@ -312,7 +312,9 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
     core.done.set(true);
     endpoint.waker.notify();
     pump_task.await;
-    core.lanes
-        .borrow_mut()
-        .fail_all(crate::error::RouteError::ShuttingDown);
+    // Answers a worker wrote after the pump's last round are still delivered; only what is
+    // truly unanswered fails.
+    let mut lanes = core.lanes.borrow_mut();
+    lanes.poll();
+    lanes.fail_all(crate::error::RouteError::ShuttingDown);
 }

@@ -274,10 +274,9 @@ impl GatewayProc {
 
 impl Drop for GatewayProc {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // A clean, fast stop (SIGINT), so that no segment outlives the test; SIGKILL and
+        // removing the recorded segments only if it does not stop.
+        let _ = self.stop_quietly();
     }
 }
 
@@ -597,5 +596,58 @@ impl GatewayProc {
         let (child, port) = spawn_tuned(&self.base, &self.log, &opts, overrides);
         self.child = Some(child);
         self.addr = SocketAddr::from(([127, 0, 0, 1], port));
+    }
+}
+
+impl GatewayProc {
+    /// Stops the gateway without panicking (fit for a `Drop`): SIGINT, then SIGKILL if it has
+    /// not exited within [`DEADLINE`]; then removes the segments it left (a killed gateway
+    /// cannot unlink them, and its sandbox base, which would let the next gateway remove them,
+    /// is deleted with the test's directory). Returns the exit status if it was still running.
+    pub fn stop_quietly(&mut self) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        if let Some(p) = rustix::process::Pid::from_raw(child.id() as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::INT);
+        }
+        let deadline = Instant::now() + DEADLINE;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => {
+                    let _ = child.kill();
+                    break child.wait().ok();
+                }
+            }
+        };
+        for path in self.segment_paths() {
+            let _ = std::fs::remove_file(path);
+        }
+        status
+    }
+
+    /// The `/dev/shm` paths of the segments of the gateway that last ran on this sandbox base,
+    /// from the record it keeps there (`segments.json`, removed by a clean stop).
+    pub fn segment_paths(&self) -> Vec<PathBuf> {
+        let Ok(text) = std::fs::read_to_string(self.base.join("segments.json")) else {
+            return Vec::new();
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return Vec::new();
+        };
+        v["names"]
+            .as_array()
+            .map(|names| {
+                names
+                    .iter()
+                    .filter_map(|n| n.as_str())
+                    .filter_map(|n| n.strip_prefix('/'))
+                    .filter(|n| n.starts_with("moltbot-") && !n.contains('/'))
+                    .map(|n| Path::new("/dev/shm").join(n))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
