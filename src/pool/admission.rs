@@ -334,7 +334,7 @@ mod tests {
         let p = acquire_blocking(&s, Instant::now(), Duration::ZERO).unwrap();
         let s2 = s.clone();
         let h = std::thread::spawn(move || {
-            let mut never = std::future::pending::<()>();
+            let never = std::future::pending::<()>();
             let mut never = std::pin::pin!(never);
             futures_lite::future::block_on(acquire(&s2, &mut never, Duration::from_secs(60)))
                 .map(|_| ())

@@ -101,13 +101,15 @@ mod tests {
     use std::sync::Arc;
 
     fn policy() -> RestartPolicy {
-        let mut c = Config::default();
-        c.restart_delay = Duration::from_millis(100);
-        c.max_restart_delay = Duration::from_millis(300);
-        c.stable_after = Duration::from_secs(10);
-        c.max_restart_attempts = 3;
-        c.restart_window = Duration::from_secs(60);
-        c.failed_cooldown = Duration::from_secs(30);
+        let c = Config {
+            restart_delay: Duration::from_millis(100),
+            max_restart_delay: Duration::from_millis(300),
+            stable_after: Duration::from_secs(10),
+            max_restart_attempts: 3,
+            restart_window: Duration::from_secs(60),
+            failed_cooldown: Duration::from_secs(30),
+            ..Config::default()
+        };
         RestartPolicy::new(Arc::new(c))
     }
 

@@ -237,7 +237,7 @@ impl Worker {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
-        } else if kind == Kind::Test && self.test_handlers && test_fault(&req, &mut l.resp) {
+        } else if kind == Kind::Test && self.test_handlers && test_fault(req, &mut l.resp) {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
