@@ -134,6 +134,40 @@ fn ensure_memlock(cores: usize) -> Result<(), GatewayError> {
     })
 }
 
+/// Raises the soft limit of open files to what `max_connections` on every core needs (up to
+/// the hard limit), so that the connection limit, not EMFILE, is what a client meets.
+fn ensure_nofile(config: &Config, cores: usize) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = (config.max_connections as u64)
+        .saturating_mul(cores as u64)
+        .saturating_add(1024);
+    let cur = getrlimit(Resource::Nofile);
+    let soft = cur.current.unwrap_or(u64::MAX);
+    if soft >= want {
+        return;
+    }
+    let hard = cur.maximum.unwrap_or(u64::MAX);
+    let new = want.min(hard);
+    if new > soft
+        && setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(new),
+                maximum: cur.maximum,
+            },
+        )
+        .is_ok()
+    {
+        tracing::info!("raised RLIMIT_NOFILE from {soft} to {new}");
+    }
+    if new < want {
+        tracing::warn!(
+            "RLIMIT_NOFILE hard limit {hard} is below the {want} descriptors that {} connections on {cores} cores need; raise it (ulimit -Hn) or lower max_connections",
+            config.max_connections
+        );
+    }
+}
+
 /// A running gateway.
 pub struct Gateway {
     router: Arc<GatewayRouter>,
@@ -167,6 +201,7 @@ impl Gateway {
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let cpus = core_cpus(&config)?;
         ensure_memlock(cpus.len())?;
+        ensure_nofile(&config, cpus.len());
         // Fail fast on a busy port, before starting workers. A socket without SO_REUSEPORT
         // cannot bind where another group of listeners already is, so this also catches a
         // second gateway that would otherwise share the port silently.
