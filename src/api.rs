@@ -399,6 +399,11 @@ fn stop_running(mut r: Running, grace: Duration) {
         let _ = h.join();
     }
     let mut set = r.inproc.set.lock().unwrap_or_else(|p| p.into_inner());
+    // A final poll: a worker that finished its request while draining may have exited just
+    // before the pump stopped, leaving its answer in the ring; deliver it rather than fail a
+    // request that was answered. Every worker is reaped by now, so nothing new arrives and the
+    // loop ends once the rings are empty and the stop epoch is recovered.
+    while set.poll() {}
     set.fail_all(RouteError::ShuttingDown);
 }
 

@@ -84,7 +84,19 @@ pub enum SubmitError {
 
 struct Pending {
     tx: Completion,
-    _permit: Permit,
+    permit: Permit,
+}
+
+impl Pending {
+    /// Frees the admission permit, then answers the caller. In this order because a caller
+    /// may send its next request the moment it has the answer: that request must find the
+    /// permit free, or a sequential client would be queued (or, with a full queue, refused)
+    /// because of its own previous request.
+    fn complete(self, outcome: Outcome) {
+        let Pending { tx, permit } = self;
+        drop(permit);
+        let _ = tx.send(outcome);
+    }
 }
 
 struct Outstanding {
@@ -195,13 +207,7 @@ impl LaneClient {
             end: self.req.position(),
             request_id: id,
         });
-        self.pending.insert(
-            id,
-            Pending {
-                tx,
-                _permit: permit,
-            },
-        );
+        self.pending.insert(id, Pending { tx, permit });
         let parked = self.slot.segment.worker_parked();
         if wake_needed(parked) {
             futex_unpark(parked);
@@ -315,7 +321,7 @@ impl LaneClient {
         if !matches!(&outcome, Ok(r) if r.is_success()) {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = pending.tx.send(outcome);
+        pending.complete(outcome);
         self.prune_outstanding();
         Ok(())
     }
@@ -333,7 +339,7 @@ impl LaneClient {
     fn fail(&mut self, id: u64, err: RouteError) {
         if let Some(p) = self.pending.remove(&id) {
             self.slot.stats.errors.fetch_add(1, Ordering::Relaxed);
-            let _ = p.tx.send(Err(err));
+            p.complete(Err(err));
         }
     }
 
