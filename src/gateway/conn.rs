@@ -125,7 +125,7 @@ impl Conn {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             return ReadOutcome::TimedOut;
         };
-        let shared = self.core.shared.clone();
+        let core = self.core.clone();
         let stream = &mut self.stream;
         let spare = self.rb.spare();
         let read = async { Woke::Read(stream.read(spare).await) };
@@ -135,7 +135,7 @@ impl Conn {
         };
         let shutdown = async {
             if idle {
-                shared.shutdown_signal().await;
+                core.shutdown.wait().await;
             } else {
                 std::future::pending::<()>().await;
             }

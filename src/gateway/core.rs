@@ -88,6 +88,10 @@ pub struct Core {
     pub conns: Cell<usize>,
     /// Set when the core is done; the pump exits.
     pub done: Cell<bool>,
+    /// Wakes the pump: requests were submitted and their workers need waking.
+    pub flush: crate::gateway::signal::Notify,
+    /// Fired (by the pump) when a shutdown began: idle connections stop waiting.
+    pub shutdown: crate::gateway::signal::Signal,
 }
 
 impl Core {
@@ -185,12 +189,24 @@ impl Core {
     }
 }
 
-/// Delivers the workers' answers on this core: polls the lanes while there is work, then parks
-/// on the wake socket (the workers write to it only when this core announced that it sleeps).
+/// Delivers the workers' answers on this core and wakes the workers it sent requests to:
+/// polls the lanes while there is work, then parks on the wake socket (the workers write to it
+/// only when this core announced that it sleeps) or until a connection submits a request.
+///
+/// Worker wake-ups are issued here, once per round for all the requests the connection tasks
+/// submitted in it, rather than at each submit: the scheduler then switches to a worker once
+/// per batch, not once per request.
 pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
     let mut buf = [0u8; 256];
     while !core.done.get() {
-        let worked = core.lanes.borrow_mut().poll();
+        if core.shared.stopping() {
+            core.shutdown.fire();
+        }
+        let worked = {
+            let mut lanes = core.lanes.borrow_mut();
+            let woke = lanes.flush_wakes();
+            lanes.poll() || woke
+        };
         if worked {
             glommio::yield_if_needed().await;
             continue;
@@ -198,7 +214,13 @@ pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
         if !core.lanes.borrow_mut().prepare_park() {
             continue;
         }
-        let _ = wake.read(&mut buf).await;
+        futures_lite::future::or(
+            async {
+                let _ = wake.read(&mut buf).await;
+            },
+            core.flush.notified(),
+        )
+        .await;
         core.lanes.borrow().cancel_park();
     }
 }
@@ -290,13 +312,17 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
     };
     let local = listener.local_addr().unwrap_or(addr);
     let wake: UnixStream = moltbot_ipc::wake::adopt_fd(endpoint.wake.into_owned_fd());
+    let mut lanes = endpoint.set;
+    lanes.set_defer_wakes(true);
     let core = Rc::new(Core {
         id,
         metrics: shared.metrics[id].clone(),
         shared: shared.clone(),
-        lanes: RefCell::new(endpoint.set),
+        lanes: RefCell::new(lanes),
         conns: Cell::new(0),
         done: Cell::new(false),
+        flush: Default::default(),
+        shutdown: Default::default(),
     });
     let pump_task = glommio::spawn_local(pump(core.clone(), wake));
     let _ = bound.send(Ok(local));

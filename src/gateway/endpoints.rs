@@ -647,7 +647,11 @@ async fn call(
             None => return fail(RouteError::Internal("no such lane".into())),
         };
         match result {
-            Ok(()) => break,
+            Ok(()) => {
+                // The pump wakes the worker once for everything submitted this round.
+                core.flush.notify();
+                break;
+            }
             Err(SubmitError::TooLarge(len, max)) => return fail(RouteError::TooLarge { len, max }),
             Err(SubmitError::Full(t, p)) => {
                 (tx, permit) = (t, p);

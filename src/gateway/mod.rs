@@ -6,6 +6,7 @@ pub mod conn;
 pub mod core;
 pub mod endpoints;
 pub mod http;
+pub mod signal;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

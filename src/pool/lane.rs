@@ -122,6 +122,10 @@ pub struct LaneClient {
     poisoned: bool,
     /// Inside `recover`: the worker is already dead, violations need no kill.
     recovering: bool,
+    /// Wake the worker later, in [`LaneSet::flush_wakes`], instead of at each submit.
+    defer_wakes: bool,
+    /// A request was submitted since the last flush.
+    wake_due: bool,
 }
 
 impl LaneClient {
@@ -149,6 +153,8 @@ impl LaneClient {
             seen_epoch,
             poisoned: false,
             recovering: false,
+            defer_wakes: false,
+            wake_due: false,
         })
     }
 
@@ -208,11 +214,21 @@ impl LaneClient {
             request_id: id,
         });
         self.pending.insert(id, Pending { tx, permit });
+        if self.defer_wakes {
+            self.wake_due = true;
+        } else {
+            self.wake_worker();
+        }
+        Ok(())
+    }
+
+    /// Wakes the worker if it sleeps.
+    fn wake_worker(&mut self) {
+        self.wake_due = false;
         let parked = self.slot.segment.worker_parked();
         if wake_needed(parked) {
             futex_unpark(parked);
         }
-        Ok(())
     }
 
     /// Delivers the answers that arrived and handles a crash epoch. Returns true if it did
@@ -447,6 +463,29 @@ impl LaneSet {
             .map(|s| LaneClient::new(s.clone(), lane))
             .collect::<Result<_, _>>()?;
         Ok(LaneSet { lanes })
+    }
+
+    /// Defers worker wake-ups to [`LaneSet::flush_wakes`]: a gateway core submits all the
+    /// requests of one reactor round, then wakes each worker once. Waking at every submit
+    /// would let the scheduler switch to the worker for each request (the costliest part of
+    /// the hop when gateway and workers share CPUs).
+    pub fn set_defer_wakes(&mut self, defer: bool) {
+        for l in &mut self.lanes {
+            l.defer_wakes = defer;
+        }
+    }
+
+    /// Wakes the workers that were sent requests since the last flush (if they sleep).
+    /// Returns true if any request was waiting for a wake.
+    pub fn flush_wakes(&mut self) -> bool {
+        let mut any = false;
+        for l in &mut self.lanes {
+            if l.wake_due {
+                any = true;
+                l.wake_worker();
+            }
+        }
+        any
     }
 
     /// The lane to slot `slot`.

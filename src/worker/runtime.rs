@@ -65,8 +65,15 @@ struct Lane {
     wake: WakeSender,
 }
 
-/// Spins this many empty rounds before parking.
+/// Spins this many empty rounds before parking, when the worker has a CPU to itself: a
+/// request arriving within that window is taken without a futex round trip. With a single CPU
+/// for the gateway and its workers, spinning only delays the gateway, so the worker parks at
+/// once.
 const SPIN_ROUNDS: u32 = 200;
+
+/// The RSS in the segment header is refreshed at most this often (it costs an open and a read
+/// of `/proc/self/statm`).
+const RSS_EVERY: Duration = Duration::from_millis(500);
 
 /// Runs the worker until SIGTERM (finish the current request, exit 0) or a fatal error.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -122,12 +129,16 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     );
     handlers.set_max_reply_bytes(max_reply);
 
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let spin_rounds = if cpus > 1 { SPIN_ROUNDS } else { 0 };
     let mut w = Worker {
         seg,
         lanes,
         handlers,
         test_handlers: args.test_handlers,
         max_reply,
+        spin_rounds,
+        rss_at: Instant::now(),
     };
     let park_for = Duration::from_millis((args.heartbeat_ms / 2).clamp(1, 1000));
     w.serve(&term, park_for)
@@ -139,6 +150,10 @@ struct Worker {
     handlers: Handlers,
     test_handlers: bool,
     max_reply: usize,
+    /// Empty rounds to spin before parking (0 on a single CPU).
+    spin_rounds: u32,
+    /// When the RSS was last published.
+    rss_at: Instant,
 }
 
 impl Worker {
@@ -173,10 +188,11 @@ impl Worker {
                 continue;
             }
             idle += 1;
-            if idle < SPIN_ROUNDS {
+            if idle < self.spin_rounds {
                 std::hint::spin_loop();
                 continue;
             }
+
             let parked = seg.worker_parked();
             announce_park(parked);
             let mut work = false;
@@ -184,7 +200,9 @@ impl Worker {
                 work |= l.req.has_data().context("request ring")?;
             }
             if !work && !term.load(Ordering::Relaxed) {
-                self.update_rss();
+                if self.rss_at.elapsed() >= RSS_EVERY {
+                    self.update_rss();
+                }
                 futex_park(parked, park_for);
             }
             cancel_park(parked);
@@ -192,7 +210,8 @@ impl Worker {
         }
     }
 
-    fn update_rss(&self) {
+    fn update_rss(&mut self) {
+        self.rss_at = Instant::now();
         if let Some(rss) = crate::pool::proc::rss_bytes(std::process::id()) {
             self.seg.header().rss_bytes.store(rss, Ordering::Relaxed);
         }

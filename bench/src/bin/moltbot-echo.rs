@@ -67,7 +67,11 @@ fn main() -> anyhow::Result<()> {
             return Ok(());
         }
         events.clear();
-        match epoll::wait(&ep, rustix::buffer::spare_capacity(&mut events), Some(&timeout)) {
+        match epoll::wait(
+            &ep,
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&timeout),
+        ) {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
