@@ -162,11 +162,14 @@ impl Conn {
         let idle = self.core.shared.config.idle_timeout;
         let stream = &mut self.stream;
         let out = &self.out;
-        let ok = glommio::timer::timeout(idle, async {
-            stream.write_all(out).await.map_err(Into::into)
-        })
-        .await
-        .is_ok();
+        let mut write = std::pin::pin!(stream.write_all(out));
+        // Usually the socket takes it all at once: no timer needed.
+        let ok = match futures_lite::future::poll_once(&mut write).await {
+            Some(r) => r.is_ok(),
+            None => glommio::timer::timeout(idle, async { write.await.map_err(Into::into) })
+                .await
+                .is_ok(),
+        };
         self.out.clear();
         if self.out.capacity() > 1 << 20 {
             self.out = Vec::with_capacity(READ_CHUNK);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_lite::AsyncReadExt;
 use glommio::net::{TcpListener, UnixStream};
+use moltbot_ipc::clock::monotonic_us;
 
 use crate::config::Config;
 use crate::gateway::endpoints::Answer;
@@ -198,12 +199,22 @@ impl Core {
 /// per batch, not once per request.
 pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
     let mut buf = [0u8; 256];
+    let timeout = core.shared.config.request_timeout;
+    // Request deadlines are enforced here rather than with a timer per request: every
+    // EXPIRY_TICK while busy, and by a timer on the earliest deadline while parked.
+    let mut next_check = 0u64;
+    let mut earliest = 0u64;
     while !core.done.get() {
         if core.shared.stopping() {
             core.shutdown.fire();
         }
+        let now = monotonic_us();
         let worked = {
             let mut lanes = core.lanes.borrow_mut();
+            if now >= next_check || (earliest != 0 && now >= earliest) {
+                earliest = lanes.expire(now, timeout);
+                next_check = now + EXPIRY_TICK_US;
+            }
             let woke = lanes.flush_wakes();
             lanes.poll() || woke
         };
@@ -211,19 +222,33 @@ pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
             glommio::yield_if_needed().await;
             continue;
         }
-        if !core.lanes.borrow_mut().prepare_park() {
-            continue;
+        {
+            let mut lanes = core.lanes.borrow_mut();
+            if !lanes.prepare_park() {
+                continue;
+            }
+            // Know the earliest deadline before sleeping.
+            earliest = lanes.expire(now, timeout);
         }
-        futures_lite::future::or(
-            async {
-                let _ = wake.read(&mut buf).await;
-            },
-            core.flush.notified(),
-        )
-        .await;
+        let read = async {
+            let _ = wake.read(&mut buf).await;
+        };
+        if earliest != 0 {
+            let wait = Duration::from_micros(earliest.saturating_sub(now).max(1000));
+            futures_lite::future::or(
+                read,
+                futures_lite::future::or(core.flush.notified(), glommio::timer::sleep(wait)),
+            )
+            .await;
+        } else {
+            futures_lite::future::or(read, core.flush.notified()).await;
+        }
         core.lanes.borrow().cancel_park();
     }
 }
+
+/// How often a busy pump looks for requests past their deadline.
+const EXPIRY_TICK_US: u64 = 5_000;
 
 /// Accepts connections until a shutdown begins.
 pub async fn accept_loop(core: Rc<Core>, listener: TcpListener) {

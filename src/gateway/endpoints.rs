@@ -127,9 +127,8 @@ pub enum Prepared {
 
 /// A routed request waiting for its worker.
 pub struct Waiting {
+    /// Answered by the pump: the worker's answer, a crash, or `TIMEOUT` at the deadline.
     rx: oneshot::Receiver<crate::pool::lane::Outcome>,
-    timer: glommio::timer::Timer,
-    timeout: Duration,
     slot: usize,
     shape: Shape,
     endpoint: Endpoint,
@@ -140,17 +139,10 @@ impl Prepared {
     pub async fn finish(self) -> Answer {
         match self {
             Prepared::Done(a) => a,
-            Prepared::Waiting(mut w) => {
-                let rx = w.rx;
-                let outcome = futures_lite::future::or(async { Some(rx.await) }, async {
-                    let _ = (&mut w.timer).await;
-                    None
-                })
-                .await;
-                let result = match outcome {
-                    Some(Ok(outcome)) => outcome,
-                    Some(Err(_)) => Err(RouteError::ShuttingDown),
-                    None => Err(RouteError::Timeout(w.timeout)),
+            Prepared::Waiting(w) => {
+                let result = match w.rx.await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(RouteError::ShuttingDown),
                 };
                 shape_answer(w.endpoint, w.slot, w.shape, result)
             }
@@ -676,8 +668,6 @@ async fn call(
     }
     Prepared::Waiting(Waiting {
         rx,
-        timer,
-        timeout,
         slot: slot_id,
         shape,
         endpoint,

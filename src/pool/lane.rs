@@ -83,8 +83,12 @@ pub enum SubmitError {
 }
 
 struct Pending {
-    tx: Completion,
+    /// Taken when the caller was answered early (its deadline passed): the request still
+    /// occupies the worker, so the entry and its permit stay until the worker answers.
+    tx: Option<Completion>,
     permit: Permit,
+    /// Monotonic µs after which the caller gets `TIMEOUT` (0: never).
+    deadline_us: u64,
 }
 
 impl Pending {
@@ -93,9 +97,11 @@ impl Pending {
     /// permit free, or a sequential client would be queued (or, with a full queue, refused)
     /// because of its own previous request.
     fn complete(self, outcome: Outcome) {
-        let Pending { tx, permit } = self;
+        let Pending { tx, permit, .. } = self;
         drop(permit);
-        let _ = tx.send(outcome);
+        if let Some(tx) = tx {
+            let _ = tx.send(outcome);
+        }
     }
 }
 
@@ -213,7 +219,14 @@ impl LaneClient {
             end: self.req.position(),
             request_id: id,
         });
-        self.pending.insert(id, Pending { tx, permit });
+        self.pending.insert(
+            id,
+            Pending {
+                tx: Some(tx),
+                permit,
+                deadline_us: out.deadline_us,
+            },
+        );
         if self.defer_wakes {
             self.wake_due = true;
         } else {
@@ -448,6 +461,27 @@ impl LaneClient {
         }
         self.outstanding.clear();
     }
+
+    /// Answers `TIMEOUT` to the callers whose deadline passed by `now_us`. Their requests
+    /// keep their place (and permit) until the worker answers or dies. Returns the earliest
+    /// deadline still ahead (0: none).
+    pub fn expire(&mut self, now_us: u64, timeout: std::time::Duration) -> u64 {
+        let mut next = 0u64;
+        for p in self.pending.values_mut() {
+            if p.tx.is_none() || p.deadline_us == 0 {
+                continue;
+            }
+            if p.deadline_us <= now_us {
+                if let Some(tx) = p.tx.take() {
+                    self.slot.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Err(RouteError::Timeout(timeout)));
+                }
+            } else if next == 0 || p.deadline_us < next {
+                next = p.deadline_us;
+            }
+        }
+        next
+    }
 }
 
 /// All lanes of one owner: its lane in every slot.
@@ -532,5 +566,18 @@ impl LaneSet {
         for l in &mut self.lanes {
             l.fail_all(err.clone());
         }
+    }
+
+    /// Answers `TIMEOUT` to every caller whose deadline passed; returns the earliest deadline
+    /// still ahead (monotonic µs, 0: none).
+    pub fn expire(&mut self, now_us: u64, timeout: std::time::Duration) -> u64 {
+        let mut next = 0u64;
+        for l in &mut self.lanes {
+            let n = l.expire(now_us, timeout);
+            if n != 0 && (next == 0 || n < next) {
+                next = n;
+            }
+        }
+        next
     }
 }
