@@ -2116,3 +2116,31 @@ fn a_busy_port_is_refused_with_a_hint() {
     }
     drop(busy);
 }
+
+/// Large answers (written head first, then the body straight from the worker's frame) come
+/// back exact, also pipelined behind and ahead of small ones on one keep-alive connection.
+#[test]
+fn large_echo_bodies_come_back_exact_and_in_order() {
+    let g = start(Options::new(1));
+    let big: Vec<u8> = (0..60 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+    let r = g.request("POST", "/v1/echo", &[("x-moltbot-user", "big")], Some(&big));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, big);
+    assert_eq!(r.header("x-moltbot-worker"), Some("worker-0"));
+    let mut s = g.connect();
+    let mut wire = Vec::new();
+    for body in [&b"small-1"[..], &big[..], &b"small-2"[..], &big[..20_000]] {
+        wire.extend_from_slice(&echo_request("big", body));
+    }
+    s.write_all(&wire).unwrap();
+    for body in [&b"small-1"[..], &big[..], &b"small-2"[..], &big[..20_000]] {
+        let (status, headers, got) = gw::read_response(&mut s).expect("answer");
+        assert_eq!(status, 200);
+        assert_eq!(
+            gw::header_of(&headers, "x-moltbot-worker"),
+            Some("worker-0")
+        );
+        assert_eq!(got.len(), body.len());
+        assert!(got == body);
+    }
+}

@@ -696,3 +696,32 @@ fn a_sequential_client_is_never_refused_because_of_its_own_previous_request() {
         assert_eq!(worker(&router, 0).active_requests, 0, "request {i}");
     }
 }
+
+/// The request limit is exact: a worker serves `max_requests` and leaves between requests,
+/// the successor takes what follows; no process serves one more, and nothing is lost.
+#[test]
+fn max_requests_is_exact_per_process() {
+    let mut env = TestEnv::new(1);
+    env.config.max_requests = 15;
+    env.config.max_requests_jitter = 0.0;
+    let router = env.start();
+    let mut per_pid: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for i in 0..100 {
+        let r = agent(&router, "steady", &format!("m{i}"));
+        assert!(r.success, "request {i}: {r:?}");
+        *per_pid.entry(payload_pid(&r)).or_default() += 1;
+    }
+    assert!(per_pid.values().all(|&n| n <= 15), "{per_pid:?}");
+    assert!(
+        per_pid.len() >= 7,
+        "100 requests at 15 each need 7 processes: {per_pid:?}"
+    );
+    let w = worker(&router, 0);
+    assert_eq!(w.crashes, 0, "recycles are not crashes");
+    assert!(
+        restart_reasons(&env, 0)
+            .iter()
+            .any(|r| r.contains("max_requests"))
+    );
+    router.stop();
+}

@@ -185,6 +185,17 @@ impl Conn {
         ok
     }
 
+    /// Writes `bytes` to the socket (bounded by the idle timeout, like `flush`).
+    async fn write_direct(&mut self, bytes: &[u8]) -> bool {
+        let idle = self.core.shared.config.idle_timeout;
+        let stream = &mut self.stream;
+        glommio::timer::timeout(idle, async {
+            stream.write_all(bytes).await.map_err(Into::into)
+        })
+        .await
+        .is_ok()
+    }
+
     async fn write_error_and_close(&mut self, e: HttpError) {
         let a = Answer::error(
             Endpoint::Other,
@@ -204,14 +215,64 @@ impl Conn {
 
 /// Writes an answer (head + body) into `out`.
 fn write_answer(out: &mut Vec<u8>, a: &Answer, keep_alive: bool) {
-    write_answer_to(out, a, keep_alive, false);
+    write_answer_to(out, a, keep_alive, false, true);
+}
+
+/// Bodies at least this large are written from the worker's answer straight to the socket
+/// (a second write) instead of being copied behind the head first.
+const DIRECT_BODY: usize = 16 * 1024;
+
+/// `x-moltbot-worker` values, built once.
+fn worker_header(slot: usize) -> std::borrow::Cow<'static, str> {
+    const NAMES: [&str; 16] = [
+        "worker-0",
+        "worker-1",
+        "worker-2",
+        "worker-3",
+        "worker-4",
+        "worker-5",
+        "worker-6",
+        "worker-7",
+        "worker-8",
+        "worker-9",
+        "worker-10",
+        "worker-11",
+        "worker-12",
+        "worker-13",
+        "worker-14",
+        "worker-15",
+    ];
+    match NAMES.get(slot) {
+        Some(n) => std::borrow::Cow::Borrowed(n),
+        None => std::borrow::Cow::Owned(crate::sandbox::worker_id(slot)),
+    }
 }
 
 /// Writes an answer; `head_only` (the request was HEAD) keeps the Content-Length but leaves
 /// the body out: a response to HEAD never has content (RFC 9110 §9.3.2), and body bytes would
 /// be read as the start of the next response on a keep-alive connection.
-fn write_answer_to(out: &mut Vec<u8>, a: &Answer, keep_alive: bool, head_only: bool) {
-    let headers: Vec<(&str, &str)> = a.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+/// `with_body` false writes the head only (the caller sends the body itself).
+fn write_answer_to(
+    out: &mut Vec<u8>,
+    a: &Answer,
+    keep_alive: bool,
+    head_only: bool,
+    with_body: bool,
+) {
+    let worker = a.worker.map(worker_header);
+    let mut headers: [(&str, &str); 4] = [("", ""); 4];
+    let mut n = 0;
+    if let Some(w) = &worker {
+        headers[n] = ("x-moltbot-worker", w);
+        n += 1;
+    }
+    for (k, v) in &a.headers {
+        if n == headers.len() {
+            break;
+        }
+        headers[n] = (k, v.as_str());
+        n += 1;
+    }
     let body = a.body.as_slice();
     http::write_response_head(
         out,
@@ -219,9 +280,9 @@ fn write_answer_to(out: &mut Vec<u8>, a: &Answer, keep_alive: bool, head_only: b
         a.content_type,
         body.len(),
         keep_alive,
-        &headers,
+        &headers[..n],
     );
-    if !head_only {
+    if !head_only && with_body {
         out.extend_from_slice(body);
     }
 }
@@ -528,7 +589,15 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
         metrics.record(answer.endpoint, answer.status, started.elapsed());
         let last = i + 1 == n && !more_follows;
         let keep = keep && !(last && conn.core.shared.stopping());
-        write_answer_to(&mut conn.out, &answer, keep, head_only);
+        let direct = !head_only && answer.body.as_slice().len() >= DIRECT_BODY;
+        write_answer_to(&mut conn.out, &answer, keep, head_only, !direct);
+        if direct {
+            // Head, then the body from the worker's answer itself: no copy behind the head.
+            if !conn.flush().await || !conn.write_direct(answer.body.as_slice()).await {
+                return false;
+            }
+            continue;
+        }
         // Write as answers become ready once the buffer is large, otherwise all at once.
         if (conn.out.len() >= 64 * 1024 || i + 1 == n) && !conn.flush().await {
             return false;

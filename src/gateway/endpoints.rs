@@ -46,8 +46,10 @@ pub struct Answer {
     pub status: u16,
     /// Content type (empty: none).
     pub content_type: &'static str,
-    /// Extra headers.
+    /// Extra headers (rare ones: retry-after, allow, www-authenticate).
     pub headers: Vec<(&'static str, String)>,
+    /// The slot that answered, sent as `x-moltbot-worker: worker-N`.
+    pub worker: Option<usize>,
     /// The body.
     pub body: Body,
     /// Which endpoint (metrics).
@@ -63,6 +65,7 @@ impl Answer {
             status,
             content_type: JSON,
             headers: Vec::new(),
+            worker: None,
             body: Body::Bytes(body),
             endpoint,
         }
@@ -103,8 +106,7 @@ impl Answer {
     }
 
     fn with_worker(mut self, slot: usize) -> Answer {
-        self.headers
-            .push(("x-moltbot-worker", crate::sandbox::worker_id(slot)));
+        self.worker = Some(slot);
         self
     }
 }
@@ -164,6 +166,7 @@ fn shape_answer(
                     status: reply.status,
                     content_type,
                     headers: Vec::new(),
+                    worker: None,
                     body: Body::Reply(reply),
                     endpoint,
                 }

@@ -312,6 +312,19 @@ impl Monitor {
         let Phase::Running { proc, ending, .. } = phase else {
             return;
         };
+        // A worker leaves on its own, cleanly, when it reached its request limit.
+        let served = slot
+            .segment
+            .header()
+            .requests_served
+            .load(Ordering::Relaxed);
+        let ending = match ending {
+            None if status.success() && served >= rt.max_requests => Some((
+                ExitKind::Requested,
+                RestartReason::Recycled(RecycleCause::MaxRequests),
+            )),
+            e => e,
+        };
         let (kind, reason) = match ending {
             Some((ExitKind::Requested, r)) if status.success() => (ExitKind::Requested, r),
             Some((ExitKind::Requested, _)) | None => {
@@ -390,7 +403,13 @@ impl Monitor {
         slot.set_state(SlotState::Starting);
         rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 
-        let cmd = worker_command(&self.config, &self.spec, &slot, &rt.sandbox);
+        let cmd = worker_command(
+            &self.config,
+            &self.spec,
+            &slot,
+            &rt.sandbox,
+            rt.max_requests,
+        );
         let result = cmd.and_then(|mut c| c.spawn().map_err(|e| e.to_string()));
         match result {
             Ok(child) => {
@@ -498,6 +517,7 @@ fn worker_command(
     spec: &SpawnSpec,
     slot: &Slot,
     sandbox: &Sandbox,
+    max_requests: u64,
 ) -> Result<Command, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -527,7 +547,9 @@ fn worker_command(
         .arg("--heartbeat-ms")
         .arg(config.heartbeat_interval.as_millis().max(1).to_string())
         .arg("--nofile")
-        .arg(config.worker_nofile.to_string());
+        .arg(config.worker_nofile.to_string())
+        .arg("--max-requests")
+        .arg(max_requests.to_string());
     if let Some(limit) = config.worker_address_space_limit(lanes) {
         cmd.arg("--address-space").arg(limit.to_string());
     }

@@ -56,6 +56,10 @@ pub struct WorkerArgs {
     /// Enable the test-only fault handlers.
     #[arg(long)]
     pub test_handlers: bool,
+    /// Exit (code 0, between requests) after serving this many requests: the recycle limit,
+    /// enforced exactly here; the monitor replaces the process.
+    #[arg(long)]
+    pub max_requests: Option<u64>,
 }
 
 /// A lane as the worker sees it.
@@ -139,6 +143,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         max_reply,
         spin_rounds,
         rss_at: Instant::now(),
+        max_requests: args.max_requests.unwrap_or(u64::MAX),
     };
     let park_for = Duration::from_millis((args.heartbeat_ms / 2).clamp(1, 1000));
     w.serve(&term, park_for)
@@ -154,6 +159,8 @@ struct Worker {
     spin_rounds: u32,
     /// When the RSS was last published.
     rss_at: Instant,
+    /// Requests after which this process leaves (recycle).
+    max_requests: u64,
 }
 
 impl Worker {
@@ -178,6 +185,14 @@ impl Worker {
             }
             let mut served = false;
             for i in 0..self.lanes.len() {
+                if h.requests_served.load(Ordering::Relaxed) >= self.max_requests {
+                    // The recycle limit: leave between requests; what is unread stays in
+                    // the rings for the successor.
+                    h.worker_state
+                        .store(worker_state::EXITING, Ordering::Release);
+                    tracing::info!("served max_requests ({}): exiting", self.max_requests);
+                    return Ok(());
+                }
                 if let Some(frame) = self.lanes[i].req.peek().context("request ring")? {
                     self.serve_one(i, frame)?;
                     served = true;
