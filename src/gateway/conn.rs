@@ -653,9 +653,9 @@ mod tests {
     fn answers_to_head_have_no_body() {
         let a = Answer::json(Endpoint::Livez, 405, br#"{"x":1}"#.to_vec());
         let mut full = Vec::new();
-        write_answer_to(&mut full, &a, true, false);
+        write_answer_to(&mut full, &a, true, false, true);
         let mut head_only = Vec::new();
-        write_answer_to(&mut head_only, &a, true, true);
+        write_answer_to(&mut head_only, &a, true, true, true);
         assert!(full.ends_with(br#"{"x":1}"#));
         assert!(head_only.ends_with(b"\r\n\r\n"));
         assert_eq!(&full[..head_only.len()], head_only.as_slice());
