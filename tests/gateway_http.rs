@@ -2144,3 +2144,91 @@ fn large_echo_bodies_come_back_exact_and_in_order() {
         assert!(got == body);
     }
 }
+
+/// Runs `moltbot <args>` and returns (exit code, stdout, stderr).
+fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_moltbot"));
+    cmd.args(args).env_remove("MOLTBOT_GATEWAY_TOKEN");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run moltbot");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `moltbot workers status` and `moltbot workers route` talk to a running gateway (the
+/// TypeScript version left them as placeholders), in both formats, with its token.
+#[test]
+fn cli_status_and_route_talk_to_a_running_gateway() {
+    let g = start(Options::new(3).env("MOLTBOT_GATEWAY_TOKEN", "tok"));
+    let url = g.url();
+    let auth = [("MOLTBOT_GATEWAY_TOKEN", "tok")];
+    // Assign user-a through a real request.
+    let r = g.request(
+        "POST",
+        "/v1/echo",
+        &[
+            ("x-moltbot-user", "user-a"),
+            ("authorization", "Bearer tok"),
+        ],
+        Some(b"x"),
+    );
+    assert_eq!(r.status, 200);
+    let worker = r.header("x-moltbot-worker").expect("worker").to_string();
+
+    let (code, out, err) = cli(&["workers", "status", "--gateway", &url], &auth);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("3 workers"), "{out}");
+    for w in ["worker-0", "worker-1", "worker-2"] {
+        assert!(out.contains(w), "{out}");
+    }
+    let (code, out, err) = cli(
+        &["workers", "status", "--gateway", &url, "--format", "json"],
+        &auth,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(v["totalWorkers"], 3);
+    assert_eq!(v["routingTableSize"], 1);
+
+    let (code, out, err) = cli(&["workers", "route", "user-a", "--gateway", &url], &auth);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("user-a → {worker} (assigned)")),
+        "{out}"
+    );
+    let (code, out, _) = cli(
+        &[
+            "workers",
+            "route",
+            "nobody-yet",
+            "--gateway",
+            &url,
+            "--format",
+            "json",
+        ],
+        &auth,
+    );
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).expect("route JSON");
+    assert_eq!(v["assigned"], false);
+
+    // Without the token: a clear failure, not a crash.
+    let (code, _, err) = cli(&["workers", "status", "--gateway", &url], &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("401") || err.contains("token"), "{err}");
+    // No gateway there: a clear failure.
+    let (code, _, err) = cli(
+        &["workers", "status", "--gateway", "http://127.0.0.1:9"],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no gateway") || err.contains("refused"),
+        "{err}"
+    );
+}
