@@ -102,3 +102,39 @@ pub fn run_worker_if_requested() {
         std::process::exit(code);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn gateway_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "moltbot",
+            "gateway",
+            "-w",
+            "3",
+            "-p",
+            "0",
+            "--worker-command",
+            "python3 agent.py",
+            "--cores",
+            "0,1",
+        ])
+        .unwrap();
+        let Command::Gateway(g) = cli.command else {
+            panic!("not the gateway command")
+        };
+        assert_eq!(g.pool.workers, Some(3));
+        assert_eq!(
+            g.pool.worker_command.unwrap().0,
+            ["python3".to_string(), "agent.py".to_string()]
+        );
+    }
+}

@@ -77,6 +77,8 @@ pub const KEYS: &[&str] = &[
     "ring_capacity",
     "drain_timeout",
     "worker_program",
+    "worker_command",
+    "worker_read_paths",
     "test_handlers",
     "bind",
     "port",
@@ -314,6 +316,14 @@ pub struct Config {
     /// The binary re-executed as `moltbot worker`; `None` = the current executable.
     #[serde(alias = "workerProgram", skip_serializing_if = "Option::is_none")]
     pub worker_program: Option<PathBuf>,
+    /// Bring your own agent: a program (and its arguments) each worker runs in its sandbox
+    /// and talks to over stdin/stdout (JSON Lines); `None` = the built-in handlers.
+    #[serde(alias = "workerCommand", skip_serializing_if = "Option::is_none")]
+    pub worker_command: Option<Vec<String>>,
+    /// Extra paths the agent program may read (Landlock), besides the system paths, its own
+    /// executable's installation and the files named in `worker_command`.
+    #[serde(alias = "workerReadPaths", skip_serializing_if = "Vec::is_empty")]
+    pub worker_read_paths: Vec<PathBuf>,
     /// Enables the test-only fault handlers (crash, hang, alloc, escape, ...). Never in
     /// production.
     #[serde(alias = "testHandlers")]
@@ -387,6 +397,8 @@ impl Default for Config {
             ring_capacity: 2 * MIB as usize,
             drain_timeout: Duration::from_secs(30),
             worker_program: None,
+            worker_command: None,
+            worker_read_paths: Vec::new(),
             test_handlers: false,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 18789,
@@ -469,6 +481,10 @@ pub struct PoolArgs {
     /// Binary to run as `moltbot worker` (default: this executable).
     #[arg(long, value_name = "PATH")]
     pub worker_program: Option<PathBuf>,
+    /// Run this agent program in every worker (e.g. "python3 agent.py"), spoken to over
+    /// stdin/stdout in JSON Lines, instead of the built-in handlers.
+    #[arg(long, value_name = "COMMAND", value_parser = parse_command_arg)]
+    pub worker_command: Option<CommandLine>,
     /// Enable test-only fault handlers (tests only).
     #[arg(long, hide = true)]
     pub test_handlers: bool,
@@ -632,6 +648,29 @@ fn parse_opt<T>(s: &str, f: impl Fn(&str) -> Result<T, String>) -> Result<Option
     }
 }
 
+/// A parsed `--worker-command` (program and arguments).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandLine(pub Vec<String>);
+
+fn parse_command_arg(s: &str) -> Result<CommandLine, String> {
+    parse_command(s).map(CommandLine)
+}
+
+/// A command line: a JSON array (`["python3", "agent.py"]`) or a string split like a POSIX
+/// shell would (`python3 "my agent.py"`).
+pub fn parse_command(s: &str) -> Result<Vec<String>, String> {
+    let t = s.trim();
+    let argv: Vec<String> = if t.starts_with('[') {
+        serde_json::from_str(t).map_err(|e| format!("{s:?} is not a JSON array of strings: {e}"))?
+    } else {
+        shlex::split(t).ok_or_else(|| format!("{s:?} has unbalanced quotes"))?
+    };
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err("the command must name a program".into());
+    }
+    Ok(argv)
+}
+
 fn parse_path(s: &str) -> Result<PathBuf, String> {
     if s.is_empty() {
         Err("empty path".into())
@@ -730,6 +769,14 @@ impl Config {
             "ring_capacity" => self.ring_capacity = parse_usize_size(v)?,
             "drain_timeout" => self.drain_timeout = parse_duration(v)?,
             "worker_program" => self.worker_program = parse_opt(v, parse_path)?,
+            "worker_command" => self.worker_command = parse_opt(v, parse_command)?,
+            "worker_read_paths" => {
+                self.worker_read_paths = v
+                    .split(':')
+                    .filter(|p| !p.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }
             "test_handlers" => self.test_handlers = parse_bool(v)?,
             "bind" => {
                 self.bind = v
@@ -788,6 +835,9 @@ impl Config {
         }
         if let Some(v) = &a.worker_program {
             self.worker_program = Some(v.clone());
+        }
+        if let Some(v) = &a.worker_command {
+            self.worker_command = Some(v.0.clone());
         }
         if a.test_handlers {
             self.test_handlers = true;
@@ -1035,6 +1085,11 @@ impl Config {
         {
             return bad("worker_program", "must not be empty");
         }
+        if let Some(c) = &self.worker_command
+            && c.first().is_none_or(|p| p.is_empty())
+        {
+            return bad("worker_command", "must name a program");
+        }
         match &self.cores {
             Some(Cores::Count(n)) if !(1..=MAX_WORKERS).contains(n) => {
                 return bad(
@@ -1233,6 +1288,43 @@ mod opt_size_serde {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         d.deserialize_any(size_serde::SizeVisitor).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    #[test]
+    fn worker_command_forms() {
+        assert_eq!(
+            parse_command("python3 agent.py").unwrap(),
+            ["python3", "agent.py"]
+        );
+        assert_eq!(
+            parse_command(r#"python3 "my agent.py" -v"#).unwrap(),
+            ["python3", "my agent.py", "-v"]
+        );
+        assert_eq!(
+            parse_command(r#"["node", "a b.js"]"#).unwrap(),
+            ["node", "a b.js"]
+        );
+        assert!(parse_command("").is_err());
+        assert!(parse_command("python3 'unbalanced").is_err());
+        assert!(parse_command("[1, 2]").is_err());
+        let c = Config::from_toml_str("worker_command = [\"python3\", \"agent.py\"]").unwrap();
+        assert_eq!(c.worker_command.unwrap(), ["python3", "agent.py"]);
+        let c = Config::from_toml_str("workerCommand = [\"node\", \"agent.js\"]").unwrap();
+        assert_eq!(c.worker_command.unwrap(), ["node", "agent.js"]);
+        let mut c = Config::default();
+        c.apply_env([(
+            "MOLTBOT_WORKER_COMMAND".to_string(),
+            "python3 x.py".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.worker_command.unwrap(), ["python3", "x.py"]);
+        let bad = Config::from_toml_str("worker_command = []").unwrap();
+        assert!(bad.validate().is_err());
     }
 }
 

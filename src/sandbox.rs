@@ -116,6 +116,9 @@ pub enum RestartReason {
     Retried,
     /// The worker broke the IPC protocol (a bad frame) and was killed.
     Protocol(String),
+    /// It exited cleanly on its own after being told to stop (SIGTERM from outside the
+    /// gateway, e.g. to the whole process group).
+    Exited,
 }
 
 /// Which limit caused a recycle.
@@ -139,6 +142,7 @@ impl fmt::Display for RestartReason {
             RestartReason::Recycled(RecycleCause::MaxMemory) => f.write_str("recycled: max_memory"),
             RestartReason::Retried => f.write_str("retried: after failed cool-down"),
             RestartReason::Protocol(d) => write!(f, "protocol error: {d}"),
+            RestartReason::Exited => f.write_str("exited on request"),
         }
     }
 }

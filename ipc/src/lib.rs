@@ -17,3 +17,4 @@ pub mod wake;
 
 pub use segment::{Segment, SegmentError, SegmentHeader, SegmentLayout};
 pub use wake::{ParkOutcome, WakeReceiver, WakeSender, wake_pair};
+pub mod process;

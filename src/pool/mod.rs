@@ -241,10 +241,21 @@ impl Pool {
         let program = config
             .resolved_worker_program()
             .map_err(|e| PoolError::Io("worker program", e))?;
+        let agent = match &config.worker_command {
+            Some(argv) => Some(
+                crate::pool::monitor::AgentCommand::resolve(argv, &config.worker_read_paths)
+                    .map_err(|e| PoolError::Io("worker_command", std::io::Error::other(e)))?,
+            ),
+            None => None,
+        };
         let (monitor_tx, commands) = crossbeam::channel::unbounded();
         let monitor = Monitor::new(
             config.clone(),
-            SpawnSpec { program, wake_fds },
+            SpawnSpec {
+                program,
+                wake_fds,
+                agent,
+            },
             slots.iter().cloned().zip(sandboxes).collect(),
             lane_wakers.clone(),
             monitor_rx,

@@ -37,6 +37,68 @@ pub struct SpawnSpec {
     pub program: std::path::PathBuf,
     /// Raw descriptor numbers of the lanes' wake sockets, in lane order (inheritable).
     pub wake_fds: Vec<i32>,
+    /// The agent program each worker bridges to (resolved), and the paths it may read.
+    pub agent: Option<AgentCommand>,
+}
+
+/// A `worker_command` resolved against the gateway's working directory and `PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentCommand {
+    /// Program (absolute) and arguments (file arguments made absolute).
+    pub argv: Vec<String>,
+    /// Read-only paths the program needs under Landlock: its installation and the
+    /// directories of the files it was given.
+    pub read_paths: Vec<std::path::PathBuf>,
+}
+
+impl AgentCommand {
+    /// Resolves `argv`: the program on `PATH` (or relative to the current directory if it
+    /// has a `/`), and every argument that names an existing file to an absolute path, because
+    /// the program runs with its sandbox as working directory.
+    pub fn resolve(argv: &[String], extra: &[std::path::PathBuf]) -> Result<AgentCommand, String> {
+        use std::path::{Path, PathBuf};
+        let (program, args) = argv.split_first().ok_or("worker_command is empty")?;
+        let found: Option<PathBuf> = if program.contains('/') {
+            Some(PathBuf::from(program))
+        } else {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(program))
+                    .find(|p| p.is_file())
+            })
+        };
+        let program = found
+            .and_then(|p| p.canonicalize().ok())
+            .ok_or_else(|| format!("worker_command: program {program:?} not found"))?;
+        let mut read_paths: Vec<PathBuf> = extra.to_vec();
+        if let Some(dir) = program.parent() {
+            // `<prefix>/bin/tool`: the whole prefix (its libraries live beside bin/).
+            let prefix = match dir.file_name() {
+                Some(n) if n == "bin" => dir.parent().unwrap_or(dir),
+                _ => dir,
+            };
+            read_paths.push(prefix.to_path_buf());
+        }
+        let mut out = vec![program.to_string_lossy().into_owned()];
+        for a in args {
+            let p = Path::new(a);
+            match p.canonicalize() {
+                Ok(abs) if abs.is_file() => {
+                    if let Some(dir) = abs.parent() {
+                        read_paths.push(dir.to_path_buf());
+                    }
+                    out.push(abs.to_string_lossy().into_owned());
+                }
+                _ => out.push(a.clone()),
+            }
+        }
+        read_paths.sort();
+        read_paths.dedup();
+        Ok(AgentCommand {
+            argv: out,
+            read_paths,
+        })
+    }
 }
 
 struct Proc {
@@ -318,11 +380,18 @@ impl Monitor {
             .header()
             .requests_served
             .load(Ordering::Relaxed);
+        let exiting =
+            slot.segment.header().worker_state.load(Ordering::Acquire) == worker_state::EXITING;
         let ending = match ending {
             None if status.success() && served >= rt.max_requests => Some((
                 ExitKind::Requested,
                 RestartReason::Recycled(RecycleCause::MaxRequests),
             )),
+            // Told to stop by someone else (SIGTERM to the process group) and left cleanly:
+            // not a crash, though it is replaced.
+            None if status.success() && exiting => {
+                Some((ExitKind::Requested, RestartReason::Exited))
+            }
             e => e,
         };
         let (kind, reason) = match ending {
@@ -559,6 +628,17 @@ fn worker_command(
     if config.test_handlers {
         cmd.arg("--test-handlers");
     }
+    if let Some(agent) = &spec.agent {
+        cmd.arg("--command")
+            .arg(serde_json::to_string(&agent.argv).unwrap_or_default())
+            .arg("--grace-ms")
+            .arg(config.drain_timeout.as_millis().to_string())
+            .arg("--max-line")
+            .arg((config.ring_capacity / 2).max(64 * 1024).to_string());
+        for p in &agent.read_paths {
+            cmd.arg("--read-path").arg(p);
+        }
+    }
     cmd.env_clear()
         .envs(sandbox.worker_env(std::env::vars_os()))
         .current_dir(sandbox.root())
@@ -566,4 +646,32 @@ fn worker_command(
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
     Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentCommand;
+
+    #[test]
+    fn agent_command_resolution() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("agent.py");
+        std::fs::write(&script, "print()").unwrap();
+        let argv = vec![
+            "sh".to_string(),
+            script.to_string_lossy().into_owned(),
+            "--flag".to_string(),
+        ];
+        let c = AgentCommand::resolve(&argv, &[]).unwrap();
+        assert!(
+            c.argv[0].starts_with('/') && c.argv[0].ends_with("sh"),
+            "{:?}",
+            c.argv
+        );
+        assert_eq!(c.argv[2], "--flag");
+        let canon_dir = dir.path().canonicalize().unwrap();
+        assert!(c.read_paths.contains(&canon_dir), "{:?}", c.read_paths);
+        assert!(AgentCommand::resolve(&["no-such-program-xyz".to_string()], &[]).is_err());
+        assert!(AgentCommand::resolve(&[], &[]).is_err());
+    }
 }

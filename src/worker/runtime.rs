@@ -60,13 +60,26 @@ pub struct WorkerArgs {
     /// enforced exactly here; the monitor replaces the process.
     #[arg(long)]
     pub max_requests: Option<u64>,
+    /// Run this program (a JSON array: program and arguments) in the sandbox and bridge the
+    /// lanes to it over stdin/stdout instead of the built-in handlers.
+    #[arg(long)]
+    pub command: Option<String>,
+    /// Extra read-only paths for Landlock (the agent program's files).
+    #[arg(long = "read-path")]
+    pub read_paths: Vec<PathBuf>,
+    /// How long a bridged program may take to finish after `shutdown`, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub grace_ms: u64,
+    /// Longest line a bridged program may write, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_line: usize,
 }
 
 /// A lane as the worker sees it.
-struct Lane {
-    req: Consumer,
-    resp: Producer,
-    wake: WakeSender,
+pub(crate) struct Lane {
+    pub(crate) req: Consumer,
+    pub(crate) resp: Producer,
+    pub(crate) wake: WakeSender,
 }
 
 /// Spins this many empty rounds before parking, when the worker has a CPU to itself: a
@@ -87,7 +100,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         landlock: !args.no_landlock,
         nofile: args.nofile,
         address_space: args.address_space,
-        extra_read_only: Vec::new(),
+        extra_read_only: args.read_paths.clone(),
     };
     isolation::apply_rlimits(&policy).context("rlimits")?;
 
@@ -125,6 +138,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .first()
         .map(|l| l.resp.ring().max_payload().saturating_sub(1024))
         .unwrap_or(0);
+    if let Some(command) = &args.command {
+        let argv: Vec<String> =
+            serde_json::from_str(command).context("--command must be a JSON array")?;
+        return crate::worker::bridge::run(&args, argv, seg, lanes, &term, max_reply);
+    }
     let mut handlers = Handlers::new(
         crate::sandbox::worker_id(args.slot),
         std::process::id(),
@@ -315,7 +333,7 @@ impl Worker {
 
 /// Publishes a response, waiting while the ring is full (the gateway is behind; the heartbeat
 /// keeps going because the worker is not stuck), and wakes the gateway core if it sleeps.
-fn write_response(
+pub(crate) fn write_response(
     ring: &mut Producer,
     wake: &WakeSender,
     resp: &Response<'_>,
