@@ -282,3 +282,21 @@ fn an_agent_ignoring_shutdown_is_killed_after_the_grace_period() {
         })
     });
 }
+
+/// A plain-text body goes to the program as a JSON string and a string answer comes back as
+/// the raw text: `/v1/echo` through an agent is byte for byte, like the built-in one.
+#[test]
+fn plain_text_echo_through_an_agent_is_exact() {
+    let g = start(1, &python_agent(), &[], &[]);
+    let text = "hello \"world\"\nünïcode\t";
+    let r = g.request(
+        "POST",
+        "/v1/echo",
+        &[("x-moltbot-user", "texter"), ("content-type", "text/plain")],
+        Some(text.as_bytes()),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, text.as_bytes());
+    let (status, v, _) = echo(&g, "texter", &json!("a json string"));
+    assert_eq!((status, v), (200, json!("a json string")));
+}

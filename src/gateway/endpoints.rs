@@ -356,7 +356,7 @@ pub async fn prepare(core: &Rc<Core>, head: &RequestHead, body: &[u8]) -> Prepar
             _ => method_not_allowed(endpoint, "GET"),
         },
         Endpoint::Users => match m {
-            Method::Get => Prepared::Done(user_worker(core, path)),
+            Method::Get => Prepared::Done(user_worker(core, path).await),
             _ => method_not_allowed(endpoint, "GET"),
         },
         Endpoint::Route => match m {
@@ -433,7 +433,7 @@ fn users_segment(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/users/")?.strip_suffix("/worker")
 }
 
-fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
+async fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
     let endpoint = Endpoint::Users;
     let Some(seg) = users_segment(path) else {
         return Answer::error(
@@ -461,7 +461,15 @@ fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
     }
     let router = core.shared.pool.router();
     let assigned = router.lookup(&user);
-    let slot = assigned.unwrap_or_else(|| router.peek(&user));
+    let slot = match assigned {
+        Some(s) => s,
+        // `peek` takes the router's lock, which a first assignment holds across its fsync:
+        // off the reactor thread.
+        None => {
+            let (r, u) = (router.clone(), user.clone());
+            glommio::executor().spawn_blocking(move || r.peek(&u)).await
+        }
+    };
     let body = serde_json::json!({
         "userId": user,
         "workerId": crate::sandbox::worker_id(slot),
@@ -595,7 +603,20 @@ async fn call(
     shape: Shape,
 ) -> Prepared {
     let shared = &core.shared;
-    let slot_id = match shared.pool.router().route(user) {
+    let router = shared.pool.router();
+    // A known user is a lock-free lookup; a first assignment appends to the routing table and
+    // fsyncs it, which must not stall the reactor (and every connection on this core): it runs
+    // on glommio's blocking thread and this request waits for it.
+    let routed = match router.lookup(user) {
+        Some(s) => Ok(s),
+        None => {
+            let (r, u) = (router.clone(), user.to_string());
+            glommio::executor()
+                .spawn_blocking(move || r.route(&u))
+                .await
+        }
+    };
+    let slot_id = match routed {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("routing table: {e}");

@@ -178,9 +178,10 @@ struct RequestBody<'a> {
 }
 
 /// The payload the program receives: the request body if it is JSON, else the body as a JSON
-/// string (lossy UTF-8). For the REST form of `session` the method and name become
-/// `{"action","name","value"}`.
-fn payload_of(kind: Kind, method: Method, path: &str, body: &[u8]) -> Box<RawValue> {
+/// string (lossy UTF-8; `wrapped` is then true, and a string answer is unwrapped back into raw
+/// bytes, so that `/v1/echo` of plain text stays byte for byte). For the REST form of
+/// `session` the method and name become `{"action","name","value"}`.
+fn payload_of(kind: Kind, method: Method, path: &str, body: &[u8]) -> (Box<RawValue>, bool) {
     let json_body = serde_json::from_slice::<Box<RawValue>>(body).ok();
     let value_or_string = || -> serde_json::Value {
         match &json_body {
@@ -198,11 +199,11 @@ fn payload_of(kind: Kind, method: Method, path: &str, body: &[u8]) -> Box<RawVal
             _ => "get",
         };
         let v = serde_json::json!({ "action": action, "name": path, "value": value_or_string() });
-        return raw(v.to_string());
+        return (raw(v.to_string()), false);
     }
     match json_body {
-        Some(raw) => raw,
-        None => raw(value_or_string().to_string()),
+        Some(raw) => (raw, false),
+        None => (raw(value_or_string().to_string()), !body.is_empty()),
     }
 }
 
@@ -235,6 +236,8 @@ struct Outstanding {
     lane: usize,
     id: u64,
     started: Instant,
+    /// The body was not JSON and went to the program as a string (see [`payload_of`]).
+    wrapped: bool,
 }
 
 /// Serves the lanes through the program until SIGTERM or a fatal error.
@@ -304,11 +307,11 @@ pub(crate) fn run(
                         };
                         let body: Vec<u8>;
                         let (status, code): (u16, &str) = if r.success {
-                            body = r
-                                .payload
-                                .as_ref()
-                                .map(|p| p.get().as_bytes().to_vec())
-                                .unwrap_or_else(|| b"null".to_vec());
+                            let text = r.payload.as_ref().map(|p| p.get()).unwrap_or("null");
+                            body = match serde_json::from_str::<String>(text) {
+                                Ok(s) if o.wrapped => s.into_bytes(),
+                                _ => text.as_bytes().to_vec(),
+                            };
                             (
                                 r.status.filter(|s| (200..300).contains(s)).unwrap_or(200),
                                 "",
@@ -393,7 +396,7 @@ pub(crate) fn run(
                         let kind = req.kind.to_native();
                         let deadline = req.deadline_us.to_native();
                         let now_us = monotonic_us();
-                        let payload =
+                        let (payload, wrapped) =
                             payload_of(kind, req.method.to_native(), &req.path, &req.body);
                         let out = RequestOut {
                             kind: "request",
@@ -421,6 +424,7 @@ pub(crate) fn run(
                                 lane: i,
                                 id,
                                 started: Instant::now(),
+                                wrapped,
                             },
                         );
                         taken += 1;
