@@ -537,25 +537,22 @@ mod tests {
 
     #[test]
     fn payloads_for_the_program() {
+        let (p, wrapped) = payload_of(Kind::AgentMessage, Method::Post, "", br#"{"message":"hi"}"#);
+        assert_eq!((p.get(), wrapped), (r#"{"message":"hi"}"#, false));
+        let (p, wrapped) = payload_of(Kind::AgentMessage, Method::Post, "", b"plain text");
+        assert_eq!((p.get(), wrapped), (r#""plain text""#, true));
         assert_eq!(
-            payload_of(Kind::AgentMessage, Method::Post, "", br#"{"message":"hi"}"#).get(),
-            r#"{"message":"hi"}"#
+            payload_of(Kind::Echo, Method::Post, "", b"").0.get(),
+            "null"
         );
-        assert_eq!(
-            payload_of(Kind::AgentMessage, Method::Post, "", b"plain text").get(),
-            r#""plain text""#
-        );
-        assert_eq!(payload_of(Kind::Echo, Method::Post, "", b"").get(), "null");
-        let v: serde_json::Value = serde_json::from_str(
-            payload_of(Kind::Session, Method::Put, "notes", br#"{"x":1}"#).get(),
-        )
-        .unwrap();
+        let (p, _) = payload_of(Kind::Session, Method::Put, "notes", br#"{"x":1}"#);
+        let v: serde_json::Value = serde_json::from_str(p.get()).unwrap();
         assert_eq!(
             v,
             serde_json::json!({"action":"set","name":"notes","value":{"x":1}})
         );
-        let v: serde_json::Value =
-            serde_json::from_str(payload_of(Kind::Session, Method::Get, "", b"").get()).unwrap();
+        let (p, _) = payload_of(Kind::Session, Method::Get, "", b"");
+        let v: serde_json::Value = serde_json::from_str(p.get()).unwrap();
         assert_eq!(v["action"], "list");
     }
 
