@@ -1725,6 +1725,13 @@ mod tests {
             ("worker_program", "/bin/w", |c| {
                 c.worker_program.as_deref() == Some(Path::new("/bin/w"))
             }),
+            ("worker_command", "python3 agent.py", |c| {
+                c.worker_command.as_deref()
+                    == Some(&["python3".to_string(), "agent.py".to_string()][..])
+            }),
+            ("worker_read_paths", "/opt/a:/opt/b", |c| {
+                c.worker_read_paths == [PathBuf::from("/opt/a"), PathBuf::from("/opt/b")]
+            }),
             ("test_handlers", "yes", |c| c.test_handlers),
             ("bind", "0.0.0.0", |c| {
                 c.bind == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
@@ -1772,6 +1779,8 @@ mod tests {
         let optional = [
             "stall_timeout",
             "worker_program",
+            "worker_command",
+            "worker_read_paths",
             "cores",
             "token",
             "worker_address_space",
@@ -1785,6 +1794,8 @@ mod tests {
         }
         for key in optional {
             let value = match key {
+                "worker_command" => "[\"python3\", \"agent.py\"]",
+                "worker_read_paths" => "[\"/opt/a\"]",
                 "stall_timeout" => "\"20s\"",
                 "worker_address_space" => "\"4GiB\"",
                 "cores" => "2",

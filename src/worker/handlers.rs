@@ -22,7 +22,9 @@
 //! (`--test-handlers`). Its actions (the request path): `crash` aborts the process, `exit`
 //! exits with status 3, `hang` sleeps forever (so the heartbeat stops), `alloc {"mib": N}`
 //! allocates, touches and leaks N MiB, `escape {"paths": [...]}` reports which paths it can
-//! read, list and create files in, and `slow {"ms": N}` sleeps N ms before answering.
+//! read, list and create files in, `signal {"pids": [...]}` reports which processes it may
+//! signal (a `kill(pid, 0)` probe: no signal is ever sent), and `slow {"ms": N}` sleeps N ms
+//! before answering.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -398,6 +400,7 @@ impl Handlers {
             },
             "alloc" => test_alloc(req.body),
             "escape" => test_escape(req.body, self.pid),
+            "signal" => test_signal(req.body),
             "slow" => {
                 #[derive(Deserialize)]
                 struct Slow {
@@ -419,7 +422,7 @@ impl Handlers {
                 404,
                 "UNKNOWN_TEST_ACTION",
                 format!(
-                    "unknown test action {other:?}; expected crash, exit, hang, alloc, escape or slow"
+                    "unknown test action {other:?}; expected crash, exit, hang, alloc, escape, signal or slow"
                 ),
             )),
         }
@@ -896,6 +899,39 @@ fn test_escape(body: &[u8], pid: u32) -> Outcome {
             "create": create,
         }));
     }
+    Ok(HandlerReply::json(&json!({ "results": results })))
+}
+
+/// Test-only: for each pid, whether this process may signal it, probed with `kill(pid, 0)`
+/// (permission and existence checks only; nothing is delivered). Isolation tests expect the
+/// gateway and other workers to be out of reach where Landlock scopes signals (ABI 6).
+fn test_signal(body: &[u8]) -> Outcome {
+    #[derive(Deserialize)]
+    struct Signal {
+        pids: Vec<u32>,
+    }
+    let s: Signal = parse_json_payload(body, "{\"pids\": [...]}")?;
+    if s.pids.len() > MAX_ESCAPE_PATHS {
+        return Err(Fail::bad(
+            "INVALID_PAYLOAD",
+            format!("at most {MAX_ESCAPE_PATHS} pids"),
+        ));
+    }
+    let results: Vec<Value> = s
+        .pids
+        .iter()
+        .map(|&pid| {
+            // Only positive pids: 0 and negative values would address process groups.
+            let target = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a process id"));
+            let r = target.and_then(|p| rustix::process::test_kill_process(p).map_err(Into::into));
+            let mut v = probe(r);
+            v["pid"] = json!(pid);
+            v
+        })
+        .collect();
     Ok(HandlerReply::json(&json!({ "results": results })))
 }
 
@@ -1482,7 +1518,9 @@ mod tests {
     #[test]
     fn test_handlers_are_refused_when_disabled() {
         let mut f = fixture(false);
-        for action in ["crash", "exit", "hang", "alloc", "escape", "slow", "nope"] {
+        for action in [
+            "crash", "exit", "hang", "alloc", "escape", "signal", "slow", "nope",
+        ] {
             let r =
                 f.h.handle(&req(Kind::Test, Method::Post, "user-a", action, b"{}"));
             assert_error(&r, 403, "TEST_HANDLERS_DISABLED");
@@ -1567,6 +1605,45 @@ mod tests {
             "escape",
             too_many.as_bytes(),
         ));
+        assert_error(&r, 400, "INVALID_PAYLOAD");
+    }
+
+    #[test]
+    fn test_signal_probes_without_signalling() {
+        let mut f = fixture(true);
+        let me = std::process::id();
+        let payload = json!({"pids": [me, 0, u32::MAX, i32::MAX as u32]}).to_string();
+        let r = f.h.handle(&req(
+            Kind::Test,
+            Method::Post,
+            "u",
+            "signal",
+            payload.as_bytes(),
+        ));
+        assert_eq!(r.status, 200);
+        let v = body(&r);
+        let res = v["results"].as_array().unwrap();
+        assert_eq!(res.len(), 4);
+        // Our own process: allowed (and still alive: signal 0 delivers nothing).
+        assert_eq!(res[0]["pid"], me);
+        assert_eq!(res[0]["ok"], true, "{v}");
+        // Pid 0 (our process group) and pids beyond i32 are refused, not probed.
+        assert_eq!(res[1]["ok"], false, "{v}");
+        assert_eq!(res[2]["ok"], false, "{v}");
+        // A pid above pid_max does not exist.
+        assert_eq!(res[3]["ok"], false, "{v}");
+        assert!(res[3]["error"].as_str().is_some(), "{v}");
+        let too_many = json!({"pids": vec![me; MAX_ESCAPE_PATHS + 1]}).to_string();
+        let r = f.h.handle(&req(
+            Kind::Test,
+            Method::Post,
+            "u",
+            "signal",
+            too_many.as_bytes(),
+        ));
+        assert_error(&r, 400, "INVALID_PAYLOAD");
+        let r =
+            f.h.handle(&req(Kind::Test, Method::Post, "u", "signal", b"{}"));
         assert_error(&r, 400, "INVALID_PAYLOAD");
     }
 

@@ -22,19 +22,51 @@ use serde::Serialize;
 /// nscd's or systemd-resolved's, which needs its own rules and tests before it is handled.
 const TARGET_ABI: ABI = ABI::V6;
 
-/// Read-only system hierarchies a worker needs to run programs, resolve names and verify TLS.
-/// `/etc/resolv.conf` and `/etc/hosts` are listed on their own because they are often symlinks
-/// to outside `/etc` (e.g. `/run/systemd/resolve/`): opening the path follows the link, so the
-/// rule lands on the target file only.
+/// Read-only system paths a worker needs to run programs, resolve names and verify TLS.
+///
+/// Not all of `/etc`: workers run as the gateway's user, often root, and `/etc` also holds
+/// `shadow`, TLS and SSH private keys and possibly the gateway's own config file with its
+/// token (whose path `MOLTBOT_CONFIG` gives away). Only what the loader, libc's name service,
+/// time zones and certificate stores read is listed. Entries that are symlinks (often
+/// `/etc/resolv.conf`, to `/run/systemd/resolve/`) are opened through the link, so the rule
+/// lands on the target only.
 const SYSTEM_READ_ONLY: &[&str] = &[
     "/usr",
     "/lib",
     "/lib64",
     "/bin",
     "/sbin",
-    "/etc",
+    // Dynamic loader.
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    // Name service: hosts, users and groups (not their shadow files), services.
     "/etc/resolv.conf",
     "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/networks",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/hostname",
+    // Time zone and locale.
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/locale.alias",
+    // TLS trust stores (certificates, not private keys).
+    "/etc/ssl/certs",
+    "/etc/ssl/openssl.cnf",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/pki/ca-trust",
+    "/etc/pki/tls/certs",
+    "/etc/pki/tls/openssl.cnf",
+    "/etc/crypto-policies",
+    "/etc/mime.types",
 ];
 
 /// Device files a worker may read (random numbers, zeros).
@@ -565,6 +597,19 @@ mod tests {
             if Path::new("/etc/hostname").exists() {
                 assert!(fs::read("/etc/hostname").is_ok());
             }
+            // But not the secrets in /etc (readable to a root worker without Landlock).
+            for secret in ["/etc/shadow", "/etc/gshadow"] {
+                if Path::new(secret).exists() {
+                    assert_denied(secret, fs::read(secret));
+                }
+            }
+            if Path::new("/etc/ssl/private").is_dir() {
+                assert_denied(
+                    "list /etc/ssl/private",
+                    read_dir_first(Path::new("/etc/ssl/private")),
+                );
+            }
+            assert_denied("list /etc", read_dir_first(Path::new("/etc")));
             read_dir_first(Path::new("/usr/lib")).unwrap();
             assert_denied("create in /etc", fs::File::create("/etc/moltbot-escape"));
             assert!(
