@@ -399,7 +399,6 @@ fn without_landlock_the_same_probes_succeed() {
 /// owner's reach): `landlock: if config.landlock { probe_landlock() } else {
 /// LandlockStatus::DISABLED }`, and a start-up warning when it is disabled.
 #[test]
-#[ignore = "needs src/gateway/mod.rs to report LandlockStatus::DISABLED when config.landlock is false"]
 fn landlock_disabled_by_configuration_is_reported_in_status() {
     let g = Gw::start(Options::new(1).env("MOLTBOT_LANDLOCK", "false"), None);
     let st = g.status();

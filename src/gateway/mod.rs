@@ -240,7 +240,12 @@ impl Gateway {
             stop_now: AtomicBool::new(false),
             shutdown: event_listener::Event::new(),
             connections: AtomicUsize::new(0),
-            landlock: crate::worker::isolation::probe_landlock(),
+            // What workers get: nothing when switched off, else what this kernel supports.
+            landlock: if router.config().landlock {
+                crate::worker::isolation::probe_landlock()
+            } else {
+                crate::worker::isolation::LandlockStatus::DISABLED
+            },
             started: Instant::now(),
             core_wakers: endpoints.iter().map(|e| e.waker.clone()).collect(),
         });
@@ -284,11 +289,14 @@ impl Gateway {
         if let Err(e) = std::fs::write(&port_file, format!("{port}\n")) {
             tracing::warn!("cannot write {}: {e}", port_file.display());
         }
-        if !matches!(
+        if !shared.config.landlock {
+            tracing::warn!(
+                "Landlock is switched off (landlock = false): workers are not confined to their sandboxes"
+            );
+        } else if !matches!(
             shared.landlock.enforced,
             crate::worker::isolation::Enforcement::FullyEnforced
-        ) && shared.config.landlock
-        {
+        ) {
             tracing::warn!(
                 landlock = ?shared.landlock,
                 "Landlock is not fully enforced on this kernel: workers are isolated by directories, rlimits and process boundaries only"
