@@ -222,9 +222,11 @@ impl Monitor {
                 }
                 Err(crossbeam::channel::TryRecvError::Empty) => {}
             }
-            let now = Instant::now();
             for i in 0..self.slots.len() {
-                self.step(i, now);
+                // A fresh instant per slot: a respawn in an earlier slot's step can block for
+                // long (sandbox.json is fsync'd), and a stale `now` would skew this slot's
+                // deadlines and run times.
+                self.step(i, Instant::now());
             }
         }
     }
@@ -448,7 +450,9 @@ impl Monitor {
         self.notify_lanes();
     }
 
-    fn spawn(&mut self, i: usize, reason: RestartReason, now: Instant) {
+    /// Starts a process in slot `i`. `decided` is when the monitor decided to; slow sandbox
+    /// writes (fsync'd) lie in between.
+    fn spawn(&mut self, i: usize, reason: RestartReason, decided: Instant) {
         let rt = &mut self.slots[i];
         let slot = rt.slot.clone();
         let initial = reason == RestartReason::Initial;
@@ -494,14 +498,23 @@ impl Monitor {
                     tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
                 }
                 tracing::info!(worker = %slot.worker_id, pid, generation, "spawned ({reason})");
+                // The stall clock starts now, not when the spawn was decided: preparing the
+                // sandbox and recording the start (fsync'd) can take longer than the stall
+                // timeout on a busy disk, and the fresh worker was then killed as stalled
+                // before its first heartbeat (found by tests/chaos.rs).
+                let started = Instant::now();
+                let took = started.saturating_duration_since(decided);
+                if took >= self.config.stall_timeout() / 2 {
+                    tracing::warn!(worker = %slot.worker_id, ?took, "slow respawn: the monitor was blocked (a slow disk? sandbox.json is fsync'd)");
+                }
                 rt.phase = Phase::Running {
                     heartbeat: h.heartbeat.load(Ordering::Relaxed),
-                    heartbeat_at: now,
+                    heartbeat_at: started,
                     proc: Proc {
                         child,
                         pidfd,
                         pid,
-                        started: now,
+                        started,
                     },
                     ready: false,
                     ending: None,
@@ -509,6 +522,8 @@ impl Monitor {
                 };
             }
             Err(e) => {
+                // As above: the attempt may have taken long; the retry delay counts from now.
+                let now = Instant::now();
                 tracing::error!(worker = %slot.worker_id, "cannot spawn the worker: {e}");
                 // Counted like a crash, so that a broken binary ends in `failed`.
                 let decision =
@@ -650,7 +665,85 @@ fn worker_command(
 
 #[cfg(test)]
 mod tests {
-    use super::AgentCommand;
+    use super::*;
+    use crate::pool::admission::Admission;
+    use moltbot_ipc::{Segment, SegmentLayout};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A monitor of one slot whose "worker" is a script that sleeps (it never heartbeats),
+    /// with a long stall timeout. Returns it and its segment's name.
+    fn monitor(dir: &std::path::Path) -> (Monitor, String) {
+        let program = dir.join("fake-worker");
+        std::fs::write(&program, "#!/bin/sh\nexec /bin/sleep 60\n").unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let base = dir.join("base");
+        let config = Arc::new(Config {
+            sandbox_dir: base.clone(),
+            worker_count: 1,
+            heartbeat_interval: Duration::from_millis(50),
+            stall_timeout: Some(Duration::from_secs(30)),
+            ..Config::default()
+        });
+        let name = format!(
+            "/moltbot-monitor-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
+        let (monitor_wake, wake) = moltbot_ipc::wake_pair().unwrap();
+        let slot = Arc::new(Slot::new(
+            0,
+            seg,
+            1,
+            Admission::new(1, 1),
+            Arc::new(monitor_wake),
+        ));
+        let sandbox = Sandbox::prepare(&base, 0).unwrap();
+        let (_tx, commands) = crossbeam::channel::unbounded();
+        let m = Monitor::new(
+            config,
+            SpawnSpec {
+                program,
+                wake_fds: Vec::new(),
+                agent: None,
+            },
+            vec![(slot, sandbox)],
+            Vec::new(),
+            wake,
+            commands,
+        );
+        (m, name)
+    }
+
+    /// A respawn that took longer than the stall timeout (a slow fsync of sandbox.json) must
+    /// not count against the new worker: its stall clock starts when it was spawned.
+    #[test]
+    fn a_slow_spawn_does_not_make_the_new_worker_look_stalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, name) = monitor(dir.path());
+        // Decided 40 s before the spawn completes (the stall timeout is 30 s).
+        let decided = Instant::now()
+            .checked_sub(Duration::from_secs(40))
+            .expect("monotonic clock past 40 s");
+        m.spawn(0, RestartReason::Initial, decided);
+        m.step(0, Instant::now());
+        let running = matches!(&m.slots[0].phase, Phase::Running { .. });
+        let killed = matches!(
+            &m.slots[0].phase,
+            Phase::Running {
+                ending: Some(_),
+                ..
+            }
+        );
+        m.stop_all(Duration::ZERO);
+        let _ = Segment::unlink(&name);
+        assert!(running, "the fake worker did not start");
+        assert!(
+            !killed,
+            "the new worker was killed as stalled before it could heartbeat"
+        );
+        assert_eq!(m.slots[0].slot.stats.crashes.load(Ordering::Relaxed), 0);
+    }
 
     #[test]
     fn agent_command_resolution() {
