@@ -467,9 +467,10 @@ impl Sandbox {
                 .mode(0o600)
                 .open(&tmp)?;
             f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.metadata_path())?;
-            File::open(&self.root)?.sync_all()
+            // No fsync: this runs on the monitor thread at every respawn, and a sync can block
+            // for seconds on a busy disk while no other worker is reaped or checked. The
+            // rename keeps the file whole; after a machine crash it may be one start behind.
+            fs::rename(&tmp, self.metadata_path())
         };
         write().map_err(|e| {
             let _ = fs::remove_file(&tmp);
