@@ -205,9 +205,11 @@ impl GatewayRouter {
             stop: AtomicBool::new(false),
         });
         let pump_state = inproc.clone();
+        let pump_slots = pool.slots().to_vec();
+        let pump_lane = own.lane;
         let pump = std::thread::Builder::new()
             .name("moltbot-inproc-lane".into())
-            .spawn(move || pump(pump_state))
+            .spawn(move || pump(pump_state, pump_slots, pump_lane))
             .map_err(|e| PoolError::Io("lane thread", e))?;
         let r = Running {
             pool: pool.clone(),
@@ -413,9 +415,16 @@ impl Drop for GatewayRouter {
     }
 }
 
-/// The in-process lane's owner thread: delivers answers, runs recoveries, sleeps when idle.
-fn pump(lane: Arc<InProcess>) {
+/// The in-process lane's owner thread: delivers answers, runs recoveries, sleeps when idle on
+/// the monitor's control socket and on every worker's own wake socket for this lane.
+fn pump(lane: Arc<InProcess>, slots: Vec<Arc<crate::pool::slot::Slot>>, lane_no: usize) {
+    let mut wakes: Vec<Option<moltbot_ipc::WakeReceiver>> = slots.iter().map(|_| None).collect();
     while !lane.stop.load(Ordering::Acquire) {
+        for (i, s) in slots.iter().enumerate() {
+            if let Some(rx) = s.take_wake(lane_no) {
+                wakes[i] = Some(rx);
+            }
+        }
         let worked = lane.set.lock().map(|mut s| s.poll()).unwrap_or(false);
         if worked {
             continue;
@@ -426,10 +435,51 @@ fn pump(lane: Arc<InProcess>) {
             .map(|mut s| s.prepare_park())
             .unwrap_or(false);
         if park {
-            let _ = lane.endpoint_wake.wait(Duration::from_secs(1));
+            wait_any(&lane.endpoint_wake, &mut wakes, Duration::from_secs(1));
             if let Ok(s) = lane.set.lock() {
                 s.cancel_park();
             }
+        }
+    }
+}
+
+/// Sleeps until the control socket or a worker's wake socket is readable (or `timeout`);
+/// drains them, and forgets the wake sockets whose worker is gone.
+fn wait_any(
+    control: &moltbot_ipc::WakeReceiver,
+    wakes: &mut [Option<moltbot_ipc::WakeReceiver>],
+    timeout: Duration,
+) {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let ready: Vec<bool> = {
+        let mut fds = vec![PollFd::new(control, PollFlags::IN)];
+        let mut which = Vec::new();
+        for (i, w) in wakes.iter().enumerate() {
+            if let Some(w) = w {
+                fds.push(PollFd::new(w, PollFlags::IN));
+                which.push(i);
+            }
+        }
+        let ts = rustix::time::Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        if poll(&mut fds, Some(&ts)).is_err() {
+            return;
+        }
+        let mut ready = vec![false; wakes.len()];
+        for (k, &i) in which.iter().enumerate() {
+            ready[i] = !fds[k + 1].revents().is_empty();
+        }
+        ready
+    };
+    control.drain();
+    for (i, r) in ready.into_iter().enumerate() {
+        if r && wakes[i]
+            .as_ref()
+            .is_some_and(|w| w.drain_checked().is_err())
+        {
+            wakes[i] = None;
         }
     }
 }

@@ -601,15 +601,10 @@ fn worker_rlimits_follow_the_configuration() {
 /// A compromised worker can do anything with its own descriptors; doing so must not hurt the
 /// users of other workers. Here the test plays that worker: it takes the worker's socket
 /// descriptors (its wake sockets) with `pidfd_getfd` and shuts down their sending side, as code
-/// running in the worker could. The other worker's users must still be served.
-///
-/// Ignored until each worker gets wake sockets of its own: today `src/pool/mod.rs` creates one
-/// wake pair per lane and passes the same sending socket to every worker, so one worker's
-/// `shutdown()` closes the channel for all of them; the receiving end then reads EOF forever
-/// and the gateway's pump spins at 100% CPU, starving the workers (the monitor kills them as
-/// stalled, over and over) and every request times out.
+/// running in the worker could. The other worker's users must still be served. (Each worker
+/// has wake sockets of its own, made at its spawn; when they were shared by all workers, one
+/// worker's `shutdown()` closed the channel for everyone and the pump spun on end-of-file.)
 #[test]
-#[ignore = "needs one wake socket pair per worker and lane (src/pool/mod.rs) and a pump that survives EOF on it"]
 fn a_worker_breaking_its_wake_sockets_hurts_only_its_own_users() {
     let g = Gw::start(Options::new(2), None);
     let [(_, victim_slot), (bystander, _)] = g.users_on_two_workers();

@@ -165,6 +165,27 @@ impl WakeReceiver {
         n
     }
 
+    /// Like [`WakeReceiver::drain`], but tells a closed socket (the sending side is gone:
+    /// end-of-file, or an error) from an empty one: `Err(())` when closed.
+    pub fn drain_checked(&self) -> Result<usize, ()> {
+        let mut buf = [0u8; 256];
+        let mut n = 0;
+        loop {
+            match rustix::io::read(&self.fd, &mut buf) {
+                Ok(0) => return Err(()),
+                Ok(k) => {
+                    n += k;
+                    if k < buf.len() {
+                        return Ok(n);
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(_) => return Err(()),
+            }
+        }
+    }
+
     /// Blocks until a wake-up arrives or `timeout` passes (for threads that are not a reactor).
     /// Returns true if woken.
     pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
@@ -260,6 +281,16 @@ mod tests {
         assert!(WakeSender::from_inherited(987_654).is_err());
         let file = std::fs::File::open("/dev/null").unwrap();
         assert!(WakeSender::from_inherited(file.as_raw_fd()).is_err());
+    }
+
+    #[test]
+    fn drain_checked_tells_closed_from_empty() {
+        let (tx, rx) = wake_pair().unwrap();
+        assert_eq!(rx.drain_checked(), Ok(0));
+        tx.notify();
+        assert_eq!(rx.drain_checked(), Ok(1));
+        drop(tx);
+        assert_eq!(rx.drain_checked(), Err(()));
     }
 
     #[test]

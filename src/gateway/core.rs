@@ -93,6 +93,8 @@ pub struct Core {
     pub flush: crate::gateway::signal::Notify,
     /// Fired (by the pump) when a shutdown began: idle connections stop waiting.
     pub shutdown: crate::gateway::signal::Signal,
+    /// Per slot: tells its wake reader that a new wake socket may wait in the slot.
+    pub wake_swaps: Vec<crate::gateway::signal::Notify>,
 }
 
 impl Core {
@@ -197,7 +199,7 @@ impl Core {
 /// Worker wake-ups are issued here, once per round for all the requests the connection tasks
 /// submitted in it, rather than at each submit: the scheduler then switches to a worker once
 /// per batch, not once per request.
-pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
+pub async fn pump(core: Rc<Core>, mut control: UnixStream) {
     let mut buf = [0u8; 256];
     let timeout = core.shared.config.request_timeout;
     // Request deadlines are enforced here rather than with a timer per request: every
@@ -230,8 +232,14 @@ pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
             // Know the earliest deadline before sleeping.
             earliest = lanes.expire(now, timeout);
         }
+        // The monitor's control socket: a recovery, new wake sockets, or a shutdown. (The
+        // workers' own wake sockets are read by `wake_reader`, which notifies `flush`.)
         let read = async {
-            let _ = wake.read(&mut buf).await;
+            if matches!(control.read(&mut buf).await, Ok(n) if n > 0) {
+                for n in &core.wake_swaps {
+                    n.notify();
+                }
+            }
         };
         if earliest != 0 {
             let wait = Duration::from_micros(earliest.saturating_sub(now).max(1000));
@@ -244,6 +252,40 @@ pub async fn pump(core: Rc<Core>, mut wake: UnixStream) {
             futures_lite::future::or(read, core.flush.notified()).await;
         }
         core.lanes.borrow().cancel_park();
+    }
+}
+
+/// Reads one slot's wake socket for this core's lane (a worker writes to it when it answered
+/// while the pump slept) and wakes the pump. The socket is the worker's own and is replaced at
+/// each spawn: at end-of-file (the worker died, or broke it) the reader waits for the next one.
+pub async fn wake_reader(core: Rc<Core>, slot: Arc<crate::pool::slot::Slot>, lane: usize) {
+    let mut buf = [0u8; 64];
+    let swap = &core.wake_swaps[slot.id];
+    while !core.done.get() {
+        let Some(rx) = slot.take_wake(lane) else {
+            swap.notified().await;
+            continue;
+        };
+        let mut stream: UnixStream = moltbot_ipc::wake::adopt_fd(rx.into_owned_fd());
+        loop {
+            let woke =
+                futures_lite::future::or(async { Some(stream.read(&mut buf).await) }, async {
+                    swap.notified().await;
+                    None
+                })
+                .await;
+            match woke {
+                Some(Ok(n)) if n > 0 => core.flush.notify(),
+                // End-of-file or an error: this worker is gone (or broke its socket).
+                Some(_) => break,
+                // A newer socket was published: switch to it.
+                None if slot.has_wake(lane) => break,
+                None => {}
+            }
+            if core.done.get() {
+                return;
+            }
+        }
     }
 }
 
@@ -336,6 +378,7 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
         }
     };
     let local = listener.local_addr().unwrap_or(addr);
+    let lane = endpoint.lane;
     let wake: UnixStream = moltbot_ipc::wake::adopt_fd(endpoint.wake.into_owned_fd());
     let mut lanes = endpoint.set;
     lanes.set_defer_wakes(true);
@@ -348,7 +391,16 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
         done: Cell::new(false),
         flush: Default::default(),
         shutdown: Default::default(),
+        wake_swaps: shared
+            .pool
+            .slots()
+            .iter()
+            .map(|_| Default::default())
+            .collect(),
     });
+    for slot in core.shared.pool.slots() {
+        glommio::spawn_local(wake_reader(core.clone(), slot.clone(), lane)).detach();
+    }
     let pump_task = glommio::spawn_local(pump(core.clone(), wake));
     let _ = bound.send(Ok(local));
     accept_loop(core.clone(), listener).await;

@@ -68,7 +68,8 @@ pub struct LaneEndpoint {
     pub lane: usize,
     /// The owner's side of the lane in each slot.
     pub set: LaneSet,
-    /// Readable when a worker answered on this lane or the monitor asks for a recovery.
+    /// The monitor's control socket for this lane: readable when a recovery is due or a slot
+    /// has new wake sockets ([`Slot::take_wake`]). Workers wake the owner through those.
     pub wake: WakeReceiver,
     /// Wakes this lane's owner (e.g. to stop it).
     pub waker: Arc<WakeSender>,
@@ -193,15 +194,13 @@ impl Pool {
         let (monitor_wake, monitor_rx) =
             wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
         let monitor_wake = Arc::new(monitor_wake);
+        // Per lane, the gateway's own control socket: the monitor wakes the lane's owner with
+        // it (crash epochs, new worker wake sockets, shutdown). Workers never get these; each
+        // worker gets wake sockets of its own at each spawn (see the monitor).
         let mut lane_wakers = Vec::with_capacity(lanes);
         let mut lane_receivers = Vec::with_capacity(lanes);
-        let mut wake_fds = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             let (tx, rx) = wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
-            wake_fds.push(
-                tx.inheritable()
-                    .map_err(|e| PoolError::Io("wake socket", e))?,
-            );
             lane_wakers.push(Arc::new(tx));
             lane_receivers.push(rx);
         }
@@ -253,7 +252,7 @@ impl Pool {
             config.clone(),
             SpawnSpec {
                 program,
-                wake_fds,
+                lanes,
                 agent,
             },
             slots.iter().cloned().zip(sandboxes).collect(),

@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::segment::worker_state;
-use moltbot_ipc::{WakeReceiver, WakeSender};
+use moltbot_ipc::{WakeReceiver, WakeSender, wake_pair};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::config::Config;
@@ -35,8 +35,8 @@ pub enum Command_ {
 pub struct SpawnSpec {
     /// The binary to run as `<program> worker ...`.
     pub program: std::path::PathBuf,
-    /// Raw descriptor numbers of the lanes' wake sockets, in lane order (inheritable).
-    pub wake_fds: Vec<i32>,
+    /// Lanes per segment (a wake socket pair per lane is made at each spawn).
+    pub lanes: usize,
     /// The agent program each worker bridges to (resolved), and the paths it may read.
     pub agent: Option<AgentCommand>,
 }
@@ -476,14 +476,41 @@ impl Monitor {
         slot.set_state(SlotState::Starting);
         rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 
-        let cmd = worker_command(
-            &self.config,
-            &self.spec,
-            &slot,
-            &rt.sandbox,
-            rt.max_requests,
-        );
+        // Wake sockets of its own, one per lane: the sending ends go to this process only
+        // (made inheritable just for this spawn, closed here right after it, so the receivers
+        // see end-of-file when it dies); the receiving ends wait in the slot for the lanes'
+        // owners, who are told below.
+        let mut senders = Vec::with_capacity(self.spec.lanes);
+        let mut fds = Vec::with_capacity(self.spec.lanes);
+        let mut pairs_ok = Ok(());
+        for lane in 0..self.spec.lanes {
+            match wake_pair().and_then(|(tx, rx)| Ok((tx.inheritable()?, tx, rx))) {
+                Ok((fd, tx, rx)) => {
+                    fds.push(fd);
+                    senders.push(tx);
+                    slot.publish_wake(lane, rx);
+                }
+                Err(e) => {
+                    pairs_ok = Err(format!("wake socket: {e}"));
+                    break;
+                }
+            }
+        }
+        let cmd = pairs_ok.and_then(|()| {
+            worker_command(
+                &self.config,
+                &self.spec,
+                &slot,
+                &rt.sandbox,
+                rt.max_requests,
+                &fds,
+            )
+        });
         let result = cmd.and_then(|mut c| c.spawn().map_err(|e| e.to_string()));
+        drop(senders);
+        for w in &self.lane_wakers {
+            w.notify();
+        }
         match result {
             Ok(child) => {
                 let pid = child.id();
@@ -602,6 +629,7 @@ fn worker_command(
     slot: &Slot,
     sandbox: &Sandbox,
     max_requests: u64,
+    wake_fds: &[i32],
 ) -> Result<Command, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -609,7 +637,7 @@ fn worker_command(
         .open(sandbox.logs_dir().join("worker.log"))
         .map_err(|e| format!("worker log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| format!("worker log: {e}"))?;
-    let lanes = spec.wake_fds.len();
+    let lanes = spec.lanes;
     let mut cmd = Command::new(&spec.program);
     cmd.arg("worker")
         .arg("--slot")
@@ -618,7 +646,7 @@ fn worker_command(
         .arg(slot.segment.name())
         .arg("--wake-fds")
         .arg(
-            spec.wake_fds
+            wake_fds
                 .iter()
                 .map(|f| f.to_string())
                 .collect::<Vec<_>>()
@@ -704,7 +732,7 @@ mod tests {
             config,
             SpawnSpec {
                 program,
-                wake_fds: Vec::new(),
+                lanes: 1,
                 agent: None,
             },
             vec![(slot, sandbox)],

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use moltbot_ipc::{Segment, WakeSender};
+use moltbot_ipc::{Segment, WakeReceiver, WakeSender};
 use serde::Serialize;
 
 use crate::pool::admission::Admission;
@@ -110,6 +110,10 @@ pub struct Slot {
     kill_requested: AtomicBool,
     kill_reason: Mutex<String>,
     monitor_wake: Arc<WakeSender>,
+    /// Per lane: the receiving end of the current worker's wake socket, left here by the
+    /// monitor at each spawn for the lane's owner to take. Every worker gets sockets of its
+    /// own, new at each spawn: one that breaks or floods its socket reaches only its lanes.
+    wake_mailbox: Box<[Mutex<Option<WakeReceiver>>]>,
 }
 
 impl std::fmt::Debug for Slot {
@@ -142,6 +146,7 @@ impl Slot {
             kill_requested: AtomicBool::new(false),
             kill_reason: Mutex::new(String::new()),
             monitor_wake,
+            wake_mailbox: (0..lanes).map(|_| Mutex::new(None)).collect(),
         }
     }
 
@@ -204,6 +209,27 @@ impl Slot {
         } else {
             None
         }
+    }
+
+    /// Leaves `rx` for the owner of `lane` (monitor, at a spawn); replaces an untaken one.
+    pub fn publish_wake(&self, lane: usize, rx: WakeReceiver) {
+        if let Some(m) = self.wake_mailbox.get(lane) {
+            *m.lock().unwrap_or_else(|p| p.into_inner()) = Some(rx);
+        }
+    }
+
+    /// Takes the wake receiver left for `lane`, if any.
+    pub fn take_wake(&self, lane: usize) -> Option<WakeReceiver> {
+        self.wake_mailbox
+            .get(lane)
+            .and_then(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
+    }
+
+    /// Whether a new wake receiver waits for `lane`.
+    pub fn has_wake(&self, lane: usize) -> bool {
+        self.wake_mailbox
+            .get(lane)
+            .is_some_and(|m| m.lock().unwrap_or_else(|p| p.into_inner()).is_some())
     }
 
     /// Time left until a failed slot is retried.
