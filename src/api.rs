@@ -477,7 +477,7 @@ fn wait_any(
     for (i, r) in ready.into_iter().enumerate() {
         if r && wakes[i]
             .as_ref()
-            .is_some_and(|w| w.drain_checked().is_err())
+            .is_some_and(|w| w.drain_checked().is_none())
         {
             wakes[i] = None;
         }

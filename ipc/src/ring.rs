@@ -372,6 +372,10 @@ impl Producer {
     /// Moves the consumer's position to `pos` on its behalf, discarding the frames before it.
     /// Only while no consumer is attached (it died). `pos` must be a frame boundary between the
     /// current head and tail; `self.position()` discards everything.
+    ///
+    /// Also republishes this producer's own `tail`: the dead consumer could write it, and its
+    /// successor attaches from the shared positions (a garbage tail would make every successor
+    /// fail to attach, a crash loop).
     pub fn discard_until(&mut self, pos: u64) -> Result<(), RingError> {
         if pos < self.cached_head || pos > self.tail || pos % FRAME_ALIGN as u64 != 0 {
             return Err(RingError::Corrupt("discard position outside the ring"));
@@ -379,6 +383,11 @@ impl Producer {
         let c = &self.ring.header().consumer;
         c.head.store(pos, Ordering::Release);
         c.claimed.store(pos, Ordering::Release);
+        self.ring
+            .header()
+            .producer
+            .tail
+            .store(self.tail, Ordering::Release);
         self.cached_head = pos;
         Ok(())
     }
@@ -577,12 +586,15 @@ impl Consumer {
 
     /// Drops everything the producer published, on its behalf, after it died with a ring that
     /// no longer makes sense: its `tail` is reset to this consumer's position.
+    ///
+    /// Also republishes this consumer's own `head` (and `claimed`): the dead producer could
+    /// write them, and its successor attaches from the shared positions (a garbage head would
+    /// make every successor fail to attach, a crash loop).
     pub fn reset_producer(&mut self) {
-        self.ring
-            .header()
-            .producer
-            .tail
-            .store(self.head, Ordering::Release);
+        let h = self.ring.header();
+        h.consumer.head.store(self.head, Ordering::Release);
+        h.consumer.claimed.store(self.head, Ordering::Release);
+        h.producer.tail.store(self.head, Ordering::Release);
         self.cached_tail = self.head;
     }
 }
@@ -972,6 +984,51 @@ mod tests {
         assert_eq!(pop(&mut c2).unwrap(), b"unread");
         assert!(p.discard_until(3).is_err());
         assert!(p.discard_until(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn discard_until_republishes_a_tail_the_dead_consumer_overwrote() {
+        // Found by the fuzz target `response_frame`: a worker stored garbage into its request
+        // ring's `tail` and died; every successor then failed to attach.
+        for garbage in [255, 0, u64::MAX, 1 << 40] {
+            let (mut p, mut c, ring) = pair(256);
+            p.push(b"taken").unwrap();
+            p.push(b"unread").unwrap();
+            let f = c.peek().unwrap().unwrap();
+            c.claim(&f);
+            ring.header()
+                .producer
+                .tail
+                .store(garbage, Ordering::Release);
+            drop(c);
+            let (_, claimed) = p.peer_positions().unwrap();
+            p.discard_until(claimed).unwrap();
+            let mut c2 = Consumer::attach(ring.clone()).expect("successor attaches");
+            assert_eq!(pop(&mut c2).unwrap(), b"unread");
+        }
+    }
+
+    #[test]
+    fn reset_producer_republishes_a_head_the_dead_producer_overwrote() {
+        // The same on the response ring: the dead producer overwrote the consumer's `head`.
+        for garbage in [255, 0, u64::MAX, 1 << 40] {
+            let (mut p, mut c, ring) = pair(256);
+            p.push(b"read").unwrap();
+            assert_eq!(pop(&mut c).unwrap(), b"read");
+            ring.header()
+                .consumer
+                .head
+                .store(garbage, Ordering::Release);
+            ring.header()
+                .consumer
+                .claimed
+                .store(garbage, Ordering::Release);
+            drop(p);
+            c.reset_producer();
+            let mut p2 = Producer::attach(ring.clone()).expect("successor attaches");
+            p2.push(b"next").unwrap();
+            assert_eq!(pop(&mut c).unwrap(), b"next");
+        }
     }
 
     #[test]

@@ -150,6 +150,44 @@ impl SegmentLayout {
         Ok(layout)
     }
 
+    /// The layout that a segment header describes, validated against the size of the mapping
+    /// it was read from: magic, layout version, lanes, ring capacity, and both the declared and
+    /// the actual size must match the layout exactly (so every ring lies inside the mapping).
+    /// Pure, so that [`Segment::attach`]'s validation can be tested and fuzzed without shared
+    /// memory. `Err` is always [`SegmentError::Layout`] with the reason.
+    pub fn from_header(
+        magic: u64,
+        version: u32,
+        lanes: u32,
+        ring_capacity: u64,
+        declared_size: u64,
+        mapping_len: usize,
+    ) -> Result<SegmentLayout, SegmentError> {
+        let bad = |reason: String| Err(SegmentError::Layout(reason));
+        if mapping_len < RINGS_OFFSET {
+            return bad(format!("size {mapping_len} smaller than the header"));
+        }
+        if magic != MAGIC {
+            return bad(format!("bad magic {magic:#x}"));
+        }
+        if version != LAYOUT_VERSION {
+            return bad(format!(
+                "layout version {version}, expected {LAYOUT_VERSION}"
+            ));
+        }
+        let Ok(capacity) = usize::try_from(ring_capacity) else {
+            return bad(format!("ring capacity {ring_capacity}"));
+        };
+        let layout = SegmentLayout::new(lanes, capacity)?;
+        if layout.total_size() != mapping_len || declared_size != mapping_len as u64 {
+            return bad(format!(
+                "size {mapping_len}, header says {declared_size}, layout needs {}",
+                layout.total_size()
+            ));
+        }
+        Ok(layout)
+    }
+
     /// Number of lanes.
     pub fn lanes(&self) -> u32 {
         self.lanes
@@ -310,27 +348,18 @@ impl Segment {
         // SAFETY: the mapping is page-aligned and at least RINGS_OFFSET bytes long, so a
         // SegmentHeader (all atomics) fits; it lives as long as `map`.
         let h = unsafe { ptr.cast::<SegmentHeader>().as_ref() };
-        let magic = h.magic.load(Ordering::Acquire);
-        if magic != MAGIC {
-            return Err(mismatch(format!("bad magic {magic:#x}")));
-        }
-        let version = h.version.load(Ordering::Relaxed);
-        if version != LAYOUT_VERSION {
-            return Err(mismatch(format!(
-                "layout version {version}, expected {LAYOUT_VERSION}"
-            )));
-        }
-        let capacity = usize::try_from(h.ring_capacity.load(Ordering::Relaxed))
-            .map_err(|_| mismatch("ring capacity".into()))?;
-        let layout = SegmentLayout::new(h.lanes.load(Ordering::Relaxed), capacity)
-            .map_err(|e| mismatch(e.to_string()))?;
-        let declared = h.total_size.load(Ordering::Relaxed);
-        if layout.total_size() != len || declared != len as u64 {
-            return Err(mismatch(format!(
-                "size {len}, header says {declared}, layout needs {}",
-                layout.total_size()
-            )));
-        }
+        let layout = SegmentLayout::from_header(
+            h.magic.load(Ordering::Acquire),
+            h.version.load(Ordering::Relaxed),
+            h.lanes.load(Ordering::Relaxed),
+            h.ring_capacity.load(Ordering::Relaxed),
+            h.total_size.load(Ordering::Relaxed),
+            len,
+        )
+        .map_err(|e| match e {
+            SegmentError::Layout(reason) => mismatch(reason),
+            other => other,
+        })?;
         Ok(Segment {
             map,
             layout,
@@ -436,6 +465,32 @@ mod tests {
         assert!(SegmentLayout::new(1, MAX_CAPACITY * 2).is_err());
         let l = SegmentLayout::new(3, 4096).unwrap();
         assert_eq!(l.total_size(), RINGS_OFFSET + 6 * (384 + 4096));
+    }
+
+    #[test]
+    fn from_header_accepts_exactly_a_consistent_header() {
+        let l = SegmentLayout::new(2, 4096).unwrap();
+        let size = l.total_size();
+        let ok = |magic, version, lanes, cap, declared, len| {
+            SegmentLayout::from_header(magic, version, lanes, cap, declared, len)
+        };
+        assert_eq!(
+            ok(MAGIC, LAYOUT_VERSION, 2, 4096, size as u64, size).unwrap(),
+            l
+        );
+        let err = |r: Result<SegmentLayout, SegmentError>| r.unwrap_err().to_string();
+        assert!(err(ok(0, LAYOUT_VERSION, 2, 4096, size as u64, size)).contains("magic"));
+        assert!(err(ok(MAGIC, 99, 2, 4096, size as u64, size)).contains("version 99"));
+        assert!(ok(MAGIC, LAYOUT_VERSION, 0, 4096, size as u64, size).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 3, 4096, size as u64, size).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, 4095, size as u64, size).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, 1 << 40, size as u64, size).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, u64::MAX, size as u64, size).is_err());
+        // Declared and actual size must both be the layout's.
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, 4096, size as u64 + 1, size).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, 4096, size as u64, size + 4096).is_err());
+        assert!(ok(MAGIC, LAYOUT_VERSION, 2, 4096, 0, 0).is_err());
+        assert!(err(ok(MAGIC, LAYOUT_VERSION, 2, 4096, 0, RINGS_OFFSET - 1)).contains("smaller"));
     }
 
     #[test]

@@ -166,22 +166,22 @@ impl WakeReceiver {
     }
 
     /// Like [`WakeReceiver::drain`], but tells a closed socket (the sending side is gone:
-    /// end-of-file, or an error) from an empty one: `Err(())` when closed.
-    pub fn drain_checked(&self) -> Result<usize, ()> {
+    /// end-of-file, or an error) from an empty one: `None` when closed.
+    pub fn drain_checked(&self) -> Option<usize> {
         let mut buf = [0u8; 256];
         let mut n = 0;
         loop {
             match rustix::io::read(&self.fd, &mut buf) {
-                Ok(0) => return Err(()),
+                Ok(0) => return None,
                 Ok(k) => {
                     n += k;
                     if k < buf.len() {
-                        return Ok(n);
+                        return Some(n);
                     }
                 }
-                Err(rustix::io::Errno::AGAIN) => return Ok(n),
+                Err(rustix::io::Errno::AGAIN) => return Some(n),
                 Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return Err(()),
+                Err(_) => return None,
             }
         }
     }
@@ -286,11 +286,11 @@ mod tests {
     #[test]
     fn drain_checked_tells_closed_from_empty() {
         let (tx, rx) = wake_pair().unwrap();
-        assert_eq!(rx.drain_checked(), Ok(0));
+        assert_eq!(rx.drain_checked(), Some(0));
         tx.notify();
-        assert_eq!(rx.drain_checked(), Ok(1));
+        assert_eq!(rx.drain_checked(), Some(1));
         drop(tx);
-        assert_eq!(rx.drain_checked(), Err(()));
+        assert_eq!(rx.drain_checked(), None);
     }
 
     #[test]

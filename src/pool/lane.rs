@@ -114,6 +114,67 @@ struct Outstanding {
 /// Longest error code accepted from a worker.
 const MAX_ERROR_CODE: usize = 64;
 
+/// A worker's response frame, decoded and located: the fields the gateway reads from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodedResponse<'a> {
+    /// The id of the request it answers (matched against the lane's pending requests).
+    pub request_id: u64,
+    /// The handler's status, unchecked (see [`DecodedResponse::check_fields`]).
+    pub status: u16,
+    /// The handler's error code, unchecked.
+    pub error_code: &'a str,
+    /// Handler time in microseconds.
+    pub duration_us: u64,
+    /// Where the body lies in the frame.
+    pub body: Range<usize>,
+}
+
+/// Decodes a response frame (a private, 16-byte aligned copy of a ring frame) with bytecheck.
+/// `Err` is a protocol violation: the lane is poisoned and the worker killed.
+///
+/// Public so that the fuzz target `response_frame` drives exactly the gateway's decoding.
+pub fn decode_response(frame: &[u8]) -> Result<DecodedResponse<'_>, &'static str> {
+    let a = moltbot_ipc::access_response(frame).map_err(|_| "undecodable response frame")?;
+    // bytecheck keeps the body inside `frame`; computed without trusting that, so a bytecheck
+    // gap would be a violation here instead of an out-of-range slice in `Reply::body`.
+    let body_start = (a.body.as_ptr() as usize)
+        .checked_sub(frame.as_ptr() as usize)
+        .filter(|&start| {
+            frame
+                .len()
+                .checked_sub(start)
+                .is_some_and(|room| room >= a.body.len())
+        })
+        .ok_or("response body outside its frame")?;
+    Ok(DecodedResponse {
+        request_id: a.request_id.to_native(),
+        status: a.status.to_native(),
+        error_code: &a.error_code,
+        duration_us: a.duration_us.to_native(),
+        body: body_start..body_start + a.body.len(),
+    })
+}
+
+impl DecodedResponse<'_> {
+    /// The checks of a well-framed response's fields: a status in 100..=599 and an error code
+    /// of at most 64 bytes of `[A-Za-z0-9_:.-]`. `Err(reason)` answers that request's caller
+    /// with `BAD_WORKER_RESPONSE` (the frame itself was fine: the lane stays usable).
+    pub fn check_fields(&self) -> Result<(), String> {
+        if !(100..=599).contains(&self.status) {
+            return Err(format!("status {}", self.status));
+        }
+        let code = self.error_code;
+        if code.len() > MAX_ERROR_CODE
+            || !code
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
+        {
+            return Err("malformed error code".into());
+        }
+        Ok(())
+    }
+}
+
 /// One slot's lane, seen from its owner.
 pub struct LaneClient {
     slot: Arc<Slot>,
@@ -308,44 +369,26 @@ impl LaneClient {
 
     /// Matches a response to its caller.
     fn deliver(&mut self, frame: AlignedBuf) -> Result<(), &'static str> {
-        let a = moltbot_ipc::access_response(frame.as_slice())
-            .map_err(|_| "undecodable response frame")?;
-        let id = a.request_id.to_native();
+        let r = decode_response(frame.as_slice())?;
         let pending = self
             .pending
-            .remove(&id)
+            .remove(&r.request_id)
             .ok_or("response to an unknown request id")?;
-        let status = a.status.to_native();
-        let duration_us = a.duration_us.to_native();
-        let code: &str = &a.error_code;
-        let base = frame.as_slice().as_ptr() as usize;
-        let body_start = a.body.as_ptr() as usize - base;
-        let body = body_start..body_start + a.body.len();
         let stats = &self.slot.stats;
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        let outcome = if !(100..=599).contains(&status) {
-            Err(RouteError::BadWorkerResponse {
+        let outcome = match r.check_fields() {
+            Err(reason) => Err(RouteError::BadWorkerResponse {
                 slot: self.slot.id,
-                reason: format!("status {status}"),
-            })
-        } else if code.len() > MAX_ERROR_CODE
-            || !code
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
-        {
-            Err(RouteError::BadWorkerResponse {
+                reason,
+            }),
+            Ok(()) => Ok(Reply {
                 slot: self.slot.id,
-                reason: "malformed error code".into(),
-            })
-        } else {
-            Ok(Reply {
-                slot: self.slot.id,
-                status,
-                error_code: code.to_string(),
-                duration_us,
+                status: r.status,
+                error_code: r.error_code.to_string(),
+                duration_us: r.duration_us,
+                body: r.body,
                 frame,
-                body,
-            })
+            }),
         };
         if !matches!(&outcome, Ok(r) if r.is_success()) {
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -397,10 +440,13 @@ impl LaneClient {
         let crashed = RouteError::WorkerCrashed { slot: slot_id };
         self.recovering = true;
         // 1. Answers the dead worker completed. After a violation the response ring is
-        // untrusted and dropped unread.
-        if self.poisoned || self.drain_responses().is_err() {
-            self.resp.reset_producer();
+        // untrusted and dropped unread. Reset either way (after a full drain it is empty):
+        // that also republishes this side's positions, which the dead worker could overwrite
+        // without the ring reading as corrupt, and from which its successor attaches.
+        if !self.poisoned {
+            let _ = self.drain_responses();
         }
+        self.resp.reset_producer();
         // 2. What it had taken, and what it never read. Taken requests get WORKER_CRASHED
         // even when this crash failed the slot: the worker may have acted on them, so they must
         // not be reported as never handled (UNAVAILABLE invites a retry of a non-idempotent
@@ -579,5 +625,112 @@ impl LaneSet {
             }
         }
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moltbot_ipc::Response;
+
+    fn encoded(resp: &Response<'_>) -> AlignedBuf {
+        let mut buf = AlignedBuf::new();
+        let n = resp
+            .encode_into(buf.zeroed_mut(resp.encoded_len_bound()))
+            .unwrap();
+        buf.zeroed_mut(n);
+        buf
+    }
+
+    fn response<'a>(status: u16, error_code: &'a str, body: &'a [u8]) -> Response<'a> {
+        Response {
+            request_id: 42,
+            duration_us: 7,
+            status,
+            body,
+            error_code,
+        }
+    }
+
+    #[test]
+    fn recovery_republishes_the_positions_a_dead_worker_overwrote() {
+        use crate::pool::admission::Admission;
+        use moltbot_ipc::{Segment, SegmentLayout};
+        // Found by the fuzz target `response_frame`: a worker that stored garbage into the
+        // gateway-owned positions (response ring `head`, request ring `tail`) before dying made
+        // every successor fail to attach (a crash loop into `failed`).
+        let name = format!(
+            "/moltbot-lane-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
+        let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
+        let slot = Arc::new(Slot::new(
+            0,
+            seg.clone(),
+            1,
+            Admission::new(4, 4),
+            Arc::new(tx),
+        ));
+        let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
+        let (resp, req) = (seg.response_ring(0).unwrap(), seg.request_ring(0).unwrap());
+        resp.header().consumer.head.store(255, Ordering::Release);
+        req.header()
+            .producer
+            .tail
+            .store(u64::MAX, Ordering::Release);
+        assert!(Producer::attach(resp.clone()).is_err());
+        assert!(Consumer::attach(req.clone()).is_err());
+        // The worker died; the monitor bumped the epoch.
+        slot.epoch.fetch_add(1, Ordering::AcqRel);
+        assert!(lane.poll());
+        assert!(Producer::attach(resp).is_ok());
+        assert!(Consumer::attach(req).is_ok());
+    }
+
+    #[test]
+    fn decode_response_locates_fields_and_body() {
+        let frame = encoded(&response(201, "", b"hello body"));
+        let r = decode_response(frame.as_slice()).unwrap();
+        assert_eq!((r.request_id, r.status, r.duration_us), (42, 201, 7));
+        assert_eq!(r.error_code, "");
+        assert_eq!(&frame.as_slice()[r.body.clone()], b"hello body");
+        assert_eq!(r.check_fields(), Ok(()));
+
+        let frame = encoded(&response(200, "", b""));
+        let r = decode_response(frame.as_slice()).unwrap();
+        assert!(r.body.is_empty() && r.body.end <= frame.len());
+    }
+
+    #[test]
+    fn decode_response_refuses_garbage_and_truncation() {
+        let frame = encoded(&response(200, "OK_CODE", &[9; 100]));
+        for len in [0, 1, 16, frame.len() - 16] {
+            assert!(decode_response(&frame.as_slice()[..len]).is_err(), "{len}");
+        }
+        let mut junk = AlignedBuf::new();
+        for (i, b) in junk.zeroed_mut(256).iter_mut().enumerate() {
+            *b = (i * 37 % 253) as u8;
+        }
+        assert!(decode_response(junk.as_slice()).is_err());
+    }
+
+    #[test]
+    fn check_fields_bounds_status_and_error_code() {
+        fn ok(status: u16, code: &str) -> Result<(), String> {
+            let frame = encoded(&response(status, code, b""));
+            let r = decode_response(frame.as_slice()).unwrap();
+            r.check_fields()
+        }
+        assert_eq!(ok(100, ""), Ok(()));
+        assert_eq!(ok(599, "A-z_0:9."), Ok(()));
+        assert_eq!(ok(99, ""), Err("status 99".into()));
+        assert_eq!(ok(600, ""), Err("status 600".into()));
+        assert_eq!(ok(500, &"E".repeat(64)), Ok(()));
+        assert!(ok(500, &"E".repeat(65)).is_err());
+        for bad in ["A B", "A\nB", "A\"B", "é", "A/B"] {
+            assert_eq!(ok(500, bad), Err("malformed error code".into()), "{bad:?}");
+        }
     }
 }
