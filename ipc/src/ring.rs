@@ -717,6 +717,24 @@ impl HeapRing {
         Ok(Arc::new(HeapRing { base, capacity }))
     }
 
+    /// Writes `bytes` into the data area from `offset` on (wrapping at the capacity), with
+    /// relaxed atomic byte stores: what a peer process scribbling on its mapping does, for
+    /// tests and fuzzing of the hostile-peer paths.
+    pub fn write_data(&self, offset: usize, bytes: &[u8]) {
+        let data = core::mem::size_of::<RingHeader>();
+        for (i, &b) in bytes.iter().enumerate() {
+            let at = data + (offset.wrapping_add(i) % self.capacity);
+            // SAFETY: `at` < size_of::<RingHeader>() + capacity, the allocation's size;
+            // AtomicU8 has u8's layout and alignment, and the ring code reads these bytes only
+            // atomically (frame headers, copy_frame) or as published frames of a consumer that
+            // trusts its producer, which a test doing this does not use.
+            unsafe {
+                (*self.base.as_ptr().add(at).cast::<core::sync::atomic::AtomicU8>())
+                    .store(b, Ordering::Relaxed)
+            };
+        }
+    }
+
     /// A handle to the ring (for one producer and one consumer).
     pub fn handle(self: &Arc<Self>) -> RingRef {
         let backing: Arc<dyn Backing> = self.clone();
@@ -1029,6 +1047,18 @@ mod tests {
             p2.push(b"next").unwrap();
             assert_eq!(pop(&mut c).unwrap(), b"next");
         }
+    }
+
+    #[test]
+    fn scribbled_frames_are_caught() {
+        let heap = HeapRing::new(256).unwrap();
+        let ring = heap.handle();
+        let mut p = Producer::attach(ring.clone()).unwrap();
+        let mut c = Consumer::attach(ring).unwrap();
+        p.push(&[1; 16]).unwrap();
+        heap.write_data(0, &[0xff; 8]);
+        assert!(matches!(c.peek(), Err(RingError::Corrupt(_))));
+        heap.write_data(250, &[0; 16]); // wraps to the start without going out of bounds
     }
 
     #[test]

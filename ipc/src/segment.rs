@@ -9,9 +9,9 @@
 //! would make the gateway fault), only write into it, which the gateway tolerates.
 //!
 //! ```text
-//! 0      SegmentHeader   (256 bytes, #[repr(C, align(128))])
-//! 256    WorkerWake      (128 bytes: the worker's futex word)
-//! 384    lane 0: request ring  (RingHeader 384 + capacity)
+//! 0      SegmentHeader   (128 bytes, #[repr(C, align(128))])
+//! 128    WorkerWake      (128 bytes: the worker's futex word)
+//! 256    lane 0: request ring  (RingHeader 384 + capacity)
 //!        lane 0: response ring (RingHeader 384 + capacity)
 //!        lane 1: ...
 //! ```
