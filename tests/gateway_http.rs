@@ -21,40 +21,19 @@ use serde_json::{Value, json};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A test gateway whose log is checked, when the test ends without failing, for panics: a
-/// connection task that panics closes its connection silently, which a test could mistake for
-/// a deliberate close.
-struct Gw(GatewayProc);
-
-impl std::ops::Deref for Gw {
-    type Target = GatewayProc;
-    fn deref(&self) -> &GatewayProc {
-        &self.0
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let log = self.0.log();
-            assert!(
-                !log.contains("panicked"),
-                "the gateway logged a panic:\n{log}"
-            );
-        }
-    }
-}
+/// A test gateway (its log is checked for panics when it is dropped, see `gw`).
+type Gw = GatewayProc;
 
 fn start(opts: Options) -> Gw {
-    Gw(GatewayProc::start(opts))
+    GatewayProc::start(opts)
 }
 
 fn start_with(opts: Options, test_handlers: bool) -> Gw {
-    Gw(GatewayProc::start_with(opts, test_handlers))
+    GatewayProc::start_with(opts, test_handlers)
 }
 
 fn start_overriding(opts: Options, overrides: &[(&str, &str)]) -> Gw {
-    Gw(GatewayProc::start_overriding(opts, overrides))
+    GatewayProc::start_overriding(opts, overrides)
 }
 
 /// Checks the gateway's error shape `{"error":{"code","message","retryable"(,"retryAfterMs")}}`

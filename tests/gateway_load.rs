@@ -154,28 +154,7 @@ impl Client {
                 break;
             }
         }
-        let mut hs = [httparse::EMPTY_HEADER; 64];
-        let mut resp = httparse::Response::new(&mut hs);
-        match resp.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            _ => return None,
-        }
-        let status = resp.code?;
-        let headers: Vec<(String, String)> = resp
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let len: usize = gw::header_of(&headers, "content-length")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let mut body = vec![0u8; len];
-        self.r.read_exact(&mut body).ok()?;
+        let (status, headers, body) = gw::finish_response(&head, &mut self.r)?;
         Some(Resp {
             status,
             headers,

@@ -28,32 +28,11 @@ use serde_json::{Value, json};
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// A test gateway whose log is checked for panics when the test ends without failing (a
-/// connection task that panics closes its connection silently, which looks like a deliberate
-/// close).
-struct Gw(GatewayProc);
-
-impl std::ops::Deref for Gw {
-    type Target = GatewayProc;
-    fn deref(&self) -> &GatewayProc {
-        &self.0
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            let log = self.0.log();
-            assert!(
-                !log.contains("panicked"),
-                "the gateway logged a panic:\n{log}"
-            );
-        }
-    }
-}
+/// A test gateway (its log is checked for panics when it is dropped, see `gw`).
+type Gw = GatewayProc;
 
 fn start(opts: Options) -> Gw {
-    let g = Gw(GatewayProc::start(opts));
+    let g = GatewayProc::start(opts);
     g.wait_ready();
     g
 }

@@ -277,6 +277,16 @@ impl Drop for GatewayProc {
         // A clean, fast stop (SIGINT), so that no segment outlives the test; SIGKILL and
         // removing the recorded segments only if it does not stop.
         let _ = self.stop_quietly();
+        // A connection task that panics closes its connection silently, which a test could
+        // take for a deliberate close: a test that passed must not have made the gateway
+        // panic anywhere.
+        if !std::thread::panicking() {
+            let log = self.log();
+            assert!(
+                !log.contains("panicked"),
+                "the gateway logged a panic:\n{log}"
+            );
+        }
     }
 }
 
@@ -305,9 +315,15 @@ pub fn read_response(s: &mut TcpStream) -> Option<Response> {
             _ => return None,
         }
     }
+    finish_response(&buf, s)
+}
+
+/// Parses a response head (up to and with its blank line) and reads its Content-Length body
+/// from `r`; the shared tail of every keep-alive response reader in the tests.
+pub fn finish_response(head: &[u8], r: &mut impl Read) -> Option<Response> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut resp = httparse::Response::new(&mut headers);
-    resp.parse(&buf).ok()?;
+    resp.parse(head).ok()?;
     let status = resp.code?;
     let headers: Vec<(String, String)> = resp
         .headers
@@ -319,13 +335,11 @@ pub fn read_response(s: &mut TcpStream) -> Option<Response> {
             )
         })
         .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
+    let len: usize = header_of(&headers, "content-length")
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut body = vec![0u8; len];
-    s.read_exact(&mut body).ok()?;
+    r.read_exact(&mut body).ok()?;
     Some((status, headers, body))
 }
 
