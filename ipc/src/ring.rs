@@ -729,8 +729,12 @@ impl HeapRing {
             // atomically (frame headers, copy_frame) or as published frames of a consumer that
             // trusts its producer, which a test doing this does not use.
             unsafe {
-                (*self.base.as_ptr().add(at).cast::<core::sync::atomic::AtomicU8>())
-                    .store(b, Ordering::Relaxed)
+                (*self
+                    .base
+                    .as_ptr()
+                    .add(at)
+                    .cast::<core::sync::atomic::AtomicU8>())
+                .store(b, Ordering::Relaxed)
             };
         }
     }
