@@ -435,8 +435,14 @@ fn pump(lane: Arc<InProcess>, slots: Vec<Arc<crate::pool::slot::Slot>>, lane_no:
             .map(|mut s| s.prepare_park())
             .unwrap_or(false);
         if park {
-            wait_any(&lane.endpoint_wake, &mut wakes, Duration::from_secs(1));
-            if let Ok(s) = lane.set.lock() {
+            let received = wait_any(&lane.endpoint_wake, &mut wakes, Duration::from_secs(1));
+            if let Ok(mut s) = lane.set.lock() {
+                for (i, n) in received {
+                    if !s.get_mut(i).is_none_or(|l| l.wake_received(n)) {
+                        // Flooding: the worker is being killed; stop listening to it.
+                        wakes[i] = None;
+                    }
+                }
                 s.cancel_park();
             }
         }
@@ -444,12 +450,13 @@ fn pump(lane: Arc<InProcess>, slots: Vec<Arc<crate::pool::slot::Slot>>, lane_no:
 }
 
 /// Sleeps until the control socket or a worker's wake socket is readable (or `timeout`);
-/// drains them, and forgets the wake sockets whose worker is gone.
+/// drains them, and forgets the wake sockets whose worker is gone. Returns the bytes read
+/// from each worker's socket (slot, bytes).
 fn wait_any(
     control: &moltbot_ipc::WakeReceiver,
     wakes: &mut [Option<moltbot_ipc::WakeReceiver>],
     timeout: Duration,
-) {
+) -> Vec<(usize, usize)> {
     use rustix::event::{PollFd, PollFlags, poll};
     let ready: Vec<bool> = {
         let mut fds = vec![PollFd::new(control, PollFlags::IN)];
@@ -465,7 +472,7 @@ fn wait_any(
             tv_nsec: timeout.subsec_nanos() as _,
         };
         if poll(&mut fds, Some(&ts)).is_err() {
-            return;
+            return Vec::new();
         }
         let mut ready = vec![false; wakes.len()];
         for (k, &i) in which.iter().enumerate() {
@@ -474,12 +481,16 @@ fn wait_any(
         ready
     };
     control.drain();
+    let mut received = Vec::new();
     for (i, r) in ready.into_iter().enumerate() {
-        if r && wakes[i]
-            .as_ref()
-            .is_some_and(|w| w.drain_checked().is_none())
-        {
-            wakes[i] = None;
+        if !r {
+            continue;
+        }
+        match wakes[i].as_ref().map(|w| w.drain_checked()) {
+            Some(Some(n)) if n > 0 => received.push((i, n)),
+            Some(None) => wakes[i] = None,
+            _ => {}
         }
     }
+    received
 }

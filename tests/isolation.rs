@@ -5,9 +5,11 @@
 //!
 //! No sleep synchronises anything: a test waits for answers, or polls with `gw::wait_until`.
 
+mod flood;
 mod gw;
 
 use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -637,4 +639,81 @@ fn a_worker_breaking_its_wake_sockets_hurts_only_its_own_users() {
         assert_eq!(v["payload"], json!(i));
     }
     assert_eq!(g.request("GET", "/livez", None).status, 200);
+}
+
+/// A compromised worker that writes wake-up bytes without answering anything would keep its
+/// gateway cores waking up for nothing. An honest worker sends one only after clearing a park
+/// announcement of the core, which the core can count; the flooding one is killed as a protocol
+/// violation and replaced, and the other worker's users are served throughout.
+#[test]
+fn a_worker_flooding_its_wake_sockets_is_killed_and_replaced() {
+    let g = Gw::start(Options::new(2), None);
+    let [(victim, victim_slot), (bystander, bystander_slot)] = g.users_on_two_workers();
+    let pids = g.worker_pids();
+    let pid = pids[victim_slot];
+    let served = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (written, replaced) = std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::sync::atomic::Ordering::*;
+            let mut i = 0u64;
+            while !done.load(Acquire) || i < 5 {
+                let v = g.route("echo", &bystander, json!(i));
+                assert_eq!(v["payload"], json!(i));
+                i += 1;
+                served.store(i, Release);
+            }
+        });
+        let r = flood::flood_wake_sockets(pid, std::time::Duration::from_secs(20), || {
+            g.worker_pids()[victim_slot] != pid
+        });
+        done.store(true, std::sync::atomic::Ordering::Release);
+        r
+    });
+    assert!(
+        replaced,
+        "the flooding worker was not replaced ({written} bytes written)\n{}",
+        g.g.log()
+    );
+    assert!(served.into_inner() >= 5);
+    let history =
+        std::fs::read_to_string(g.sandbox(victim_slot).join("sandbox.json")).expect("sandbox.json");
+    assert!(
+        history.contains("wake socket flood"),
+        "restart reason: {history}"
+    );
+    // The successor serves the victim's user; the bystander's worker was never restarted.
+    assert_eq!(g.route("echo", &victim, json!("after"))["payload"], "after");
+    assert_eq!(g.worker_pids()[bystander_slot], pids[bystander_slot]);
+}
+
+/// Descriptors the gateway inherited without close-on-exec (from a shell or a supervisor) stay
+/// out of its workers: a worker holds its stdio, its wake sockets and what it opened itself.
+#[test]
+fn workers_inherit_no_stray_descriptor_of_the_gateway() {
+    // Held open, without close-on-exec, while the gateway starts: it inherits it.
+    let (stray, _w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::empty()).expect("pipe");
+    let target = |pid: u32, fd: &str| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|t| t.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let stray_t = target(std::process::id(), &stray.as_raw_fd().to_string());
+    assert!(stray_t.starts_with("pipe:"), "{stray_t}");
+    let g = Gw::start(Options::new(2), None);
+    let targets = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("fds")
+            .filter_map(|e| e.ok())
+            .map(|e| target(pid, &e.file_name().to_string_lossy()))
+            .collect()
+    };
+    assert!(
+        targets(g.g.pid()).contains(&stray_t),
+        "the gateway did not inherit the pipe: the test proves nothing"
+    );
+    for pid in g.worker_pids() {
+        let t = targets(pid);
+        assert!(!t.contains(&stray_t), "worker {pid} inherited it: {t:?}");
+    }
 }

@@ -3,6 +3,7 @@
 //! and the `workers demo` command. Each test has its own sandbox directory and pool.
 
 mod common;
+mod flood;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -582,6 +583,39 @@ fn a_worker_writing_garbage_is_killed_and_replaced_without_hurting_others() {
         );
     }
     assert_eq!(worker(&router, 1).crashes, 0);
+    assert_eq!(worker(&router, 1).restarts, 0);
+}
+
+// 8b. The in-process lane's owner counts wake-ups like a gateway core does (see
+// `isolation.rs` for the gateway): bytes on a wake socket that answer no park announcement are
+// a flood, and the worker sending them is killed.
+#[test]
+fn a_worker_flooding_its_wake_sockets_is_killed_and_replaced() {
+    let env = TestEnv::new(2);
+    let router = env.start();
+    let good = user_on_slot(&router, 1, "good");
+    let old = pid_of(&router, 0);
+    let stop = AtomicBool::new(false);
+    let ((written, replaced), (failed, _)) = std::thread::scope(|s| {
+        let other = s.spawn(|| echo_until(&router, &good, &stop));
+        let r = flood::flood_wake_sockets(old, Duration::from_secs(20), || {
+            worker(&router, 0).pid != Some(old)
+        });
+        stop.store(true, Ordering::Release);
+        (r, other.join().expect("other"))
+    });
+    assert!(replaced, "not replaced after {written} bytes");
+    assert!(failed.is_empty(), "the other slot saw errors: {failed:?}");
+    assert_ne!(wait_replaced(&router, 0, old), old);
+    let reasons = restart_reasons(&env, 0);
+    assert!(
+        reasons
+            .last()
+            .is_some_and(|r| r.contains("wake socket flood")),
+        "{reasons:?}"
+    );
+    let bad = user_on_slot(&router, 0, "bad");
+    assert!(echo(&router, &bad).success, "the successor serves");
     assert_eq!(worker(&router, 1).restarts, 0);
 }
 

@@ -1,7 +1,84 @@
-//! Child processes that must not outlive their parent.
+//! Child processes that must not outlive their parent, and that inherit nothing by accident.
 
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
+
+/// Makes `cmd`'s child start with no descriptor of this process but its stdio and `keep`.
+///
+/// Rust opens its own descriptors close-on-exec, but a process may hold others it inherited
+/// without that flag (from a shell, a supervisor, or the program embedding the pool); without
+/// this they would pass to every worker and agent, outside their sandbox. In the child, just
+/// before `exec`, every other descriptor is marked close-on-exec (`close_range` with
+/// `CLOSE_RANGE_CLOEXEC`), rather than closed, so that std's own error-reporting pipe keeps
+/// working until the `exec`.
+pub fn inherit_only(cmd: &mut Command, keep: &[RawFd]) {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter_map(|&fd| u32::try_from(fd).ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe operations are allowed. It reads `keep` (allocated before the fork,
+    // never modified) and makes close_range, getrlimit and fcntl system calls; it allocates
+    // nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut first = 3u32;
+            for &fd in &keep {
+                if fd > first {
+                    cloexec_range(first, fd - 1)?;
+                }
+                first = fd + 1;
+            }
+            cloexec_range(first, u32::MAX)
+        });
+    }
+}
+
+/// Marks descriptors `first..=last` close-on-exec (async-signal-safe).
+fn cloexec_range(first: u32, last: u32) -> std::io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags; it reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            last,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(err);
+    }
+    cloexec_by_fcntl(first, last)
+}
+
+/// The same for kernels before 5.11: one fcntl per descriptor number, up to the open-files
+/// limit.
+fn cloexec_by_fcntl(first: u32, last: u32) -> std::io::Result<()> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    let end = u64::from(last).min(limit.saturating_sub(1));
+    let mut fd = u64::from(first);
+    while fd <= end {
+        // SAFETY: the number is borrowed for one fcntl call in a single-threaded child about to
+        // exec; a number that is not open makes it fail with EBADF, which is ignored.
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd as RawFd) };
+        if let Ok(flags) = rustix::io::fcntl_getfd(b) {
+            rustix::io::fcntl_setfd(b, flags | rustix::io::FdFlags::CLOEXEC)?;
+        }
+        fd += 1;
+    }
+    Ok(())
+}
 
 /// Makes the child of `cmd` receive SIGKILL when the thread that spawns it dies, and fail to
 /// start if that parent is already gone by the time the child runs (the race between fork and
@@ -30,6 +107,58 @@ pub fn die_with_parent(cmd: &mut Command) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
+    /// What the descriptors of a child process point to (`pipe:[inode]` and alike), the
+    /// child started through `restrict`.
+    fn child_targets(restrict: impl FnOnce(&mut std::process::Command)) -> Vec<String> {
+        let mut cmd = std::process::Command::new("find");
+        cmd.args(["/proc/self/fd", "-mindepth", "1", "-printf", "%l\\n"]);
+        restrict(&mut cmd);
+        let out = cmd.output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn target(fd: &impl AsRawFd) -> String {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_child_inherits_only_stdio_and_what_it_is_given() {
+        // Two pipes without close-on-exec, as a launcher might leave them.
+        let (given, _w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::empty()).unwrap();
+        let (stray, _w2) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::empty()).unwrap();
+        let (given_t, stray_t) = (target(&given), target(&stray));
+        // Without the restriction the child sees both (the premise of the test).
+        let all = child_targets(|_| {});
+        assert!(all.contains(&given_t) && all.contains(&stray_t), "{all:?}");
+        // Restricted: only the given one passes.
+        let fds = child_targets(|c| super::inherit_only(c, &[given.as_raw_fd()]));
+        assert!(fds.contains(&given_t), "{fds:?}");
+        assert!(!fds.contains(&stray_t), "{fds:?}");
+        let none = child_targets(|c| super::inherit_only(c, &[]));
+        assert!(
+            !none.contains(&given_t) && !none.contains(&stray_t),
+            "{none:?}"
+        );
+    }
+
+    #[test]
+    fn the_fallback_marks_the_range_close_on_exec() {
+        let (a, _b) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::empty()).unwrap();
+        let flags = |fd| rustix::io::fcntl_getfd(fd).unwrap();
+        assert!(!flags(&a).contains(rustix::io::FdFlags::CLOEXEC));
+        let n = a.as_raw_fd() as u32;
+        super::cloexec_by_fcntl(n, n).unwrap();
+        assert!(flags(&a).contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
     #[test]
     fn child_runs_normally() {
         let mut cmd = std::process::Command::new("true");

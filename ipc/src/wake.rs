@@ -28,10 +28,11 @@ pub fn announce_park(flag: &AtomicU32) {
     fence(Ordering::SeqCst);
 }
 
-/// Consumer: withdraw the announcement (data arrived, or it woke up).
+/// Consumer: withdraw the announcement (data arrived, or it woke up). Returns true if a
+/// producer had already cleared it, i.e. took the right to send one wake-up.
 #[inline]
-pub fn cancel_park(flag: &AtomicU32) {
-    flag.store(0, Ordering::Relaxed);
+pub fn cancel_park(flag: &AtomicU32) -> bool {
+    flag.swap(0, Ordering::Relaxed) == 0
 }
 
 /// Producer: after publishing, tells whether the consumer must be woken. Clears the flag, so
@@ -74,6 +75,9 @@ pub fn futex_park(flag: &AtomicU32, timeout: Duration) -> ParkOutcome {
 pub fn futex_unpark(flag: &AtomicU32) {
     let _ = futex::wake(flag, futex::Flags::empty(), 1);
 }
+
+/// The most bytes one [`WakeReceiver::drain`] reads.
+pub const DRAIN_MAX: usize = 4096;
 
 /// The sending end of a wake socket: one byte means "look at your rings".
 #[derive(Debug)]
@@ -149,20 +153,10 @@ impl AsFd for WakeSender {
 }
 
 impl WakeReceiver {
-    /// Reads and discards pending wake-ups. Returns how many bytes were pending.
+    /// Reads and discards pending wake-ups, at most [`DRAIN_MAX`] bytes (a sender that writes
+    /// without pause must not keep the receiver in this loop). Returns how many it read.
     pub fn drain(&self) -> usize {
-        let mut buf = [0u8; 256];
-        let mut n = 0;
-        while let Ok(k) = rustix::io::read(&self.fd, &mut buf) {
-            if k == 0 {
-                break;
-            }
-            n += k;
-            if k < buf.len() {
-                break;
-            }
-        }
-        n
+        self.drain_checked().unwrap_or(0)
     }
 
     /// Like [`WakeReceiver::drain`], but tells a closed socket (the sending side is gone:
@@ -170,7 +164,7 @@ impl WakeReceiver {
     pub fn drain_checked(&self) -> Option<usize> {
         let mut buf = [0u8; 256];
         let mut n = 0;
-        loop {
+        while n < DRAIN_MAX {
             match rustix::io::read(&self.fd, &mut buf) {
                 Ok(0) => return None,
                 Ok(k) => {
@@ -184,6 +178,7 @@ impl WakeReceiver {
                 Err(_) => return None,
             }
         }
+        Some(n)
     }
 
     /// Blocks until a wake-up arrives or `timeout` passes (for threads that are not a reactor).
@@ -235,8 +230,11 @@ mod tests {
         assert!(wake_needed(&f));
         assert!(!wake_needed(&f), "only one producer wakes");
         announce_park(&f);
-        cancel_park(&f);
+        assert!(!cancel_park(&f), "nobody took the announcement");
         assert!(!wake_needed(&f));
+        announce_park(&f);
+        assert!(wake_needed(&f));
+        assert!(cancel_park(&f), "a producer took it: one wake-up is due");
     }
 
     #[test]

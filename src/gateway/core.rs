@@ -251,7 +251,7 @@ pub async fn pump(core: Rc<Core>, mut control: UnixStream) {
         } else {
             futures_lite::future::or(read, core.flush.notified()).await;
         }
-        core.lanes.borrow().cancel_park();
+        core.lanes.borrow_mut().cancel_park();
     }
 }
 
@@ -275,7 +275,18 @@ pub async fn wake_reader(core: Rc<Core>, slot: Arc<crate::pool::slot::Slot>, lan
                 })
                 .await;
             match woke {
-                Some(Ok(n)) if n > 0 => core.flush.notify(),
+                Some(Ok(n)) if n > 0 => {
+                    let honest = core
+                        .lanes
+                        .borrow_mut()
+                        .get_mut(slot.id)
+                        .is_none_or(|l| l.wake_received(n));
+                    if !honest {
+                        // Flooding: the worker is being killed; stop listening to it.
+                        break;
+                    }
+                    core.flush.notify();
+                }
                 // End-of-file or an error: this worker is gone (or broke its socket).
                 Some(_) => break,
                 // A newer socket was published: switch to it.

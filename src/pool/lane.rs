@@ -193,7 +193,16 @@ pub struct LaneClient {
     defer_wakes: bool,
     /// A request was submitted since the last flush.
     wake_due: bool,
+    /// Wake-up bytes the worker may still send on its wake socket: one for each of this
+    /// owner's park announcements that it cleared (the only time an honest worker writes one),
+    /// minus the bytes received. An honest worker keeps it at -1 or above (its byte may arrive
+    /// before the owner withdraws the announcement and sees it cleared); below that it is
+    /// flooding the owner with wake-ups for answers that do not exist.
+    wake_credit: i64,
 }
+
+/// The wake socket byte that may arrive before [`LaneClient::cancel_park`] credits it.
+const WAKE_IN_FLIGHT: i64 = 1;
 
 impl LaneClient {
     /// Attaches to `lane` of `slot`'s segment as its owner.
@@ -222,6 +231,7 @@ impl LaneClient {
             recovering: false,
             defer_wakes: false,
             wake_due: false,
+            wake_credit: 0,
         })
     }
 
@@ -325,9 +335,25 @@ impl LaneClient {
         announce_park(self.resp.ring().parked_flag());
     }
 
-    /// Withdraws [`LaneClient::announce_park`].
-    pub fn cancel_park(&self) {
-        cancel_park(self.resp.ring().parked_flag());
+    /// Withdraws [`LaneClient::announce_park`]. If the worker cleared the announcement, it may
+    /// send one wake-up byte for it.
+    pub fn cancel_park(&mut self) {
+        if cancel_park(self.resp.ring().parked_flag()) {
+            self.wake_credit = self.wake_credit.saturating_add(1);
+        }
+    }
+
+    /// Accounts for `bytes` read from the worker's wake socket for this lane. Returns false if
+    /// they exceed what the worker was entitled to send: the lane is then poisoned (the worker
+    /// is killed) and the owner should stop reading that socket.
+    pub fn wake_received(&mut self, bytes: usize) -> bool {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.wake_credit = self.wake_credit.saturating_sub(bytes);
+        if self.wake_credit < -WAKE_IN_FLIGHT {
+            self.wake_credit = 0;
+            self.poison("wake-ups without answers (wake socket flood)");
+        }
+        !self.poisoned
     }
 
     /// True if responses wait or a recovery is due (checked after announcing a park).
@@ -596,8 +622,8 @@ impl LaneSet {
     }
 
     /// Withdraws the park announcement on every lane.
-    pub fn cancel_park(&self) {
-        for l in &self.lanes {
+    pub fn cancel_park(&mut self) {
+        for l in &mut self.lanes {
             l.cancel_park();
         }
     }

@@ -688,6 +688,7 @@ fn worker_command(
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
+    moltbot_ipc::process::inherit_only(&mut cmd, wake_fds);
     Ok(cmd)
 }
 

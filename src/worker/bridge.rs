@@ -228,6 +228,7 @@ fn spawn(argv: &[String], sandbox: &std::path::Path) -> anyhow::Result<Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     moltbot_ipc::process::die_with_parent(&mut cmd);
+    moltbot_ipc::process::inherit_only(&mut cmd, &[]);
     cmd.spawn()
         .with_context(|| format!("cannot start {program:?}"))
 }
