@@ -419,10 +419,13 @@ impl Drop for GatewayRouter {
 /// the monitor's control socket and on every worker's own wake socket for this lane.
 fn pump(lane: Arc<InProcess>, slots: Vec<Arc<crate::pool::slot::Slot>>, lane_no: usize) {
     let mut wakes: Vec<Option<moltbot_ipc::WakeReceiver>> = slots.iter().map(|_| None).collect();
+    // The slot epoch at which each wake socket was taken (see `LaneClient::wake_received`).
+    let mut epochs = vec![0u64; slots.len()];
     while !lane.stop.load(Ordering::Acquire) {
         for (i, s) in slots.iter().enumerate() {
             if let Some(rx) = s.take_wake(lane_no) {
                 wakes[i] = Some(rx);
+                epochs[i] = s.epoch.load(Ordering::Acquire);
             }
         }
         let worked = lane.set.lock().map(|mut s| s.poll()).unwrap_or(false);
@@ -438,8 +441,8 @@ fn pump(lane: Arc<InProcess>, slots: Vec<Arc<crate::pool::slot::Slot>>, lane_no:
             let received = wait_any(&lane.endpoint_wake, &mut wakes, Duration::from_secs(1));
             if let Ok(mut s) = lane.set.lock() {
                 for (i, n) in received {
-                    if !s.get_mut(i).is_none_or(|l| l.wake_received(n)) {
-                        // Flooding: the worker is being killed; stop listening to it.
+                    if !s.get_mut(i).is_none_or(|l| l.wake_received(n, epochs[i])) {
+                        // Gone, or flooding and being killed: stop listening to it.
                         wakes[i] = None;
                     }
                 }

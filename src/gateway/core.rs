@@ -266,6 +266,8 @@ pub async fn wake_reader(core: Rc<Core>, slot: Arc<crate::pool::slot::Slot>, lan
             swap.notified().await;
             continue;
         };
+        // Published by a spawn, after the recovery from the previous worker: this worker's.
+        let epoch = slot.epoch.load(Ordering::Acquire);
         let mut stream: UnixStream = moltbot_ipc::wake::adopt_fd(rx.into_owned_fd());
         loop {
             let woke =
@@ -280,9 +282,9 @@ pub async fn wake_reader(core: Rc<Core>, slot: Arc<crate::pool::slot::Slot>, lan
                         .lanes
                         .borrow_mut()
                         .get_mut(slot.id)
-                        .is_none_or(|l| l.wake_received(n));
+                        .is_none_or(|l| l.wake_received(n, epoch));
                     if !honest {
-                        // Flooding: the worker is being killed; stop listening to it.
+                        // Gone, or flooding and being killed: stop listening to it.
                         break;
                     }
                     core.flush.notify();

@@ -343,10 +343,15 @@ impl LaneClient {
         }
     }
 
-    /// Accounts for `bytes` read from the worker's wake socket for this lane. Returns false if
-    /// they exceed what the worker was entitled to send: the lane is then poisoned (the worker
-    /// is killed) and the owner should stop reading that socket.
-    pub fn wake_received(&mut self, bytes: usize) -> bool {
+    /// Accounts for `bytes` read from the wake socket for this lane of the worker that was
+    /// running at slot epoch `socket_epoch` (read when the owner took the socket). Returns
+    /// false if the owner should stop reading that socket: its worker is gone (the slot moved
+    /// to a later epoch: late bytes say nothing about the successor), or the bytes exceed what
+    /// the worker was entitled to send, which poisons the lane (the worker is killed).
+    pub fn wake_received(&mut self, bytes: usize, socket_epoch: u64) -> bool {
+        if self.slot.epoch.load(Ordering::Acquire) != socket_epoch {
+            return false;
+        }
         let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
         self.wake_credit = self.wake_credit.saturating_sub(bytes);
         if self.wake_credit < -WAKE_IN_FLIGHT {
