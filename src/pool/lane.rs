@@ -458,7 +458,7 @@ impl LaneClient {
                 lane = self.lane,
                 "protocol violation: {why}; killing the worker"
             );
-            self.slot.request_kill(why);
+            self.slot.request_kill(self.seen_epoch, why);
         }
     }
 

@@ -472,7 +472,6 @@ impl Monitor {
             .store(worker_state::STARTING, Ordering::Release);
         h.requests_served.store(0, Ordering::Relaxed);
         h.start_time_ms.store(now_ms(), Ordering::Relaxed);
-        let _ = slot.take_kill_request();
         slot.set_state(SlotState::Starting);
         rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 

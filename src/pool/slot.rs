@@ -2,7 +2,7 @@
 //! the in-process lane): the segment, the lifecycle state, the crash epoch handshake and the
 //! counters behind `/status`.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -107,8 +107,9 @@ pub struct Slot {
     pub admission: Admission,
     /// Counters for the status.
     pub stats: SlotStats,
-    kill_requested: AtomicBool,
-    kill_reason: Mutex<String>,
+    /// A lane owner's request to kill the process, with the slot epoch it was made at (the
+    /// process it is about) and the reason.
+    kill_request: Mutex<Option<(u64, String)>>,
     monitor_wake: Arc<WakeSender>,
     /// Per lane: the receiving end of the current worker's wake socket, left here by the
     /// monitor at each spawn for the lane's owner to take. Every worker gets sockets of its
@@ -143,8 +144,7 @@ impl Slot {
             lane_acks: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
             admission,
             stats: SlotStats::default(),
-            kill_requested: AtomicBool::new(false),
-            kill_reason: Mutex::new(String::new()),
+            kill_request: Mutex::new(None),
             monitor_wake,
             wake_mailbox: (0..lanes).map(|_| Mutex::new(None)).collect(),
         }
@@ -187,28 +187,27 @@ impl Slot {
             .all(|a| a.load(Ordering::Acquire) >= epoch)
     }
 
-    /// Asks the monitor to kill the process (a lane saw it break the protocol).
-    pub fn request_kill(&self, reason: &str) {
-        if !self.kill_requested.swap(true, Ordering::AcqRel) {
-            if let Ok(mut r) = self.kill_reason.lock() {
-                *r = reason.to_string();
-            }
+    /// Asks the monitor to kill the process that runs at slot epoch `epoch` (a lane saw it
+    /// break the protocol). A request about a process that is gone by then is dropped.
+    pub fn request_kill(&self, epoch: u64, reason: &str) {
+        let mut r = self.kill_request.lock().unwrap_or_else(|p| p.into_inner());
+        if r.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            *r = Some((epoch, reason.to_string()));
+            drop(r);
             self.monitor_wake.notify();
         }
     }
 
-    /// Takes a pending kill request (monitor only).
+    /// Takes a pending kill request (monitor only): its reason if it is about the process of
+    /// the current epoch.
     pub fn take_kill_request(&self) -> Option<String> {
-        if self.kill_requested.swap(false, Ordering::AcqRel) {
-            Some(
-                self.kill_reason
-                    .lock()
-                    .map(|r| r.clone())
-                    .unwrap_or_default(),
-            )
-        } else {
-            None
-        }
+        let taken = self
+            .kill_request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let (epoch, why) = taken?;
+        (epoch == self.epoch.load(Ordering::Acquire)).then_some(why)
     }
 
     /// Leaves `rx` for the owner of `lane` (monitor, at a spawn); replaces an untaken one.
@@ -236,5 +235,41 @@ impl Slot {
     pub fn retry_after(&self) -> Duration {
         let until = self.stats.failed_until_ms.load(Ordering::Relaxed);
         Duration::from_millis(until.saturating_sub(now_ms()).max(1000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moltbot_ipc::{Segment, SegmentLayout};
+
+    fn slot() -> (Slot, moltbot_ipc::WakeReceiver) {
+        let name = format!(
+            "/moltbot-slot-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
+        let (tx, rx) = moltbot_ipc::wake_pair().unwrap();
+        let s = Slot::new(0, seg, 1, Admission::new(1, 1), Arc::new(tx));
+        (s, rx)
+    }
+
+    #[test]
+    fn a_kill_request_is_about_the_process_of_its_epoch() {
+        let (s, rx) = slot();
+        assert_eq!(s.take_kill_request(), None);
+        s.request_kill(0, "garbage");
+        s.request_kill(0, "more garbage");
+        assert!(rx.drain() > 0, "the monitor is woken");
+        assert_eq!(s.take_kill_request().as_deref(), Some("garbage"));
+        assert_eq!(s.take_kill_request(), None, "taken once");
+        // Made about a process that died meanwhile: not held against its successor.
+        s.request_kill(0, "late");
+        s.epoch.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(s.take_kill_request(), None);
+        // Made about the successor (even before it was spawned): it stands.
+        s.request_kill(1, "successor");
+        assert_eq!(s.take_kill_request().as_deref(), Some("successor"));
     }
 }
