@@ -313,7 +313,7 @@ impl GatewayRouter {
         let slot_id = pool
             .router()
             .route(user)
-            .map_err(|e| (None, RouteError::Internal(e.to_string())))?;
+            .map_err(|e| (None, RouteError::from(e)))?;
         let fail = |e| (Some(slot_id), e);
         let slot = pool
             .slots()

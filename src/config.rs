@@ -74,6 +74,7 @@ pub const KEYS: &[&str] = &[
     "restart_window",
     "failed_cooldown",
     "balance_factor",
+    "max_users",
     "ring_capacity",
     "drain_timeout",
     "worker_program",
@@ -307,6 +308,10 @@ pub struct Config {
     /// Bounded-load factor of the router: 0 = off, otherwise >= 1.
     #[serde(alias = "balanceFactor")]
     pub balance_factor: f64,
+    /// Most users the routing table takes; a new user beyond gets 503 `USER_LIMIT` (each user
+    /// costs memory and a line in the table for good, and any client can invent user ids).
+    #[serde(alias = "maxUsers")]
+    pub max_users: usize,
     /// Bytes per shared-memory ring (a power of two).
     #[serde(alias = "ringCapacity", with = "usize_size_serde")]
     pub ring_capacity: usize,
@@ -394,6 +399,7 @@ impl Default for Config {
             restart_window: Duration::from_secs(60),
             failed_cooldown: Duration::from_secs(60),
             balance_factor: 1.0,
+            max_users: 1_000_000,
             ring_capacity: 2 * MIB as usize,
             drain_timeout: Duration::from_secs(30),
             worker_program: None,
@@ -430,6 +436,9 @@ pub struct PoolArgs {
     /// Bounded-load factor of the router (0 = off, otherwise >= 1).
     #[arg(long, value_name = "F")]
     pub balance_factor: Option<f64>,
+    /// Most users the routing table takes (new users beyond get 503).
+    #[arg(long, value_name = "N")]
+    pub max_users: Option<usize>,
     /// TOML config file (default: $MOLTBOT_CONFIG if set, else none).
     #[arg(long = "config", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -766,6 +775,7 @@ impl Config {
             "restart_window" => self.restart_window = parse_duration(v)?,
             "failed_cooldown" => self.failed_cooldown = parse_duration(v)?,
             "balance_factor" => self.balance_factor = parse_float(v)?,
+            "max_users" => self.max_users = parse_num(v)?,
             "ring_capacity" => self.ring_capacity = parse_usize_size(v)?,
             "drain_timeout" => self.drain_timeout = parse_duration(v)?,
             "worker_program" => self.worker_program = parse_opt(v, parse_path)?,
@@ -813,6 +823,7 @@ impl Config {
             worker_count <- a.workers,
             sandbox_dir <- a.sandbox_dir,
             balance_factor <- a.balance_factor,
+            max_users <- a.max_users,
             max_concurrent <- a.max_concurrent,
             max_queue <- a.max_queue,
             request_timeout <- a.request_timeout,
@@ -1160,6 +1171,9 @@ impl Config {
         }
         nonzero("header_read_timeout", self.header_read_timeout)?;
         nonzero("idle_timeout", self.idle_timeout)?;
+        if self.max_users == 0 {
+            return bad("max_users", "must be at least 1");
+        }
         if self.max_connections == 0 {
             return bad("max_connections", "must be at least 1");
         }
@@ -1718,6 +1732,7 @@ mod tests {
                 c.failed_cooldown == Duration::from_secs(7)
             }),
             ("balance_factor", "1.5", |c| c.balance_factor == 1.5),
+            ("max_users", "7", |c| c.max_users == 7),
             ("ring_capacity", "1MiB", |c| c.ring_capacity == MIB as usize),
             ("drain_timeout", "4s", |c| {
                 c.drain_timeout == Duration::from_secs(4)
@@ -2232,6 +2247,13 @@ mod tests {
                     ..Config::default()
                 },
                 "max_connections",
+            ),
+            (
+                Config {
+                    max_users: 0,
+                    ..Config::default()
+                },
+                "max_users",
             ),
             (
                 Config {

@@ -50,9 +50,22 @@ pub enum RouteError {
     /// The gateway is stopping and takes no new requests.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A new user while the routing table holds `max_users` users.
+    #[error("no new user can be assigned: the routing table holds its limit of {0} users")]
+    UserLimit(usize),
     /// A fault of the gateway itself (e.g. the routing table could not be written).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::router::RouterError> for RouteError {
+    fn from(e: crate::router::RouterError) -> Self {
+        match e {
+            crate::router::RouterError::Full(max) => RouteError::UserLimit(max),
+            crate::router::RouterError::EmptyUser => RouteError::InvalidUser(e.to_string()),
+            other => RouteError::Internal(other.to_string()),
+        }
+    }
 }
 
 impl RouteError {
@@ -66,6 +79,7 @@ impl RouteError {
             RouteError::BadWorkerResponse { .. } => "BAD_WORKER_RESPONSE",
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => "UNAVAILABLE",
             RouteError::Timeout(_) => "TIMEOUT",
+            RouteError::UserLimit(_) => "USER_LIMIT",
             RouteError::Internal(_) => "INTERNAL",
         }
     }
@@ -77,6 +91,7 @@ impl RouteError {
             RouteError::TooLarge { .. } => 413,
             RouteError::WorkerCrashed { .. } | RouteError::BadWorkerResponse { .. } => 502,
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => 503,
+            RouteError::UserLimit(_) => 503,
             RouteError::Timeout(_) => 504,
             RouteError::Internal(_) => 500,
         }
@@ -122,6 +137,7 @@ mod tests {
                 413,
                 false,
             ),
+            (RouteError::UserLimit(5), "USER_LIMIT", 503, false),
             (
                 RouteError::WorkerCrashed { slot: 1 },
                 "WORKER_CRASHED",

@@ -51,6 +51,9 @@ pub enum RouterError {
     /// The user id is the empty string.
     #[error("user id is empty")]
     EmptyUser,
+    /// The table holds `max_users` users: no new user is assigned.
+    #[error("the routing table holds its limit of {0} users; no new user can be assigned")]
+    Full(usize),
     /// Reading, writing or syncing the routing table failed.
     #[error("routing table {path}: {source}")]
     Io {
@@ -268,6 +271,8 @@ pub struct StickyRouter {
     factor: Option<u64>,
     table: papaya::HashMap<Box<str>, usize>,
     len: AtomicUsize,
+    /// Most users the table takes (each costs memory and a line on disk for good).
+    max_users: usize,
     state: Mutex<AssignState>,
 }
 
@@ -373,12 +378,20 @@ impl StickyRouter {
             factor,
             table,
             len: AtomicUsize::new(len),
+            max_users: usize::MAX,
             state: Mutex::new(AssignState {
                 counts,
                 stale,
                 journal,
             }),
         })
+    }
+
+    /// Limits the table to `max` users: beyond, a new user gets [`RouterError::Full`]. Users
+    /// already assigned (also those loaded over the limit) keep their slot.
+    pub fn with_max_users(mut self, max: usize) -> StickyRouter {
+        self.max_users = max;
+        self
     }
 
     /// The slot of `user`, assigning (and persisting) one on first sight.
@@ -401,6 +414,10 @@ impl StickyRouter {
         // Another thread may have assigned this user while we waited for the lock.
         if let Some(&slot) = table.get(user) {
             return Ok(slot);
+        }
+        // A user whose slot no longer exists was counted before: it is not a new one.
+        if self.len.load(Ordering::Acquire) >= self.max_users && !state.stale.contains_key(user) {
+            return Err(RouterError::Full(self.max_users));
         }
         let slot = self.choose(user, &state.counts);
         if let Some(journal) = state.journal.as_mut() {
@@ -683,6 +700,32 @@ mod tests {
         assert!(matches!(r.route(""), Err(RouterError::EmptyUser)));
         assert!(r.is_empty());
         assert_eq!(r.lookup(""), None);
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_users_and_keeps_serving_known_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = StickyRouter::open(dir.path(), 3, 1.0)
+            .unwrap()
+            .with_max_users(2);
+        let a = r.route("a").unwrap();
+        let b = r.route("b").unwrap();
+        assert!(matches!(r.route("c"), Err(RouterError::Full(2))));
+        assert_eq!(r.lookup("c"), None);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r.route("a").unwrap(), r.route("b").unwrap()), (a, b));
+        drop(r);
+        // Reopened with a lower limit: the users it holds stay, new ones are refused.
+        let r = StickyRouter::open(dir.path(), 3, 1.0)
+            .unwrap()
+            .with_max_users(1);
+        assert_eq!(r.route("b").unwrap(), b);
+        assert!(matches!(r.route("d"), Err(RouterError::Full(1))));
+        assert_eq!(
+            read_lines(dir.path()).len(),
+            2,
+            "nothing was written for c or d"
+        );
     }
 
     #[test]

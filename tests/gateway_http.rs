@@ -2016,6 +2016,35 @@ fn a_full_queue_is_503() {
 }
 
 #[test]
+fn new_users_beyond_max_users_are_503_and_known_users_keep_working() {
+    let g = start(Options::new(2).args(&["--max-users", "3"]));
+    let known: Vec<String> = (0..3).map(|i| format!("known-{i}")).collect();
+    for u in &known {
+        let r = g.request("POST", "/v1/echo", &[("x-moltbot-user", u)], Some(b"x"));
+        assert_eq!(r.status, 200, "{u}: {}", r.text());
+    }
+    let r = g.request(
+        "POST",
+        "/v1/echo",
+        &[("x-moltbot-user", "one-too-many")],
+        Some(b"x"),
+    );
+    let err = assert_http_error("echo", &r, 503, "USER_LIMIT");
+    assert_eq!(err["retryable"], false, "{err}");
+    assert!(r.header("retry-after").is_none(), "{:?}", r.headers);
+    let r = route(&g, "echo", "another-one", json!(1));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("USER_LIMIT"), "{}", r.text());
+    // Nothing was assigned; known users are served; a lookup still answers.
+    assert_eq!(g.status()["routingTableSize"], 3);
+    for u in &known {
+        let r = route(&g, "echo", u, json!(u));
+        route_shape(u, &r, 2, true);
+    }
+    assert_eq!(lookup(&g, "one-too-many")["assigned"], false);
+}
+
+#[test]
 fn a_worker_crash_mid_request_is_502_then_it_recovers() {
     let g = start(Options::new(2));
     let r = g.request(

@@ -759,3 +759,17 @@ fn max_requests_is_exact_per_process() {
     );
     router.stop();
 }
+
+// The routing table's limit, through the library API.
+#[test]
+fn a_new_user_beyond_max_users_gets_user_limit() {
+    let mut env = TestEnv::new(2);
+    env.config.max_users = 1;
+    let router = env.start();
+    assert!(echo(&router, "first").success);
+    let r = echo(&router, "second");
+    assert_eq!(error_code(&r), "USER_LIMIT", "{r:?}");
+    assert_eq!(r.worker_id, None, "{r:?}");
+    assert!(echo(&router, "first").success);
+    assert_eq!(router.status().expect("status").routing_table_size, 1);
+}

@@ -619,11 +619,13 @@ async fn call(
     let slot_id = match routed {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("routing table: {e}");
-            return Prepared::Done(Answer::route_error(
-                endpoint,
-                &RouteError::Internal(e.to_string()),
-            ));
+            let e = RouteError::from(e);
+            // A full table is the configured limit at work, not a fault (and a client may
+            // provoke it at will): not logged per request.
+            if !matches!(e, RouteError::UserLimit(_)) {
+                tracing::error!("routing table: {e}");
+            }
+            return Prepared::Done(Answer::route_error(endpoint, &e));
         }
     };
     let fail = |e: RouteError| {

@@ -185,11 +185,10 @@ impl Pool {
         create_base(&base)?;
         let lock = lock_base(&base)?;
         remove_stale_segments(&base);
-        let router = Arc::new(StickyRouter::open(
-            &base,
-            config.worker_count,
-            config.balance_factor,
-        )?);
+        let router = Arc::new(
+            StickyRouter::open(&base, config.worker_count, config.balance_factor)?
+                .with_max_users(config.max_users),
+        );
 
         let (monitor_wake, monitor_rx) =
             wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
