@@ -419,6 +419,14 @@ impl Exposition {
             .encode_gauge(&pool.routing_table_size)?;
         encoder
             .encode_descriptor(
+                "routing_table_syncs",
+                "Fsyncs of the routing table (one per batch of first assignments)",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, u64, u64>(&pool.routing_table_syncs, None)?;
+        encoder
+            .encode_descriptor(
                 "workers_healthy",
                 "Workers ready or busy",
                 None,
@@ -686,6 +694,7 @@ mod tests {
             busy_workers: 0,
             queued_requests: 5,
             routing_table_size: 42,
+            routing_table_syncs: 7,
             uptime: 1000,
             workers,
         }
@@ -852,6 +861,7 @@ mod tests {
         let s = parse(&encode(&[], &pool(&["ready", "busy"]), &INFO));
         assert_eq!(value(&s, "moltbot_queue_depth", &[]), 5.0);
         assert_eq!(value(&s, "moltbot_routing_table_size", &[]), 42.0);
+        assert_eq!(value(&s, "moltbot_routing_table_syncs_total", &[]), 7.0);
         assert_eq!(value(&s, "moltbot_workers_healthy", &[]), 1.0);
         let w1 = [("worker", "worker-1")];
         assert_eq!(value(&s, "moltbot_worker_restarts_total", &w1), 4.0);

@@ -214,37 +214,45 @@ struct Journal {
     len: u64,
     /// A failed append may have left a partial line behind `len`: cut it before the next one.
     dirty: bool,
+    /// Successful appends (each one fsync), for [`StickyRouter::syncs`].
+    syncs: u64,
 }
 
 impl Journal {
-    /// Appends one entry as a single write and syncs it; on failure the file is cut back to
+    /// Appends entries, one line each, as a single write and syncs them once (a group commit:
+    /// all first assignments of a batch share one fsync); on failure the file is cut back to
     /// its last complete line (or marked for that before the next append).
-    fn append(&mut self, user: &str, worker: usize) -> Result<(), RouterError> {
+    fn append(&mut self, entries: &[(&str, usize)]) -> Result<(), io::Error> {
         if self.dirty {
-            self.file
-                .set_len(self.len)
-                .map_err(|e| RouterError::io(&self.path, e))?;
+            self.file.set_len(self.len)?;
             self.dirty = false;
         }
-        let mut line = serde_json::to_vec(&Entry {
-            user: Cow::Borrowed(user),
-            worker,
-        })
-        .map_err(|e| RouterError::io(&self.path, e.into()))?;
-        line.push(b'\n');
+        let mut lines = Vec::with_capacity(entries.len() * 48);
+        for &(user, worker) in entries {
+            serde_json::to_writer(
+                &mut lines,
+                &Entry {
+                    user: Cow::Borrowed(user),
+                    worker,
+                },
+            )?;
+            lines.push(b'\n');
+        }
         let result = self
             .file
-            .write_all(&line)
+            .write_all(&lines)
             .and_then(|()| self.file.sync_data());
         match result {
             Ok(()) => {
-                self.len += line.len() as u64;
+                self.len += lines.len() as u64;
+                self.syncs += 1;
                 Ok(())
             }
             Err(e) => {
-                // The line may or may not be on disk: remove it so the file and the table agree.
+                // The lines may or may not be on disk: remove them so the file and the table
+                // agree.
                 self.dirty = self.file.set_len(self.len).is_err();
-                Err(RouterError::io(&self.path, e))
+                Err(e)
             }
         }
     }
@@ -331,6 +339,7 @@ impl StickyRouter {
             path,
             len: valid_len as u64,
             dirty: false,
+            syncs: 0,
         };
         Self::build(workers, balance_factor, entries, Some(journal))
     }
@@ -396,47 +405,103 @@ impl StickyRouter {
 
     /// The slot of `user`, assigning (and persisting) one on first sight.
     ///
-    /// Errors: an empty `user`, or a failure to persist a new assignment (then nothing is
-    /// assigned, and a later call tries again).
+    /// Errors: an empty `user`, a full table ([`StickyRouter::with_max_users`]), or a failure
+    /// to persist a new assignment (then nothing is assigned, and a later call tries again).
     pub fn route(&self, user: &str) -> Result<usize, RouterError> {
         if let Some(&slot) = self.table.pin().get(user) {
             return Ok(slot);
         }
-        if user.is_empty() {
-            return Err(RouterError::EmptyUser);
-        }
-        self.assign(user)
+        self.route_many(&[user])
+            .pop()
+            .unwrap_or(Err(RouterError::EmptyUser))
     }
 
-    fn assign(&self, user: &str) -> Result<usize, RouterError> {
+    /// [`StickyRouter::route`] for several users at once, one result per user in order. The
+    /// new users among them are assigned in that order and persisted together, with one
+    /// fsync: a caller that collects the first sights arriving meanwhile (as each gateway
+    /// core does) pays one disk sync per batch rather than one per user.
+    pub fn route_many(&self, users: &[&str]) -> Vec<Result<usize, RouterError>> {
+        let mut results: Vec<Result<usize, RouterError>> = Vec::with_capacity(users.len());
         let mut state = self.lock();
         let table = self.table.pin();
-        // Another thread may have assigned this user while we waited for the lock.
-        if let Some(&slot) = table.get(user) {
-            return Ok(slot);
+        // Chosen in this batch, not yet persisted: user → slot, in order (and by user), and
+        // how many of them are new to the table (not stale).
+        let mut fresh: Vec<(&str, usize)> = Vec::new();
+        let mut fresh_by_user: StdHashMap<&str, usize> = StdHashMap::new();
+        let mut fresh_new = 0usize;
+        for &user in users {
+            // Assigned before, or by another thread while we waited for the lock.
+            if let Some(&slot) = table.get(user) {
+                results.push(Ok(slot));
+                continue;
+            }
+            if user.is_empty() {
+                results.push(Err(RouterError::EmptyUser));
+                continue;
+            }
+            if let Some(&slot) = fresh_by_user.get(user) {
+                results.push(Ok(slot));
+                continue;
+            }
+            // A user whose slot no longer exists was counted before: it is not a new one.
+            let stale = state.stale.contains_key(user);
+            if !stale && self.len.load(Ordering::Acquire) + fresh_new >= self.max_users {
+                results.push(Err(RouterError::Full(self.max_users)));
+                continue;
+            }
+            let slot = self.choose(user, &state.counts);
+            if let Some(c) = state.counts.get_mut(slot) {
+                *c += 1;
+            }
+            fresh.push((user, slot));
+            fresh_by_user.insert(user, slot);
+            fresh_new += usize::from(!stale);
+            results.push(Ok(slot));
         }
-        // A user whose slot no longer exists was counted before: it is not a new one.
-        if self.len.load(Ordering::Acquire) >= self.max_users && !state.stale.contains_key(user) {
-            return Err(RouterError::Full(self.max_users));
+        if fresh.is_empty() {
+            return results;
         }
-        let slot = self.choose(user, &state.counts);
-        if let Some(journal) = state.journal.as_mut() {
-            journal.append(user, slot)?;
+        let persisted = match state.journal.as_mut() {
+            Some(journal) => journal
+                .append(&fresh)
+                .map_err(|e| (journal.path.clone(), e)),
+            None => Ok(()),
+        };
+        if let Err((path, e)) = persisted {
+            // Nothing of the batch is assigned: undo the counts, fail its new users.
+            for &(_, slot) in &fresh {
+                if let Some(c) = state.counts.get_mut(slot) {
+                    *c -= 1;
+                }
+            }
+            for (r, &user) in results.iter_mut().zip(users) {
+                if r.is_ok() && table.get(user).is_none() {
+                    *r = Err(RouterError::Io {
+                        path: path.clone(),
+                        source: io::Error::new(e.kind(), e.to_string()),
+                    });
+                }
+            }
+            return results;
         }
-        if let Some(previous) = state.stale.remove(user) {
-            tracing::warn!(
-                user,
-                previous = format_args!("worker-{previous}"),
-                now = format_args!("worker-{slot}"),
-                "re-assigned a user whose slot no longer exists"
-            );
+        for &(user, slot) in &fresh {
+            if let Some(previous) = state.stale.remove(user) {
+                tracing::warn!(
+                    user,
+                    previous = format_args!("worker-{previous}"),
+                    now = format_args!("worker-{slot}"),
+                    "re-assigned a user whose slot no longer exists"
+                );
+            }
+            table.insert(user.into(), slot);
         }
-        table.insert(user.into(), slot);
-        if let Some(c) = state.counts.get_mut(slot) {
-            *c += 1;
-        }
-        self.len.fetch_add(1, Ordering::Release);
-        Ok(slot)
+        self.len.fetch_add(fresh.len(), Ordering::Release);
+        results
+    }
+
+    /// Fsyncs of the routing table so far: one per batch of first assignments.
+    pub fn syncs(&self) -> u64 {
+        self.lock().journal.as_ref().map_or(0, |j| j.syncs)
     }
 
     /// Where a new user goes given the current counts.
@@ -910,9 +975,20 @@ mod tests {
             path: path.clone(),
             len: 0,
             dirty: false,
+            syncs: 0,
         };
         let r = StickyRouter::build(3, 1.0, Vec::new(), Some(journal)).expect("build");
         assert!(matches!(r.route("user-a"), Err(RouterError::Io { .. })));
+        // A batch fails whole: none of its users is assigned.
+        let batch = r.route_many(&["x", "y", "x"]);
+        assert!(
+            batch
+                .iter()
+                .all(|b| matches!(b, Err(RouterError::Io { .. }))),
+            "{batch:?}"
+        );
+        assert_eq!(r.lookup("x"), None);
+        assert_eq!(r.syncs(), 0);
         assert_eq!(r.lookup("user-a"), None);
         assert_eq!(r.len(), 0);
         assert_eq!(r.counts(), vec![0, 0, 0]);
@@ -937,12 +1013,63 @@ mod tests {
             path: path.clone(),
             len: good.len() as u64,
             dirty: true,
+            syncs: 0,
         };
-        journal.append("w", 1).expect("append");
+        journal.append(&[("w", 1)]).expect("append");
         assert_eq!(
             std::fs::read_to_string(&path).expect("read"),
             "{\"user\":\"u\",\"worker\":0}\n{\"user\":\"w\",\"worker\":1}\n"
         );
+    }
+
+    #[test]
+    fn a_batch_is_assigned_in_order_with_one_fsync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+        assert_eq!(r.route("known").expect("route"), r.peek("known"));
+        assert_eq!(r.syncs(), 1);
+        // The same users one by one, in the same order, in a router of their own.
+        let one_by_one = StickyRouter::in_memory(3, 1.0).expect("router");
+        let users = [
+            "known", "user-a", "", "user-b", "user-a", "user-c", "user-d",
+        ];
+        let expected: Vec<Option<usize>> = users.iter().map(|u| one_by_one.route(u).ok()).collect();
+        let got: Vec<Option<usize>> = r.route_many(&users).into_iter().map(Result::ok).collect();
+        assert_eq!(got, expected);
+        assert!(matches!(
+            r.route_many(&[""]).as_slice(),
+            [Err(RouterError::EmptyUser)]
+        ));
+        assert_eq!(r.syncs(), 2, "one fsync for the whole batch");
+        assert_eq!(r.len(), 5);
+        // One line per new user (the duplicate and the known one add none).
+        assert_eq!(read_lines(dir.path()).len(), 5);
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen");
+        for (u, want) in users.iter().zip(&expected) {
+            if !u.is_empty() {
+                assert_eq!(r.lookup(u), *want, "{u}");
+            }
+        }
+        // Known users only: nothing to persist.
+        let before = r.syncs();
+        assert!(
+            r.route_many(&["user-a", "user-b"])
+                .iter()
+                .all(Result::is_ok)
+        );
+        assert_eq!(r.syncs(), before);
+    }
+
+    #[test]
+    fn a_batch_stops_at_the_user_limit() {
+        let r = StickyRouter::in_memory(3, 1.0)
+            .expect("router")
+            .with_max_users(2);
+        let got = r.route_many(&["a", "b", "a", "c", "b"]);
+        assert!(got[0].is_ok() && got[1].is_ok() && got[2].is_ok() && got[4].is_ok());
+        assert!(matches!(got[3], Err(RouterError::Full(2))), "{got:?}");
+        assert_eq!(r.len(), 2);
     }
 
     #[test]

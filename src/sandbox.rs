@@ -727,10 +727,12 @@ mod tests {
 
     #[test]
     fn relative_base_becomes_absolute() {
-        // A temp dir under the crate's target/ dir, named relative to the working directory.
-        let dir = tempfile::Builder::new().tempdir_in("target").unwrap();
-        let name = dir.path().file_name().unwrap();
-        let relative = Path::new("target").join(name);
+        // A temp dir in the working directory (the crate root), named relative to it.
+        let dir = tempfile::Builder::new()
+            .prefix(".sandbox-test-")
+            .tempdir_in(".")
+            .unwrap();
+        let relative = PathBuf::from(dir.path().file_name().unwrap());
         assert!(relative.is_relative());
         let sb = Sandbox::prepare(&relative, 0).unwrap();
         assert!(sb.root().is_absolute());

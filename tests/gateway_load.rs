@@ -599,6 +599,14 @@ fn load_64_connections_x_200_requests_is_answered_and_sticky() {
 
     let st = g.status();
     assert_eq!(st["routingTableSize"].as_u64(), Some(USERS as u64), "{st}");
+    // First sights arriving together on a core share an fsync (group commit): 64 connections
+    // start at once, each with a new user, so batches form.
+    let syncs = st["routingTableSyncs"].as_u64().expect("routingTableSyncs");
+    eprintln!("{USERS} users assigned with {syncs} fsyncs of the routing table");
+    assert!(
+        syncs >= 1 && syncs < USERS as u64,
+        "{syncs} fsyncs for {USERS} users"
+    );
     let processed: u64 = st["workers"]
         .as_array()
         .expect("workers")

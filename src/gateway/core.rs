@@ -95,6 +95,8 @@ pub struct Core {
     pub shutdown: crate::gateway::signal::Signal,
     /// Per slot: tells its wake reader that a new wake socket may wait in the slot.
     pub wake_swaps: Vec<crate::gateway::signal::Notify>,
+    /// Users waiting for their first assignment, persisted in batches.
+    pub first_sight: Rc<crate::gateway::first_sight::FirstSight>,
 }
 
 impl Core {
@@ -404,6 +406,7 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
         done: Cell::new(false),
         flush: Default::default(),
         shutdown: Default::default(),
+        first_sight: Default::default(),
         wake_swaps: shared
             .pool
             .slots()

@@ -606,27 +606,15 @@ async fn call(
     let router = shared.pool.router();
     // A known user is a lock-free lookup; a first assignment appends to the routing table and
     // fsyncs it, which must not stall the reactor (and every connection on this core): it runs
-    // on glommio's blocking thread and this request waits for it.
+    // on glommio's blocking thread, batched with the other first sights of this core, and this
+    // request waits for it.
     let routed = match router.lookup(user) {
         Some(s) => Ok(s),
-        None => {
-            let (r, u) = (router.clone(), user.to_string());
-            glommio::executor()
-                .spawn_blocking(move || r.route(&u))
-                .await
-        }
+        None => core.first_sight.route(router, user.to_string()).await,
     };
     let slot_id = match routed {
         Ok(s) => s,
-        Err(e) => {
-            let e = RouteError::from(e);
-            // A full table is the configured limit at work, not a fault (and a client may
-            // provoke it at will): not logged per request.
-            if !matches!(e, RouteError::UserLimit(_)) {
-                tracing::error!("routing table: {e}");
-            }
-            return Prepared::Done(Answer::route_error(endpoint, &e));
-        }
+        Err(e) => return Prepared::Done(Answer::route_error(endpoint, &e)),
     };
     let fail = |e: RouteError| {
         Prepared::Done(shape_answer(

@@ -5,6 +5,7 @@
 pub mod conn;
 pub mod core;
 pub mod endpoints;
+pub mod first_sight;
 pub mod http;
 pub mod signal;
 

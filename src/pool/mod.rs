@@ -359,6 +359,7 @@ impl Pool {
             busy_workers: workers.iter().filter(|w| w.state == "busy").count(),
             queued_requests: self.slots.iter().map(|s| s.admission.queued()).sum(),
             routing_table_size: self.router.len(),
+            routing_table_syncs: self.router.syncs(),
             uptime: self.started.elapsed().as_millis() as u64,
             workers,
         }
@@ -407,6 +408,8 @@ pub struct PoolStatus {
     pub queued_requests: usize,
     /// Users in the routing table.
     pub routing_table_size: usize,
+    /// Fsyncs of the routing table since the start: one per batch of first assignments.
+    pub routing_table_syncs: u64,
     /// Milliseconds since the pool started.
     pub uptime: u64,
     /// Per slot.
