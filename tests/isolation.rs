@@ -5,8 +5,8 @@
 //!
 //! No sleep synchronises anything: a test waits for answers, or polls with `gw::wait_until`.
 
-mod flood;
 mod gw;
+mod hostile_worker;
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
@@ -611,29 +611,11 @@ fn a_worker_breaking_its_wake_sockets_hurts_only_its_own_users() {
     let g = Gw::start(Options::new(2), None);
     let [(_, victim_slot), (bystander, _)] = g.users_on_two_workers();
     let pid = g.worker_pids()[victim_slot];
-    let pidfd = rustix::process::pidfd_open(
-        rustix::process::Pid::from_raw(pid as i32).expect("pid"),
-        rustix::process::PidfdFlags::empty(),
-    )
-    .expect("pidfd_open");
-    let mut broken = 0;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds") {
-        let fd = fd.expect("fd");
-        let is_socket =
-            std::fs::read_link(fd.path()).is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
-        let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        if is_socket {
-            let theirs =
-                rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty())
-                    .expect("pidfd_getfd");
-            if rustix::net::shutdown(&theirs, rustix::net::Shutdown::Write).is_ok() {
-                broken += 1;
-            }
-        }
-    }
-    assert!(broken > 0, "the worker holds no socket");
+    let broken = hostile_worker::worker_sockets(pid)
+        .iter()
+        .filter(|s| rustix::net::shutdown(s, rustix::net::Shutdown::Write).is_ok())
+        .count();
+    assert!(broken > 0, "no socket of the worker could be shut down");
     for i in 0..20 {
         let v = g.route("echo", &bystander, json!(i));
         assert_eq!(v["payload"], json!(i));
@@ -664,7 +646,7 @@ fn a_worker_flooding_its_wake_sockets_is_killed_and_replaced() {
                 served.store(i, Release);
             }
         });
-        let r = flood::flood_wake_sockets(pid, std::time::Duration::from_secs(20), || {
+        let r = hostile_worker::flood_wake_sockets(pid, std::time::Duration::from_secs(20), || {
             g.worker_pids()[victim_slot] != pid
         });
         done.store(true, std::sync::atomic::Ordering::Release);

@@ -3,7 +3,7 @@
 //! and the `workers demo` command. Each test has its own sandbox directory and pool.
 
 mod common;
-mod flood;
+mod hostile_worker;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -598,7 +598,7 @@ fn a_worker_flooding_its_wake_sockets_is_killed_and_replaced() {
     let stop = AtomicBool::new(false);
     let ((written, replaced), (failed, _)) = std::thread::scope(|s| {
         let other = s.spawn(|| echo_until(&router, &good, &stop));
-        let r = flood::flood_wake_sockets(old, Duration::from_secs(20), || {
+        let r = hostile_worker::flood_wake_sockets(old, Duration::from_secs(20), || {
             worker(&router, 0).pid != Some(old)
         });
         stop.store(true, Ordering::Release);

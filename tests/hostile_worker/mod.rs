@@ -1,16 +1,12 @@
-//! Playing a compromised worker that floods its wake sockets: the test takes the worker's
-//! socket descriptors with `pidfd_getfd` (code running in the worker holds the very same) and
-//! writes wake-up bytes into them without pause, as such code could.
+//! Playing a compromised worker: the test takes the worker's socket descriptors with
+//! `pidfd_getfd` (code running in the worker holds the very same ones) and misuses them as such
+//! code could.
 
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// Floods every socket worker `pid` holds until `replaced()` is true or `limit` passes;
-/// checks `replaced` every 20 ms. Returns the bytes written and whether it was replaced.
-pub fn flood_wake_sockets(
-    pid: u32,
-    limit: Duration,
-    mut replaced: impl FnMut() -> bool,
-) -> (u64, bool) {
+/// Copies of every socket descriptor worker `pid` holds (its wake sockets).
+pub fn worker_sockets(pid: u32) -> Vec<OwnedFd> {
     let pidfd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid as i32).expect("pid"),
         rustix::process::PidfdFlags::empty(),
@@ -32,6 +28,17 @@ pub fn flood_wake_sockets(
         }
     }
     assert!(!sockets.is_empty(), "the worker holds no socket");
+    sockets
+}
+
+/// Floods every socket worker `pid` holds until `replaced()` is true or `limit` passes;
+/// checks `replaced` every 20 ms. Returns the bytes written and whether it was replaced.
+pub fn flood_wake_sockets(
+    pid: u32,
+    limit: Duration,
+    mut replaced: impl FnMut() -> bool,
+) -> (u64, bool) {
+    let sockets = worker_sockets(pid);
     let start = Instant::now();
     let mut check = start;
     let mut written = 0u64;
