@@ -569,10 +569,8 @@ fn a_worker_writing_garbage_is_killed_and_replaced_without_hurting_others() {
             "{action}: the other slot saw errors: {failed:?}"
         );
         assert!(!is_our_child(old));
-        assert!(
-            echo(&router, &bad).success,
-            "{action}: the successor serves"
-        );
+        let after = echo(&router, &bad);
+        assert!(after.success, "{action}: the successor serves: {after:?}");
         assert_eq!(worker(&router, 0).crashes, i as u64 + 1);
         let reasons = restart_reasons(&env, 0);
         assert!(

@@ -197,7 +197,7 @@ pub struct LaneClient {
     /// owner's park announcements that it cleared (the only time an honest worker writes one),
     /// minus the bytes received. An honest worker keeps it at -1 or above (its byte may arrive
     /// before the owner withdraws the announcement and sees it cleared); below that it is
-    /// flooding the owner with wake-ups for answers that do not exist.
+    /// flooding the owner with wake-ups for answers that do not exist. Reset at each recovery.
     wake_credit: i64,
 }
 
@@ -336,7 +336,9 @@ impl LaneClient {
     }
 
     /// Withdraws [`LaneClient::announce_park`]. If the worker cleared the announcement, it may
-    /// send one wake-up byte for it.
+    /// send one wake-up byte for it. (Its answer may be gone by then: a worker that published,
+    /// saw an older announcement and was preempted before clearing it clears a newer one, after
+    /// the owner read the answer. So a cleared announcement does not prove an answer.)
     pub fn cancel_park(&mut self) {
         if cancel_park(self.resp.ring().parked_flag()) {
             self.wake_credit = self.wake_credit.saturating_add(1);
@@ -514,6 +516,9 @@ impl LaneClient {
         self.prune_outstanding();
         self.poisoned = false;
         self.recovering = false;
+        // The successor starts with a clean account: its predecessor's wake socket is no longer
+        // read (its bytes carry an older epoch) and no announcement is outstanding.
+        self.wake_credit = 0;
         self.seen_epoch = epoch;
         self.slot.ack_epoch(self.lane, epoch);
     }
