@@ -726,6 +726,57 @@ mod tests {
     }
 
     #[test]
+    fn wake_ups_are_counted_against_the_announcements_the_worker_took() {
+        use crate::pool::admission::Admission;
+        use moltbot_ipc::{Segment, SegmentLayout};
+        let name = format!(
+            "/moltbot-lane-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
+        let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
+        let slot = Arc::new(Slot::new(0, seg, 1, Admission::new(4, 4), Arc::new(tx)));
+        let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
+        // The owner's announcement, as the worker sees it.
+        let resp = slot.segment.response_ring(0).unwrap();
+        // An honest round: the owner announces, the worker takes it and sends one byte, which
+        // may arrive before or after the owner withdraws the announcement.
+        for byte_first in [true, false] {
+            lane.announce_park();
+            assert!(
+                wake_needed(resp.parked_flag()),
+                "the worker takes the announcement"
+            );
+            if byte_first {
+                assert!(lane.wake_received(1, 0));
+                lane.cancel_park();
+            } else {
+                lane.cancel_park();
+                assert!(lane.wake_received(1, 0));
+            }
+        }
+        // An announcement nobody took allows nothing; one byte may be in flight.
+        lane.announce_park();
+        lane.cancel_park();
+        assert!(lane.wake_received(1, 0));
+        assert_eq!(slot.take_kill_request(), None);
+        // The worker died with that byte uncredited: late bytes of its socket are dropped, and
+        // its successor's account starts at zero, not at its predecessor's -1.
+        slot.epoch.fetch_add(1, Ordering::AcqRel);
+        assert!(!lane.wake_received(1000, 0), "stop reading the old socket");
+        assert!(lane.poll(), "recovery");
+        assert!(lane.wake_received(1, 1));
+        assert_eq!(slot.take_kill_request(), None);
+        // A second byte without an announcement taken: a flood, and the worker is killed.
+        assert!(!lane.wake_received(1, 1));
+        assert!(
+            slot.take_kill_request()
+                .is_some_and(|r| r.contains("flood"))
+        );
+    }
+
+    #[test]
     fn decode_response_locates_fields_and_body() {
         let frame = encoded(&response(201, "", b"hello body"));
         let r = decode_response(frame.as_slice()).unwrap();
