@@ -237,23 +237,9 @@ pub fn acquire_blocking(
 mod tests {
     use super::*;
     use crate::pool::slot::Slot;
-    use moltbot_ipc::{Segment, SegmentLayout};
 
     fn slot(max: usize, queue: usize) -> Arc<Slot> {
-        let name = format!(
-            "/moltbot-adm-test-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        );
-        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
-        let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
-        Arc::new(Slot::new(
-            0,
-            seg,
-            1,
-            Admission::new(max, queue),
-            Arc::new(tx),
-        ))
+        crate::pool::slot::test_slot(Admission::new(max, queue)).0
     }
 
     #[test]

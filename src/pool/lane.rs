@@ -667,6 +667,8 @@ impl LaneSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pool::admission::Admission;
+    use crate::pool::slot::test_slot;
     use moltbot_ipc::Response;
 
     fn encoded(resp: &Response<'_>) -> AlignedBuf {
@@ -690,25 +692,11 @@ mod tests {
 
     #[test]
     fn recovery_republishes_the_positions_a_dead_worker_overwrote() {
-        use crate::pool::admission::Admission;
-        use moltbot_ipc::{Segment, SegmentLayout};
         // Found by the fuzz target `response_frame`: a worker that stored garbage into the
         // gateway-owned positions (response ring `head`, request ring `tail`) before dying made
         // every successor fail to attach (a crash loop into `failed`).
-        let name = format!(
-            "/moltbot-lane-test-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        );
-        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
-        let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
-        let slot = Arc::new(Slot::new(
-            0,
-            seg.clone(),
-            1,
-            Admission::new(4, 4),
-            Arc::new(tx),
-        ));
+        let (slot, _rx) = test_slot(Admission::new(4, 4));
+        let seg = slot.segment.clone();
         let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
         let (resp, req) = (seg.response_ring(0).unwrap(), seg.request_ring(0).unwrap());
         resp.header().consumer.head.store(255, Ordering::Release);
@@ -727,16 +715,7 @@ mod tests {
 
     #[test]
     fn wake_ups_are_counted_against_the_announcements_the_worker_took() {
-        use crate::pool::admission::Admission;
-        use moltbot_ipc::{Segment, SegmentLayout};
-        let name = format!(
-            "/moltbot-lane-test-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        );
-        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
-        let (tx, _rx) = moltbot_ipc::wake_pair().unwrap();
-        let slot = Arc::new(Slot::new(0, seg, 1, Admission::new(4, 4), Arc::new(tx)));
+        let (slot, _rx) = test_slot(Admission::new(4, 4));
         let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
         // The owner's announcement, as the worker sees it.
         let resp = slot.segment.response_ring(0).unwrap();

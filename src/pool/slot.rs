@@ -238,26 +238,28 @@ impl Slot {
     }
 }
 
+/// For unit tests: slot 0 with one lane on a fresh segment (4 KiB rings), and the receiving
+/// end of its monitor wake socket.
+#[cfg(test)]
+pub(crate) fn test_slot(admission: Admission) -> (Arc<Slot>, WakeReceiver) {
+    let name = format!(
+        "/moltbot-test-{}-{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    );
+    let layout = moltbot_ipc::SegmentLayout::new(1, 4096).expect("layout");
+    let seg = Segment::create(&name, layout, 0).expect("segment");
+    let (tx, rx) = moltbot_ipc::wake_pair().expect("wake pair");
+    (Arc::new(Slot::new(0, seg, 1, admission, Arc::new(tx))), rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use moltbot_ipc::{Segment, SegmentLayout};
-
-    fn slot() -> (Slot, moltbot_ipc::WakeReceiver) {
-        let name = format!(
-            "/moltbot-slot-test-{}-{:x}",
-            std::process::id(),
-            rand::random::<u64>()
-        );
-        let seg = Segment::create(&name, SegmentLayout::new(1, 4096).unwrap(), 0).unwrap();
-        let (tx, rx) = moltbot_ipc::wake_pair().unwrap();
-        let s = Slot::new(0, seg, 1, Admission::new(1, 1), Arc::new(tx));
-        (s, rx)
-    }
 
     #[test]
     fn a_kill_request_is_about_the_process_of_its_epoch() {
-        let (s, rx) = slot();
+        let (s, rx) = test_slot(Admission::new(1, 1));
         assert_eq!(s.take_kill_request(), None);
         s.request_kill(0, "garbage");
         s.request_kill(0, "more garbage");
