@@ -35,15 +35,13 @@
 mod gw;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use gw::{GatewayProc, Options, wait_until};
+use gw::{Client, GatewayProc, Options, Resp, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustix::process::Signal;
@@ -83,96 +81,7 @@ fn slot_of(worker_id: &str) -> Option<usize> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A blocking keep-alive HTTP/1.1 client on a raw socket.
-
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        gw::header_of(&self.headers, name)
-    }
-
-    fn worker(&self) -> Option<usize> {
-        self.header("x-moltbot-worker").and_then(slot_of)
-    }
-
-    fn json(&self) -> Option<Value> {
-        serde_json::from_slice(&self.body).ok()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
-struct Client {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn new(g: &GatewayProc) -> Client {
-        let s = g.connect();
-        let r = BufReader::new(s.try_clone().expect("clone socket"));
-        Client { w: s, r }
-    }
-
-    /// One request and its answer; None if the connection broke.
-    fn try_call(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> Option<Resp> {
-        self.w
-            .write_all(&request_bytes(method, path, headers, body))
-            .ok()?;
-        self.recv()
-    }
-
-    /// One request and its answer; panics if the connection breaks.
-    fn call(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        self.try_call(method, path, headers, body)
-            .unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
-    }
-
-    fn recv(&mut self) -> Option<Resp> {
-        let mut head = Vec::new();
-        loop {
-            let before = head.len();
-            let n = self.r.read_until(b'\n', &mut head).ok()?;
-            if n == 0 {
-                return None;
-            }
-            if &head[before..] == b"\r\n" && before > 0 {
-                break;
-            }
-        }
-        let (status, headers, body) = gw::finish_response(&head, &mut self.r)?;
-        Some(Resp {
-            status,
-            headers,
-            body,
-        })
-    }
-}
+// The error shapes of the answers (the client is `gw::Client`).
 
 /// The gateway's error shape `{"error":{"code","message","retryable",...}}`, with the code
 /// that fits the status; returns the code.
@@ -370,7 +279,7 @@ fn load_thread(g: &GatewayProc, t: usize, ld: &Load) -> Vec<Rec> {
                 }
             }
             Some(r) => {
-                let (code, problem) = if r.worker() != Some(ld.known[u]) {
+                let (code, problem) = if r.worker_slot() != Some(ld.known[u]) {
                     (
                         None,
                         Some(format!(
@@ -684,7 +593,7 @@ fn learn_workers(g: &GatewayProc) -> Vec<usize> {
         .map(|u| {
             let r = c.call("POST", "/v1/echo", &[("x-moltbot-user", &user(u))], b"hi");
             assert_eq!(r.status, 200, "{}", r.text());
-            let slot = r.worker().expect("x-moltbot-worker");
+            let slot = r.worker_slot().expect("x-moltbot-worker");
             assert_eq!(lookup(&mut c, u), slot, "{}", user(u));
             slot
         })
@@ -1339,7 +1248,7 @@ fn a_worker_past_max_memory_is_recycled_and_nothing_is_lost() {
     // The request that allocated is answered: the worker finishes it, then leaves on SIGTERM.
     let a = alloc.expect("the alloc request was sent");
     assert_eq!(a.status, 200, "{}", a.text());
-    assert_eq!(a.worker(), Some(victim));
+    assert_eq!(a.worker_slot(), Some(victim));
     let v = a.json().expect("JSON");
     assert_eq!(v["success"].as_bool(), Some(true), "{v}");
     assert_eq!(v["payload"]["allocatedMib"].as_u64(), Some(96), "{v}");
@@ -1437,7 +1346,7 @@ fn a_crash_loop_fails_the_slot_with_503_then_it_serves_again() {
                 &[("content-type", "application/json")],
                 body.as_bytes(),
             );
-            crash_answers.push((r.status, r.worker(), r.json().unwrap_or_default()));
+            crash_answers.push((r.status, r.worker_slot(), r.json().unwrap_or_default()));
             if n < 3 {
                 wait_until("the crashed worker replaced", || {
                     serving(&slot_view(&g.status(), victim).0)
@@ -1482,7 +1391,12 @@ fn a_crash_loop_fails_the_slot_with_503_then_it_serves_again() {
                 &[("x-moltbot-user", &user(*u))],
                 b"back",
             );
-            assert_eq!((r.status, r.worker()), (200, Some(victim)), "{}", r.text());
+            assert_eq!(
+                (r.status, r.worker_slot()),
+                (200, Some(victim)),
+                "{}",
+                r.text()
+            );
         }
     });
 
@@ -1503,7 +1417,7 @@ fn a_crash_loop_fails_the_slot_with_503_then_it_serves_again() {
     let probed = failed_probe.is_some();
     if let Some(p) = failed_probe {
         assert_eq!(p.status, 503, "{}", p.text());
-        assert_eq!(p.worker(), Some(victim));
+        assert_eq!(p.worker_slot(), Some(victim));
         assert_eq!(gateway_error(&p).as_deref(), Ok("UNAVAILABLE"));
         let retry_after: u64 = p
             .header("retry-after")

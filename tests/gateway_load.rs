@@ -13,14 +13,14 @@
 mod gw;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use gw::{GatewayProc, Options, wait_until};
+use gw::{Client, GatewayProc, Options, Resp, wait_until};
 use rustix::process::Signal;
 
 /// Client threads of a load run.
@@ -60,33 +60,7 @@ impl Drop for Gw {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A blocking keep-alive HTTP/1.1 client on a raw socket.
-
-/// One response.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        gw::header_of(&self.headers, name)
-    }
-
-    fn worker(&self) -> Option<&str> {
-        self.header("x-moltbot-worker")
-    }
-
-    fn json(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice(&self.body).ok()
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
+// The error shapes of the answers (the client is `gw::Client`).
 
 /// Checks the gateway's error shape `{"error":{"code","message","retryable",...}}` and
 /// returns the code.
@@ -102,78 +76,6 @@ fn error_code(r: &Resp) -> Result<String, String> {
     ) {
         (Some(code), Some(_), Some(_)) => Ok(code.to_string()),
         _ => Err(format!("{}: not the error shape: {}", r.status, r.text())),
-    }
-}
-
-/// An HTTP/1.1 request with a Content-Length body.
-fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
-}
-
-/// A keep-alive connection: requests are written whole, answers read through a buffer.
-struct Client {
-    w: TcpStream,
-    r: BufReader<TcpStream>,
-}
-
-impl Client {
-    fn new(g: &GatewayProc) -> Client {
-        let s = g.connect();
-        let r = BufReader::new(s.try_clone().expect("clone socket"));
-        Client { w: s, r }
-    }
-
-    fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> std::io::Result<()> {
-        self.w
-            .write_all(&request_bytes(method, path, headers, body))
-    }
-
-    /// The next response; None on EOF or a broken connection.
-    fn recv(&mut self) -> Option<Resp> {
-        let mut head = Vec::new();
-        loop {
-            let before = head.len();
-            let n = self.r.read_until(b'\n', &mut head).ok()?;
-            if n == 0 {
-                return None;
-            }
-            if &head[before..] == b"\r\n" && before > 0 {
-                break;
-            }
-        }
-        let (status, headers, body) = gw::finish_response(&head, &mut self.r)?;
-        Some(Resp {
-            status,
-            headers,
-            body,
-        })
-    }
-
-    /// One request and its answer; panics if the connection breaks.
-    fn call(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
-        self.send(method, path, headers, body)
-            .unwrap_or_else(|e| panic!("{method} {path}: write: {e}"));
-        self.recv()
-            .unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
-    }
-
-    /// True once the server closed the connection (EOF or reset).
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.r.read(&mut b), Ok(0) | Err(_))
     }
 }
 
@@ -205,16 +107,16 @@ impl LoadReq {
         } else {
             ("/v1/echo", "text/plain")
         };
-        request_bytes(
+        gw::request_bytes(
             "POST",
             path,
-            &[("x-moltbot-user", &u), ("content-type", ct)],
+            &[("x-moltbot-user", u.as_str()), ("content-type", ct)],
             &self.body,
         )
     }
 
     fn send(&self, c: &mut Client) -> std::io::Result<()> {
-        c.w.write_all(&self.bytes())
+        c.send_raw(&self.bytes())
     }
 
     /// Checks a 200 answer's body; Err describes a mismatch.
@@ -863,7 +765,7 @@ fn sigterm_answers_what_is_in_flight_then_exits_0_leaving_nothing() {
             .map(|k| LoadReq::new(i * PER_CONN + k, (i * PER_CONN + k) as u64))
             .collect();
         let bytes: Vec<u8> = reqs.iter().flat_map(LoadReq::bytes).collect();
-        c.w.write_all(&bytes).expect("send");
+        c.send_raw(&bytes).expect("send");
         expected.push(reqs);
     }
     let total = (CONNS * PER_CONN) as u64;

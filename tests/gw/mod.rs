@@ -2,7 +2,7 @@
 //! own sandbox directory, plus HTTP clients (a well-behaved one and raw sockets).
 #![allow(dead_code)] // Each test binary uses its own subset.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -663,5 +663,139 @@ impl GatewayProc {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// An HTTP/1.1 request with a Content-Length body.
+pub fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    bytes
+}
+
+/// One response of a [`Client`].
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// A header value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_of(&self.headers, name)
+    }
+
+    /// `x-moltbot-worker`.
+    pub fn worker(&self) -> Option<&str> {
+        self.header("x-moltbot-worker")
+    }
+
+    /// The slot number of `x-moltbot-worker`.
+    pub fn worker_slot(&self) -> Option<usize> {
+        self.worker()?.strip_prefix("worker-")?.parse().ok()
+    }
+
+    /// The body as JSON, if it is.
+    pub fn json(&self) -> Option<serde_json::Value> {
+        serde_json::from_slice(&self.body).ok()
+    }
+
+    /// The body as text (lossy).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A blocking keep-alive connection: requests are written whole, answers read through a buffer.
+pub struct Client {
+    w: TcpStream,
+    r: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// A new connection to `g`.
+    pub fn new(g: &GatewayProc) -> Client {
+        let s = g.connect();
+        let r = BufReader::new(s.try_clone().expect("clone socket"));
+        Client { w: s, r }
+    }
+
+    /// Writes `bytes` as they are (one request, several pipelined, or anything else).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(bytes)
+    }
+
+    /// Writes one request.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<()> {
+        self.send_raw(&request_bytes(method, path, headers, body))
+    }
+
+    /// The next response; None on EOF or a broken connection.
+    pub fn recv(&mut self) -> Option<Resp> {
+        let mut head = Vec::new();
+        loop {
+            let before = head.len();
+            let n = self.r.read_until(b'\n', &mut head).ok()?;
+            if n == 0 {
+                return None;
+            }
+            if &head[before..] == b"\r\n" && before > 0 {
+                break;
+            }
+        }
+        let (status, headers, body) = finish_response(&head, &mut self.r)?;
+        Some(Resp {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// One request and its answer; None if the connection broke.
+    pub fn try_call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Option<Resp> {
+        self.send(method, path, headers, body).ok()?;
+        self.recv()
+    }
+
+    /// One request and its answer; panics if the connection breaks.
+    pub fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        self.send(method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: write: {e}"));
+        self.recv()
+            .unwrap_or_else(|| panic!("{method} {path}: connection closed without an answer"))
+    }
+
+    /// True once the server closed the connection (EOF or reset).
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.r.read(&mut b), Ok(0) | Err(_))
     }
 }
