@@ -20,10 +20,9 @@ pub fn inherit_only(cmd: &mut Command, keep: &[RawFd]) {
         .collect();
     keep.sort_unstable();
     keep.dedup();
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. It reads `keep` (allocated before the fork,
-    // never modified) and makes close_range, getrlimit and fcntl system calls; it allocates
-    // nothing and takes no lock.
+    // SAFETY: runs between fork and exec, where only async-signal-safe calls are allowed: it
+    // reads `keep` (allocated before the fork) and makes close_range/getrlimit/fcntl system
+    // calls only; no allocation, no lock.
     unsafe {
         cmd.pre_exec(move || {
             let mut first = 3u32;
@@ -88,10 +87,9 @@ fn cloexec_by_fcntl(first: u32, last: u32) -> std::io::Result<()> {
 /// stall, or with the gateway), its agent must not linger as an orphan.
 pub fn die_with_parent(cmd: &mut Command) {
     let parent = rustix::process::getpid();
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe operations are allowed. It only makes the prctl(PR_SET_PDEATHSIG) and
-    // getppid system calls (rustix issues them directly: no allocation, no locks) and returns;
-    // std reports an error to the parent through its exec pipe and exits the child with _exit.
+    // SAFETY: runs between fork and exec, where only async-signal-safe calls are allowed: only
+    // the prctl(PR_SET_PDEATHSIG) and getppid system calls (rustix: no allocation, no lock); std
+    // reports an error through its exec pipe and leaves with _exit.
     unsafe {
         cmd.pre_exec(move || {
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;

@@ -304,11 +304,10 @@ impl Producer {
     pub fn slot(&mut self, r: &Reservation) -> &mut [u8] {
         let off = ((self.tail + r.pad as u64) & self.ring.mask()) as usize + FRAME_HEADER;
         debug_assert!(off + r.len <= self.ring.capacity);
-        // SAFETY: `reserve` checked that [tail + pad, tail + pad + frame_total(len)) is free
-        // space owned by the producer (the consumer never touches bytes beyond `tail`) and lies
-        // within the data area without wrapping. `&mut self` makes this the only live slice.
-        // A hostile consumer could still scribble on these bytes; that only garbles the frame
-        // it is about to read, and the producer never reads them back.
+        // A hostile consumer could scribble on these bytes: that only garbles the frame it is
+        // about to read; the producer never reads them back.
+        // SAFETY: `reserve` checked that the span is free producer-owned space inside the data
+        // area without wrapping; `&mut self` makes this the only live slice.
         unsafe { core::slice::from_raw_parts_mut(self.ring.data.as_ptr().add(off), r.len) }
     }
 
@@ -525,10 +524,9 @@ impl Consumer {
     /// gateway's requests): a producer that rewrites published frames would race with this
     /// read. Read untrusted frames with [`Consumer::copy_frame`].
     pub fn bytes(&self, frame: &Frame) -> &[u8] {
-        // SAFETY: `peek` validated that [payload, payload + len) is inside the data area and
-        // published (before `tail`, which we loaded with Acquire), and the producer does not
-        // write published frames until we release them; the borrow of `self` keeps the
-        // mapping alive and prevents `release` while the slice lives.
+        // SAFETY: `peek` validated the span: inside the data area, published (before the
+        // Acquire-loaded `tail`), not rewritten until released; borrowing `self` keeps the
+        // mapping alive and `release` out while the slice lives.
         unsafe { core::slice::from_raw_parts(self.payload_ptr(frame), frame.len) }
     }
 
@@ -724,10 +722,9 @@ impl HeapRing {
         let data = core::mem::size_of::<RingHeader>();
         for (i, &b) in bytes.iter().enumerate() {
             let at = data + (offset.wrapping_add(i) % self.capacity);
-            // SAFETY: `at` < size_of::<RingHeader>() + capacity, the allocation's size;
-            // AtomicU8 has u8's layout and alignment, and the ring code reads these bytes only
-            // atomically (frame headers, copy_frame) or as published frames of a consumer that
-            // trusts its producer, which a test doing this does not use.
+            // The ring reads these bytes only atomically, or as frames of a consumer that
+            // trusts its producer, which a test writing here does not use.
+            // SAFETY: `at` < header + capacity, the allocation's size; AtomicU8 has u8's layout.
             unsafe {
                 (*self
                     .base

@@ -406,10 +406,9 @@ impl Segment {
 
     fn ring_at(&self, offset: usize) -> RingRef {
         let backing: Arc<dyn crate::ring::Backing> = self.map.clone();
-        // SAFETY: `offset` comes from this segment's own layout, so the ring (header + data)
-        // lies inside the mapping and is 128-aligned (all parts are multiples of 128 and the
-        // mapping is page-aligned); capacity was validated by SegmentLayout::new; `backing`
-        // keeps the mapping alive for the handle's lifetime.
+        // SAFETY: `offset` is from this segment's validated layout: the ring lies inside the
+        // page-aligned mapping, 128-aligned (every part is a multiple of 128); `backing` keeps
+        // the mapping alive for the handle's lifetime.
         unsafe {
             RingRef::from_raw(
                 self.map.base().add(offset),
