@@ -11,8 +11,8 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use gw::{
-    GatewayProc, Options, RawResponse, parse_responses, read_response, read_until_closed,
-    run_moltbot, write_bytewise,
+    GatewayProc, Options, RawResponse, parse_responses, raw_request, read_response,
+    read_until_closed, run_moltbot, write_bytewise,
 };
 use moltbot::http_client::HttpResponse;
 use serde_json::{Value, json};
@@ -155,30 +155,6 @@ fn lookup(g: &GatewayProc, segment: &str) -> Value {
     let r = g.request("GET", &format!("/v1/users/{segment}/worker"), &[], None);
     assert_eq!(r.status, 200, "lookup {segment}: {}", r.text());
     json_of("lookup", &r)
-}
-
-/// A raw request: request line, headers (raw bytes), a Content-Length when `body` is given.
-fn raw_request(
-    method: &str,
-    target: &str,
-    headers: &[(&str, &[u8])],
-    body: Option<&[u8]>,
-) -> Vec<u8> {
-    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n").into_bytes();
-    for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(b) = body {
-        out.extend_from_slice(format!("Content-Length: {}\r\n", b.len()).as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    if let Some(b) = body {
-        out.extend_from_slice(b);
-    }
-    out
 }
 
 /// A keep-alive `POST /v1/echo` for `user` with `body`.

@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gw::{DEADLINE, GatewayProc, Options, RawResponse, parse_responses, read_until_closed};
+use gw::{
+    DEADLINE, GatewayProc, Options, RawResponse, parse_responses, raw_request as request,
+    read_until_closed,
+};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -56,26 +59,6 @@ fn assert_error(what: &str, r: &RawResponse, status: u16, code: &str) -> Value {
     );
     assert!(err["retryable"].is_boolean(), "{what}: {text}");
     err.clone()
-}
-
-/// A request: request line, `Host`, the given raw header lines, a Content-Length when `body`
-/// is given, and the body.
-fn request(method: &str, target: &str, headers: &[(&str, &[u8])], body: Option<&[u8]>) -> Vec<u8> {
-    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n").into_bytes();
-    for (k, v) in headers {
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(v);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(b) = body {
-        out.extend_from_slice(format!("Content-Length: {}\r\n", b.len()).as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    if let Some(b) = body {
-        out.extend_from_slice(b);
-    }
-    out
 }
 
 /// `POST /v1/agent` for `user` (a request that, if processed, assigns the user a worker).

@@ -666,16 +666,35 @@ impl GatewayProc {
     }
 }
 
+/// A raw request: request line, `Host`, the given header lines (raw bytes), a Content-Length
+/// when `body` is given, and the body.
+pub fn raw_request(
+    method: &str,
+    target: &str,
+    headers: &[(&str, &[u8])],
+    body: Option<&[u8]>,
+) -> Vec<u8> {
+    let mut out = format!("{method} {target} HTTP/1.1\r\nHost: gw\r\n").into_bytes();
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v);
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(b) = body {
+        out.extend_from_slice(format!("Content-Length: {}\r\n", b.len()).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if let Some(b) = body {
+        out.extend_from_slice(b);
+    }
+    out
+}
+
 /// An HTTP/1.1 request with a Content-Length body.
 pub fn request_bytes(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: gw\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    let mut bytes = req.into_bytes();
-    bytes.extend_from_slice(body);
-    bytes
+    let headers: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+    raw_request(method, path, &headers, Some(body))
 }
 
 /// One response of a [`Client`].
