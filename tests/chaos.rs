@@ -193,12 +193,14 @@ impl Load {
         t.saturating_duration_since(self.base).as_micros() as u64 + 1
     }
 
-    /// True once every user in `users` had a request sent after `t` answered 200.
-    fn all_served_since(&self, users: &[usize], t: Instant) -> bool {
+    /// Waits until every user had a request sent after `t` answered 200.
+    fn wait_all_served_since(&self, what: &str, t: Instant) {
         let t = self.us(t);
-        users
-            .iter()
-            .all(|u| self.last_ok[*u].load(Ordering::Relaxed) >= t)
+        wait_until(what, || {
+            self.last_ok
+                .iter()
+                .all(|ok| ok.load(Ordering::Relaxed) >= t)
+        });
     }
 }
 
@@ -407,6 +409,12 @@ impl Watch {
 
     fn faults(&self) -> MutexGuard<'_, Vec<Fault>> {
         self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The watcher saw `/livez` answer and the gateway's pid stay the same throughout.
+    fn assert_gateway_stayed_up(&self, g: &GatewayProc) {
+        let failures = self.failures.lock().expect("lock").clone();
+        assert_no_failures("the gateway stays up (/livez, pid)", &failures, g);
     }
 
     fn fail(&self, what: String) {
@@ -954,15 +962,10 @@ fn kill_9_every_200ms_for_10s_fails_only_what_the_victims_held() {
         wait_until("every killed worker replaced", || {
             w.faults().iter().all(|f| f.over.is_some())
         });
-        let calm = Instant::now();
-        let all: Vec<usize> = (0..USERS).collect();
-        wait_until("every user served after the chaos", || {
-            ld.all_served_since(&all, calm)
-        });
+        ld.wait_all_served_since("every user served after the chaos", Instant::now());
     });
 
-    let failures = w.failures.lock().expect("lock").clone();
-    assert_no_failures("the gateway stays up (/livez, pid)", &failures, &g);
+    w.assert_gateway_stayed_up(&g);
     let faults = w.faults.into_inner().expect("lock");
     let (failures, per_slot) = attribute(&recs, &known, &faults);
     assert_no_failures("kill -9 chaos", &failures, &g);
@@ -1129,15 +1132,10 @@ fn sigstop_sigcont_cycles_replace_only_stalled_workers() {
                 }
             }
         }
-        let calm = Instant::now();
-        let all: Vec<usize> = (0..USERS).collect();
-        wait_until("every user served after the chaos", || {
-            ld.all_served_since(&all, calm)
-        });
+        ld.wait_all_served_since("every user served after the chaos", Instant::now());
     });
 
-    let failures = w.failures.lock().expect("lock").clone();
-    assert_no_failures("the gateway stays up (/livez, pid)", &failures, &g);
+    w.assert_gateway_stayed_up(&g);
     let faults = w.faults.into_inner().expect("lock");
     let (failures, per_slot) = attribute(&recs, &known, &faults);
     assert_no_failures("SIGSTOP/SIGCONT chaos", &failures, &g);
@@ -1236,15 +1234,10 @@ fn a_worker_past_max_memory_is_recycled_and_nothing_is_lost() {
         wait_until("the recycled worker replaced", || {
             w.faults().iter().all(|f| f.over.is_some())
         });
-        let calm = Instant::now();
-        let all: Vec<usize> = (0..USERS).collect();
-        wait_until("every user served after the recycle", || {
-            ld.all_served_since(&all, calm)
-        });
+        ld.wait_all_served_since("every user served after the recycle", Instant::now());
     });
 
-    let failures = w.failures.lock().expect("lock").clone();
-    assert_no_failures("the gateway stays up (/livez, pid)", &failures, &g);
+    w.assert_gateway_stayed_up(&g);
     // The request that allocated is answered: the worker finishes it, then leaves on SIGTERM.
     let a = alloc.expect("the alloc request was sent");
     assert_eq!(a.status, 200, "{}", a.text());
@@ -1380,9 +1373,7 @@ fn a_crash_loop_fails_the_slot_with_503_then_it_serves_again() {
         let back = Instant::now();
         window = (failed_at, back);
         recovery = back.duration_since(failed_at);
-        wait_until("every user served after the cool-down", || {
-            ld.all_served_since(&(0..USERS).collect::<Vec<_>>(), back)
-        });
+        ld.wait_all_served_since("every user served after the cool-down", back);
         // The victim's users are served by the same slot again.
         for u in &victim_users {
             let r = c.call(
@@ -1400,8 +1391,7 @@ fn a_crash_loop_fails_the_slot_with_503_then_it_serves_again() {
         }
     });
 
-    let failures = w.failures.lock().expect("lock").clone();
-    assert_no_failures("the gateway stays up (/livez, pid)", &failures, &g);
+    w.assert_gateway_stayed_up(&g);
     // Exactly max_restart_attempts + 1 crashes within the window fail the slot; each crash
     // request is the one the worker had taken: 502 WORKER_CRASHED, in /v1/route's shape.
     assert_eq!(crash_answers.len(), 3, "{crash_answers:?}");
