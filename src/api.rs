@@ -5,19 +5,22 @@
 //! thread drives, so a library caller gets the same admission, timeouts, crash handling and
 //! stickiness as a client of the gateway.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moltbot_ipc::clock::monotonic_us;
-/// Request kinds and methods, for [`GatewayRouter::route_parts`].
-pub use moltbot_ipc::{Kind, Method};
+use event_listener::Listener;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::error::RouteError;
-use crate::pool::lane::{LaneSet, Outgoing, Reply, SubmitError};
-use crate::pool::{LaneEndpoint, Pool, PoolError, PoolStatus};
+use crate::pool::call::{Call, next_request_id};
+/// Request kinds and methods, for [`GatewayRouter::route_parts`].
+pub use crate::pool::call::{Kind, Method};
+use crate::pool::dispatch::{Dispatch, Step};
+use crate::pool::lane::LaneSet;
+use crate::pool::reply::Reply;
+use crate::pool::{Pool, PoolError, PoolStatus};
 
 /// A request, as the seed's `router.route({type, userId, payload})`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,17 +57,6 @@ pub struct RouteResponse {
     pub error_code: Option<String>,
     /// Handler time in microseconds.
     pub duration_us: u64,
-}
-
-static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
-
-/// A request id unique within this process: `<pid hex>-<sequence>`.
-pub fn next_request_id() -> String {
-    format!(
-        "{:x}-{}",
-        std::process::id(),
-        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Turns a worker's answer into a `RouteResponse`.
@@ -124,23 +116,6 @@ pub fn response_from_error(
     }
 }
 
-/// The method a `/v1/route`-style request is sent with.
-pub fn route_method(kind: Kind) -> Method {
-    match kind {
-        Kind::HealthCheck => Method::Get,
-        _ => Method::Post,
-    }
-}
-
-/// A request in its parts, after `route`'s or the caller's parsing.
-struct Parts<'a> {
-    kind: Kind,
-    method: Method,
-    user_id: &'a str,
-    path: &'a str,
-    body: &'a [u8],
-}
-
 struct InProcess {
     set: Mutex<LaneSet>,
     endpoint_wake: moltbot_ipc::WakeReceiver,
@@ -186,17 +161,11 @@ impl GatewayRouter {
 
     /// Starts the pool and waits until every worker is ready.
     pub fn start(&self) -> Result<(), PoolError> {
-        self.start_with_lanes(0).map(|_| ())
-    }
-
-    /// Starts the pool with `extra` more lanes (for gateway cores) besides the in-process one,
-    /// and returns their endpoints.
-    pub fn start_with_lanes(&self, extra: usize) -> Result<Vec<LaneEndpoint>, PoolError> {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if running.is_some() {
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let (pool, mut endpoints) = Pool::start(self.config.clone(), extra + 1)?;
+        let (pool, mut endpoints) = Pool::start(self.config.clone(), 1)?;
         let own = endpoints.remove(0);
         let inproc = Arc::new(InProcess {
             set: Mutex::new(own.set),
@@ -221,7 +190,7 @@ impl GatewayRouter {
             return Err(e);
         }
         *running = Some(r);
-        Ok(endpoints)
+        Ok(())
     }
 
     /// The running pool, if started.
@@ -236,7 +205,7 @@ impl GatewayRouter {
     /// timeout). Never panics; every failure is a `RouteResponse` with `success: false`.
     pub fn route(&self, req: RouteRequest) -> RouteResponse {
         let request_id = next_request_id();
-        // Same checks, in the same order, as before `route_parts` existed: user, type, payload.
+        // Checked in this order: user, type, payload.
         let parsed = crate::user::validate_user_id(&req.user_id)
             .map_err(|e| RouteError::InvalidUser(e.to_string()))
             .and_then(|_| {
@@ -250,43 +219,36 @@ impl GatewayRouter {
                     .map_err(|e| RouteError::InvalidRequest(e.to_string()))
             });
         match parsed {
-            Ok((kind, body)) => self.route_with_id(
-                request_id,
-                &Parts {
-                    kind,
-                    method: route_method(kind),
-                    user_id: &req.user_id,
-                    path: "",
-                    body: &body,
-                },
-            ),
+            Ok((kind, body)) => {
+                self.route_with_id(request_id, &Call::of_kind(kind, &req.user_id, &body))
+            }
             Err(e) => response_from_error(request_id, None, &e),
         }
     }
 
-    /// Routes a request given in its parts (kind, method, path, raw body), as the HTTP
-    /// gateway has them; `route` is this with the method of the kind, an empty path and the
-    /// JSON payload as the body. The path is the kind-specific target: a session name, or the
-    /// action of a `test` request. Never panics; failures are `success: false` responses.
+    /// Routes a request given in its parts (kind, method, target, raw body), as the HTTP
+    /// gateway has them; `route` is this with the method of the kind, no target and the JSON
+    /// payload as the body. The target is kind-specific: a session name, or the action of a
+    /// fault-injection request. Never panics; failures are `success: false` responses.
     pub fn route_parts(
         &self,
         kind: Kind,
         method: Method,
-        user_id: &str,
-        path: &str,
+        user: &str,
+        target: &str,
         body: &[u8],
     ) -> RouteResponse {
-        let parts = Parts {
+        let call = Call {
             kind,
             method,
-            user_id,
-            path,
+            user,
+            target,
             body,
         };
-        self.route_with_id(next_request_id(), &parts)
+        self.route_with_id(next_request_id(), &call)
     }
 
-    fn route_with_id(&self, request_id: String, parts: &Parts<'_>) -> RouteResponse {
+    fn route_with_id(&self, request_id: String, call: &Call<'_>) -> RouteResponse {
         let (pool, inproc) = match self.running.lock() {
             Ok(r) => match r.as_ref() {
                 Some(r) => (r.pool.clone(), r.inproc.clone()),
@@ -294,73 +256,11 @@ impl GatewayRouter {
             },
             Err(_) => return response_from_error(request_id, None, &RouteError::ShuttingDown),
         };
-        match self.route_inner(&pool, &inproc, parts) {
+        match dispatch_blocking(&pool, &inproc, call) {
             Ok(reply) => response_from_reply(request_id, &reply),
             Err((slot, e)) => {
                 response_from_error(request_id, slot.map(crate::sandbox::worker_id), &e)
             }
-        }
-    }
-
-    fn route_inner(
-        &self,
-        pool: &Pool,
-        inproc: &InProcess,
-        req: &Parts<'_>,
-    ) -> Result<Reply, (Option<usize>, RouteError)> {
-        let user = crate::user::validate_user_id(req.user_id)
-            .map_err(|e| (None, RouteError::InvalidUser(e.to_string())))?;
-        let slot_id = pool
-            .router()
-            .route(user)
-            .map_err(|e| (None, RouteError::from(e)))?;
-        let fail = |e| (Some(slot_id), e);
-        let slot = pool
-            .slots()
-            .get(slot_id)
-            .ok_or_else(|| fail(RouteError::Internal("no such slot".into())))?;
-        let timeout = self.config.request_timeout;
-        let deadline = Instant::now() + timeout;
-        let mut permit =
-            crate::pool::admission::acquire_blocking(slot, deadline, timeout).map_err(fail)?;
-        let out = Outgoing {
-            kind: req.kind,
-            method: req.method,
-            user_id: user,
-            path: req.path,
-            headers: &[],
-            body: req.body,
-            deadline_us: monotonic_us() + timeout.as_micros() as u64,
-        };
-        let (mut tx, rx) = oneshot::channel();
-        loop {
-            let result = {
-                let mut set = inproc.set.lock().unwrap_or_else(|p| p.into_inner());
-                match set.get_mut(slot_id) {
-                    Some(lane) => lane.submit(&out, tx, permit),
-                    None => return Err(fail(RouteError::Internal("no such lane".into()))),
-                }
-            };
-            match result {
-                Ok(()) => break,
-                Err(SubmitError::TooLarge(len, max)) => {
-                    return Err(fail(RouteError::TooLarge { len, max }));
-                }
-                Err(SubmitError::Full(t, p)) => {
-                    if Instant::now() >= deadline {
-                        return Err(fail(RouteError::Timeout(timeout)));
-                    }
-                    (tx, permit) = (t, p);
-                    inproc.waker.notify();
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-        }
-        match rx.recv_deadline(deadline) {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(e)) => Err(fail(e)),
-            Err(oneshot::RecvTimeoutError::Timeout) => Err(fail(RouteError::Timeout(timeout))),
-            Err(oneshot::RecvTimeoutError::Disconnected) => Err(fail(RouteError::ShuttingDown)),
         }
     }
 
@@ -407,6 +307,45 @@ fn stop_running(mut r: Running, grace: Duration) {
     // loop ends once the rings are empty and the stop epoch is recovered.
     while set.poll() {}
     set.fail_all(RouteError::ShuttingDown);
+}
+
+/// Drives a [`Dispatch`] on the calling thread: blocks for a first assignment, in the admission
+/// queue and while the ring is full, then for the reply. Errors carry the slot when it was known.
+fn dispatch_blocking(
+    pool: &Pool,
+    inproc: &InProcess,
+    call: &Call<'_>,
+) -> Result<Reply, (Option<usize>, RouteError)> {
+    let mut d = Dispatch::new(pool, call).map_err(|e| (None, e))?;
+    loop {
+        let step = {
+            let mut set = inproc.set.lock().unwrap_or_else(|p| p.into_inner());
+            d.step(call, &mut set, Instant::now())
+        };
+        match step.map_err(|e| (d.slot(), e))? {
+            Step::Assign => {
+                let slot = pool
+                    .router()
+                    .route(call.user)
+                    .map_err(|e| (None, RouteError::from(e)))?;
+                d.assigned(pool, slot).map_err(|e| (Some(slot), e))?;
+            }
+            Step::Queue(listener) => {
+                let _ = listener.wait_deadline(d.deadline());
+            }
+            Step::Pause(pause) => {
+                // Full may mean a recovery is due: make sure the lane's owner sees it.
+                inproc.waker.notify();
+                let left = d.deadline().saturating_duration_since(Instant::now());
+                std::thread::sleep(pause.min(left));
+            }
+            Step::Sent { slot, replies } => {
+                return replies
+                    .outcome_by(d.deadline(), pool.config().request_timeout)
+                    .map_err(|e| (Some(slot), e));
+            }
+        }
+    }
 }
 
 impl Drop for GatewayRouter {

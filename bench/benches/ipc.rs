@@ -15,8 +15,8 @@ use moltbot_ipc::wake::{
     ParkOutcome, announce_park, cancel_park, futex_park, futex_unpark, wake_needed,
 };
 use moltbot_ipc::{
-    AlignedBuf, Consumer, Header, Kind, Method, Producer, Request, RingError, Segment,
-    SegmentLayout, access_request,
+    AlignedBuf, Consumer, Kind, Method, Producer, Request, RingError, Segment, SegmentLayout,
+    access_request,
 };
 
 const CHILD_ENV: &str = "MOLTBOT_BENCH_CHILD";
@@ -188,10 +188,6 @@ fn bench_tcp(c: &mut Criterion) {
 
 fn bench_codec(c: &mut Criterion) {
     let body = vec![b'x'; 300];
-    let headers = [Header {
-        name: "content-type",
-        value: "application/json",
-    }];
     let req = Request {
         request_id: 42,
         deadline_us: 1_000_000,
@@ -199,7 +195,6 @@ fn bench_codec(c: &mut Criterion) {
         method: Method::Post,
         user_id: "user-1234",
         path: "",
-        headers: &headers,
         body: &body,
     };
     let mut slot = AlignedBuf::with_capacity(4096);

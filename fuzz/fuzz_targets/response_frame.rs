@@ -351,7 +351,6 @@ impl Lane {
                 method: moltbot_ipc::Method::Post,
                 user_id: "user-a",
                 path: "",
-                headers: &[],
                 body: &body,
             };
             match self

@@ -5,8 +5,8 @@
 pub mod message;
 
 pub use message::{
-    ArchivedRequest, ArchivedResponse, CodecError, Header, Kind, Method, Request, Response,
-    access_request, access_response,
+    ArchivedRequest, ArchivedResponse, CodecError, Kind, Method, Request, Response, access_request,
+    access_response,
 };
 pub mod ring;
 

@@ -16,7 +16,7 @@ use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Serialize};
 
 /// What a request asks the worker to do (the TypeScript worker protocol's message types, plus
-/// the benchmark echo and test-only fault injection).
+/// the benchmark echo and, in test builds, fault injection).
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[rkyv(derive(Debug, PartialEq, Eq, Clone, Copy))]
 #[repr(u8)]
@@ -31,7 +31,9 @@ pub enum Kind {
     HealthCheck = 3,
     /// `echo`: the body comes back unchanged (benchmarks).
     Echo = 4,
-    /// Test-only fault injection; refused unless the worker runs with test handlers enabled.
+    /// Fault injection (crash, hang, allocate, probe the sandbox): only with the
+    /// `fault-injection` feature, which only the tests enable.
+    #[cfg(feature = "fault-injection")]
     Test = 5,
 }
 
@@ -44,6 +46,7 @@ impl Kind {
             Kind::Session => "session",
             Kind::HealthCheck => "health:check",
             Kind::Echo => "echo",
+            #[cfg(feature = "fault-injection")]
             Kind::Test => "test",
         }
     }
@@ -56,6 +59,7 @@ impl Kind {
             "session" => Kind::Session,
             "health:check" | "health" => Kind::HealthCheck,
             "echo" => Kind::Echo,
+            #[cfg(feature = "fault-injection")]
             "test" => Kind::Test,
             _ => return None,
         })
@@ -71,6 +75,7 @@ impl ArchivedKind {
             ArchivedKind::Session => Kind::Session,
             ArchivedKind::HealthCheck => Kind::HealthCheck,
             ArchivedKind::Echo => Kind::Echo,
+            #[cfg(feature = "fault-injection")]
             ArchivedKind::Test => Kind::Test,
         }
     }
@@ -103,17 +108,6 @@ impl ArchivedMethod {
     }
 }
 
-/// One forwarded header (a few are passed through, e.g. `content-type`).
-#[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header<'a> {
-    /// Lower-case header name.
-    #[rkyv(with = InlineAsBox)]
-    pub name: &'a str,
-    /// Header value.
-    #[rkyv(with = InlineAsBox)]
-    pub value: &'a str,
-}
-
 /// A request from a gateway core (or an in-process caller) to a worker.
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
@@ -132,9 +126,6 @@ pub struct Request<'a> {
     /// Kind-specific target (a session name, a test action); often empty.
     #[rkyv(with = InlineAsBox)]
     pub path: &'a str,
-    /// A few forwarded headers.
-    #[rkyv(with = InlineAsBox)]
-    pub headers: &'a [Header<'a>],
     /// The payload, opaque to the gateway for the fast paths.
     #[rkyv(with = InlineAsBox)]
     pub body: &'a [u8],
@@ -194,12 +185,7 @@ where
 impl Request<'_> {
     /// An upper bound of the encoded size; reserving this much always suffices.
     pub fn encoded_len_bound(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|h| h.name.len() + h.value.len() + 32)
-            .sum();
-        OVERHEAD + self.user_id.len() + self.path.len() + self.body.len() + headers + 32
+        OVERHEAD + self.user_id.len() + self.path.len() + self.body.len() + 32
     }
 
     /// Serializes into `out` (which must be 16-byte aligned) and returns the bytes used.
@@ -241,10 +227,6 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let headers = [Header {
-            name: "content-type",
-            value: "application/json",
-        }];
         let req = Request {
             request_id: 7,
             deadline_us: 99,
@@ -252,7 +234,6 @@ mod tests {
             method: Method::Put,
             user_id: "user-a",
             path: "notes",
-            headers: &headers,
             body: b"{\"x\":1}",
         };
         let mut buf = Aligned([0; 4096]);
@@ -265,7 +246,6 @@ mod tests {
         assert_eq!(a.method.to_native(), Method::Put);
         assert_eq!(&*a.user_id, "user-a");
         assert_eq!(&*a.path, "notes");
-        assert_eq!(&*a.headers[0].name, "content-type");
         assert_eq!(&*a.body, b"{\"x\":1}");
     }
 
@@ -326,6 +306,7 @@ mod tests {
             Kind::Session,
             Kind::HealthCheck,
             Kind::Echo,
+            #[cfg(feature = "fault-injection")]
             Kind::Test,
         ] {
             assert_eq!(Kind::parse(k.as_str()), Some(k));

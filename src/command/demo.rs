@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 use crate::cli::DemoArgs;
 use crate::config::Config;
-use crate::gateway::{Gateway, Shutdown};
+use crate::gateway::{Gateway, StopMode};
 use crate::http_client::{self, HttpResponse};
 
 const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
@@ -83,7 +83,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
         }
     }
     println!("\nStopping workers...");
-    gateway.shutdown(Shutdown::Drain);
+    gateway.stop(StopMode::Drain);
     println!("Done!");
     result.map(|()| 0)
 }

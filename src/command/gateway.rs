@@ -3,7 +3,7 @@
 use signal_hook::consts::{SIGINT, SIGTERM};
 
 use crate::config::{Config, GatewayArgs, PoolArgs};
-use crate::gateway::{Gateway, Shutdown};
+use crate::gateway::{Gateway, StopMode};
 
 /// `moltbot gateway`
 #[derive(clap::Args, Debug, Clone)]
@@ -25,27 +25,36 @@ pub fn run(args: GatewayCmdArgs) -> anyhow::Result<i32> {
     eprintln!(
         "moltbot gateway listening on http://{} ({} workers)",
         gateway.local_addr(),
-        gateway.router().config().worker_count
+        gateway.config().worker_count
     );
-    let signal = signals.forever().next();
-    let mode = if signal == Some(SIGINT) {
-        Shutdown::Fast
+    let first = signals.forever().next();
+    let mode = if first == Some(SIGINT) {
+        eprintln!("moltbot gateway: SIGINT received, stopping now");
+        StopMode::Fast
     } else {
-        Shutdown::Drain
+        eprintln!(
+            "moltbot gateway: SIGTERM received, draining in-flight requests (Ctrl-C to stop now)"
+        );
+        StopMode::Drain
     };
-    eprintln!(
-        "moltbot gateway: {} received, {}",
-        if mode == Shutdown::Fast {
-            "SIGINT"
-        } else {
-            "SIGTERM"
-        },
-        if mode == Shutdown::Fast {
-            "stopping now"
-        } else {
-            "draining in-flight requests"
-        }
-    );
-    gateway.shutdown(mode);
+    // During a drain, SIGINT (a second Ctrl-C) turns it into a fast stop.
+    let handle = signals.handle();
+    let watcher = (mode == StopMode::Drain).then(|| {
+        let fast = gateway.fast_stop();
+        std::thread::spawn(move || {
+            for signal in signals.forever() {
+                if signal == SIGINT {
+                    eprintln!("moltbot gateway: SIGINT received, stopping now");
+                    fast.now();
+                    return;
+                }
+            }
+        })
+    });
+    gateway.stop(mode);
+    handle.close();
+    if let Some(w) = watcher {
+        let _ = w.join();
+    }
     Ok(0)
 }

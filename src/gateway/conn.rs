@@ -3,15 +3,15 @@
 //! that does not read its answers stops being read from).
 
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
-use crate::gateway::core::Core;
-use crate::gateway::endpoints::{self, Answer, Prepared};
+use crate::gateway::answer::{Answer, DIRECT_BODY, write_answer, write_answer_to};
+use crate::gateway::endpoints::{self, Prepared};
 use crate::gateway::http::{self, BodyFraming, ChunkedDecoder, HttpError, Limits, RequestHead};
+use crate::gateway::reactor::Reactor;
 use crate::metrics::Endpoint;
 
 /// Most pipelined requests prepared before the first answer is written.
@@ -114,7 +114,7 @@ enum ReadOutcome {
 }
 
 struct Conn {
-    core: Rc<Core>,
+    reactor: Rc<Reactor>,
     stream: TcpStream,
     rb: ReadBuf,
     out: Vec<u8>,
@@ -133,7 +133,7 @@ impl Conn {
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             return ReadOutcome::TimedOut;
         };
-        let core = self.core.clone();
+        let reactor = self.reactor.clone();
         let stream = &mut self.stream;
         let spare = self.rb.spare();
         let read = async { Woke::Read(stream.read(spare).await) };
@@ -143,7 +143,7 @@ impl Conn {
         };
         let shutdown = async {
             if idle {
-                core.shutdown.wait().await;
+                reactor.closing.wait().await;
             } else {
                 std::future::pending::<()>().await;
             }
@@ -167,7 +167,7 @@ impl Conn {
         }
         // A client that does not read its answers blocks here (bounded by the idle timeout),
         // and meanwhile nothing more is read from it: back-pressure, bounded memory.
-        let idle = self.core.shared.config.idle_timeout;
+        let idle = self.reactor.shared.config.idle_timeout;
         let stream = &mut self.stream;
         let out = &self.out;
         let mut write = std::pin::pin!(stream.write_all(out));
@@ -187,7 +187,7 @@ impl Conn {
 
     /// Writes `bytes` to the socket (bounded by the idle timeout, like `flush`).
     async fn write_direct(&mut self, bytes: &[u8]) -> bool {
-        let idle = self.core.shared.config.idle_timeout;
+        let idle = self.reactor.shared.config.idle_timeout;
         let stream = &mut self.stream;
         glommio::timer::timeout(idle, async {
             stream.write_all(bytes).await.map_err(Into::into)
@@ -205,85 +205,11 @@ impl Conn {
             false,
             None,
         );
-        self.core
+        self.reactor
             .metrics
             .record(a.endpoint, a.status, Duration::ZERO);
         write_answer(&mut self.out, &a, false);
         self.flush().await;
-    }
-}
-
-/// Writes an answer (head + body) into `out`.
-fn write_answer(out: &mut Vec<u8>, a: &Answer, keep_alive: bool) {
-    write_answer_to(out, a, keep_alive, false, true);
-}
-
-/// Bodies at least this large are written from the worker's answer straight to the socket
-/// (a second write) instead of being copied behind the head first.
-const DIRECT_BODY: usize = 16 * 1024;
-
-/// `x-moltbot-worker` values, built once.
-fn worker_header(slot: usize) -> std::borrow::Cow<'static, str> {
-    const NAMES: [&str; 16] = [
-        "worker-0",
-        "worker-1",
-        "worker-2",
-        "worker-3",
-        "worker-4",
-        "worker-5",
-        "worker-6",
-        "worker-7",
-        "worker-8",
-        "worker-9",
-        "worker-10",
-        "worker-11",
-        "worker-12",
-        "worker-13",
-        "worker-14",
-        "worker-15",
-    ];
-    match NAMES.get(slot) {
-        Some(n) => std::borrow::Cow::Borrowed(n),
-        None => std::borrow::Cow::Owned(crate::sandbox::worker_id(slot)),
-    }
-}
-
-/// Writes an answer; `head_only` (the request was HEAD) keeps the Content-Length but leaves
-/// the body out: a response to HEAD never has content (RFC 9110 §9.3.2), and body bytes would
-/// be read as the start of the next response on a keep-alive connection.
-/// `with_body` false writes the head only (the caller sends the body itself).
-fn write_answer_to(
-    out: &mut Vec<u8>,
-    a: &Answer,
-    keep_alive: bool,
-    head_only: bool,
-    with_body: bool,
-) {
-    let worker = a.worker.map(worker_header);
-    let mut headers: [(&str, &str); 4] = [("", ""); 4];
-    let mut n = 0;
-    if let Some(w) = &worker {
-        headers[n] = ("x-moltbot-worker", w);
-        n += 1;
-    }
-    for (k, v) in &a.headers {
-        if n == headers.len() {
-            break;
-        }
-        headers[n] = (k, v.as_str());
-        n += 1;
-    }
-    let body = a.body.as_slice();
-    http::write_response_head(
-        out,
-        a.status,
-        a.content_type,
-        body.len(),
-        keep_alive,
-        &headers[..n],
-    );
-    if !head_only && with_body {
-        out.extend_from_slice(body);
     }
 }
 
@@ -361,8 +287,8 @@ fn chunked_raw_limit(limits: &Limits) -> usize {
 }
 
 /// Serves a connection until it closes, errs, times out, or the gateway stops.
-pub async fn serve(core: Rc<Core>, stream: TcpStream) {
-    let c = &core.shared.config;
+pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
+    let c = &reactor.shared.config;
     let limits = Limits {
         max_header_bytes: c.max_header_bytes,
         max_headers: c.max_headers,
@@ -370,7 +296,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         max_uri_bytes: c.max_uri_bytes,
     };
     let mut conn = Conn {
-        core: core.clone(),
+        reactor: reactor.clone(),
         stream,
         rb: ReadBuf::new(),
         out: Vec::new(),
@@ -381,8 +307,8 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 }
 
 async fn serve_loop(conn: &mut Conn) {
-    let core = conn.core.clone();
-    let shared = core.shared.clone();
+    let reactor = conn.reactor.clone();
+    let shared = reactor.shared.clone();
     let cfg = shared.config.clone();
     // When the first byte of the current head arrived (slow-header defence), and by when its
     // body must be complete once the head is (a minimum upload rate).
@@ -392,7 +318,7 @@ async fn serve_loop(conn: &mut Conn) {
     // Whether the one read of already-arrived bytes at a drain was done.
     let mut drain_read = false;
     loop {
-        if shared.stop_now.load(Ordering::Acquire) {
+        if shared.stopping_fast() {
             return;
         }
         // 1. Prepare every complete request in the buffer (pipelining), in order.
@@ -441,12 +367,12 @@ async fn serve_loop(conn: &mut Conn) {
                         body_deadline = None;
                         continue_sent = false;
                         let keep = head.keep_alive && !shared.stopping();
-                        core.metrics.request_started();
+                        reactor.metrics.request_started();
                         let body_start = head.head_len;
                         let prepared = {
                             let data = conn.rb.data();
                             let body = &data[body_start..body_start + body_len];
-                            endpoints::prepare(&core, &head, body).await
+                            endpoints::prepare(&reactor, &head, body).await
                         };
                         conn.rb.consume(body_start + body_len);
                         batch.push(Pending {
@@ -466,9 +392,9 @@ async fn serve_loop(conn: &mut Conn) {
                         body_deadline = None;
                         continue_sent = false;
                         let keep = head.keep_alive && !shared.stopping();
-                        core.metrics.request_started();
+                        reactor.metrics.request_started();
                         conn.rb.consume(consumed);
-                        let prepared = endpoints::prepare(&core, &head, &body).await;
+                        let prepared = endpoints::prepare(&reactor, &head, &body).await;
                         batch.push(Pending {
                             prepared,
                             keep,
@@ -541,7 +467,7 @@ async fn serve_loop(conn: &mut Conn) {
                         false,
                         None,
                     );
-                    core.metrics.record(a.endpoint, a.status, Duration::ZERO);
+                    reactor.metrics.record(a.endpoint, a.status, Duration::ZERO);
                     write_answer(&mut conn.out, &a, false);
                     conn.flush().await;
                     return;
@@ -584,11 +510,11 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
             head_only,
         } = p;
         let answer = prepared.finish().await;
-        let metrics = &conn.core.metrics;
+        let metrics = &conn.reactor.metrics;
         metrics.request_finished();
         metrics.record(answer.endpoint, answer.status, started.elapsed());
         let last = i + 1 == n && !more_follows;
-        let keep = keep && !(last && conn.core.shared.stopping());
+        let keep = keep && !(last && conn.reactor.shared.stopping());
         let direct = !head_only && answer.body.as_slice().len() >= DIRECT_BODY;
         write_answer_to(&mut conn.out, &answer, keep, head_only, !direct);
         if direct {
@@ -647,19 +573,5 @@ mod tests {
             }
             _ => panic!("expected a decoded body"),
         }
-    }
-
-    #[test]
-    fn answers_to_head_have_no_body() {
-        let a = Answer::json(Endpoint::Livez, 405, br#"{"x":1}"#.to_vec());
-        let mut full = Vec::new();
-        write_answer_to(&mut full, &a, true, false, true);
-        let mut head_only = Vec::new();
-        write_answer_to(&mut head_only, &a, true, true, true);
-        assert!(full.ends_with(br#"{"x":1}"#));
-        assert!(head_only.ends_with(b"\r\n\r\n"));
-        assert_eq!(&full[..head_only.len()], head_only.as_slice());
-        let text = String::from_utf8_lossy(&head_only);
-        assert!(text.contains("content-length: 7\r\n"), "{text}");
     }
 }

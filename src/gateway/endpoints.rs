@@ -5,111 +5,23 @@
 //! returns at once; [`Prepared::finish`] then waits for the worker's answer. The connection
 //! prepares every request already in its buffer before finishing the first.
 //!
-//! TEST-ONLY: with `test_handlers` on, `/v1/route` with type `test` takes the worker's test
-//! action from `payload.action` (see `test_action`); off, the worker refuses it with 403.
+//! With the `fault-injection` feature (tests only), `/v1/route` with type `test` takes the
+//! worker's fault action from `payload.action` (see `fault_action`).
 
-use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use moltbot_ipc::clock::monotonic_us;
-use moltbot_ipc::{Header, Kind, Method as IpcMethod};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::error::RouteError;
-use crate::gateway::core::Core;
+use crate::gateway::answer::{Answer, Body, JSON};
 use crate::gateway::http::{self, Method, RequestHead};
+use crate::gateway::reactor::Reactor;
+use crate::gateway::shared::Shared;
 use crate::metrics::Endpoint;
-use crate::pool::lane::{Outgoing, Reply, SubmitError};
-
-/// A response body.
-pub enum Body {
-    /// Owned bytes.
-    Bytes(Vec<u8>),
-    /// The body of a worker's answer, in its validated frame copy.
-    Reply(Reply),
-}
-
-impl Body {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            Body::Bytes(b) => b,
-            Body::Reply(r) => r.body(),
-        }
-    }
-}
-
-/// A complete answer to one request.
-pub struct Answer {
-    /// HTTP status.
-    pub status: u16,
-    /// Content type (empty: none).
-    pub content_type: &'static str,
-    /// Extra headers (rare ones: retry-after, allow, www-authenticate).
-    pub headers: Vec<(&'static str, String)>,
-    /// The slot that answered, sent as `x-moltbot-worker: worker-N`.
-    pub worker: Option<usize>,
-    /// The body.
-    pub body: Body,
-    /// Which endpoint (metrics).
-    pub endpoint: Endpoint,
-}
-
-const JSON: &str = "application/json";
-
-impl Answer {
-    /// A JSON answer.
-    pub fn json(endpoint: Endpoint, status: u16, body: Vec<u8>) -> Answer {
-        Answer {
-            status,
-            content_type: JSON,
-            headers: Vec::new(),
-            worker: None,
-            body: Body::Bytes(body),
-            endpoint,
-        }
-    }
-
-    /// The gateway's error shape `{"error":{"code","message","retryable","retryAfterMs"}}`.
-    pub fn error(
-        endpoint: Endpoint,
-        status: u16,
-        code: &str,
-        message: &str,
-        retryable: bool,
-        retry_after: Option<Duration>,
-    ) -> Answer {
-        let ms = retry_after.map(|d| d.as_millis() as u64);
-        let mut a = Answer::json(
-            endpoint,
-            status,
-            http::error_body(code, message, retryable, ms),
-        );
-        if let Some(d) = retry_after {
-            a.headers
-                .push(("retry-after", d.as_secs().max(1).to_string()));
-        }
-        a
-    }
-
-    /// An answer for a gateway-side failure of a routed request.
-    pub fn route_error(endpoint: Endpoint, e: &RouteError) -> Answer {
-        Answer::error(
-            endpoint,
-            e.status(),
-            e.code(),
-            &e.to_string(),
-            e.retryable(),
-            e.retry_after(),
-        )
-    }
-
-    fn with_worker(mut self, slot: usize) -> Answer {
-        self.worker = Some(slot);
-        self
-    }
-}
+use crate::pool::call::{Call, Kind, Method as CallMethod, next_request_id};
+use crate::pool::reply::{Replies, Reply};
 
 /// How a worker's answer is turned into the HTTP answer.
 enum Shape {
@@ -130,7 +42,7 @@ pub enum Prepared {
 /// A routed request waiting for its worker.
 pub struct Waiting {
     /// Answered by the pump: the worker's answer, a crash, or `TIMEOUT` at the deadline.
-    rx: oneshot::Receiver<crate::pool::lane::Outcome>,
+    replies: Replies,
     slot: usize,
     shape: Shape,
     endpoint: Endpoint,
@@ -142,11 +54,8 @@ impl Prepared {
         match self {
             Prepared::Done(a) => a,
             Prepared::Waiting(w) => {
-                let result = match w.rx.await {
-                    Ok(outcome) => outcome,
-                    Err(_) => Err(RouteError::ShuttingDown),
-                };
-                shape_answer(w.endpoint, w.slot, w.shape, result)
+                let outcome = w.replies.outcome().await;
+                shape_answer(w.endpoint, Some(w.slot), w.shape, outcome)
             }
         }
     }
@@ -154,11 +63,13 @@ impl Prepared {
 
 fn shape_answer(
     endpoint: Endpoint,
-    slot: usize,
+    slot: Option<usize>,
     shape: Shape,
     result: Result<Reply, RouteError>,
 ) -> Answer {
     let answer = match (shape, result) {
+        // Refused before a worker was known (the user, the routing table): the plain error.
+        (_, Err(e)) if slot.is_none() => Answer::route_error(endpoint, &e),
         (Shape::Route { request_id }, result) => route_answer(endpoint, slot, request_id, result),
         (Shape::Raw { content_type }, Ok(reply)) => {
             if reply.is_success() {
@@ -211,14 +122,15 @@ fn handler_message(reply: &Reply) -> String {
 /// trusted to produce it), as a JSON string otherwise.
 fn route_answer(
     endpoint: Endpoint,
-    slot: usize,
+    slot: Option<usize>,
     request_id: String,
     result: Result<Reply, RouteError>,
 ) -> Answer {
     use std::fmt::Write;
-    let worker_id = crate::sandbox::worker_id(slot);
+    let worker_id = slot.map(crate::sandbox::worker_id);
     let mut out = String::with_capacity(128);
     let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+    let qo = |s: Option<&str>| s.map_or_else(|| "null".to_string(), q);
     let status;
     match result {
         Ok(reply) if reply.is_success() => {
@@ -227,7 +139,7 @@ fn route_answer(
                 out,
                 "{{\"requestId\":{},\"workerId\":{},\"success\":true,\"payload\":",
                 q(&request_id),
-                q(&worker_id)
+                qo(worker_id.as_deref())
             );
             match serde_json::from_slice::<&RawValue>(reply.body()) {
                 Ok(raw) => out.push_str(raw.get()),
@@ -241,7 +153,7 @@ fn route_answer(
                 out,
                 "{{\"requestId\":{},\"workerId\":{},\"success\":false,\"error\":{},\"errorCode\":{},\"durationUs\":{}}}",
                 q(&request_id),
-                q(&worker_id),
+                qo(worker_id.as_deref()),
                 q(&handler_message(&reply)),
                 q(handler_code(&reply)),
                 reply.duration_us
@@ -253,7 +165,7 @@ fn route_answer(
                 out,
                 "{{\"requestId\":{},\"workerId\":{},\"success\":false,\"error\":{},\"errorCode\":{},\"retryable\":{},\"durationUs\":0}}",
                 q(&request_id),
-                q(&worker_id),
+                qo(worker_id.as_deref()),
                 q(&e.to_string()),
                 q(e.code()),
                 e.retryable()
@@ -295,27 +207,27 @@ fn method_not_allowed(endpoint: Endpoint, allow: &'static str) -> Prepared {
     Prepared::Done(a)
 }
 
-/// Constant-time comparison of the bearer token.
+/// Whether the `authorization` header carries `expected` as a bearer token, compared in
+/// constant time.
 fn token_matches(expected: &str, header: Option<&str>) -> bool {
+    use subtle::ConstantTimeEq;
     let Some(given) = header.and_then(|h| {
         let (scheme, rest) = h.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
     }) else {
         return false;
     };
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        diff |= (a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0)) as usize;
-    }
-    diff == 0
+    // Lengths are compared openly (`ct_eq` of slices does): a token's length is no secret
+    // worth a timing channel, its bytes are.
+    expected.as_bytes().ct_eq(given.as_bytes()).into()
 }
 
 /// Handles one request up to the point where it waits for a worker.
-pub async fn prepare(core: &Rc<Core>, head: &RequestHead, body: &[u8]) -> Prepared {
+pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prepared {
+    let shared = &reactor.shared;
     let path = head.path();
     let endpoint = classify(path);
-    if let Some(token) = &core.shared.config.token {
+    if let Some(token) = &shared.config.token {
         if !matches!(endpoint, Endpoint::Livez | Endpoint::Readyz)
             && !token_matches(token, head.authorization.as_deref())
         {
@@ -332,35 +244,24 @@ pub async fn prepare(core: &Rc<Core>, head: &RequestHead, body: &[u8]) -> Prepar
         }
     }
     let m = head.method;
+    let get_only = |answer: fn(&Shared) -> Answer| match m {
+        Method::Get => Prepared::Done(answer(shared)),
+        _ => method_not_allowed(endpoint, "GET"),
+    };
     match endpoint {
-        Endpoint::Livez => match m {
-            Method::Get => {
-                Prepared::Done(Answer::json(endpoint, 200, br#"{"status":"ok"}"#.to_vec()))
-            }
-            _ => method_not_allowed(endpoint, "GET"),
-        },
-        Endpoint::Readyz => match m {
-            Method::Get => Prepared::Done(core.readiness()),
-            _ => method_not_allowed(endpoint, "GET"),
-        },
-        Endpoint::Healthz => match m {
-            Method::Get => Prepared::Done(core.health()),
-            _ => method_not_allowed(endpoint, "GET"),
-        },
-        Endpoint::Status => match m {
-            Method::Get => Prepared::Done(core.status_answer()),
-            _ => method_not_allowed(endpoint, "GET"),
-        },
-        Endpoint::Metrics => match m {
-            Method::Get => Prepared::Done(core.metrics_answer()),
-            _ => method_not_allowed(endpoint, "GET"),
-        },
+        Endpoint::Livez => {
+            get_only(|_| Answer::json(Endpoint::Livez, 200, br#"{"status":"ok"}"#.to_vec()))
+        }
+        Endpoint::Readyz => get_only(readiness),
+        Endpoint::Healthz => get_only(health),
+        Endpoint::Status => get_only(status),
+        Endpoint::Metrics => get_only(metrics),
         Endpoint::Users => match m {
-            Method::Get => Prepared::Done(user_worker(core, path).await),
+            Method::Get => Prepared::Done(user_worker(reactor, path).await),
             _ => method_not_allowed(endpoint, "GET"),
         },
         Endpoint::Route => match m {
-            Method::Post => route(core, body).await,
+            Method::Post => route(reactor, body).await,
             _ => method_not_allowed(endpoint, "POST"),
         },
         Endpoint::Agent | Endpoint::Echo => {
@@ -376,19 +277,16 @@ pub async fn prepare(core: &Rc<Core>, head: &RequestHead, body: &[u8]) -> Prepar
             } else {
                 (Kind::Echo, echo_content_type(head))
             };
-            call(
-                core,
-                endpoint,
-                user,
+            let call = Call {
                 kind,
-                IpcMethod::Post,
-                "",
+                method: CallMethod::Post,
+                user,
+                target: "",
                 body,
-                Shape::Raw { content_type },
-            )
-            .await
+            };
+            send(reactor, endpoint, &call, Shape::Raw { content_type }).await
         }
-        Endpoint::Sessions => sessions(core, head, path, body).await,
+        Endpoint::Sessions => sessions(reactor, head, path, body).await,
         Endpoint::Other => Prepared::Done(Answer::error(
             endpoint,
             404,
@@ -398,6 +296,95 @@ pub async fn prepare(core: &Rc<Core>, head: &RequestHead, body: &[u8]) -> Prepar
             None,
         )),
     }
+}
+
+/// `/readyz`: 200 while every slot serves and no stop began; 503 otherwise.
+fn readiness(s: &Shared) -> Answer {
+    let status = s.pool.status();
+    let ready = s.listening.load(Ordering::Acquire)
+        && !s.stopping()
+        && status.healthy_workers == status.total_workers;
+    if ready {
+        return Answer::json(Endpoint::Readyz, 200, br#"{"ready":true}"#.to_vec());
+    }
+    let why = if s.stopping() {
+        "draining".to_string()
+    } else if !s.listening.load(Ordering::Acquire) {
+        "starting".to_string()
+    } else {
+        format!(
+            "{} of {} workers ready",
+            status.healthy_workers, status.total_workers
+        )
+    };
+    Answer::error(
+        Endpoint::Readyz,
+        503,
+        "NOT_READY",
+        &why,
+        true,
+        Some(Duration::from_secs(1)),
+    )
+}
+
+/// `/healthz`: ok when every worker is healthy, degraded when some are, 503 when none.
+fn health(s: &Shared) -> Answer {
+    let status = s.pool.status();
+    let (code, state) = if status.healthy_workers == status.total_workers {
+        (200, "ok")
+    } else if status.healthy_workers > 0 {
+        (200, "degraded")
+    } else {
+        (503, "unhealthy")
+    };
+    let body = serde_json::json!({
+        "status": state,
+        "healthyWorkers": status.healthy_workers,
+        "totalWorkers": status.total_workers,
+        "draining": s.stopping(),
+    });
+    Answer::json(
+        Endpoint::Healthz,
+        code,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    )
+}
+
+/// `/status`: the pool status plus the gateway's own facts.
+fn status(s: &Shared) -> Answer {
+    let mut v = serde_json::to_value(s.pool.status()).unwrap_or_default();
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert(
+            "gateway".into(),
+            serde_json::json!({
+                "cores": s.metrics.len(),
+                "connections": s.connections.load(Ordering::Relaxed),
+                "draining": s.stopping(),
+                "uptimeMs": s.started.elapsed().as_millis() as u64,
+                "landlock": s.landlock,
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        );
+    }
+    Answer::json(
+        Endpoint::Status,
+        200,
+        serde_json::to_vec(&v).unwrap_or_default(),
+    )
+}
+
+/// `/metrics`: Prometheus text.
+fn metrics(s: &Shared) -> Answer {
+    let info = crate::metrics::GatewayInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        uptime: s.started.elapsed(),
+        cores: s.metrics.len(),
+        draining: s.stopping(),
+    };
+    let text = crate::metrics::encode(&s.metrics, &s.pool.status(), &info);
+    let mut a = Answer::json(Endpoint::Metrics, 200, text.into_bytes());
+    a.content_type = crate::metrics::CONTENT_TYPE;
+    a
 }
 
 /// The echo answer's content type: the request's when it is a common one.
@@ -433,7 +420,7 @@ fn users_segment(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/users/")?.strip_suffix("/worker")
 }
 
-async fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
+async fn user_worker(reactor: &Reactor, path: &str) -> Answer {
     let endpoint = Endpoint::Users;
     let Some(seg) = users_segment(path) else {
         return Answer::error(
@@ -459,7 +446,7 @@ async fn user_worker(core: &Rc<Core>, path: &str) -> Answer {
             None,
         );
     }
-    let router = core.shared.pool.router();
+    let router = reactor.shared.pool.router();
     let assigned = router.lookup(&user);
     let slot = match assigned {
         Some(s) => s,
@@ -488,7 +475,7 @@ struct RouteBody<'a> {
     payload: Option<&'a RawValue>,
 }
 
-async fn route(core: &Rc<Core>, body: &[u8]) -> Prepared {
+async fn route(reactor: &Reactor, body: &[u8]) -> Prepared {
     let endpoint = Endpoint::Route;
     let req: RouteBody<'_> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -511,35 +498,30 @@ async fn route(core: &Rc<Core>, body: &[u8]) -> Prepared {
         return bad_request(endpoint, "INVALID_USER", &format!("invalid userId: {e}"));
     }
     let payload = req.payload.map(|p| p.get()).unwrap_or("null");
-    let path = match test_action(core, kind, payload) {
+    let target = match fault_action(kind, payload) {
         Ok(p) => p,
         Err(msg) => return bad_request(endpoint, "INVALID_REQUEST", &msg),
     };
-    call(
-        core,
-        endpoint,
-        &req.user_id,
-        kind,
-        crate::api::route_method(kind),
-        &path,
-        payload.as_bytes(),
-        Shape::Route {
-            request_id: crate::api::next_request_id(),
-        },
-    )
-    .await
+    let call = Call {
+        target: &target,
+        ..Call::of_kind(kind, &req.user_id, payload.as_bytes())
+    };
+    let shape = Shape::Route {
+        request_id: next_request_id(),
+    };
+    send(reactor, endpoint, &call, shape).await
 }
 
-/// TEST-ONLY: the worker's test handlers dispatch on the request path, which `/v1/route`
-/// otherwise leaves empty. With `test_handlers` on, `{"type":"test","payload":{"action":A,...}}`
-/// sends `A` as the path so the integration tests can reach them over HTTP. With it off the
-/// path stays empty and the worker answers `403 TEST_HANDLERS_DISABLED`, as for any test request.
-fn test_action(core: &Rc<Core>, kind: Kind, payload: &str) -> Result<String, String> {
+/// The worker's fault handlers dispatch on the request's target, which `/v1/route` otherwise
+/// leaves empty: `{"type":"test","payload":{"action":A,...}}` sends `A` as the target, so the
+/// integration tests can reach them over HTTP.
+#[cfg(feature = "fault-injection")]
+fn fault_action(kind: Kind, payload: &str) -> Result<String, String> {
     #[derive(Deserialize)]
     struct Action {
         action: String,
     }
-    if kind != Kind::Test || !core.shared.config.test_handlers {
+    if kind != Kind::Test {
         return Ok(String::new());
     }
     serde_json::from_str::<Action>(payload)
@@ -547,7 +529,13 @@ fn test_action(core: &Rc<Core>, kind: Kind, payload: &str) -> Result<String, Str
         .map_err(|e| format!("a test request needs {{\"payload\":{{\"action\": ...}}}}: {e}"))
 }
 
-async fn sessions(core: &Rc<Core>, head: &RequestHead, path: &str, body: &[u8]) -> Prepared {
+/// Without fault injection there is no target to take from `/v1/route`.
+#[cfg(not(feature = "fault-injection"))]
+fn fault_action(_kind: Kind, _payload: &str) -> Result<String, String> {
+    Ok(String::new())
+}
+
+async fn sessions(reactor: &Reactor, head: &RequestHead, path: &str, body: &[u8]) -> Prepared {
     let endpoint = Endpoint::Sessions;
     let name = match path.strip_prefix("/v1/sessions/") {
         None => String::new(),
@@ -557,9 +545,9 @@ async fn sessions(core: &Rc<Core>, head: &RequestHead, path: &str, body: &[u8]) 
         },
     };
     let method = match (head.method, name.is_empty()) {
-        (Method::Get, _) => IpcMethod::Get,
-        (Method::Put, false) => IpcMethod::Put,
-        (Method::Delete, false) => IpcMethod::Delete,
+        (Method::Get, _) => CallMethod::Get,
+        (Method::Put, false) => CallMethod::Put,
+        (Method::Delete, false) => CallMethod::Delete,
         (_, true) => return method_not_allowed(endpoint, "GET"),
         _ => return method_not_allowed(endpoint, "GET, PUT, DELETE"),
     };
@@ -576,124 +564,26 @@ async fn sessions(core: &Rc<Core>, head: &RequestHead, path: &str, body: &[u8]) 
         Ok(u) => u,
         Err(msg) => return bad_request(endpoint, "INVALID_USER", &msg),
     };
-    call(
-        core,
-        endpoint,
+    let call = Call {
+        kind: Kind::Session,
+        method,
         user,
-        Kind::Session,
-        method,
-        &name,
+        target: &name,
         body,
-        Shape::Raw { content_type: JSON },
-    )
-    .await
+    };
+    send(reactor, endpoint, &call, Shape::Raw { content_type: JSON }).await
 }
 
-/// Routes to the user's worker: admission, then the ring. Returns once the request is in the
-/// ring (or refused).
-#[allow(clippy::too_many_arguments)]
-async fn call(
-    core: &Rc<Core>,
-    endpoint: Endpoint,
-    user: &str,
-    kind: Kind,
-    method: IpcMethod,
-    path: &str,
-    body: &[u8],
-    shape: Shape,
-) -> Prepared {
-    let shared = &core.shared;
-    let router = shared.pool.router();
-    // A known user is a lock-free lookup; a first assignment appends to the routing table and
-    // fsyncs it, which must not stall the reactor (and every connection on this core): it runs
-    // on glommio's blocking thread, batched with the other first sights of this core, and this
-    // request waits for it.
-    let routed = match router.lookup(user) {
-        Some(s) => Ok(s),
-        None => core.first_sight.route(router, user.to_string()).await,
-    };
-    let slot_id = match routed {
-        Ok(s) => s,
-        Err(e) => return Prepared::Done(Answer::route_error(endpoint, &e)),
-    };
-    let fail = |e: RouteError| {
-        Prepared::Done(shape_answer(
+/// Sends `call` to its user's worker; returns once it is in the ring (or refused).
+async fn send(reactor: &Reactor, endpoint: Endpoint, call: &Call<'_>, shape: Shape) -> Prepared {
+    match reactor.dispatch(call).await {
+        Ok((slot, replies)) => Prepared::Waiting(Waiting {
+            replies,
+            slot,
+            shape,
             endpoint,
-            slot_id,
-            shape_for_error(&shape),
-            Err(e),
-        ))
-    };
-    if shared.stopping() {
-        return fail(RouteError::ShuttingDown);
-    }
-    let Some(slot) = shared.pool.slots().get(slot_id).cloned() else {
-        return fail(RouteError::Internal("no such slot".into()));
-    };
-    let timeout = shared.config.request_timeout;
-    let mut timer = glommio::timer::Timer::new(timeout);
-    let mut permit = match crate::pool::admission::acquire(&slot, &mut timer, timeout).await {
-        Ok(p) => p,
-        Err(e) => return fail(e),
-    };
-    let headers: [Header<'_>; 0] = [];
-    let out = Outgoing {
-        kind,
-        method,
-        user_id: user,
-        path,
-        headers: &headers,
-        body,
-        deadline_us: monotonic_us() + timeout.as_micros() as u64,
-    };
-    let (mut tx, rx) = oneshot::channel();
-    loop {
-        let result = match core.lanes.borrow_mut().get_mut(slot_id) {
-            Some(lane) => lane.submit(&out, tx, permit),
-            None => return fail(RouteError::Internal("no such lane".into())),
-        };
-        match result {
-            Ok(()) => {
-                // The pump wakes the worker once for everything submitted this round.
-                core.flush.notify();
-                break;
-            }
-            Err(SubmitError::TooLarge(len, max)) => return fail(RouteError::TooLarge { len, max }),
-            Err(SubmitError::Full(t, p)) => {
-                (tx, permit) = (t, p);
-                // The worker is behind (or being replaced): give it a moment, within the
-                // request's own deadline.
-                let slept = futures_lite::future::or(
-                    async {
-                        glommio::timer::sleep(Duration::from_micros(100)).await;
-                        true
-                    },
-                    async {
-                        let _ = (&mut timer).await;
-                        false
-                    },
-                )
-                .await;
-                if !slept {
-                    return fail(RouteError::Timeout(timeout));
-                }
-            }
-        }
-    }
-    Prepared::Waiting(Waiting {
-        rx,
-        slot: slot_id,
-        shape,
-        endpoint,
-    })
-}
-
-fn shape_for_error(shape: &Shape) -> Shape {
-    match shape {
-        Shape::Route { request_id } => Shape::Route {
-            request_id: request_id.clone(),
-        },
-        Shape::Raw { content_type } => Shape::Raw { content_type },
+        }),
+        Err((slot, e)) => Prepared::Done(shape_answer(endpoint, slot, shape, Err(e))),
     }
 }
 

@@ -2,25 +2,32 @@
 //! `SO_REUSEPORT` listener on the same port, routing each request to its user's worker over
 //! shared memory.
 
+//! Read top-down: [`shared`] (what all cores share) → [`reactor`] (a core's lanes, pump and
+//! dispatch) → [`http`] and [`answer`] (the codec) → [`endpoints`] → [`conn`] (one connection)
+//! → [`server`] (the accept loop and a core's life) → [`Gateway`] here.
+
+pub mod answer;
 pub mod conn;
-pub mod core;
 pub mod endpoints;
 pub mod first_sight;
 pub mod http;
-pub mod signal;
+pub mod notify;
+pub mod reactor;
+pub mod server;
+pub mod shared;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
-use crate::api::GatewayRouter;
 use crate::config::{Config, Cores};
-use crate::gateway::core::{CoreSetup, Shared};
-use crate::metrics::CoreMetrics;
-use crate::pool::PoolError;
+use crate::gateway::server::CoreSetup;
+use crate::gateway::shared::Shared;
+pub use crate::gateway::shared::StopMode;
+use crate::pool::{Pool, PoolError};
 
 /// Bytes of io_uring-registered memory per core. The gateway does socket I/O only, which
 /// does not use these buffers (they serve glommio's direct file I/O), so a small amount
@@ -170,9 +177,12 @@ fn ensure_nofile(config: &Config, cores: usize) {
     }
 }
 
+/// How long the gateway waits for its workers to come up.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A running gateway.
 pub struct Gateway {
-    router: Arc<GatewayRouter>,
+    pool: Arc<Pool>,
     shared: Arc<Shared>,
     cores: Vec<glommio::ExecutorJoinHandle<()>>,
     addr: SocketAddr,
@@ -185,14 +195,15 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-/// How to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Shutdown {
-    /// SIGTERM: stop accepting, answer what is in flight (up to the drain timeout), then stop
-    /// the workers.
-    Drain,
-    /// SIGINT: close everything now.
-    Fast,
+/// Turns a drain into a fast stop from another thread (a second signal).
+#[derive(Clone)]
+pub struct FastStop(Arc<Shared>);
+
+impl FastStop {
+    /// Stops at once: connections close, unanswered requests are dropped, workers are killed.
+    pub fn now(&self) {
+        self.0.begin_stop(StopMode::Fast);
+    }
 }
 
 impl Gateway {
@@ -225,31 +236,18 @@ impl Gateway {
         drop(probe);
         let addr = SocketAddr::new(ip, port);
 
-        let router = Arc::new(GatewayRouter::new(config)?);
-        let endpoints = router.start_with_lanes(cpus.len())?;
-        let pool = router
-            .pool()
-            .ok_or_else(|| GatewayError::Config("pool did not start".into()))?;
-        let shared = Arc::new(Shared {
-            config: router.config().clone(),
-            pool: pool.clone(),
-            metrics: (0..cpus.len())
-                .map(|_| Arc::new(CoreMetrics::default()))
-                .collect(),
-            listening: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            stop_now: AtomicBool::new(false),
-            shutdown: event_listener::Event::new(),
-            connections: AtomicUsize::new(0),
-            // What workers get: nothing when switched off, else what this kernel supports.
-            landlock: if router.config().landlock {
-                crate::worker::isolation::probe_landlock()
-            } else {
-                crate::worker::isolation::LandlockStatus::DISABLED
-            },
-            started: Instant::now(),
-            core_wakers: endpoints.iter().map(|e| e.waker.clone()).collect(),
-        });
+        let config = Arc::new(config);
+        let (pool, endpoints) = Pool::start(config.clone(), cpus.len())?;
+        if let Err(e) = pool.wait_ready(START_TIMEOUT) {
+            pool.stop(Duration::ZERO);
+            return Err(e.into());
+        }
+        let shared = Arc::new(Shared::new(
+            config,
+            pool.clone(),
+            cpus.len(),
+            endpoints.iter().map(|e| e.waker.clone()).collect(),
+        ));
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -262,12 +260,12 @@ impl Gateway {
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("moltbot-core-{id}"))
                 .io_memory(IO_MEMORY)
-                .spawn(move || core::run(setup, tx))
+                .spawn(move || server::run(setup, tx))
                 .map_err(|e| GatewayError::Executor(id, e.to_string()));
             let handle = match handle {
                 Ok(h) => h,
                 Err(e) => {
-                    abort_start(&shared, &router, cores);
+                    abort_start(&shared, cores);
                     return Err(e);
                 }
             };
@@ -275,12 +273,12 @@ impl Gateway {
                 Ok(Ok(_)) => cores.push(handle),
                 Ok(Err(msg)) => {
                     let _ = handle.join();
-                    abort_start(&shared, &router, cores);
+                    abort_start(&shared, cores);
                     return Err(GatewayError::Listen(addr, msg));
                 }
                 Err(_) => {
                     let _ = handle.join();
-                    abort_start(&shared, &router, cores);
+                    abort_start(&shared, cores);
                     return Err(GatewayError::Executor(id, "core thread ended".into()));
                 }
             }
@@ -304,7 +302,7 @@ impl Gateway {
             );
         }
         Ok(Gateway {
-            router,
+            pool,
             shared,
             cores,
             addr,
@@ -317,49 +315,57 @@ impl Gateway {
         self.addr
     }
 
-    /// The router (library API on the same pool).
-    pub fn router(&self) -> &Arc<GatewayRouter> {
-        &self.router
+    /// The effective configuration.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.shared.config
     }
 
-    /// Stops the gateway. `Drain` waits for in-flight requests (up to the drain timeout).
-    pub fn shutdown(mut self, mode: Shutdown) {
-        self.stop(mode);
+    /// The worker pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
-    fn stop(&mut self, mode: Shutdown) {
+    /// A handle that turns a drain under way into a fast stop (for a second signal).
+    pub fn fast_stop(&self) -> FastStop {
+        FastStop(self.shared.clone())
+    }
+
+    /// Stops the gateway. `Drain` waits for in-flight requests (up to the drain timeout),
+    /// unless [`FastStop::now`] cuts it short.
+    pub fn stop(mut self, mode: StopMode) {
+        self.stop_cores_and_pool(mode);
+    }
+
+    fn stop_cores_and_pool(&mut self, mode: StopMode) {
         if self.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        let fast = mode == Shutdown::Fast;
         tracing::info!(?mode, "gateway stopping");
-        self.shared.begin_shutdown(fast);
+        self.shared.begin_stop(mode);
         for h in self.cores.drain(..) {
             let _ = h.join();
         }
-        if fast {
-            self.router.stop_with_grace(Duration::ZERO);
+        // Workers get the drain timeout to finish, unless the stop is (or turned) fast.
+        let grace = if self.shared.stopping_fast() {
+            Duration::ZERO
         } else {
-            self.router.stop();
-        }
+            self.shared.config.drain_timeout
+        };
+        self.pool.stop(grace);
         tracing::info!("gateway stopped");
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.stop(Shutdown::Fast);
+        self.stop_cores_and_pool(StopMode::Fast);
     }
 }
 
-fn abort_start(
-    shared: &Shared,
-    router: &GatewayRouter,
-    cores: Vec<glommio::ExecutorJoinHandle<()>>,
-) {
-    shared.begin_shutdown(true);
+fn abort_start(shared: &Shared, cores: Vec<glommio::ExecutorJoinHandle<()>>) {
+    shared.begin_stop(StopMode::Fast);
     for h in cores {
         let _ = h.join();
     }
-    router.stop_with_grace(Duration::ZERO);
+    shared.pool.stop(Duration::ZERO);
 }

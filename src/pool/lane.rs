@@ -2,7 +2,8 @@
 //! responses, matches them to waiting callers, and recovers the lane after the worker died.
 //!
 //! This is synchronous and runtime-agnostic: a gateway core drives it from glommio tasks, the
-//! in-process lane from a plain thread. Completions are oneshot channels, which both can await.
+//! in-process lane from a plain thread. Answers go to each request's [`Replies`], which both
+//! can await.
 //!
 //! Everything read from a worker is hostile: frames are copied out of shared memory before they
 //! are checked, a structural violation (corrupt ring, undecodable frame, unknown request id)
@@ -15,77 +16,33 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_unpark, wake_needed};
-use moltbot_ipc::{AlignedBuf, Consumer, Header, Kind, Method, Producer, Request, RingError};
+use moltbot_ipc::{AlignedBuf, Consumer, Producer, Request, RingError};
 
 use crate::error::RouteError;
 use crate::pool::admission::Permit;
+use crate::pool::call::Call;
+use crate::pool::reply::{Outcome, Replies, Reply, ReplyTo, reply_pair};
 use crate::pool::slot::{Slot, SlotState};
-
-/// The answer a caller receives.
-pub type Outcome = Result<Reply, RouteError>;
-
-/// Where a caller's answer is sent.
-pub type Completion = oneshot::Sender<Outcome>;
-
-/// A worker's answer, validated, in a private copy of its frame.
-#[derive(Debug)]
-pub struct Reply {
-    /// The slot that answered.
-    pub slot: usize,
-    /// HTTP-style status from the handler (100..=599).
-    pub status: u16,
-    /// The handler's error code (`""` on success); `[A-Z0-9_:.-]`, at most 64 bytes.
-    pub error_code: String,
-    /// Handler time in microseconds.
-    pub duration_us: u64,
-    frame: AlignedBuf,
-    body: Range<usize>,
-}
-
-impl Reply {
-    /// The payload.
-    pub fn body(&self) -> &[u8] {
-        &self.frame.as_slice()[self.body.clone()]
-    }
-
-    /// True for 2xx.
-    pub fn is_success(&self) -> bool {
-        (200..300).contains(&self.status)
-    }
-}
-
-/// What a caller sends.
-#[derive(Debug, Clone, Copy)]
-pub struct Outgoing<'a> {
-    /// Request kind.
-    pub kind: Kind,
-    /// Method it came with.
-    pub method: Method,
-    /// Validated user id.
-    pub user_id: &'a str,
-    /// Kind-specific target.
-    pub path: &'a str,
-    /// Forwarded headers.
-    pub headers: &'a [Header<'a>],
-    /// Payload.
-    pub body: &'a [u8],
-    /// Deadline on the monotonic clock in µs (0 = none).
-    pub deadline_us: u64,
-}
 
 /// Why a request could not be placed in the ring.
 #[derive(Debug)]
-pub enum SubmitError {
-    /// No room right now (or the lane is being recovered): retry until the deadline.
-    Full(Completion, Permit),
-    /// It can never fit.
-    TooLarge(usize, usize),
+pub enum Refused {
+    /// No room right now (or the lane is being recovered): retry until the deadline. The
+    /// permit comes back for the retry.
+    Full(Permit),
+    /// It can never fit: the request needs `len` bytes, a frame carries at most `max`.
+    TooLarge {
+        /// Bytes the encoded request needs (an upper bound).
+        len: usize,
+        /// Most bytes a frame carries.
+        max: usize,
+    },
 }
 
 struct Pending {
     /// Taken when the caller was answered early (its deadline passed): the request still
     /// occupies the worker, so the entry and its permit stay until the worker answers.
-    tx: Option<Completion>,
+    reply: Option<ReplyTo>,
     permit: Permit,
     /// Monotonic µs after which the caller gets `TIMEOUT` (0: never).
     deadline_us: u64,
@@ -97,10 +54,10 @@ impl Pending {
     /// permit free, or a sequential client would be queued (or, with a full queue, refused)
     /// because of its own previous request.
     fn complete(self, outcome: Outcome) {
-        let Pending { tx, permit, .. } = self;
+        let Pending { reply, permit, .. } = self;
         drop(permit);
-        if let Some(tx) = tx {
-            let _ = tx.send(outcome);
+        if let Some(reply) = reply {
+            reply.finish(outcome);
         }
     }
 }
@@ -250,39 +207,43 @@ impl LaneClient {
         self.req.ring().max_payload()
     }
 
-    /// Places a request in the ring and wakes the worker if it sleeps. The permit is held until
-    /// the request is answered.
+    /// Places a request in the ring and wakes the worker if it sleeps (or leaves that to
+    /// [`LaneSet::flush_wakes`]). The permit is held until the request is answered; its
+    /// answer (or the error in its place) arrives on the returned [`Replies`], by
+    /// `deadline_us` (monotonic µs, 0: none) as far as this lane's owner enforces it.
     pub fn submit(
         &mut self,
-        out: &Outgoing<'_>,
-        tx: Completion,
+        call: &Call<'_>,
+        deadline_us: u64,
         permit: Permit,
-    ) -> Result<(), SubmitError> {
+    ) -> Result<Replies, Refused> {
         if self.poisoned || self.slot.epoch.load(Ordering::Acquire) != self.seen_epoch {
             // Recovery pending: the owner's next poll handles it; the caller retries.
-            return Err(SubmitError::Full(tx, permit));
+            return Err(Refused::Full(permit));
         }
         let id = self.next_id;
         let req = Request {
             request_id: id,
-            deadline_us: out.deadline_us,
-            kind: out.kind,
-            method: out.method,
-            user_id: out.user_id,
-            path: out.path,
-            headers: out.headers,
-            body: out.body,
+            deadline_us,
+            kind: call.kind,
+            method: call.method,
+            user_id: call.user,
+            path: call.target,
+            body: call.body,
         };
         let bound = req.encoded_len_bound();
         match self.req.push_with(bound, |slot| req.encode_into(slot)) {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(RingError::TooLarge { .. }) => {
-                return Err(SubmitError::TooLarge(bound, self.max_payload()));
+                return Err(Refused::TooLarge {
+                    len: bound,
+                    max: self.max_payload(),
+                });
             }
-            Err(RingError::Full) => return Err(SubmitError::Full(tx, permit)),
+            Err(RingError::Full) => return Err(Refused::Full(permit)),
             Err(RingError::Corrupt(why)) => {
                 self.poison(why);
-                return Err(SubmitError::Full(tx, permit));
+                return Err(Refused::Full(permit));
             }
         }
         self.next_id += 1;
@@ -290,12 +251,13 @@ impl LaneClient {
             end: self.req.position(),
             request_id: id,
         });
+        let (reply, replies) = reply_pair();
         self.pending.insert(
             id,
             Pending {
-                tx: Some(tx),
+                reply: Some(reply),
                 permit,
-                deadline_us: out.deadline_us,
+                deadline_us,
             },
         );
         if self.defer_wakes {
@@ -303,7 +265,7 @@ impl LaneClient {
         } else {
             self.wake_worker();
         }
-        Ok(())
+        Ok(replies)
     }
 
     /// Wakes the worker if it sleeps.
@@ -414,14 +376,18 @@ impl LaneClient {
                 slot: self.slot.id,
                 reason,
             }),
-            Ok(()) => Ok(Reply {
-                slot: self.slot.id,
-                status: r.status,
-                error_code: r.error_code.to_string(),
-                duration_us: r.duration_us,
-                body: r.body,
-                frame,
-            }),
+            Ok(()) => {
+                let (status, code, duration_us, body) =
+                    (r.status, r.error_code.to_string(), r.duration_us, r.body);
+                Ok(Reply::new(
+                    self.slot.id,
+                    status,
+                    code,
+                    duration_us,
+                    frame,
+                    body,
+                ))
+            }
         };
         if !matches!(&outcome, Ok(r) if r.is_success()) {
             stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -550,13 +516,13 @@ impl LaneClient {
     pub fn expire(&mut self, now_us: u64, timeout: std::time::Duration) -> u64 {
         let mut next = 0u64;
         for p in self.pending.values_mut() {
-            if p.tx.is_none() || p.deadline_us == 0 {
+            if p.reply.is_none() || p.deadline_us == 0 {
                 continue;
             }
             if p.deadline_us <= now_us {
-                if let Some(tx) = p.tx.take() {
+                if let Some(reply) = p.reply.take() {
                     self.slot.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(Err(RouteError::Timeout(timeout)));
+                    reply.finish(Err(RouteError::Timeout(timeout)));
                 }
             } else if next == 0 || p.deadline_us < next {
                 next = p.deadline_us;

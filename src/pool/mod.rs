@@ -2,10 +2,13 @@
 //! endpoints that gateway cores and in-process callers drive.
 
 pub mod admission;
+pub mod call;
+pub mod dispatch;
 pub mod lane;
 pub mod monitor;
 pub mod policy;
 pub mod proc;
+pub mod reply;
 pub mod slot;
 
 use std::fs::File;

@@ -104,7 +104,7 @@ pub struct Slot {
     pub epoch: AtomicU64,
     lane_acks: Box<[AtomicU64]>,
     /// Concurrency limit and queue.
-    pub admission: Admission,
+    pub admission: Arc<Admission>,
     /// Counters for the status.
     pub stats: SlotStats,
     /// A lane owner's request to kill the process, with the slot epoch it was made at (the
@@ -132,7 +132,7 @@ impl Slot {
         id: usize,
         segment: Segment,
         lanes: usize,
-        admission: Admission,
+        admission: Arc<Admission>,
         monitor_wake: Arc<WakeSender>,
     ) -> Slot {
         Slot {
@@ -241,7 +241,7 @@ impl Slot {
 /// For unit tests: slot 0 with one lane on a fresh segment (4 KiB rings), and the receiving
 /// end of its monitor wake socket.
 #[cfg(test)]
-pub(crate) fn test_slot(admission: Admission) -> (Arc<Slot>, WakeReceiver) {
+pub(crate) fn test_slot(admission: Arc<Admission>) -> (Arc<Slot>, WakeReceiver) {
     let name = format!(
         "/moltbot-test-{}-{:x}",
         std::process::id(),

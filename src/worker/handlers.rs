@@ -203,6 +203,7 @@ impl Handlers {
             Kind::AgentMessage => self.agent_message(req),
             Kind::AgentCommand => self.agent_command(req),
             Kind::Session => self.session(req),
+            #[cfg(feature = "fault-injection")]
             Kind::Test => self.test(req),
         };
         let reply = outcome.unwrap_or_else(|f| HandlerReply::error(f.status, f.code, f.message));
@@ -384,6 +385,7 @@ impl Handlers {
     // ---- test (test-only) ----
 
     /// Test-only fault injection; refused unless the worker runs with test handlers enabled.
+    #[cfg(feature = "fault-injection")]
     fn test(&mut self, req: &HandlerRequest<'_>) -> Outcome {
         if !self.test_handlers {
             return Err(Fail::new(
@@ -804,6 +806,7 @@ fn session_route(dir: &Path, path: &str, body: &[u8]) -> Outcome {
 }
 
 /// Test-only: allocates, touches and leaks `{"mib": N}` MiB.
+#[cfg(feature = "fault-injection")]
 fn test_alloc(body: &[u8]) -> Outcome {
     #[derive(Deserialize)]
     struct Alloc {
@@ -837,6 +840,7 @@ fn test_alloc(body: &[u8]) -> Outcome {
     })))
 }
 
+#[cfg(feature = "fault-injection")]
 fn probe(r: io::Result<()>) -> Value {
     match r {
         Ok(()) => json!({ "ok": true }),
@@ -846,6 +850,7 @@ fn probe(r: io::Result<()>) -> Value {
 
 /// Test-only: tries to read each path and, for directories, to list it and create a file in
 /// it; reports what succeeded (isolation tests expect failures outside the sandbox).
+#[cfg(feature = "fault-injection")]
 fn test_escape(body: &[u8], pid: u32) -> Outcome {
     #[derive(Deserialize)]
     struct Escape {
@@ -905,6 +910,7 @@ fn test_escape(body: &[u8], pid: u32) -> Outcome {
 /// Test-only: for each pid, whether this process may signal it, probed with `kill(pid, 0)`
 /// (permission and existence checks only; nothing is delivered). Isolation tests expect the
 /// gateway and other workers to be out of reach where Landlock scopes signals (ABI 6).
+#[cfg(feature = "fault-injection")]
 fn test_signal(body: &[u8]) -> Outcome {
     #[derive(Deserialize)]
     struct Signal {

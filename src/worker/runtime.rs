@@ -289,7 +289,7 @@ impl Worker {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
-        } else if kind == Kind::Test && self.test_handlers && test_fault(req, &mut l.resp) {
+        } else if self.test_handlers && fault_frame(kind, req, &mut l.resp) {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
@@ -362,7 +362,18 @@ pub(crate) fn write_response(
 
 /// Test-only faults that need the rings themselves (the others live in the handlers).
 /// Returns true if it handled the request.
-fn test_fault(req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
+/// Without fault injection no request writes a bad frame.
+#[cfg(not(feature = "fault-injection"))]
+fn fault_frame(_kind: Kind, _req: &ArchivedRequest<'_>, _ring: &mut Producer) -> bool {
+    false
+}
+
+/// Fault injection at the frame level: answers that break the ring protocol.
+#[cfg(feature = "fault-injection")]
+fn fault_frame(kind: Kind, req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
+    if kind != Kind::Test {
+        return false;
+    }
     let id = req.request_id.to_native();
     match &*req.path {
         // A frame that is not a Response archive.

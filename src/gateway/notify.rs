@@ -1,4 +1,5 @@
-//! Single-threaded wake-ups inside one gateway core (no atomics, no allocation per wait).
+//! Wake-ups between the tasks of one gateway core: single-threaded, no atomics, no allocation
+//! per wait.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -35,13 +36,13 @@ impl Notify {
 
 /// A one-shot broadcast: once fired, every waiter (present and future) resolves.
 #[derive(Default)]
-pub struct Signal {
+pub struct Latch {
     fired: Cell<bool>,
     waiters: RefCell<slab::Slab<Waker>>,
 }
 
-impl Signal {
-    /// Fires the signal.
+impl Latch {
+    /// Fires the latch.
     pub fn fire(&self) {
         if self.fired.replace(true) {
             return;
@@ -57,29 +58,29 @@ impl Signal {
         self.fired.get()
     }
 
-    /// Resolves when the signal fires. Dropping it unregisters the waiter.
-    pub fn wait(&self) -> SignalWait<'_> {
-        SignalWait {
-            signal: self,
+    /// Resolves when the latch fires. Dropping it unregisters the waiter.
+    pub fn wait(&self) -> LatchWait<'_> {
+        LatchWait {
+            latch: self,
             key: None,
         }
     }
 }
 
-/// The future of [`Signal::wait`].
-pub struct SignalWait<'a> {
-    signal: &'a Signal,
+/// The future of [`Latch::wait`].
+pub struct LatchWait<'a> {
+    latch: &'a Latch,
     key: Option<usize>,
 }
 
-impl Future for SignalWait<'_> {
+impl Future for LatchWait<'_> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.signal.fired.get() {
+        if self.latch.fired.get() {
             return Poll::Ready(());
         }
-        let mut waiters = self.signal.waiters.borrow_mut();
+        let mut waiters = self.latch.waiters.borrow_mut();
         match self.key {
             Some(k) if waiters.contains(k) => {
                 if !waiters[k].will_wake(cx.waker()) {
@@ -96,10 +97,10 @@ impl Future for SignalWait<'_> {
     }
 }
 
-impl Drop for SignalWait<'_> {
+impl Drop for LatchWait<'_> {
     fn drop(&mut self) {
         if let Some(k) = self.key {
-            let mut waiters = self.signal.waiters.borrow_mut();
+            let mut waiters = self.latch.waiters.borrow_mut();
             if waiters.contains(k) {
                 waiters.remove(k);
             }
@@ -127,8 +128,8 @@ mod tests {
     }
 
     #[test]
-    fn signal_wakes_all_and_unregisters_on_drop() {
-        let s = Signal::default();
+    fn latch_wakes_all_and_unregisters_on_drop() {
+        let s = Latch::default();
         let mut a = Box::pin(s.wait());
         let b = Box::pin(s.wait());
         assert!(futures_lite::future::block_on(futures_lite::future::poll_once(&mut a)).is_none());

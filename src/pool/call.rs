@@ -1,0 +1,52 @@
+//! A request as the core sees it, from whichever caller (an HTTP connection, a library
+//! caller) to its user's worker. Its wire form is [`moltbot_ipc::Request`], written by the lane
+//! straight into the ring.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use moltbot_ipc::{Kind, Method};
+
+/// One request to a user's worker.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    /// What the worker is asked to do.
+    pub kind: Kind,
+    /// The method it arrived with (meaningful for `session`).
+    pub method: Method,
+    /// The user; validated by [`crate::pool::dispatch::Dispatch::new`].
+    pub user: &'a str,
+    /// Kind-specific target: a session name, a fault action; often empty.
+    pub target: &'a str,
+    /// The payload, opaque to the gateway.
+    pub body: &'a [u8],
+}
+
+impl<'a> Call<'a> {
+    /// A request of `kind` as `route()` and `/v1/route` send it: the kind's usual method, no
+    /// target.
+    pub fn of_kind(kind: Kind, user: &'a str, body: &'a [u8]) -> Call<'a> {
+        let method = match kind {
+            Kind::HealthCheck => Method::Get,
+            _ => Method::Post,
+        };
+        Call {
+            kind,
+            method,
+            user,
+            target: "",
+            body,
+        }
+    }
+}
+
+static REQUEST_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// A request id for answers that carry one (`requestId`), unique within this process:
+/// `<pid hex>-<sequence>`.
+pub fn next_request_id() -> String {
+    format!(
+        "{:x}-{}",
+        std::process::id(),
+        REQUEST_SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
