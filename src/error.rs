@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+/// `Retry-After` of a routing table that cannot be written.
+pub const TABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
+
 /// Why a request was not answered by its worker's handler.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -50,6 +53,10 @@ pub enum RouteError {
     /// The gateway is stopping and takes no new requests.
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A new user could not be recorded in the routing table (the disk is full, or another
+    /// I/O error): nothing was assigned, known users are unaffected, a retry may succeed.
+    #[error("no new user can be assigned right now: the routing table cannot be written ({0})")]
+    TableUnavailable(String),
     /// A new user while the routing table holds `max_users` users.
     #[error("no new user can be assigned: the routing table holds its limit of {0} users")]
     UserLimit(usize),
@@ -63,6 +70,10 @@ impl From<crate::router::RouterError> for RouteError {
         match e {
             crate::router::RouterError::Full(max) => RouteError::UserLimit(max),
             crate::router::RouterError::EmptyUser => RouteError::InvalidUser(e.to_string()),
+            // The path of the table is the server's business: the client gets the cause only.
+            crate::router::RouterError::Io { source, .. } => {
+                RouteError::TableUnavailable(source.to_string())
+            }
             other => RouteError::Internal(other.to_string()),
         }
     }
@@ -80,6 +91,7 @@ impl RouteError {
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => "UNAVAILABLE",
             RouteError::Timeout(_) => "TIMEOUT",
             RouteError::UserLimit(_) => "USER_LIMIT",
+            RouteError::TableUnavailable(_) => "ROUTING_TABLE_UNAVAILABLE",
             RouteError::Internal(_) => "INTERNAL",
         }
     }
@@ -91,7 +103,7 @@ impl RouteError {
             RouteError::TooLarge { .. } => 413,
             RouteError::WorkerCrashed { .. } | RouteError::BadWorkerResponse { .. } => 502,
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => 503,
-            RouteError::UserLimit(_) => 503,
+            RouteError::UserLimit(_) | RouteError::TableUnavailable(_) => 503,
             RouteError::Timeout(_) => 504,
             RouteError::Internal(_) => 500,
         }
@@ -105,6 +117,7 @@ impl RouteError {
                 | RouteError::ShuttingDown
                 | RouteError::Timeout(_)
                 | RouteError::WorkerCrashed { .. }
+                | RouteError::TableUnavailable(_)
         )
     }
 
@@ -113,6 +126,8 @@ impl RouteError {
         match self {
             RouteError::Unavailable { retry_after, .. } => Some(*retry_after),
             RouteError::ShuttingDown => Some(Duration::from_secs(1)),
+            // Long enough for an operator (or a log rotation) to free some space.
+            RouteError::TableUnavailable(_) => Some(TABLE_RETRY_AFTER),
             _ => None,
         }
     }
@@ -161,6 +176,12 @@ mod tests {
                 true,
             ),
             (RouteError::ShuttingDown, "UNAVAILABLE", 503, true),
+            (
+                RouteError::TableUnavailable("No space left on device".into()),
+                "ROUTING_TABLE_UNAVAILABLE",
+                503,
+                true,
+            ),
         ];
         for (e, code, status, retry) in cases {
             assert_eq!(e.code(), code);
@@ -172,5 +193,19 @@ mod tests {
             Some(Duration::from_secs(1))
         );
         assert_eq!(RouteError::WorkerCrashed { slot: 0 }.retry_after(), None);
+    }
+
+    #[test]
+    fn a_routing_table_that_cannot_be_written_is_transient_and_names_no_path() {
+        let e = RouteError::from(crate::router::RouterError::Io {
+            path: "/srv/moltbot/routing-table.jsonl".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        });
+        assert_eq!((e.status(), e.code()), (503, "ROUTING_TABLE_UNAVAILABLE"));
+        assert!(e.retryable());
+        assert_eq!(e.retry_after(), Some(TABLE_RETRY_AFTER));
+        let message = e.to_string();
+        assert!(!message.contains("/srv"), "{message}");
+        assert!(message.contains("No space left on device"), "{message}");
     }
 }

@@ -650,6 +650,58 @@ mod tests {
         }
     }
 
+    /// Assignments computed by an independent model of the TypeScript router (FNV-1a over
+    /// UTF-16, 150 virtual nodes, the bounded-load rule at factors 1.0, 1.25 and 2.0; Unicode
+    /// and astral-plane user ids): `tests/data/router-vectors.json`.
+    #[test]
+    fn assignments_match_the_independent_model() {
+        #[derive(serde::Deserialize)]
+        struct Vectors {
+            fnv1a_checks: StdHashMap<String, u32>,
+            cases: Vec<Case>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Case {
+            workers: usize,
+            balance_factor: f64,
+            #[serde(default)]
+            order: Vec<String>,
+            assignments: StdHashMap<String, usize>,
+        }
+        let v: Vectors =
+            serde_json::from_str(include_str!("../tests/data/router-vectors.json")).expect("json");
+        for (s, h) in &v.fnv1a_checks {
+            assert_eq!(fnv1a_utf16(s), *h, "fnv1a({s:?})");
+        }
+        let mut checked = 0;
+        for case in &v.cases {
+            let what = format!("{} workers, factor {}", case.workers, case.balance_factor);
+            let router =
+                StickyRouter::in_memory(case.workers, case.balance_factor).expect("router");
+            if case.balance_factor == 0.0 {
+                let ring = HashRing::new(case.workers).expect("ring");
+                for (user, &worker) in &case.assignments {
+                    assert_eq!(ring.lookup(user), worker, "{what}: {user:?}");
+                    assert_eq!(
+                        router.route(user).expect("route"),
+                        worker,
+                        "{what}: {user:?}"
+                    );
+                    checked += 1;
+                }
+            } else {
+                // Bounded load depends on the order of first sight.
+                assert_eq!(case.order.len(), case.assignments.len(), "{what}");
+                for user in &case.order {
+                    let got = router.route(user).expect("route");
+                    assert_eq!(Some(&got), case.assignments.get(user), "{what}: {user:?}");
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 2112);
+    }
+
     #[test]
     fn ring_shape() {
         let ring = HashRing::new(5).expect("ring");
@@ -995,6 +1047,45 @@ mod tests {
         // The cut-back failed too, so the next append retries it first and fails again.
         assert!(matches!(r.route("user-a"), Err(RouterError::Io { .. })));
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_full_disk_refuses_new_users_until_space_is_freed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("open");
+        let known = r.route("known").expect("route");
+        // The disk fills up: every write of the table now fails with ENOSPC (as on /dev/full).
+        let full = OpenOptions::new()
+            .append(true)
+            .open("/dev/full")
+            .expect("/dev/full");
+        let table = {
+            let mut state = r.lock();
+            let journal = state.journal.as_mut().expect("journal");
+            std::mem::replace(&mut journal.file, full)
+        };
+        let e = r.route("new").expect_err("a full disk");
+        assert!(
+            matches!(&e, RouterError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull),
+            "{e:?}"
+        );
+        let refused = crate::error::RouteError::from(e);
+        assert_eq!(
+            (refused.status(), refused.code()),
+            (503, "ROUTING_TABLE_UNAVAILABLE")
+        );
+        assert!(!refused.to_string().contains(&*dir.path().to_string_lossy()));
+        // Known users keep working; the new one was not assigned.
+        assert_eq!(r.route("known").expect("known"), known);
+        assert_eq!(r.lookup("new"), None);
+        // Space is freed: the new user is assigned, and the table on disk is whole.
+        r.lock().journal.as_mut().expect("journal").file = table;
+        let new = r.route("new").expect("after freeing space");
+        drop(r);
+        let reopened = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen");
+        assert_eq!(reopened.lookup("known"), Some(known));
+        assert_eq!(reopened.lookup("new"), Some(new));
+        assert_eq!(read_lines(dir.path()).len(), 2);
     }
 
     #[test]

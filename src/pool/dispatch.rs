@@ -84,18 +84,21 @@ impl Dispatch {
     pub fn new(pool: &Pool, call: &Call<'_>) -> Result<Dispatch, RouteError> {
         crate::user::validate_user_id(call.user)
             .map_err(|e| RouteError::InvalidUser(e.to_string()))?;
-        let timeout = pool.config().request_timeout;
-        let mut d = Dispatch {
+        let mut d = Dispatch::with_timeout(pool.config().request_timeout);
+        if let Some(slot) = pool.router().lookup(call.user) {
+            d.assigned(pool, slot)?;
+        }
+        Ok(d)
+    }
+
+    fn with_timeout(timeout: Duration) -> Dispatch {
+        Dispatch {
             slot: None,
             stage: Stage::Unassigned,
             timeout,
             deadline: Instant::now() + timeout,
             deadline_us: monotonic_us().saturating_add(timeout.as_micros() as u64),
-        };
-        if let Some(slot) = pool.router().lookup(call.user) {
-            d.assigned(pool, slot)?;
         }
-        Ok(d)
     }
 
     /// The user's slot is `slot` (after [`Step::Assign`]).
@@ -104,9 +107,13 @@ impl Dispatch {
             .slots()
             .get(slot)
             .ok_or_else(|| RouteError::Internal(format!("no worker slot {slot}")))?;
-        self.slot = Some(slot.clone());
-        self.stage = Stage::Admit(None);
+        self.go_to(slot.clone());
         Ok(())
+    }
+
+    fn go_to(&mut self, slot: Arc<Slot>) {
+        self.slot = Some(slot);
+        self.stage = Stage::Admit(None);
     }
 
     /// The slot the request goes to, once known.
@@ -229,5 +236,160 @@ fn queue_full(slot: &Slot) -> RouteError {
             slot.admission.queued()
         ),
         retry_after: Duration::from_secs(1),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::admission::Admission;
+    use crate::pool::call::Kind;
+    use crate::pool::slot::test_slot;
+    use event_listener::Listener;
+
+    const CALL: Call<'static> = Call {
+        kind: Kind::Echo,
+        method: crate::pool::call::Method::Post,
+        user: "user-a",
+        target: "",
+        body: b"hello",
+    };
+
+    fn to(slot: &Arc<Slot>) -> Dispatch {
+        let mut d = Dispatch::with_timeout(Duration::from_secs(60));
+        d.go_to(slot.clone());
+        d
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn admitted_then_queued_then_refused() {
+        let (slot, _rx) = test_slot(Admission::new(1, 1));
+        let mut lanes = LaneSet::new(std::slice::from_ref(&slot), 0).unwrap();
+        let now = Instant::now();
+        let mut first = to(&slot);
+        assert!(matches!(
+            first.step(&CALL, &mut lanes, now),
+            Ok(Step::Sent { slot: 0, .. })
+        ));
+        assert_eq!(slot.admission.in_flight(), 1);
+        let mut second = to(&slot);
+        let Ok(Step::Queue(listener)) = second.step(&CALL, &mut lanes, now) else {
+            panic!("the second request should wait in the queue");
+        };
+        assert_eq!(slot.admission.queued(), 1);
+        let e = to(&slot).step(&CALL, &mut lanes, now).unwrap_err();
+        assert_eq!((e.status(), e.code()), (503, "UNAVAILABLE"));
+        // The first is answered (here: failed by a stopping pool): its place goes to the second.
+        lanes.fail_all(RouteError::ShuttingDown);
+        assert!(listener.wait_deadline(far()).is_some());
+        assert!(matches!(
+            second.step(&CALL, &mut lanes, Instant::now()),
+            Ok(Step::Sent { .. })
+        ));
+        assert_eq!(
+            (slot.admission.in_flight(), slot.admission.queued()),
+            (1, 0)
+        );
+    }
+
+    #[test]
+    fn a_queued_request_times_out_and_leaves_the_queue() {
+        let (slot, _rx) = test_slot(Admission::new(1, 4));
+        let mut lanes = LaneSet::new(std::slice::from_ref(&slot), 0).unwrap();
+        let mut first = to(&slot);
+        assert!(first.step(&CALL, &mut lanes, Instant::now()).is_ok());
+        let mut second = to(&slot);
+        assert!(matches!(
+            second.step(&CALL, &mut lanes, Instant::now()),
+            Ok(Step::Queue(_))
+        ));
+        let late = second.deadline() + Duration::from_millis(1);
+        let e = second.step(&CALL, &mut lanes, late).unwrap_err();
+        assert_eq!(e.code(), "TIMEOUT");
+        assert_eq!(slot.admission.queued(), 0);
+        // Over: a dispatch is not stepped twice.
+        assert_eq!(
+            second.step(&CALL, &mut lanes, late).unwrap_err().code(),
+            "INTERNAL"
+        );
+    }
+
+    #[test]
+    fn a_failed_slot_refuses_and_releases_its_waiters() {
+        let (slot, _rx) = test_slot(Admission::new(1, 4));
+        let mut lanes = LaneSet::new(std::slice::from_ref(&slot), 0).unwrap();
+        assert!(to(&slot).step(&CALL, &mut lanes, Instant::now()).is_ok());
+        let mut waiting = to(&slot);
+        let Ok(Step::Queue(listener)) = waiting.step(&CALL, &mut lanes, Instant::now()) else {
+            panic!("queued");
+        };
+        slot.set_state(SlotState::Failed);
+        assert!(listener.wait_deadline(far()).is_some(), "waiters are woken");
+        let e = waiting.step(&CALL, &mut lanes, Instant::now()).unwrap_err();
+        assert_eq!((e.status(), e.code()), (503, "UNAVAILABLE"));
+        assert!(e.retry_after().is_some());
+        let e = to(&slot)
+            .step(&CALL, &mut lanes, Instant::now())
+            .unwrap_err();
+        assert_eq!(e.status(), 503);
+        assert_eq!(slot.admission.queued(), 0);
+    }
+
+    #[test]
+    fn a_full_ring_pauses_and_a_request_that_never_fits_is_refused() {
+        let (slot, _rx) = test_slot(Admission::new(1000, 4));
+        let mut lanes = LaneSet::new(std::slice::from_ref(&slot), 0).unwrap();
+        // The test slot's rings hold 4 KiB: fill the request ring.
+        let body = [7u8; 1000];
+        let call = Call {
+            body: &body,
+            ..CALL
+        };
+        let mut paused = None;
+        for _ in 0..16 {
+            let mut d = to(&slot);
+            match d.step(&call, &mut lanes, Instant::now()) {
+                Ok(Step::Sent { .. }) => continue,
+                Ok(Step::Pause(p)) => {
+                    paused = Some((d, p));
+                    break;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let (mut d, pause) = paused.expect("the ring fills up");
+        assert_eq!(pause, RING_FULL_PAUSE);
+        // Still full: it keeps its permit and pauses again; past the deadline it times out.
+        assert!(matches!(
+            d.step(&call, &mut lanes, Instant::now()),
+            Ok(Step::Pause(_))
+        ));
+        let held = slot.admission.in_flight();
+        let late = d.deadline() + Duration::from_millis(1);
+        assert_eq!(
+            d.step(&call, &mut lanes, late).unwrap_err().code(),
+            "TIMEOUT"
+        );
+        assert_eq!(
+            slot.admission.in_flight(),
+            held - 1,
+            "the permit is released"
+        );
+        let huge = vec![0u8; 8192];
+        let e = to(&slot)
+            .step(
+                &Call {
+                    body: &huge,
+                    ..CALL
+                },
+                &mut lanes,
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert_eq!((e.status(), e.code()), (413, "PAYLOAD_TOO_LARGE"));
     }
 }
