@@ -22,7 +22,7 @@ use crate::pool::lane::LaneSet;
 use crate::pool::reply::Reply;
 use crate::pool::{Pool, PoolError, PoolStatus};
 
-/// A request, as the seed's `router.route({type, userId, payload})`.
+/// A request, as the TypeScript router's `router.route({type, userId, payload})`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteRequest {
@@ -36,7 +36,7 @@ pub struct RouteRequest {
     pub payload: serde_json::Value,
 }
 
-/// The answer, as the seed's `WorkerResponse`.
+/// The answer, as the TypeScript router's `WorkerResponse`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RouteResponse {

@@ -2,8 +2,8 @@
 //!
 //! One gateway on one port serves many users; each user is pinned to one worker process
 //! (sticky, consistent hashing with bounded load), each worker lives in its own sandbox, and a
-//! monitor thread respawns workers that crash or stall. See `DESIGN.md` in the repository for
-//! the whole picture.
+//! monitor thread respawns workers that crash or stall. The README describes the whole
+//! picture: the HTTP API, the configuration, how each promise is kept and tested.
 #![forbid(unsafe_code)]
 
 pub mod api;

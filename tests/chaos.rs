@@ -1,4 +1,4 @@
-//! The chaos suite (issue 6, "Faults"): a real gateway with 4 workers under continuous load
+//! The chaos suite: a real gateway with 4 workers under continuous load
 //! from bounded client threads (loopback, 48 users, 16 keep-alive connections) while workers
 //! are killed (`kill -9` of a random one every 200 ms for 10 s), frozen (SIGSTOP/SIGCONT),
 //! pushed past `max_memory`, and crashed into `failed`.
@@ -125,7 +125,7 @@ fn gateway_error(r: &Resp) -> Result<String, String> {
     Ok(code.to_string())
 }
 
-/// The error answer of `/v1/route` (the seed's `WorkerResponse`): `success: false`, the
+/// The error answer of `/v1/route` (the TypeScript router's `WorkerResponse`): `success: false`, the
 /// `errorCode` that fits the status, the worker named; a 503 also has a Retry-After.
 fn route_error(r: &Resp) -> Result<String, String> {
     let v = r

@@ -1,4 +1,4 @@
-//! Hostile clients against a real gateway process over raw sockets (issue 6, "Hostile clients"):
+//! Hostile clients against a real gateway process over raw sockets:
 //! a table of malformed, ambiguous and smuggling requests, each sent whole and one byte per
 //! write; exhaustion (slowloris, a pipelining flood, a client that never reads, the head limit
 //! at and one past its value); and hostile identities (user ids and session names) that must

@@ -1,4 +1,4 @@
-//! Enforced isolation of real worker processes (issue 6, "Enforced isolation"): Landlock as
+//! Enforced isolation of real worker processes: Landlock as
 //! `/status` reports it and as a worker experiences it (the test-only `escape` and `signal`
 //! probes), the shared-memory segments a worker maps and their modes, the scrubbed worker
 //! environment, and the workers' rlimits, read from `/proc` (the tests run as root).

@@ -51,7 +51,7 @@ impl Kind {
         }
     }
 
-    /// Parses a protocol name. `agent` is accepted as the seed's short form of `agent:message`.
+    /// Parses a protocol name. `agent` is accepted as the short form of `agent:message`.
     pub fn parse(name: &str) -> Option<Kind> {
         Some(match name {
             "agent:message" | "agent" => Kind::AgentMessage,

@@ -109,7 +109,7 @@ enum ReadOutcome {
     Data,
     Eof,
     TimedOut,
-    Shutdown,
+    Closing,
     Failed,
 }
 
@@ -122,13 +122,13 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads more bytes, giving up at `deadline`; while `idle` (nothing buffered) a shutdown
+    /// Reads more bytes, giving up at `deadline`; while `idle` (nothing buffered) a stop
     /// also ends the wait.
     async fn read_more(&mut self, deadline: Instant, idle: bool) -> ReadOutcome {
         enum Woke {
             Read(std::io::Result<usize>),
             Timer,
-            Shutdown,
+            Closing,
         }
         let Some(left) = deadline.checked_duration_since(Instant::now()) else {
             return ReadOutcome::TimedOut;
@@ -141,15 +141,15 @@ impl Conn {
             glommio::timer::sleep(left).await;
             Woke::Timer
         };
-        let shutdown = async {
+        let closing = async {
             if idle {
                 reactor.closing.wait().await;
             } else {
                 std::future::pending::<()>().await;
             }
-            Woke::Shutdown
+            Woke::Closing
         };
-        match futures_lite::future::or(read, futures_lite::future::or(timer, shutdown)).await {
+        match futures_lite::future::or(read, futures_lite::future::or(timer, closing)).await {
             Woke::Read(Ok(0)) => ReadOutcome::Eof,
             Woke::Read(Ok(n)) => {
                 self.rb.filled(n);
@@ -157,7 +157,7 @@ impl Conn {
             }
             Woke::Read(Err(_)) => ReadOutcome::Failed,
             Woke::Timer => ReadOutcome::TimedOut,
-            Woke::Shutdown => ReadOutcome::Shutdown,
+            Woke::Closing => ReadOutcome::Closing,
         }
     }
 
@@ -432,7 +432,7 @@ async fn serve_loop(conn: &mut Conn) {
             continue;
         }
         // 3. Read more: an idle connection waits up to the keep-alive timeout (and gives way
-        //    to a shutdown); a partial request must complete within the header timeout.
+        //    to a stop); a partial request must complete within the header timeout.
         if need_more {
             let idle = conn.rb.data().is_empty();
             if idle && shared.stopping() {
@@ -474,7 +474,7 @@ async fn serve_loop(conn: &mut Conn) {
                 }
                 ReadOutcome::TimedOut
                 | ReadOutcome::Eof
-                | ReadOutcome::Shutdown
+                | ReadOutcome::Closing
                 | ReadOutcome::Failed => return,
             }
         }

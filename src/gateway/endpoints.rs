@@ -25,7 +25,7 @@ use crate::pool::reply::{Replies, Reply};
 
 /// How a worker's answer is turned into the HTTP answer.
 enum Shape {
-    /// `/v1/route`: the seed's `WorkerResponse` JSON.
+    /// `/v1/route`: the TypeScript router's `WorkerResponse` JSON.
     Route { request_id: String },
     /// The worker's payload as the body, with this content type.
     Raw { content_type: &'static str },

@@ -197,7 +197,7 @@ impl Pool {
             wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
         let monitor_wake = Arc::new(monitor_wake);
         // Per lane, the gateway's own control socket: the monitor wakes the lane's owner with
-        // it (crash epochs, new worker wake sockets, shutdown). Workers never get these; each
+        // it (crash epochs, new worker wake sockets, a stop). Workers never get these; each
         // worker gets wake sockets of its own at each spawn (see the monitor).
         let mut lane_wakers = Vec::with_capacity(lanes);
         let mut lane_receivers = Vec::with_capacity(lanes);
@@ -322,7 +322,7 @@ impl Pool {
         &self.base
     }
 
-    /// The status of the pool (the seed's `getStatus()`).
+    /// The status of the pool (the TypeScript pool's `getStatus()`).
     pub fn status(&self) -> PoolStatus {
         let now = now_ms();
         let workers: Vec<WorkerStatus> = self
