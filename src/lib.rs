@@ -12,7 +12,6 @@ pub mod command;
 pub mod config;
 pub mod error;
 pub mod gateway;
-pub mod http_client;
 pub mod metrics;
 pub mod pool;
 pub mod router;

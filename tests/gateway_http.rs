@@ -11,10 +11,9 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use gw::{
-    GatewayProc, Options, RawResponse, parse_responses, raw_request, read_response,
+    GatewayProc, HttpResponse, Options, RawResponse, parse_responses, raw_request, read_response,
     read_until_closed, run_moltbot, write_bytewise,
 };
-use moltbot::http_client::HttpResponse;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------

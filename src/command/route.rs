@@ -89,7 +89,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::http_client::testing::serve_json;
+    use crate::command::client::testing::serve_json;
 
     #[test]
     fn percent_encoding() {
@@ -140,7 +140,7 @@ mod tests {
             req.starts_with("GET /v1/users/a%20b%2Fc/worker HTTP/1.1\r\n"),
             "{req}"
         );
-        assert!(req.contains("\r\nAuthorization: Bearer t\r\n"), "{req}");
+        assert!(req.contains("\r\nauthorization: Bearer t\r\n"), "{req}");
 
         let out = route_output("a b/c", &url, Format::Json, None).expect("json");
         let v: Value = serde_json::from_str(&out).expect("json");
