@@ -1047,34 +1047,28 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
 /// and session names decide about them.
 pub fn percent_decode_segment(seg: &str) -> Result<String, HttpError> {
     let bytes = seg.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'/' {
-            return Err(HttpError::InvalidPath("'/' inside a path segment"));
-        }
-        let decoded = if b == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_val);
-            let lo = bytes.get(i + 2).copied().and_then(hex_val);
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => {
-                    i += 3;
-                    (hi << 4) | lo
-                }
-                _ => return Err(HttpError::InvalidPath("invalid percent-escape")),
-            }
-        } else {
-            i += 1;
-            b
-        };
-        if decoded.is_ascii_control() {
-            return Err(HttpError::InvalidPath(
-                "control character in a path segment",
-            ));
-        }
-        out.push(decoded);
+    if bytes.contains(&b'/') {
+        return Err(HttpError::InvalidPath("'/' inside a path segment"));
     }
-    String::from_utf8(out).map_err(|_| HttpError::InvalidPath("path segment is not valid UTF-8"))
+    // `percent_decode` passes a malformed escape through as it is; here it is an error.
+    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(HttpError::InvalidPath("invalid percent-escape"));
+    }
+    let decoded = percent_encoding::percent_decode(bytes);
+    if decoded.clone().any(|b| b.is_ascii_control()) {
+        return Err(HttpError::InvalidPath(
+            "control character in a path segment",
+        ));
+    }
+    decoded
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| HttpError::InvalidPath("path segment is not valid UTF-8"))
 }
 
 #[cfg(test)]
