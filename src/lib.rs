@@ -11,6 +11,7 @@ pub mod cli;
 pub mod command;
 pub mod config;
 pub mod error;
+pub mod fsutil;
 pub mod gateway;
 pub mod metrics;
 pub mod pool;
