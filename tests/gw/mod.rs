@@ -319,19 +319,18 @@ impl HttpResponse {
     }
 }
 
-/// The harness's `ureq` agent: a status is an answer (the tests judge 4xx and 5xx), redirects
-/// are not followed, `*_PROXY` is ignored, and a whole request takes at most [`DEADLINE`].
-fn agent() -> &'static ureq::Agent {
-    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
-    AGENT.get_or_init(|| {
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .max_redirects(0)
-            .proxy(None)
-            .timeout_global(Some(DEADLINE))
-            .build()
-            .new_agent()
-    })
+/// A new `ureq` agent as the harness configures them: a status is an answer (the tests judge
+/// 4xx and 5xx), redirects are not followed, `*_PROXY` is ignored, and a whole request takes
+/// at most [`DEADLINE`]. Its idle connections are kept for its next requests (see
+/// [`http_request_with`]).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .timeout_global(Some(DEADLINE))
+        .build()
+        .new_agent()
 }
 
 /// Sends one request to `url` + `path` through `ureq` and reads the whole answer.
@@ -346,17 +345,40 @@ pub fn http_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Result<HttpResponse, ureq::Error> {
+    static SHARED: OnceLock<ureq::Agent> = OnceLock::new();
+    let mut with_close = vec![("connection", "close")];
+    with_close.extend_from_slice(headers);
+    http_request_with(
+        SHARED.get_or_init(agent),
+        url,
+        method,
+        path,
+        &with_close,
+        body,
+    )
+}
+
+/// As [`http_request`], through `agent`, whose connection stays open for its next request
+/// (keep-alive, as most clients do).
+pub fn http_request_with(
+    agent: &ureq::Agent,
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, ureq::Error> {
     let mut req = ureq::http::Request::builder()
         .method(method)
-        .uri(format!("{url}{path}"))
-        .header("connection", "close");
+        .uri(format!("{url}{path}"));
     for (name, value) in headers {
-        req = req.header(*name, *value);
+        // As bytes: a value may be UTF-8 (a user id), which HTTP carries as opaque bytes.
+        req = req.header(*name, value.as_bytes());
     }
     let mut resp = match body {
-        Some(body) => agent().run(req.body(body)?)?,
-        None if matches!(method, "POST" | "PUT" | "PATCH") => agent().run(req.body(&[][..])?)?,
-        None => agent().run(req.body(())?)?,
+        Some(body) => agent.run(req.body(body)?)?,
+        None if matches!(method, "POST" | "PUT" | "PATCH") => agent.run(req.body(&[][..])?)?,
+        None => agent.run(req.body(())?)?,
     };
     let body = resp
         .body_mut()
