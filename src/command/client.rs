@@ -7,6 +7,7 @@
 //! redirects are not followed: the gateway never sends one, so one means a wrong URL.
 
 use std::io::ErrorKind;
+use std::net::ToSocketAddrs;
 use std::time::Duration;
 
 use ureq::http::{self, Method, Uri};
@@ -44,12 +45,14 @@ pub enum ClientError {
         url: String,
     },
     /// The host name did not resolve.
-    #[error("no gateway at {url}: cannot resolve {host:?}")]
+    #[error("no gateway at {url}: cannot resolve {host:?}: {error}")]
     Resolve {
         /// The URL.
         url: String,
         /// The host part.
         host: String,
+        /// Why (in the message, not a `source`: `{:#}` would print it twice).
+        error: std::io::Error,
     },
     /// No complete answer within the timeout.
     #[error("no answer from {url} within {timeout:?}")]
@@ -60,12 +63,12 @@ pub enum ClientError {
         timeout: Duration,
     },
     /// Connecting, sending or receiving failed for another reason.
-    #[error("talking to {url}: {source}")]
+    #[error("talking to {url}: {error}")]
     Io {
         /// The URL.
         url: String,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not a `source`: `{:#}` would print it twice).
+        error: std::io::Error,
     },
     /// The request itself is not valid (method or header); never holds a header's value,
     /// which may be the token.
@@ -165,6 +168,15 @@ impl Client {
         Ok(Response::from_parts(parts, body))
     }
 
+    /// The host (IPv6 without brackets) and port the URL points at.
+    fn host_port(&self) -> (String, u16) {
+        let uri: Option<Uri> = self.base.parse().ok();
+        let host = uri.as_ref().and_then(Uri::host).unwrap_or_default();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = uri.as_ref().and_then(Uri::port_u16).unwrap_or(80);
+        (host.to_string(), port)
+    }
+
     /// `ureq`'s error as what went wrong for the user.
     fn failure(&self, e: ureq::Error) -> ClientError {
         let url = self.url.clone();
@@ -185,13 +197,9 @@ impl Client {
                 timeout: self.timeout,
             },
             ureq::Error::HostNotFound => ClientError::Resolve {
-                host: self
-                    .base
-                    .parse::<Uri>()
-                    .ok()
-                    .and_then(|u| u.host().map(str::to_string))
-                    .unwrap_or_default(),
+                host: self.host_port().0,
                 url,
+                error: std::io::Error::new(ErrorKind::NotFound, "no addresses"),
             },
             ureq::Error::Io(e) if e.kind() == ErrorKind::UnexpectedEof => {
                 ClientError::BadResponse {
@@ -199,7 +207,15 @@ impl Client {
                     reason: "the connection closed before a complete answer".to_string(),
                 }
             }
-            ureq::Error::Io(source) => ClientError::Io { url, source },
+            ureq::Error::Io(error) => {
+                // A failed lookup is an I/O error of no particular kind: look again to tell
+                // it from a failure on the connection.
+                let (host, port) = self.host_port();
+                match (host.as_str(), port).to_socket_addrs() {
+                    Err(error) => ClientError::Resolve { url, host, error },
+                    Ok(_) => ClientError::Io { url, error },
+                }
+            }
             ureq::Error::BodyExceedsLimit(_) => ClientError::TooLarge {
                 url,
                 limit: MAX_RESPONSE_BODY,
