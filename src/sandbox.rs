@@ -15,13 +15,15 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{WriteOptions, write_atomic};
 
 /// The metadata file in a sandbox root.
 pub const SANDBOX_JSON: &str = "sandbox.json";
@@ -453,29 +455,19 @@ impl Sandbox {
     }
 
     /// Writes `sandbox.json` atomically: a new temp file (never an existing one, which could be
-    /// a planted link), fsync, rename over the old file, fsync of the directory.
+    /// a planted link) renamed over the old file.
     fn write_record(&self) -> Result<(), SandboxError> {
         let mut bytes = serde_json::to_vec_pretty(&self.record)?;
         bytes.push(b'\n');
-        let tmp = self
-            .root
-            .join(format!(".sandbox.json.{:016x}.tmp", rand::random::<u64>()));
-        let write = || -> io::Result<()> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&bytes)?;
-            // No fsync: this runs on the monitor thread at every respawn, and a sync can block
-            // for seconds on a busy disk while no other worker is reaped or checked. The
-            // rename keeps the file whole; after a machine crash it may be one start behind.
-            fs::rename(&tmp, self.metadata_path())
+        let path = self.metadata_path();
+        // No fsync: this runs on the monitor thread at every respawn, and a sync can block for
+        // seconds on a busy disk while no other worker is reaped or checked. The rename keeps
+        // the file whole; after a machine crash it may be one start behind.
+        let opts = WriteOptions {
+            mode: 0o600,
+            sync: false,
         };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io_err("write", &self.metadata_path())(e)
-        })
+        write_atomic(&path, &bytes, opts).map_err(io_err("write", &path))
     }
 
     /// Records a start; call it BEFORE spawning the process (nothing may run in the sandbox).

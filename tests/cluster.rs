@@ -76,8 +76,7 @@ fn users_stick_to_one_node_and_one_worker_through_haproxy() {
     );
     let url = format!("http://127.0.0.1:{port}");
     wait_until("haproxy to serve", || {
-        moltbot::http_client::request(&url, "GET", "/livez", &[], None, gw::DEADLINE)
-            .is_ok_and(|r| r.status == 200)
+        gw::http_request(&url, "GET", "/livez", &[], None).is_ok_and(|r| r.status == 200)
     });
 
     // 60 users, 5 requests each, through HAProxy.
@@ -86,13 +85,12 @@ fn users_stick_to_one_node_and_one_worker_through_haproxy() {
         for u in 0..60 {
             let user = format!("cluster-user-{u}");
             let body = format!("{round}");
-            let r = moltbot::http_client::request(
+            let r = gw::http_request(
                 &url,
                 "POST",
                 "/v1/echo",
                 &[("x-moltbot-user", &user)],
                 Some(body.as_bytes()),
-                gw::DEADLINE,
             )
             .expect("request through haproxy");
             assert_eq!(r.status, 200);

@@ -11,10 +11,9 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use gw::{
-    GatewayProc, Options, RawResponse, parse_responses, raw_request, read_response,
+    GatewayProc, HttpResponse, Options, RawResponse, parse_responses, raw_request, read_response,
     read_until_closed, run_moltbot, write_bytewise,
 };
-use moltbot::http_client::HttpResponse;
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -588,23 +587,20 @@ fn user_worker_lookup_does_not_assign() {
     assert_eq!(g.status()["routingTableSize"], 1);
 
     // Percent-encoded ids: the decoded id is the user of the header.
-    let encoded: [(&str, &[u8], &str); 4] = [
-        ("alice%20smith", b"alice smith", "alice smith"),
-        ("zo%C3%AB", "zoë".as_bytes(), "zoë"),
-        ("a%2Bb%3Fc", b"a+b?c", "a+b?c"),
+    let encoded = [
+        ("alice%20smith", "alice smith"),
+        ("zo%C3%AB", "zoë"),
+        ("a%2Bb%3Fc", "a+b?c"),
         // A user id may hold a '/': encoded, the lookup finds it.
-        ("team%2Falice", b"team/alice", "team/alice"),
+        ("team%2Falice", "team/alice"),
     ];
-    for (segment, header_bytes, user) in encoded {
+    for (segment, user) in encoded {
         let v = lookup(&g, segment);
         assert_eq!(v["userId"], user, "{v}");
         assert_eq!(v["assigned"], false, "{v}");
-        let req = echo_request_raw(header_bytes, b"x");
-        let mut s = g.connect();
-        s.write_all(&req).expect("write");
-        let (status, headers, body) = next_response(segment, &mut s);
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let w = header(&headers, "x-moltbot-worker").expect("worker header");
+        let r = g.request("POST", "/v1/echo", &[("x-moltbot-user", user)], Some(b"x"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        let w = r.header("x-moltbot-worker").expect("worker header");
         let v = lookup(&g, segment);
         assert_eq!(v["assigned"], true, "{v}");
         assert_eq!(v["workerId"], w, "{segment}");
@@ -623,10 +619,6 @@ fn user_worker_lookup_does_not_assign() {
         None,
     );
     assert_eq!(r.status, 200, "128 bytes is allowed: {}", r.text());
-}
-
-fn echo_request_raw(user: &[u8], body: &[u8]) -> Vec<u8> {
-    raw_request("POST", "/v1/echo", &[("x-moltbot-user", user)], Some(body))
 }
 
 #[test]
@@ -1031,11 +1023,14 @@ fn too_large_bodies_are_413() {
 
     // Exactly the limit is fine.
     let body: Vec<u8> = (0..MAX).map(|i| (i % 251) as u8).collect();
-    let mut s = g.connect();
-    s.write_all(&echo_request("big", &body)).expect("write");
-    let (status, _, echoed) = next_response("at the limit", &mut s);
-    assert_eq!(status, 200);
-    assert!(echoed == body, "echo of 64 KiB");
+    let r = g.request(
+        "POST",
+        "/v1/echo",
+        &[("x-moltbot-user", "big")],
+        Some(&body),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.body == body, "echo of 64 KiB");
 
     // Content-Length over the limit: refused from the head alone (no body is sent).
     let head = format!(

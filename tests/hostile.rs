@@ -931,16 +931,7 @@ fn a_client_that_never_reads_is_dropped_after_the_idle_timeout() {
 
 /// Percent-encodes every byte but the unreserved ones (RFC 3986 §2.3).
 fn pct(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|&b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    percent_encoding::percent_encode(bytes, moltbot::command::route::SEGMENT).to_string()
 }
 
 /// A JSON string literal holding `raw` (escaped where JSON requires it; non-UTF-8 bytes are

@@ -13,8 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use gw::{DEADLINE, GatewayProc, Options};
-use moltbot::http_client::{self, HttpResponse};
+use gw::{GatewayProc, HttpResponse, Options};
 use moltbot::worker::isolation::{Enforcement, probe_landlock};
 use serde_json::{Value, json};
 
@@ -36,16 +35,12 @@ impl Gw {
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> HttpResponse {
-        http_client::request_with_token(
-            &self.g.url(),
-            method,
-            path,
-            &[("content-type", "application/json")],
-            body,
-            self.token,
-            DEADLINE,
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.g.log()))
+        let auth = self.token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("authorization", auth));
+        }
+        self.g.request(method, path, &headers, body)
     }
 
     fn status(&self) -> Value {
@@ -504,8 +499,7 @@ fn worker_environment_carries_no_gateway_secret() {
     }
     let g = Gw::start(opts, Some("gw-token-3f9a51"));
     // The token is in force (so it did reach the gateway).
-    let r =
-        http_client::request(&g.g.url(), "GET", "/status", &[], None, DEADLINE).expect("status");
+    let r = g.g.request("GET", "/status", &[], None);
     assert_eq!(r.status, 401, "the gateway runs with its token");
     let gw_env = proc_strings(g.g.pid(), "environ");
     for (k, v) in secrets {

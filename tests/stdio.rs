@@ -5,7 +5,6 @@
 mod gw;
 
 use std::collections::HashMap;
-use std::io::Write;
 
 use gw::{GatewayProc, Options, wait_until};
 use serde_json::{Value, json};
@@ -84,25 +83,28 @@ fn agent_processes(script: &str) -> Vec<u32> {
 #[test]
 fn the_python_example_answers_everything_under_load_and_users_stay_put() {
     let g = start(2, &python_agent(), &[], &[]);
-    let addr = g.addr;
     let threads: Vec<_> = (0..4)
         .map(|t| {
+            let url = g.url();
             std::thread::spawn(move || {
-                let mut s = std::net::TcpStream::connect(addr).expect("connect");
-                s.set_read_timeout(Some(gw::DEADLINE)).expect("timeout");
+                // One keep-alive client per thread.
+                let agent = gw::agent();
                 let mut seen: HashMap<String, (String, u64)> = HashMap::new();
                 for i in 0..150 {
                     let user = format!("py-{t}-{}", i % 25);
                     let body = json!({"message": format!("m{i}")}).to_string();
-                    let req = format!(
-                        "POST /v1/agent HTTP/1.1\r\nhost: x\r\nx-moltbot-user: {user}\r\ncontent-length: {}\r\n\r\n{body}",
-                        body.len()
-                    );
-                    s.write_all(req.as_bytes()).expect("write");
-                    let (status, headers, body) = gw::read_response(&mut s).expect("answer");
-                    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                    let worker = gw::header_of(&headers, "x-moltbot-worker").expect("worker").to_string();
-                    let v: Value = serde_json::from_slice(&body).expect("json");
+                    let r = gw::http_request_with(
+                        &agent,
+                        &url,
+                        "POST",
+                        "/v1/agent",
+                        &[("x-moltbot-user", &user)],
+                        Some(body.as_bytes()),
+                    )
+                    .expect("answer");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    let worker = r.header("x-moltbot-worker").expect("worker").to_string();
+                    let v: Value = r.json().expect("json");
                     assert_eq!(v["agent"], "python");
                     assert_eq!(v["userId"], user.as_str());
                     assert_eq!(v["workerId"], worker.as_str());
@@ -224,17 +226,17 @@ fn an_agent_that_stops_answering_health_checks_is_replaced() {
 #[test]
 fn shutdown_lets_the_agent_finish_within_the_grace_period() {
     let mut g = start(1, &faulty_agent(), &[("--drain-timeout", "20s")], &[]);
-    let addr = g.addr;
+    let url = g.url();
     let slow = std::thread::spawn(move || {
-        let mut s = std::net::TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(gw::DEADLINE)).expect("timeout");
         let body = json!({"fault": "slow", "ms": 1500}).to_string();
-        let req = format!(
-            "POST /v1/echo HTTP/1.1\r\nhost: x\r\nx-moltbot-user: slowpoke\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).expect("write");
-        gw::read_response(&mut s).expect("answer")
+        gw::http_request(
+            &url,
+            "POST",
+            "/v1/echo",
+            &[("x-moltbot-user", "slowpoke")],
+            Some(body.as_bytes()),
+        )
+        .expect("answer")
     });
     wait_until("the slow request to reach the worker", || {
         g.status()["workers"][0]["activeRequests"] == 1
@@ -242,8 +244,8 @@ fn shutdown_lets_the_agent_finish_within_the_grace_period() {
     let agents = agent_processes("faulty_agent.py");
     assert!(!agents.is_empty());
     g.signal(rustix::process::Signal::TERM);
-    let (status, _, body) = slow.join().expect("client");
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let r = slow.join().expect("client");
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(g.wait().success());
     wait_until("the agent to be gone", || {
         agents

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::cli::DemoArgs;
+use crate::command::client::{self, Response};
 use crate::config::Config;
 use crate::gateway::{Gateway, StopMode};
-use crate::http_client::{self, HttpResponse};
 
 const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -20,6 +20,7 @@ fn rule() {
 
 struct Client {
     url: String,
+    http: client::Client,
     token: Option<String>,
 }
 
@@ -30,7 +31,7 @@ impl Client {
         path: &str,
         user: Option<&str>,
         body: Option<&[u8]>,
-    ) -> anyhow::Result<HttpResponse> {
+    ) -> anyhow::Result<Response> {
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
         if let Some(u) = user {
@@ -39,9 +40,7 @@ impl Client {
         if let Some(a) = &auth {
             headers.push(("authorization", a.as_str()));
         }
-        Ok(http_client::request(
-            &self.url, method, path, &headers, body, TIMEOUT,
-        )?)
+        Ok(self.http.request(method, path, &headers, body)?)
     }
 }
 
@@ -62,8 +61,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
         signal_hook::consts::SIGTERM,
     ])?;
     let gateway = Gateway::start(config)?;
+    let url = format!("http://{}", gateway.local_addr());
     let client = Client {
-        url: format!("http://{}", gateway.local_addr()),
+        http: client::Client::new(&url, TIMEOUT)?,
+        url,
         token,
     };
     println!("Worker pool ready! Gateway listening on {}\n", client.url);
@@ -98,12 +99,13 @@ fn walk_through(client: &Client) -> anyhow::Result<()> {
             "payload": { "message": format!("Hello from {user}") },
         });
         let resp = client.call("POST", "/v1/route", None, Some(body.to_string().as_bytes()))?;
-        let json: serde_json::Value = resp.json().context("route answer")?;
-        if resp.status != 200 || json["success"] != serde_json::Value::Bool(true) {
+        let json: serde_json::Value =
+            serde_json::from_slice(resp.body()).context("route answer")?;
+        if resp.status() != 200 || json["success"] != serde_json::Value::Bool(true) {
             bail!(
                 "routing {user} failed: {} {}",
-                resp.status,
-                String::from_utf8_lossy(&resp.body)
+                resp.status(),
+                String::from_utf8_lossy(resp.body())
             );
         }
         let worker = json["workerId"].as_str().unwrap_or("?");
@@ -117,11 +119,13 @@ fn walk_through(client: &Client) -> anyhow::Result<()> {
         for i in 0..10 {
             let body = format!("{{\"ping\":{i}}}");
             let resp = client.call("POST", "/v1/echo", Some(user), Some(body.as_bytes()))?;
-            if resp.status != 200 || resp.body != body.as_bytes() {
-                bail!("echo for {user} failed: {}", resp.status);
+            if resp.status() != 200 || resp.body() != body.as_bytes() {
+                bail!("echo for {user} failed: {}", resp.status());
             }
             seen.insert(
-                resp.header("x-moltbot-worker")
+                resp.headers()
+                    .get("x-moltbot-worker")
+                    .and_then(|v| v.to_str().ok())
                     .unwrap_or("none")
                     .to_string(),
             );
@@ -136,7 +140,7 @@ fn walk_through(client: &Client) -> anyhow::Result<()> {
     println!("\nWorker Status:");
     rule();
     let resp = client.call("GET", "/status", None, None)?;
-    let status: serde_json::Value = resp.json().context("status answer")?;
+    let status: serde_json::Value = serde_json::from_slice(resp.body()).context("status answer")?;
     for w in status["workers"].as_array().into_iter().flatten() {
         let pid = w["pid"]
             .as_u64()

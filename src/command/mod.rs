@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod client;
 pub mod demo;
 pub mod gateway;
 pub mod info;

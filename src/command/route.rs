@@ -1,6 +1,7 @@
 //! `moltbot workers route USER`: which worker a running gateway routes a user to
 //! (`GET /v1/users/{userId}/worker`), without assigning an unseen user.
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
 use crate::cli::Format;
@@ -52,20 +53,22 @@ pub fn user_path(user: &str) -> String {
     format!("/v1/users/{}/worker", percent_encode_segment(user))
 }
 
-/// Percent-encodes every byte outside the unreserved set (`A-Z a-z 0-9 - . _ ~`). The dot
-/// segments `.` and `..` are encoded too, so that nothing on the way normalises them away.
+/// Every byte but the unreserved ones of RFC 3986 (`A-Z a-z 0-9 - . _ ~`).
+pub const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Percent-encodes every byte outside the unreserved set. The dot segments `.` and `..` are
+/// encoded too, so that nothing on the way normalises them away.
 pub fn percent_encode_segment(s: &str) -> String {
-    let dot_segment = s == "." || s == "..";
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        let unreserved = b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~');
-        if unreserved && !(dot_segment && b == b'.') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    let set = if s == "." || s == ".." {
+        NON_ALPHANUMERIC
+    } else {
+        SEGMENT
+    };
+    utf8_percent_encode(s, set).to_string()
 }
 
 /// The human form of a `{userId, workerId, assigned}` answer:
@@ -89,7 +92,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::http_client::testing::serve_json;
+    use crate::command::client::testing::serve_json;
 
     #[test]
     fn percent_encoding() {
@@ -140,7 +143,7 @@ mod tests {
             req.starts_with("GET /v1/users/a%20b%2Fc/worker HTTP/1.1\r\n"),
             "{req}"
         );
-        assert!(req.contains("\r\nAuthorization: Bearer t\r\n"), "{req}");
+        assert!(req.contains("\r\nauthorization: Bearer t\r\n"), "{req}");
 
         let out = route_output("a b/c", &url, Format::Json, None).expect("json");
         let v: Value = serde_json::from_str(&out).expect("json");

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use serde_json::Value;
 
 use crate::cli::Format;
-use crate::http_client;
+use crate::command::client::{Client, Response};
 
 /// The gateway URL used when neither `--gateway` nor `MOLTBOT_GATEWAY_URL` is given.
 pub const DEFAULT_GATEWAY: &str = "http://127.0.0.1:18789";
@@ -57,33 +57,25 @@ fn token_from(var: impl Fn(&str) -> Option<String>) -> Option<String> {
 /// GETs `path` from the gateway and returns its JSON; any other answer than 200 + JSON is an
 /// error that says what the gateway answered.
 pub(crate) fn fetch_json(gateway: &str, path: &str, token: Option<&str>) -> anyhow::Result<Value> {
-    let resp = http_client::request_with_token(
-        gateway,
-        "GET",
-        path,
-        &[("Accept", "application/json")],
-        None,
-        token,
-        TIMEOUT,
-    )?;
-    if resp.status != 200 {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("accept", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+    let resp = Client::new(gateway, TIMEOUT)?.request("GET", path, &headers, None)?;
+    if resp.status() != 200 {
         anyhow::bail!(
             "{}",
             describe_failure(gateway, path, token.is_some(), &resp)
         );
     }
-    resp.json::<Value>()
+    serde_json::from_slice::<Value>(resp.body())
         .with_context(|| format!("{gateway}{path} did not answer with JSON"))
 }
 
 /// `gateway at URL answered 401 to GET /status: UNAUTHORIZED: ...` plus a hint where one helps.
-fn describe_failure(
-    gateway: &str,
-    path: &str,
-    had_token: bool,
-    resp: &http_client::HttpResponse,
-) -> String {
-    let detail = match resp.json::<Value>() {
+fn describe_failure(gateway: &str, path: &str, had_token: bool, resp: &Response) -> String {
+    let detail = match serde_json::from_slice::<Value>(resp.body()) {
         Ok(v) => {
             let e = &v["error"];
             match (e["code"].as_str(), e["message"].as_str()) {
@@ -93,17 +85,20 @@ fn describe_failure(
                 (None, None) => v.to_string(),
             }
         }
-        Err(_) => resp.text().chars().take(200).collect(),
+        Err(_) => String::from_utf8_lossy(resp.body())
+            .chars()
+            .take(200)
+            .collect(),
     };
     let mut out = format!(
         "gateway at {gateway} answered {} to GET {path}",
-        resp.status
+        resp.status().as_u16()
     );
     if !detail.trim().is_empty() {
         out.push_str(": ");
         out.push_str(detail.trim());
     }
-    if resp.status == 401 {
+    if resp.status() == 401 {
         out.push_str(if had_token {
             " (check MOLTBOT_GATEWAY_TOKEN: the gateway refused it)"
         } else {
@@ -222,7 +217,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::http_client::testing::serve_json;
+    use crate::command::client::testing::serve_json;
 
     fn sample() -> Value {
         json!({
@@ -285,7 +280,7 @@ worker-2  crashed  pid -      req 3     active 0   mem 0 B      up 0s        res
         assert_eq!(human, format_status(&sample()));
         let req = rx.recv().expect("request");
         assert!(req.starts_with("GET /status HTTP/1.1\r\n"), "{req}");
-        assert!(!req.contains("Authorization"), "{req}");
+        assert!(!req.to_ascii_lowercase().contains("authorization"), "{req}");
 
         let json_out = status_output(&url, Format::Json, Some("tok")).expect("json");
         let back: Value = serde_json::from_str(&json_out).expect("valid json");
@@ -295,7 +290,7 @@ worker-2  crashed  pid -      req 3     active 0   mem 0 B      up 0s        res
             "pretty: {json_out}"
         );
         let req = rx.recv().expect("request");
-        assert!(req.contains("\r\nAuthorization: Bearer tok\r\n"), "{req}");
+        assert!(req.contains("\r\nauthorization: Bearer tok\r\n"), "{req}");
         h.join().expect("server");
     }
 

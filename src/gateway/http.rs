@@ -875,49 +875,14 @@ fn is_field_byte(b: u8) -> bool {
 /// The interim response to `Expect: 100-continue`.
 pub const CONTINUE_100: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
-/// The reason phrase of a status code (empty for unknown codes, which HTTP allows).
+/// The reason phrase of a status code: the `http` crate's canonical one (a `&'static str`, so
+/// the response head costs no allocation), empty for a code it does not know, which HTTP
+/// allows.
 pub fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        100 => "Continue",
-        101 => "Switching Protocols",
-        200 => "OK",
-        201 => "Created",
-        202 => "Accepted",
-        204 => "No Content",
-        206 => "Partial Content",
-        301 => "Moved Permanently",
-        302 => "Found",
-        303 => "See Other",
-        304 => "Not Modified",
-        307 => "Temporary Redirect",
-        308 => "Permanent Redirect",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        406 => "Not Acceptable",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        410 => "Gone",
-        411 => "Length Required",
-        412 => "Precondition Failed",
-        413 => "Content Too Large",
-        414 => "URI Too Long",
-        415 => "Unsupported Media Type",
-        417 => "Expectation Failed",
-        422 => "Unprocessable Content",
-        426 => "Upgrade Required",
-        429 => "Too Many Requests",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        505 => "HTTP Version Not Supported",
-        _ => "",
-    }
+    ::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
 }
 
 /// Appends a response head: status line, `content-type` (omitted when empty), `content-length`
@@ -1047,34 +1012,28 @@ pub fn split_target(target: &str) -> (&str, Option<&str>) {
 /// and session names decide about them.
 pub fn percent_decode_segment(seg: &str) -> Result<String, HttpError> {
     let bytes = seg.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'/' {
-            return Err(HttpError::InvalidPath("'/' inside a path segment"));
-        }
-        let decoded = if b == b'%' {
-            let hi = bytes.get(i + 1).copied().and_then(hex_val);
-            let lo = bytes.get(i + 2).copied().and_then(hex_val);
-            match (hi, lo) {
-                (Some(hi), Some(lo)) => {
-                    i += 3;
-                    (hi << 4) | lo
-                }
-                _ => return Err(HttpError::InvalidPath("invalid percent-escape")),
-            }
-        } else {
-            i += 1;
-            b
-        };
-        if decoded.is_ascii_control() {
-            return Err(HttpError::InvalidPath(
-                "control character in a path segment",
-            ));
-        }
-        out.push(decoded);
+    if bytes.contains(&b'/') {
+        return Err(HttpError::InvalidPath("'/' inside a path segment"));
     }
-    String::from_utf8(out).map_err(|_| HttpError::InvalidPath("path segment is not valid UTF-8"))
+    // `percent_decode` passes a malformed escape through as it is; here it is an error.
+    let malformed = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(HttpError::InvalidPath("invalid percent-escape"));
+    }
+    let decoded = percent_encoding::percent_decode(bytes);
+    if decoded.clone().any(|b| b.is_ascii_control()) {
+        return Err(HttpError::InvalidPath(
+            "control character in a path segment",
+        ));
+    }
+    decoded
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| HttpError::InvalidPath("path segment is not valid UTF-8"))
 }
 
 #[cfg(test)]
@@ -1862,7 +1821,7 @@ connection: close\r\nretry-after: 1\r\nx-a: b\r\n\r\n"
             (404, "Not Found"),
             (405, "Method Not Allowed"),
             (408, "Request Timeout"),
-            (413, "Content Too Large"),
+            (413, "Payload Too Large"),
             (414, "URI Too Long"),
             (431, "Request Header Fields Too Large"),
             (502, "Bad Gateway"),

@@ -168,11 +168,12 @@ fn write_segments(base: &Path, names: &[String]) -> Result<(), PoolError> {
         names: names.to_vec(),
     };
     let path = base.join(SEGMENTS_FILE);
-    let tmp = base.join(format!("{SEGMENTS_FILE}.tmp"));
     let text = serde_json::to_vec(&rec).unwrap_or_default();
-    std::fs::write(&tmp, text)
-        .and_then(|()| File::open(&tmp)?.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    let opts = crate::fsutil::WriteOptions {
+        mode: 0o666,
+        sync: true,
+    };
+    crate::fsutil::write_atomic(&path, &text, opts)
         .map_err(|source| PoolError::Base { path, source })
 }
 

@@ -667,20 +667,12 @@ fn session_store(dir: &Path, name: &str, value: &[u8]) -> Outcome {
     let target = session_path(dir, name);
     let created = !target.exists();
     create_private_dir(dir).map_err(|e| Fail::storage("create the state directory", e))?;
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let write = || -> io::Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(value)?;
-        fs::rename(&tmp, &target)
+    let opts = crate::fsutil::WriteOptions {
+        mode: 0o600,
+        sync: false,
     };
-    if let Err(e) = write() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Fail::storage("store the session", e));
-    }
+    crate::fsutil::write_atomic(&target, value, opts)
+        .map_err(|e| Fail::storage("store the session", e))?;
     Ok(HandlerReply::json(&json!({
         "name": name,
         "stored": true,

@@ -1,14 +1,15 @@
 //! Harness for gateway integration tests: a real `moltbot gateway` process on port 0 with its
-//! own sandbox directory, plus HTTP clients (a well-behaved one and raw sockets).
+//! own sandbox directory, plus HTTP clients: `ureq` (a client we did not write) for ordinary
+//! requests, raw sockets where the bytes on the wire are the point.
 #![allow(dead_code)] // Each test binary uses its own subset.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use moltbot::http_client::{self, HttpResponse};
 use tempfile::TempDir;
 
 /// How long any awaited condition may take (generous: a loaded 2-core machine).
@@ -173,7 +174,7 @@ impl GatewayProc {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
-    /// An HTTP request (Connection: close) with the given headers.
+    /// An HTTP request through `ureq` (see [`http_request`]) with the given headers.
     pub fn request(
         &self,
         method: &str,
@@ -181,7 +182,7 @@ impl GatewayProc {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> HttpResponse {
-        http_client::request(&self.url(), method, path, headers, body, DEADLINE)
+        http_request(&self.url(), method, path, headers, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
@@ -288,6 +289,116 @@ impl Drop for GatewayProc {
             );
         }
     }
+}
+
+/// A complete answer read through `ureq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// Headers, names lower-cased (grouped by name, not in the order received).
+    pub headers: Vec<(String, String)>,
+    /// The whole body (de-chunked).
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_of(&self.headers, name)
+    }
+
+    /// The body parsed as JSON.
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> serde_json::Result<T> {
+        serde_json::from_slice(&self.body)
+    }
+
+    /// The body as text (invalid UTF-8 replaced).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A new `ureq` agent as the harness configures them: a status is an answer (the tests judge
+/// 4xx and 5xx), redirects are not followed, `*_PROXY` is ignored, and a whole request takes
+/// at most [`DEADLINE`]. Its idle connections are kept for its next requests (see
+/// [`http_request_with`]).
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .proxy(None)
+        .timeout_global(Some(DEADLINE))
+        .build()
+        .new_agent()
+}
+
+/// Sends one request to `url` + `path` through `ureq` and reads the whole answer.
+///
+/// Each request has a connection of its own (`Connection: close`), as a test expects of a
+/// fresh request: no idle connection of an earlier one counts against a connection limit or
+/// sees a restart. A body-less POST, PUT or PATCH says `content-length: 0`.
+pub fn http_request(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, ureq::Error> {
+    static SHARED: OnceLock<ureq::Agent> = OnceLock::new();
+    let mut with_close = vec![("connection", "close")];
+    with_close.extend_from_slice(headers);
+    http_request_with(
+        SHARED.get_or_init(agent),
+        url,
+        method,
+        path,
+        &with_close,
+        body,
+    )
+}
+
+/// As [`http_request`], through `agent`, whose connection stays open for its next request
+/// (keep-alive, as most clients do).
+pub fn http_request_with(
+    agent: &ureq::Agent,
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<HttpResponse, ureq::Error> {
+    let mut req = ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{url}{path}"));
+    for (name, value) in headers {
+        // As bytes: a value may be UTF-8 (a user id), which HTTP carries as opaque bytes.
+        req = req.header(*name, value.as_bytes());
+    }
+    let mut resp = match body {
+        Some(body) => agent.run(req.body(body)?)?,
+        None if matches!(method, "POST" | "PUT" | "PATCH") => agent.run(req.body(&[][..])?)?,
+        None => agent.run(req.body(())?)?,
+    };
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(64 * 1024 * 1024)
+        .read_to_vec()?;
+    Ok(HttpResponse {
+        status: resp.status().as_u16(),
+        headers: resp
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_string(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body,
+    })
 }
 
 /// Reads until EOF or the read timeout.
