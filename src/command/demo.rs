@@ -6,13 +6,31 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::cli::DemoArgs;
-use crate::config::Config;
+use crate::config::{Config, GatewayArgs, PoolArgs};
 use crate::gateway::{Gateway, Shutdown};
 use crate::http_client::{self, HttpResponse};
 
 const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `moltbot workers demo`
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Pool settings.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Gateway settings (the demo serves on the port too; `-p 0` picks a free one).
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Seconds to keep running after the demo (0 = until Ctrl-C).
+    #[arg(
+        short = 't',
+        long = "timeout",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
+    pub timeout: u64,
+}
 
 fn rule() {
     println!("{}", "─".repeat(30));

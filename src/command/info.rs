@@ -1,7 +1,18 @@
 //! `moltbot workers info`: the architecture and the effective configuration.
 
-use crate::cli::{Format, InfoArgs};
-use crate::config::Config;
+use crate::command::Format;
+use crate::config::{Config, PoolArgs};
+
+/// `moltbot workers info`
+#[derive(clap::Args, Debug, Clone)]
+pub struct InfoArgs {
+    /// Pool settings to resolve.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    pub format: Format,
+}
 
 const ARCHITECTURE: &str = "\
 moltbot gateway: one fixed port, one sandboxed worker process per slot
