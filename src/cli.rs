@@ -121,10 +121,11 @@ mod tests {
         let Command::Gateway(g) = cli.command else {
             panic!("not the gateway command")
         };
-        assert_eq!(g.pool.workers, Some(3));
-        assert_eq!(
-            g.pool.worker_command.unwrap().0,
-            ["python3".to_string(), "agent.py".to_string()]
-        );
+        assert_eq!(g.pool.flags.get("worker_count"), Some("3"));
+        assert_eq!(g.pool.flags.get("worker_command"), Some("python3 agent.py"));
+        assert_eq!(g.gateway.flags.get("cores"), Some("0,1"));
+        let c = g.pool.resolve(Some(&g.gateway), Vec::new()).unwrap();
+        assert_eq!(c.worker_command.unwrap(), ["python3", "agent.py"]);
+        assert_eq!(c.port, 0);
     }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::config::{Config, GatewayArgs, PoolArgs};
+use crate::command::args::{GatewayArgs, PoolArgs};
+use crate::config::Config;
 use crate::gateway::{Gateway, Shutdown};
 use crate::http_client::{self, HttpResponse};
 
@@ -66,10 +67,11 @@ impl Client {
 /// Runs the demo; returns the exit code.
 pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let mut pool_args = args.pool.clone();
-    if pool_args.workers.is_none() {
-        pool_args.workers = Some(3);
+    // The demo's own default, taken like a flag (it beats MOLTBOT_WORKER_COUNT).
+    if pool_args.flags.get("worker_count").is_none() {
+        pool_args.flags.set("worker_count", "3");
     }
-    let config = Config::resolve(&pool_args, Some(&args.gateway), Config::process_env())?;
+    let config = pool_args.resolve(Some(&args.gateway), Config::process_env())?;
     println!(
         "Starting worker pool with {} workers...\n",
         config.worker_count

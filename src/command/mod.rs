@@ -2,6 +2,7 @@
 //! several share (the output [`Format`]) lives here. `crate::cli` assembles them into the
 //! command line; nothing here refers back to it.
 
+pub mod args;
 pub mod demo;
 pub mod gateway;
 pub mod info;
