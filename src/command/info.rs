@@ -1,10 +1,11 @@
 //! `moltbot workers info`: the architecture and the effective configuration, every key as
 //! declared in `crate::config` (its value, where the value came from, its flag and meaning).
+//! `--format markdown` prints the README's configuration table from the same declaration.
 
 use serde_json::{Value, json};
 
 use crate::command::args::PoolArgs;
-use crate::config::{Config, KEYS, Key, Source};
+use crate::config::{self, Config, KEYS, Key, Source};
 
 /// Output format of `moltbot workers info`.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -14,6 +15,8 @@ pub enum InfoFormat {
     Human,
     /// For programs.
     Json,
+    /// The README's configuration table (key, default, flag, meaning).
+    Markdown,
 }
 
 /// `moltbot workers info`
@@ -44,6 +47,10 @@ Sandbox layout: <sandbox_dir>/worker-N/{sandbox.json, sessions/, state/, cache/,
 
 /// Prints the architecture and the configuration; returns the exit code.
 pub fn run(args: InfoArgs) -> anyhow::Result<i32> {
+    if args.format == InfoFormat::Markdown {
+        print!("{}", config::markdown_table());
+        return Ok(0);
+    }
     let config = args.pool.resolve(None, Config::process_env())?;
     let landlock = crate::worker::isolation::probe_landlock();
     match args.format {
@@ -56,7 +63,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<i32> {
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        InfoFormat::Human => {
+        InfoFormat::Human | InfoFormat::Markdown => {
             println!("{ARCHITECTURE}\n");
             println!("Landlock on this kernel: {landlock:?}\n");
             println!(

@@ -499,6 +499,30 @@ pub fn key(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
+/// The README's configuration table: one row per key (but the internal ones), with its
+/// default, flag and meaning. `moltbot workers info --format markdown` prints it.
+pub fn markdown_table() -> String {
+    let mut out = String::from("| key | default | flag | meaning |\n|---|---|---|---|\n");
+    for k in KEYS.iter().filter(|k| !k.internal) {
+        let default = match k.shown {
+            Some(text) => text.to_string(),
+            None => format!("`{}`", k.default_text()),
+        };
+        let flag = k.flag.map_or_else(String::new, |f| match f.short {
+            Some(c) => format!("`-{c}`, `--{}`", f.long),
+            None => format!("`--{}`", f.long),
+        });
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            k.name,
+            default.replace('|', "\\|"),
+            flag,
+            k.meaning().replace('|', "\\|")
+        ));
+    }
+    out
+}
+
 impl Config {
     /// Parses a TOML document (keys as in [`KEYS`], or the TypeScript names). Missing keys
     /// keep their defaults; unknown keys are an error naming the key. Does not validate.

@@ -1306,4 +1306,52 @@ mod declaration {
         let e = Config::from_toml_str("[gateway]\nport = 1\n").unwrap_err();
         assert!(e.to_string().contains("unknown key `gateway`"), "{e}");
     }
+
+    /// The README's `## Configuration` table is the declaration's: every key (but the internal
+    /// ones) with its default, flag and meaning, and nothing else. On a mismatch, the expected
+    /// table is printed; `cargo run -- workers info --format markdown` prints it too.
+    #[test]
+    fn readme_configuration_table_matches_the_declaration() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split_once("\n## Configuration\n")
+            .map(|(_, rest)| rest.split("\n## ").next().unwrap_or(rest))
+            .expect("README.md has a ## Configuration section");
+        let rows: Vec<&str> = section.lines().filter(|l| l.starts_with('|')).collect();
+        let expected_table = markdown_table();
+        let expected: Vec<&str> = expected_table.lines().collect();
+        let mut problems = Vec::new();
+        for want in &expected {
+            if !rows.contains(want) {
+                let name = want.split('|').nth(1).unwrap_or("").trim();
+                match rows
+                    .iter()
+                    .find(|r| r.split('|').nth(1).map(str::trim) == Some(name))
+                {
+                    Some(have) => {
+                        problems.push(format!("differs:\n  README: {have}\n  want:   {want}"))
+                    }
+                    None => problems.push(format!("missing: {want}")),
+                }
+            }
+        }
+        for have in &rows {
+            let name = have.split('|').nth(1).unwrap_or("").trim();
+            if !expected
+                .iter()
+                .any(|w| w.split('|').nth(1).map(str::trim) == Some(name))
+            {
+                problems.push(format!("extra row: {have}"));
+            }
+        }
+        if problems.is_empty() && rows != expected {
+            problems.push("rows out of order".into());
+        }
+        assert!(
+            problems.is_empty(),
+            "README.md's configuration table does not match the declaration in src/config/mod.rs:\n\
+             {}\n\nReplace the table with this (`cargo run -- workers info --format markdown`):\n\n{expected_table}",
+            problems.join("\n")
+        );
+    }
 }
