@@ -1,4 +1,4 @@
-//! The machinery behind the key declaration in `config/mod.rs`: the [`config_keys!`] macro,
+//! The machinery behind the key declaration in `config/mod.rs`: the `config_keys!` macro,
 //! the per-key metadata it produces ([`Key`]), flag descriptions ([`Flag`]), where a value
 //! came from ([`Source`]), and the small checks the declaration uses.
 
@@ -134,17 +134,6 @@ pub struct Key {
 }
 
 impl Key {
-    /// The key's documentation, as written above it in the declaration.
-    pub fn doc(&self) -> String {
-        self.doc
-            .lines()
-            .map(str::trim)
-            .collect::<Vec<_>>()
-            .join("\n")
-            .trim()
-            .to_string()
-    }
-
     /// The first paragraph of the documentation on one line: the README's "meaning" column,
     /// the flag's help and the comment in `moltbot workers info`.
     pub fn meaning(&self) -> String {

@@ -16,6 +16,10 @@
 //! README; the macro keeps a key in one block and needs no dependency. Rules between keys
 //! (a body must fit a ring, a public bind needs a token, ...) are in [`Config::validate`].
 //!
+//! Adding a key: add its block below (the field, `MOLTBOT_<KEY>`, the flag if any, `--help`,
+//! `workers info` and TOML follow), give it a sample value in the tests' `env_samples` (a test
+//! insists), and paste the README table that the README test prints.
+//!
 //! Value forms ([`kind`]): a duration is an integer of milliseconds (as the TypeScript
 //! `requestTimeout = 120000`) or a humantime string (`"5s"`, `"250ms"`, `"2m"`); a size is an
 //! integer of bytes or a string with a unit (`"512MiB"`). Binary units (`KiB`, `MiB`, `GiB`,
@@ -140,14 +144,7 @@ config_keys! {
         default: 512 * MIB,
         aliases: ["maxMemory"],
         flag: pool("max-memory"),
-        check: |&m| if m < 16 * MIB {
-            Err(format!(
-                "{} is below the minimum of 16MiB (a worker's baseline would recycle it forever)",
-                format_size(m)
-            ))
-        } else {
-            Ok(())
-        },
+        check: |&m| worker_memory(m),
     }
 
     /// Requests served after which a worker is recycled gracefully (see
@@ -247,19 +244,7 @@ config_keys! {
         default: 2 * MIB as usize,
         aliases: ["ringCapacity"],
         flag: pool("ring-capacity"),
-        check: |&rc| {
-            let rc = rc as u64;
-            if rc.is_power_of_two() && (MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&rc) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} must be a power of two between {} and {}",
-                    format_size(rc),
-                    format_size(MIN_RING_CAPACITY),
-                    format_size(MAX_RING_CAPACITY)
-                ))
-            }
-        },
+        check: |&rc| ring_size(rc as u64),
     }
 
     /// On SIGTERM and at a recycle, how long in-flight requests may take before the worker
@@ -325,19 +310,7 @@ config_keys! {
         default: None,
         shown: "all available",
         flag: gateway("cores"),
-        check: when_set(|cores: &Cores| match cores {
-            Cores::Count(n) => {
-                within(*n, 1, MAX_WORKERS).map_err(|e| format!("count {e}"))
-            }
-            Cores::List(ids) if ids.is_empty() => Err("the list of core ids is empty".into()),
-            Cores::List(ids) => {
-                let mut seen = HashSet::new();
-                match ids.iter().find(|id| !seen.insert(**id)) {
-                    Some(id) => Err(format!("core {id} is listed twice")),
-                    None => Ok(()),
-                }
-            }
-        }),
+        check: when_set(core_selection),
     }
 
     /// Bearer token required on every endpoint but `/livez` and `/readyz`, read from
@@ -349,15 +322,7 @@ config_keys! {
         default: None,
         env: "MOLTBOT_GATEWAY_TOKEN",
         secret: true,
-        check: when_set(|t: &String| {
-            if t.is_empty() {
-                Err("must not be empty".into())
-            } else if !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
-                Err("must be printable ASCII without spaces (it travels in an HTTP header)".into())
-            } else {
-                Ok(())
-            }
-        }),
+        check: when_set(|t: &String| header_token(t)),
     }
 
     /// Limit of the request line plus headers; 431 beyond.
@@ -440,9 +405,59 @@ config_keys! {
     }
 }
 
+// The longer checks of the declaration.
+
 fn not_empty(p: &Path) -> Result<(), String> {
     if p.as_os_str().is_empty() {
         Err("must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+fn worker_memory(m: u64) -> Result<(), String> {
+    if m < 16 * MIB {
+        Err(format!(
+            "{} is below the minimum of 16MiB (a worker's baseline would recycle it forever)",
+            format_size(m)
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn ring_size(rc: u64) -> Result<(), String> {
+    if rc.is_power_of_two() && (MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&rc) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} must be a power of two between {} and {}",
+            format_size(rc),
+            format_size(MIN_RING_CAPACITY),
+            format_size(MAX_RING_CAPACITY)
+        ))
+    }
+}
+
+fn core_selection(cores: &Cores) -> Result<(), String> {
+    match cores {
+        Cores::Count(n) => within(*n, 1, MAX_WORKERS).map_err(|e| format!("count {e}")),
+        Cores::List(ids) if ids.is_empty() => Err("the list of core ids is empty".into()),
+        Cores::List(ids) => {
+            let mut seen = HashSet::new();
+            match ids.iter().find(|id| !seen.insert(**id)) {
+                Some(id) => Err(format!("core {id} is listed twice")),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+fn header_token(t: &str) -> Result<(), String> {
+    if t.is_empty() {
+        Err("must not be empty".into())
+    } else if !t.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        Err("must be printable ASCII without spaces (it travels in an HTTP header)".into())
     } else {
         Ok(())
     }

@@ -61,7 +61,7 @@ mod layers {
     }
 
     #[test]
-    fn defaults_follow_the_seed_table() {
+    fn defaults_are_the_documented_ones() {
         let c = Config::default();
         assert_eq!(c.worker_count, 4);
         assert_eq!(c.sandbox_dir, PathBuf::from("/tmp/moltbot-workers"));
@@ -187,7 +187,7 @@ mod layers {
     }
 
     #[test]
-    fn toml_seed_camel_case_aliases() {
+    fn toml_typescript_camel_case_aliases() {
         let c = Config::from_toml_str(
             r#"
             workerCount = 3
