@@ -1,9 +1,11 @@
 //! The `moltbot` command line: `gateway`, `workers {demo,info,status,route}` and the hidden
-//! `worker` that the gateway runs in each slot. One file per subcommand in `command/`.
+//! `worker` that the gateway runs in each slot. This module only assembles the subcommands
+//! of `crate::command` (one file each, owning its arguments) and dispatches to them; the
+//! dependency goes this way only.
 
 use clap::{Parser, Subcommand};
 
-use crate::config::PoolArgs;
+use crate::command::{self, demo, gateway, info, route, status, worker};
 
 /// moltbot: multi-tenant gateway and sandboxed worker pool.
 #[derive(Parser, Debug)]
@@ -18,66 +20,54 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gateway on its port until SIGTERM (drain) or SIGINT (fast stop).
-    Gateway(crate::command::gateway::GatewayCmdArgs),
+    Gateway(gateway::GatewayCmdArgs),
     /// Manage and try the worker pool.
     #[command(subcommand)]
     Workers(WorkersCommand),
     /// One worker process (started by the gateway, not by hand).
     #[command(hide = true)]
-    Worker(crate::worker::runtime::WorkerArgs),
+    Worker(worker::WorkerArgs),
 }
 
 /// `moltbot workers ...`
 #[derive(Subcommand, Debug)]
 pub enum WorkersCommand {
     /// Start a pool, route user-a, user-b and user-c, show stickiness and status, stop.
-    Demo(DemoArgs),
+    Demo(demo::DemoArgs),
     /// Print the architecture and the effective configuration.
-    Info(InfoArgs),
+    Info(info::InfoArgs),
     /// Show the status of a running gateway.
-    Status(crate::command::status::StatusArgs),
+    Status(status::StatusArgs),
     /// Show which worker a user is (or would be) routed to by a running gateway.
-    Route(crate::command::route::RouteArgs),
+    Route(route::RouteArgs),
 }
 
-/// `moltbot workers demo`
-#[derive(clap::Args, Debug, Clone)]
-pub struct DemoArgs {
-    /// Pool settings.
-    #[command(flatten)]
-    pub pool: PoolArgs,
-    /// Gateway settings (the demo serves on the port too; `-p 0` picks a free one).
-    #[command(flatten)]
-    pub gateway: crate::config::GatewayArgs,
-    /// Seconds to keep running after the demo (0 = until Ctrl-C).
-    #[arg(
-        short = 't',
-        long = "timeout",
-        value_name = "SECONDS",
-        default_value_t = 5
-    )]
-    pub timeout: u64,
-}
-
-/// Output format of informational commands.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Format {
-    /// For people.
-    #[default]
-    Human,
-    /// For programs.
-    Json,
-}
-
-/// `moltbot workers info`
-#[derive(clap::Args, Debug, Clone)]
-pub struct InfoArgs {
-    /// Pool settings to resolve.
-    #[command(flatten)]
-    pub pool: PoolArgs,
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Human)]
-    pub format: Format,
+/// Runs a parsed command line; returns the process exit code. Errors are printed here, with
+/// the name of the command that failed.
+pub fn run(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Worker(args) => worker::run(args),
+        Command::Gateway(args) => {
+            command::init_logging("info");
+            gateway::run(args).unwrap_or_else(|e| {
+                eprintln!("moltbot gateway: {e:#}");
+                1
+            })
+        }
+        Command::Workers(w) => {
+            command::init_logging("warn");
+            let result = match w {
+                WorkersCommand::Demo(a) => demo::run(a),
+                WorkersCommand::Info(a) => info::run(a),
+                WorkersCommand::Status(a) => status::run(a),
+                WorkersCommand::Route(a) => route::run(a),
+            };
+            result.unwrap_or_else(|e| {
+                eprintln!("moltbot: {e:#}");
+                1
+            })
+        }
+    }
 }
 
 /// Runs `worker ...` if this process was started as a worker; returns otherwise.
@@ -92,7 +82,7 @@ pub fn run_worker_if_requested() {
         let code = match Cli::try_parse() {
             Ok(Cli {
                 command: Command::Worker(w),
-            }) => crate::command::worker::run(w),
+            }) => worker::run(w),
             Ok(_) => 2,
             Err(e) => {
                 let _ = e.print();
@@ -131,10 +121,11 @@ mod tests {
         let Command::Gateway(g) = cli.command else {
             panic!("not the gateway command")
         };
-        assert_eq!(g.pool.workers, Some(3));
-        assert_eq!(
-            g.pool.worker_command.unwrap().0,
-            ["python3".to_string(), "agent.py".to_string()]
-        );
+        assert_eq!(g.pool.flags.get("worker_count"), Some("3"));
+        assert_eq!(g.pool.flags.get("worker_command"), Some("python3 agent.py"));
+        assert_eq!(g.gateway.flags.get("cores"), Some("0,1"));
+        let c = g.pool.resolve(Some(&g.gateway), Vec::new()).unwrap();
+        assert_eq!(c.worker_command.unwrap(), ["python3", "agent.py"]);
+        assert_eq!(c.port, 0);
     }
 }

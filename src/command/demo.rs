@@ -6,13 +6,32 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::cli::DemoArgs;
+use crate::command::args::{GatewayArgs, PoolArgs};
 use crate::command::client::{self, Response};
 use crate::config::Config;
 use crate::gateway::{Gateway, StopMode};
 
 const USERS: [&str; 3] = ["user-a", "user-b", "user-c"];
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `moltbot workers demo`
+#[derive(clap::Args, Debug, Clone)]
+pub struct DemoArgs {
+    /// Pool settings.
+    #[command(flatten)]
+    pub pool: PoolArgs,
+    /// Gateway settings (the demo serves on the port too; `-p 0` picks a free one).
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    /// Seconds to keep running after the demo (0 = until Ctrl-C).
+    #[arg(
+        short = 't',
+        long = "timeout",
+        value_name = "SECONDS",
+        default_value_t = 5
+    )]
+    pub timeout: u64,
+}
 
 fn rule() {
     println!("{}", "─".repeat(30));
@@ -47,10 +66,11 @@ impl Client {
 /// Runs the demo; returns the exit code.
 pub fn run(args: DemoArgs) -> anyhow::Result<i32> {
     let mut pool_args = args.pool.clone();
-    if pool_args.workers.is_none() {
-        pool_args.workers = Some(3);
+    // The demo's own default, taken like a flag (it beats MOLTBOT_WORKER_COUNT).
+    if pool_args.flags.get("worker_count").is_none() {
+        pool_args.flags.set("worker_count", "3");
     }
-    let config = Config::resolve(&pool_args, Some(&args.gateway), Config::process_env())?;
+    let config = pool_args.resolve(Some(&args.gateway), Config::process_env())?;
     println!(
         "Starting worker pool with {} workers...\n",
         config.worker_count

@@ -2,7 +2,8 @@
 
 use signal_hook::consts::{SIGINT, SIGTERM};
 
-use crate::config::{Config, GatewayArgs, PoolArgs};
+use crate::command::args::{GatewayArgs, PoolArgs};
+use crate::config::Config;
 use crate::gateway::{Gateway, StopMode};
 
 /// `moltbot gateway`
@@ -18,7 +19,9 @@ pub struct GatewayCmdArgs {
 
 /// Runs the gateway; returns the exit code.
 pub fn run(args: GatewayCmdArgs) -> anyhow::Result<i32> {
-    let config = Config::resolve(&args.pool, Some(&args.gateway), Config::process_env())?;
+    let config = args
+        .pool
+        .resolve(Some(&args.gateway), Config::process_env())?;
     // Signals are blocked into the iterator before any thread starts, so that none is lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let gateway = Gateway::start(config)?;

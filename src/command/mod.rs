@@ -1,5 +1,8 @@
-//! One module per subcommand.
+//! The subcommands, one module each. Every module owns its subcommand's arguments; what
+//! several share (the output [`Format`]) lives here. `crate::cli` assembles them into the
+//! command line; nothing here refers back to it.
 
+pub mod args;
 pub mod client;
 pub mod demo;
 pub mod gateway;
@@ -7,6 +10,16 @@ pub mod info;
 pub mod route;
 pub mod status;
 pub mod worker;
+
+/// Output format of informational commands.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// For people.
+    #[default]
+    Human,
+    /// For programs.
+    Json,
+}
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `default_level`).
 pub fn init_logging(default_level: &str) {

@@ -4,7 +4,7 @@
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::Value;
 
-use crate::cli::Format;
+use crate::command::Format;
 use crate::command::status::{DEFAULT_GATEWAY, fetch_json, token_from_env};
 
 /// `moltbot workers route USER`
@@ -16,8 +16,8 @@ pub struct RouteArgs {
     #[arg(long, default_value = DEFAULT_GATEWAY, env = "MOLTBOT_GATEWAY_URL")]
     pub gateway: String,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = crate::cli::Format::Human)]
-    pub format: crate::cli::Format,
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    pub format: Format,
 }
 
 /// Prints the user's worker; returns the exit code. Errors (invalid user id, gateway

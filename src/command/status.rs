@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::cli::Format;
+use crate::command::Format;
 use crate::command::client::{Client, Response};
 
 /// The gateway URL used when neither `--gateway` nor `MOLTBOT_GATEWAY_URL` is given.
@@ -21,8 +21,8 @@ pub struct StatusArgs {
     #[arg(long, default_value = DEFAULT_GATEWAY, env = "MOLTBOT_GATEWAY_URL")]
     pub gateway: String,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = crate::cli::Format::Human)]
-    pub format: crate::cli::Format,
+    #[arg(long, value_enum, default_value_t = Format::Human)]
+    pub format: Format,
 }
 
 /// Prints the gateway's status; returns the exit code. Errors (gateway unreachable, a

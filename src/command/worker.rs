@@ -1,6 +1,7 @@
 //! `moltbot worker`: the process of one slot.
 
-use crate::worker::runtime::{WorkerArgs, run as run_worker};
+pub use crate::worker::runtime::WorkerArgs;
+use crate::worker::runtime::run as run_worker;
 
 /// Runs the worker; returns the process exit code.
 pub fn run(args: WorkerArgs) -> i32 {

@@ -11,6 +11,7 @@ pub mod conn;
 pub mod endpoints;
 pub mod first_sight;
 pub mod http;
+mod nofile;
 pub mod notify;
 pub mod reactor;
 pub mod server;
@@ -143,40 +144,6 @@ fn ensure_memlock(cores: usize) -> Result<(), GatewayError> {
     })
 }
 
-/// Raises the soft limit of open files to what `max_connections` on every core needs (up to
-/// the hard limit), so that the connection limit, not EMFILE, is what a client meets.
-fn ensure_nofile(config: &Config, cores: usize) {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let want = (config.max_connections as u64)
-        .saturating_mul(cores as u64)
-        .saturating_add(1024);
-    let cur = getrlimit(Resource::Nofile);
-    let soft = cur.current.unwrap_or(u64::MAX);
-    if soft >= want {
-        return;
-    }
-    let hard = cur.maximum.unwrap_or(u64::MAX);
-    let new = want.min(hard);
-    if new > soft
-        && setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(new),
-                maximum: cur.maximum,
-            },
-        )
-        .is_ok()
-    {
-        tracing::info!("raised RLIMIT_NOFILE from {soft} to {new}");
-    }
-    if new < want {
-        tracing::warn!(
-            "RLIMIT_NOFILE hard limit {hard} is below the {want} descriptors that {} connections on {cores} cores need; raise it (ulimit -Hn) or lower max_connections",
-            config.max_connections
-        );
-    }
-}
-
 /// How long the gateway waits for its workers to come up.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -208,13 +175,14 @@ impl FastStop {
 
 impl Gateway {
     /// Starts the pool, then the cores; returns when every core listens.
-    pub fn start(config: Config) -> Result<Gateway, GatewayError> {
+    pub fn start(mut config: Config) -> Result<Gateway, GatewayError> {
         config
             .validate()
             .map_err(|e| GatewayError::Config(e.to_string()))?;
         let cpus = core_cpus(&config)?;
         ensure_memlock(cpus.len())?;
-        ensure_nofile(&config, cpus.len());
+        // A default max_connections shrinks to what the open-files limit allows.
+        config.max_connections = nofile::ensure_nofile(&config, cpus.len());
         // Fail fast on a busy port, before starting workers. A socket without SO_REUSEPORT
         // cannot bind where another group of listeners already is, so this also catches a
         // second gateway that would otherwise share the port silently.
