@@ -230,8 +230,8 @@ struct Mapping {
     layout: SegmentLayout,
     /// The name it was created or first attached under.
     name: String,
-    /// The object's identity: (st_dev, st_ino).
-    id: (u64, u64),
+    /// The object's identity.
+    id: ObjectId,
     /// Created by this process: the name is unlinked when the mapping goes away.
     owner: bool,
     /// Take flags of each ring: request ring of lane `i` at `2 i`, response ring at `2 i + 1`.
@@ -258,19 +258,22 @@ impl Drop for Mapping {
 /// Every shared-memory object this process maps, by identity: a second [`Segment::attach`] (or
 /// an attach after [`Segment::create`]) of an object this process already maps shares that
 /// mapping and its take flags, so that two mappings cannot hand out two ends of one ring.
-static REGISTRY: Mutex<Vec<((u64, u64), Weak<Mapping>)>> = Mutex::new(Vec::new());
+static REGISTRY: Mutex<Vec<(ObjectId, Weak<Mapping>)>> = Mutex::new(Vec::new());
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<((u64, u64), Weak<Mapping>)>> {
+/// A shared-memory object's identity: (st_dev, st_ino).
+type ObjectId = (u64, u64);
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<(ObjectId, Weak<Mapping>)>> {
     // The registry holds no invariant that a panic elsewhere could have broken halfway.
     REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn identity(st: &rustix::fs::Stat) -> (u64, u64) {
-    (st.st_dev as u64, st.st_ino as u64)
+fn identity(st: &rustix::fs::Stat) -> ObjectId {
+    (st.st_dev, st.st_ino)
 }
 
 /// The identity of the object a name refers to now, if any.
-fn identity_of_name(name: &str) -> Option<(u64, u64)> {
+fn identity_of_name(name: &str) -> Option<ObjectId> {
     let fd =
         rustix::shm::open(name, rustix::shm::OFlags::RDONLY, rustix::fs::Mode::empty()).ok()?;
     rustix::fs::fstat(&fd).ok().map(|st| identity(&st))
