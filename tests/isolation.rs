@@ -574,10 +574,10 @@ fn worker_rlimits_follow_the_configuration() {
     configured.route("echo", "limited", json!("ok"));
 
     let pid = derived.worker_pids()[0];
-    let lanes = cmdline_arg(pid, "--wake-fds")
-        .expect("--wake-fds")
-        .split(',')
-        .count() as u64;
+    let lanes: u64 = cmdline_arg(pid, "--lanes")
+        .expect("--lanes")
+        .parse()
+        .expect("a number of lanes");
     // The harness runs gateways with --ring-capacity 256KiB.
     let want = 4 * (256u64 << 20) + (1u64 << 30) + 2 * (256u64 << 10) * lanes;
     assert_eq!(limit(pid, "Max address space"), (Some(want), Some(want)));
@@ -691,5 +691,29 @@ fn workers_inherit_no_stray_descriptor_of_the_gateway() {
     for pid in g.worker_pids() {
         let t = targets(pid);
         assert!(!t.contains(&stray_t), "worker {pid} inherited it: {t:?}");
+    }
+    // The gateway's own sockets (wake sockets included: they reach a worker over its stdin,
+    // never by inheritance) are all close-on-exec.
+    let gw = g.g.pid();
+    for e in std::fs::read_dir(format!("/proc/{gw}/fd"))
+        .expect("fds")
+        .flatten()
+    {
+        let fd = e.file_name().to_string_lossy().into_owned();
+        if !target(gw, &fd).starts_with("socket:") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{gw}/fdinfo/{fd}")).unwrap_or_default();
+        let Some(flags) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        else {
+            continue; // closed meanwhile
+        };
+        assert!(
+            flags & 0o2_000_000 != 0,
+            "gateway socket {fd} is inheritable (flags {flags:o})"
+        );
     }
 }

@@ -41,27 +41,40 @@ fn push(p: &mut Producer, data: &[u8]) {
     }
 }
 
-/// Waits for one frame; spins, or parks on `flag` if `park` is set.
+/// Waits for one frame; spins, or parks if `park` is set: on `worker_flag` (the worker's
+/// futex word), or else on the ring's own park flag.
 fn recv(
     c: &mut Consumer,
     buf: &mut [u8],
-    flag: &std::sync::atomic::AtomicU32,
+    worker_flag: Option<&std::sync::atomic::AtomicU32>,
     park: bool,
 ) -> usize {
     let mut spins = 0u32;
     loop {
         if let Some(f) = c.peek().expect("peek") {
-            let n = f.len;
-            buf[..n].copy_from_slice(c.bytes(&f));
-            c.release(f);
+            let n = f.len();
+            buf[..n].copy_from_slice(f.bytes());
+            f.release();
             return n;
         }
         if park && spins > 64 {
-            announce_park(flag);
-            if !c.has_data().expect("ring") {
-                let _: ParkOutcome = futex_park(flag, Duration::from_millis(100));
+            match worker_flag {
+                Some(flag) => {
+                    announce_park(flag);
+                    if !c.has_data().expect("ring") {
+                        let _: ParkOutcome = futex_park(flag, Duration::from_millis(100));
+                    }
+                    cancel_park(flag);
+                }
+                None => {
+                    announce_park(c.parked_flag());
+                    if !c.has_data().expect("ring") {
+                        let _: ParkOutcome =
+                            futex_park(c.parked_flag(), Duration::from_millis(100));
+                    }
+                    cancel_park(c.parked_flag());
+                }
             }
-            cancel_park(flag);
         } else {
             spins += 1;
             std::hint::spin_loop();
@@ -71,18 +84,17 @@ fn recv(
 
 fn shm_child(name: &str, park: bool) {
     let seg = Segment::attach(name).expect("attach");
-    let mut req = Consumer::attach(seg.request_ring(0).expect("lane")).expect("ring");
-    let resp_ring = seg.response_ring(0).expect("lane");
-    let mut resp = Producer::attach(resp_ring.clone()).expect("ring");
+    let lane = seg.take_worker_lane(0).expect("lane");
+    let (mut req, mut resp) = (lane.requests, lane.responses);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = recv(&mut req, &mut buf, seg.worker_parked(), park);
+        let n = recv(&mut req, &mut buf, Some(seg.worker_parked()), park);
         if n == 0 {
             return;
         }
         push(&mut resp, &buf[..n]);
-        if wake_needed(resp_ring.parked_flag()) {
-            futex_unpark(resp_ring.parked_flag());
+        if wake_needed(resp.parked_flag()) {
+            futex_unpark(resp.parked_flag());
         }
     }
 }
@@ -122,9 +134,8 @@ fn bench_shm(c: &mut Criterion, role: &str, sizes: &[usize]) {
     let seg = Segment::create(&name, SegmentLayout::new(1, 1 << 20).expect("layout"), 0)
         .expect("segment");
     let mut child = spawn_child(role, &name);
-    let mut req = Producer::attach(seg.request_ring(0).expect("lane")).expect("ring");
-    let resp_ring = seg.response_ring(0).expect("lane");
-    let mut resp = Consumer::attach(resp_ring.clone()).expect("ring");
+    let lane = seg.take_gateway_lane(0).expect("lane");
+    let (mut req, mut resp) = (lane.requests, lane.responses);
     let mut group = c.benchmark_group("rtt");
     for &size in sizes {
         let msg = vec![0x5au8; size];
@@ -136,7 +147,7 @@ fn bench_shm(c: &mut Criterion, role: &str, sizes: &[usize]) {
                 if wake_needed(seg.worker_parked()) {
                     futex_unpark(seg.worker_parked());
                 }
-                recv(&mut resp, &mut buf, resp_ring.parked_flag(), park)
+                recv(&mut resp, &mut buf, None, park)
             })
         });
     }

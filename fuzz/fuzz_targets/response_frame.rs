@@ -5,7 +5,10 @@
 //!
 //! The fuzzer plays the worker: it publishes well-formed responses through a real `Producer`,
 //! publishes raw frames, scribbles anywhere in the ring's data area (also between the gateway's
-//! `peek` and its copy, as a concurrent writer would) and stores any value into the positions.
+//! check of a frame and its copy, as a concurrent writer would) and stores any value into the
+//! positions. The writes a worker process could make directly go through a `Tamper`, which acts
+//! while the worker's own end of that ring is dropped (a worker writing its mapping by hand
+//! has no honest end left to speak of); such a worker gets an end again after the recovery.
 //! The gateway side runs the lane's code path: `peek`, `copy_frame`, `release`,
 //! `decode_response`, request-id match, `check_fields`, and on a violation the recovery
 //! (`reset_producer`, re-attach). Nothing may panic or read outside the ring (ASan), and as
@@ -13,25 +16,16 @@
 #![no_main]
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use moltbot::pool::lane::decode_response;
-use moltbot_ipc::{AlignedBuf, Consumer, HeapRing, Producer, RingError, RingRef};
+use moltbot_ipc::{AlignedBuf, Consumer, HeapRing, Producer, RingError, Tamper};
 
-/// A ring whose memory the harness can also write directly, the way a worker process writes
-/// its mapping. `HeapRing` allocates exactly `ring_bytes(capacity)`, so ASan flags any access
-/// past the ring.
-fn new_ring(capacity: usize) -> (RingRef, Arc<HeapRing>) {
-    let heap = HeapRing::new(capacity).expect("capacity is a power of two >= 256");
-    (heap.handle(), heap)
-}
-
-/// Writes `bytes` into the data area at `offset` (wrapping), as a concurrent writer would.
-fn scribble(heap: &HeapRing, offset: usize, bytes: &[u8]) {
-    heap.write_data(offset, bytes);
+/// A ring for one direction of the lane. `HeapRing` allocates exactly `ring_bytes(capacity)`,
+/// so ASan flags any access past the ring.
+fn new_ring(capacity: usize) -> HeapRing {
+    HeapRing::new(capacity).expect("capacity is a power of two >= 256")
 }
 
 /// A position as the worker may store it: relative to a current one (mostly plausible), or raw.
@@ -148,9 +142,8 @@ struct Expected {
 
 struct Lane {
     capacity: usize,
-    resp_ring: RingRef,
-    resp_block: Arc<HeapRing>,
-    req_ring: RingRef,
+    resp_ring: HeapRing,
+    req_ring: HeapRing,
     /// The worker's end of the response ring (None while its positions make no sense to it).
     worker: Option<Producer>,
     /// The gateway's end of the response ring (`LaneClient::resp`: attached once, for life).
@@ -176,16 +169,15 @@ struct Lane {
 
 impl Lane {
     fn new(capacity: usize) -> Lane {
-        let (resp_ring, resp_block) = new_ring(capacity);
-        let (req_ring, _req_block) = new_ring(capacity);
+        let resp_ring = new_ring(capacity);
+        let req_ring = new_ring(capacity);
         Lane {
             capacity,
-            worker: Some(Producer::attach(resp_ring.clone()).expect("fresh ring")),
-            gateway: Consumer::attach(resp_ring.clone()).expect("fresh ring"),
-            requests: Producer::attach(req_ring.clone()).expect("fresh ring"),
-            worker_requests: Some(Consumer::attach(req_ring.clone()).expect("fresh ring")),
+            worker: Some(resp_ring.take_producer().expect("fresh ring")),
+            gateway: resp_ring.take_consumer().expect("fresh ring"),
+            requests: req_ring.take_producer().expect("fresh ring"),
+            worker_requests: Some(req_ring.take_consumer().expect("fresh ring")),
             resp_ring,
-            resp_block,
             req_ring,
             pending: HashSet::new(),
             outstanding: VecDeque::new(),
@@ -211,11 +203,34 @@ impl Lane {
         self.poisoned = true;
     }
 
+    /// The worker's end of the response ring: refused while its positions are broken and the
+    /// gateway has not recovered the ring yet.
     fn worker(&mut self) -> Option<&mut Producer> {
         if self.worker.is_none() {
-            self.worker = Producer::attach(self.resp_ring.clone()).ok();
+            self.worker = self.resp_ring.take_producer().ok();
         }
         self.worker.as_mut()
+    }
+
+    /// The worker writes the response ring directly (its end is dropped meanwhile).
+    fn worker_writes_responses(&mut self, write: impl FnOnce(&mut Tamper<'_>)) {
+        self.tamper();
+        self.worker = None;
+        let mut t = self
+            .gateway
+            .tamper()
+            .expect("no worker end of the response ring is taken");
+        write(&mut t);
+    }
+
+    /// The worker writes the request ring directly (its end is dropped meanwhile).
+    fn worker_writes_requests(&mut self, write: impl FnOnce(&mut Tamper<'_>)) {
+        self.worker_requests = None;
+        let mut t = self
+            .requests
+            .tamper()
+            .expect("no worker end of the request ring is taken");
+        write(&mut t);
     }
 
     fn respond(&mut self, id: u8, status: u16, duration_us: u64, code: &str, body: &[u8]) {
@@ -264,6 +279,14 @@ impl Lane {
         }
         for _ in 0..n {
             let before = self.gateway.position();
+            if let Some((offset, bytes)) = race.take() {
+                // A writer racing with the gateway: the frame at the head was looked at, then
+                // rewritten before the look that copies it.
+                if let Ok(Some(f)) = self.gateway.peek() {
+                    assert!(f.len() <= self.capacity - 16);
+                }
+                self.worker_writes_responses(|t| t.write_data(offset.into(), &bytes));
+            }
             let f = match self.gateway.peek() {
                 Ok(None) => return Ok(()),
                 Ok(Some(f)) => f,
@@ -273,24 +296,15 @@ impl Lane {
                 }
                 Err(e) => panic!("peek: unexpected {e:?}"),
             };
-            assert!(f.pos >= before && f.pos % 16 == 0);
-            assert!(f.len <= self.capacity - 16);
-            if let Some((offset, bytes)) = race.take() {
-                scribble(&self.resp_block, offset.into(), &bytes);
-                self.tamper();
-            }
-            self.gateway.copy_frame(&f, &mut self.frame);
-            assert_eq!(self.frame.len(), f.len);
+            let end = f.end();
+            let total = (16 + f.len().div_ceil(16) * 16) as u64;
+            assert!(end - total >= before && end % 16 == 0);
+            assert!(f.len() <= self.capacity - 16);
+            f.copy_into(&mut self.frame);
+            assert_eq!(self.frame.len(), f.len());
             assert_eq!(self.frame.as_slice().as_ptr() as usize % 16, 0);
-            self.gateway.release(f);
-            assert_eq!(self.gateway.position(), f.end());
-            let head = self
-                .resp_ring
-                .header()
-                .consumer
-                .head
-                .load(Ordering::Relaxed);
-            assert_eq!(head, f.end(), "published head");
+            f.release();
+            assert_eq!(self.gateway.position(), end);
             if let Err(why) = self.deliver() {
                 self.poison(why);
                 return Err(());
@@ -379,13 +393,13 @@ impl Lane {
         };
         match c.peek() {
             Ok(Some(f)) => {
-                c.claim(&f);
+                f.claim();
                 let mut buf = AlignedBuf::new();
-                c.copy_frame(&f, &mut buf);
+                f.copy_into(&mut buf);
                 if let Ok(req) = moltbot_ipc::access_request(buf.as_slice()) {
                     self.unanswered.insert(req.request_id.to_native());
                 }
-                c.release(f);
+                f.release();
             }
             Ok(None) => {}
             // Only after the fuzzer stored garbage into the request ring's positions.
@@ -395,6 +409,9 @@ impl Lane {
 
     /// `LaneClient::recover` after the worker died, then a successor attaches.
     fn recover(&mut self) {
+        // The worker process is gone, and with it its ends.
+        self.worker = None;
+        self.worker_requests = None;
         // 1. Answers the dead worker completed; after a violation the ring is dropped unread.
         // Reset either way, which republishes the gateway's own positions.
         let _ = self.poll(u8::MAX, None);
@@ -423,11 +440,13 @@ impl Lane {
         self.poisoned = false;
         // 3. The successor attaches to both rings from what the gateway left in them.
         self.worker = Some(
-            Producer::attach(self.resp_ring.clone())
+            self.resp_ring
+                .take_producer()
                 .expect("a successor worker must attach to the recovered response ring"),
         );
         self.worker_requests = Some(
-            Consumer::attach(self.req_ring.clone())
+            self.req_ring
+                .take_consumer()
                 .expect("a successor worker must attach to the recovered request ring"),
         );
         // Nothing is left in the response ring, and the successor is honest until it is not.
@@ -472,40 +491,29 @@ fuzz_target!(|input: Input| {
             } => {
                 lane.tamper();
                 if let Some(w) = lane.worker()
-                    && let Ok(r) = w.reserve(reserve.into())
+                    && let Ok(mut r) = w.reserve(reserve.into())
                 {
-                    w.slot(&r).fill(fill);
-                    w.commit(r, used.into());
+                    r.as_mut_slice().fill(fill);
+                    r.commit(used.into());
                 }
             }
             Op::Scribble { offset, bytes } => {
-                lane.tamper();
-                scribble(&lane.resp_block, offset.into(), &bytes);
+                lane.worker_writes_responses(|t| t.write_data(offset.into(), &bytes));
             }
             Op::FrameHeader { slot, len, tag } => {
-                lane.tamper();
-                let off = usize::from(slot) * 16;
-                let mut hdr = [0u8; 8];
-                hdr[..4].copy_from_slice(&len.to_le_bytes());
-                hdr[4..].copy_from_slice(&tag.value().to_le_bytes());
-                scribble(&lane.resp_block, off, &hdr);
+                lane.worker_writes_responses(|t| {
+                    t.write_frame_header(slot.into(), len, tag.value());
+                });
             }
-            Op::SetTail(p) => {
-                lane.tamper();
-                let t = &lane.resp_ring.header().producer.tail;
-                t.store(p.apply(t.load(Ordering::Relaxed)), Ordering::Release);
-                lane.worker = None;
-            }
-            Op::SetRespHead(p) => {
-                lane.tamper();
-                let c = &lane.resp_ring.header().consumer;
-                c.head
-                    .store(p.apply(c.head.load(Ordering::Relaxed)), Ordering::Release);
-                c.claimed.store(
-                    p.apply(c.claimed.load(Ordering::Relaxed)),
-                    Ordering::Release,
-                );
-            }
+            Op::SetTail(p) => lane.worker_writes_responses(|t| {
+                let v = p.apply(t.tail());
+                t.set_tail(v);
+            }),
+            Op::SetRespHead(p) => lane.worker_writes_responses(|t| {
+                let (head, claimed) = (p.apply(t.head()), p.apply(t.claimed()));
+                t.set_head(head);
+                t.set_claimed(claimed);
+            }),
             Op::Poll { n, race } => {
                 let _ = lane.poll(n, race);
             }
@@ -515,23 +523,19 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::Submit { len } => lane.submit(len),
-            Op::SetReqHead(p) => {
-                let c = &lane.req_ring.header().consumer;
-                c.head
-                    .store(p.apply(c.head.load(Ordering::Relaxed)), Ordering::Release);
-            }
-            Op::SetReqTail(p) => {
-                let t = &lane.req_ring.header().producer.tail;
-                t.store(p.apply(t.load(Ordering::Relaxed)), Ordering::Release);
-            }
+            Op::SetReqHead(p) => lane.worker_writes_requests(|t| {
+                let v = p.apply(t.head());
+                t.set_head(v);
+            }),
+            Op::SetReqTail(p) => lane.worker_writes_requests(|t| {
+                let v = p.apply(t.tail());
+                t.set_tail(v);
+            }),
             Op::WorkerTakes => lane.worker_takes_request(),
-            Op::SetReqClaimed(p) => {
-                let c = &lane.req_ring.header().consumer;
-                c.claimed.store(
-                    p.apply(c.claimed.load(Ordering::Relaxed)),
-                    Ordering::Release,
-                );
-            }
+            Op::SetReqClaimed(p) => lane.worker_writes_requests(|t| {
+                let v = p.apply(t.claimed());
+                t.set_claimed(v);
+            }),
             Op::Recover => lane.recover(),
         }
     }

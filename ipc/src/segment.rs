@@ -2,8 +2,8 @@
 //! counters), the worker's park word, then one lane per gateway core (a request ring and a
 //! response ring each).
 //!
-//! The gateway creates the segment with the `shared_memory` crate (mode 0600, a name unique per
-//! gateway instance) and keeps the layout it chose; it never reads the layout back. The worker
+//! The gateway creates the segment (`shm_open` with `O_CREAT | O_EXCL`, mode 0600, a name unique
+//! per gateway instance) and keeps the layout it chose; it never reads the layout back. The worker
 //! attaches by name, reads the layout from the header, checks magic, version and size, maps the
 //! segment and closes the descriptor at once: after that it cannot resize the segment (which
 //! would make the gateway fault), only write into it, which the gateway tolerates.
@@ -15,12 +15,21 @@
 //!        lane 0: response ring (RingHeader 384 + capacity)
 //!        lane 1: ...
 //! ```
+//!
+//! Ring ends are handed out by [`Segment::take_gateway_lane`] and [`Segment::take_worker_lane`],
+//! each end at most once at a time in a process. Every mapping of one object in a process is
+//! the same mapping (a registry keyed by the object's device and inode), so attaching again does
+//! not yield a second set of ends: a test that plays a worker in the gateway's process must drop
+//! the ends of the worker it replaces before taking its successor's.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, Weak};
 
-use crate::ring::{MIN_CAPACITY, RingRef, ring_bytes};
+use crate::ring::{
+    Backing, Consumer, MIN_CAPACITY, Producer, RingEnds, SharedRing, TakeError, ring_bytes,
+};
 
 /// "MOLTSHM" + NUL, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"MOLTSHM\0");
@@ -28,8 +37,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MOLTSHM\0");
 pub const LAYOUT_VERSION: u32 = 1;
 /// Most lanes a segment may have.
 pub const MAX_LANES: u32 = 256;
-/// Largest ring capacity accepted.
-pub const MAX_CAPACITY: usize = 1 << 30;
+pub use crate::ring::MAX_CAPACITY;
 
 /// Worker states as published in [`SegmentHeader::worker_state`] by the worker itself.
 pub mod worker_state {
@@ -106,14 +114,6 @@ pub enum SegmentError {
         name: String,
         /// The error.
         source: std::io::Error,
-    },
-    /// The `shared_memory` crate refused.
-    #[error("shared memory {name}: {message}")]
-    Create {
-        /// Segment name.
-        name: String,
-        /// Its message.
-        message: String,
     },
     /// The segment exists but is not one of ours, or of another version.
     #[error("shared memory {name} is not a moltbot segment: {reason}")]
@@ -219,55 +219,121 @@ impl SegmentLayout {
     }
 }
 
-/// The memory behind a segment.
-enum Mapping {
-    /// Created by this process (the gateway); unlinked when dropped.
-    Owned(shared_memory::Shmem),
-    /// Attached by name (the worker); unmapped when dropped.
-    Attached { ptr: NonNull<u8>, len: usize },
+/// A mapping of one shared-memory object, shared by every [`Segment`] of this process that
+/// refers to that object (see [`REGISTRY`]), with the take flags of its rings.
+struct Mapping {
+    /// Start of the mapping (page-aligned).
+    ptr: NonNull<u8>,
+    /// Its length: exactly the layout's total size.
+    len: usize,
+    /// The geometry, chosen by this process (created) or validated from the header (attached).
+    layout: SegmentLayout,
+    /// The name it was created or first attached under.
+    name: String,
+    /// The object's identity.
+    id: ObjectId,
+    /// Created by this process: the name is unlinked when the mapping goes away.
+    owner: bool,
+    /// Take flags of each ring: request ring of lane `i` at `2 i`, response ring at `2 i + 1`.
+    ends: Vec<Arc<RingEnds>>,
 }
 
 // SAFETY: the mapping is plain shared memory; the pointer stays valid until drop, and all
-// access to the bytes goes through atomics or the SPSC ring discipline.
+// access to the bytes goes through atomics or the ring ends that `ends` hands out once each.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` only hands out the base pointer.
 unsafe impl Sync for Mapping {}
 
-impl Mapping {
-    fn base(&self) -> NonNull<u8> {
-        match self {
-            // shared_memory returns the non-null address of a successful mmap.
-            Mapping::Owned(shm) => NonNull::new(shm.as_ptr()).unwrap_or(NonNull::dangling()),
-            Mapping::Attached { ptr, .. } => *ptr,
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `Mapping::map`, and no reference
+        // into it outlives the last Arc<Mapping> (every Segment and ring end holds one).
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+        if self.owner && identity_of_name(&self.name) == Some(self.id) {
+            let _ = rustix::shm::unlink(self.name.as_str());
         }
     }
 }
 
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        if let Mapping::Attached { ptr, len } = self {
-            // SAFETY: `ptr`/`len` are exactly the mapping made in `Segment::attach`, and no
-            // reference into it outlives the last Arc<Mapping> (every handle holds one).
-            let _ = unsafe { rustix::mm::munmap(ptr.as_ptr().cast(), *len) };
-        }
+/// Every shared-memory object this process maps, by identity: a second [`Segment::attach`] (or
+/// an attach after [`Segment::create`]) of an object this process already maps shares that
+/// mapping and its take flags, so that two mappings cannot hand out two ends of one ring.
+static REGISTRY: Mutex<Vec<(ObjectId, Weak<Mapping>)>> = Mutex::new(Vec::new());
+
+/// A shared-memory object's identity: (st_dev, st_ino).
+type ObjectId = (u64, u64);
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<(ObjectId, Weak<Mapping>)>> {
+    // The registry holds no invariant that a panic elsewhere could have broken halfway.
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn identity(st: &rustix::fs::Stat) -> ObjectId {
+    (st.st_dev, st.st_ino)
+}
+
+/// The identity of the object a name refers to now, if any.
+fn identity_of_name(name: &str) -> Option<ObjectId> {
+    let fd =
+        rustix::shm::open(name, rustix::shm::OFlags::RDONLY, rustix::fs::Mode::empty()).ok()?;
+    rustix::fs::fstat(&fd).ok().map(|st| identity(&st))
+}
+
+impl Mapping {
+    /// Maps `len` bytes of the object behind `fd`, read-write and shared.
+    fn map(fd: &OwnedFd, len: usize) -> std::io::Result<NonNull<u8>> {
+        // SAFETY: a fresh shared read-write mapping of `len` bytes of the object; the kernel
+        // picks the address, so it aliases nothing in this process.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                core::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )
+        }?;
+        NonNull::new(ptr.cast::<u8>()).ok_or_else(|| std::io::Error::other("null mapping"))
+    }
+
+    fn ends_for(layout: SegmentLayout) -> Vec<Arc<RingEnds>> {
+        (0..2 * layout.lanes).map(|_| RingEnds::new()).collect()
     }
 }
 
 /// A mapped segment. Cheap to clone (shared mapping).
 #[derive(Clone)]
 pub struct Segment {
+    /// The mapping, shared by every Segment of this process on the same object.
     map: Arc<Mapping>,
-    layout: SegmentLayout,
-    name: String,
 }
 
 impl std::fmt::Debug for Segment {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Segment")
-            .field("name", &self.name)
-            .field("layout", &self.layout)
+            .field("name", &self.map.name)
+            .field("layout", &self.map.layout)
             .finish()
     }
+}
+
+/// The gateway's ends of one lane: it produces requests and consumes responses.
+#[derive(Debug)]
+pub struct GatewayLane {
+    /// Producer of the lane's request ring.
+    pub requests: Producer,
+    /// Consumer of the lane's response ring.
+    pub responses: Consumer,
+}
+
+/// A worker's ends of one lane: it consumes requests and produces responses.
+#[derive(Debug)]
+pub struct WorkerLane {
+    /// Consumer of the lane's request ring.
+    pub requests: Consumer,
+    /// Producer of the lane's response ring.
+    pub responses: Producer,
 }
 
 impl Segment {
@@ -278,25 +344,47 @@ impl Segment {
         layout: SegmentLayout,
         slot_id: u32,
     ) -> Result<Segment, SegmentError> {
-        let shm = shared_memory::ShmemConf::new()
-            .os_id(name)
-            .size(layout.total_size())
-            .create()
-            .map_err(|e| SegmentError::Create {
-                name: name.to_string(),
-                message: e.to_string(),
-            })?;
-        if shm.as_ptr().is_null() || shm.len() < layout.total_size() {
-            return Err(SegmentError::Create {
-                name: name.to_string(),
-                message: "mapping smaller than requested".into(),
-            });
-        }
-        let seg = Segment {
-            map: Arc::new(Mapping::Owned(shm)),
+        let os = |source: std::io::Error| SegmentError::Os {
+            name: name.to_string(),
+            source,
+        };
+        let mode = rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR;
+        let fd = rustix::shm::open(
+            name,
+            rustix::shm::OFlags::CREATE | rustix::shm::OFlags::EXCL | rustix::shm::OFlags::RDWR,
+            mode,
+        )
+        .map_err(|e| os(e.into()))?;
+        let made = (|| {
+            // Exactly 0600 whatever the umask.
+            rustix::fs::fchmod(&fd, mode)?;
+            rustix::fs::ftruncate(&fd, layout.total_size() as u64)?;
+            let id = identity(&rustix::fs::fstat(&fd)?);
+            let ptr = Mapping::map(&fd, layout.total_size())?;
+            Ok::<_, std::io::Error>((id, ptr))
+        })();
+        let (id, ptr) = match made {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = rustix::shm::unlink(name);
+                return Err(os(e));
+            }
+        };
+        drop(fd);
+        let map = Arc::new(Mapping {
+            ptr,
+            len: layout.total_size(),
             layout,
             name: name.to_string(),
-        };
+            id,
+            owner: true,
+            ends: Mapping::ends_for(layout),
+        });
+        let mut reg = registry();
+        reg.retain(|(_, w)| w.strong_count() > 0);
+        reg.push((id, Arc::downgrade(&map)));
+        drop(reg);
+        let seg = Segment { map };
         let h = seg.header();
         h.version.store(LAYOUT_VERSION, Ordering::Relaxed);
         h.lanes.store(layout.lanes, Ordering::Relaxed);
@@ -311,7 +399,9 @@ impl Segment {
     }
 
     /// Attaches to an existing segment by name, checking that it is a complete moltbot
-    /// segment of this layout version. The descriptor is closed before returning.
+    /// segment of this layout version. The descriptor is closed before returning. If this
+    /// process already maps the same object (it created it, or attached before), the segment
+    /// shares that mapping, and with it which ring ends are taken.
     pub fn attach(name: &str) -> Result<Segment, SegmentError> {
         let os = |source: std::io::Error| SegmentError::Os {
             name: name.to_string(),
@@ -323,30 +413,49 @@ impl Segment {
         };
         let fd = rustix::shm::open(name, rustix::shm::OFlags::RDWR, rustix::fs::Mode::empty())
             .map_err(|e| os(e.into()))?;
-        let size = rustix::fs::fstat(&fd).map_err(|e| os(e.into()))?.st_size;
+        let st = rustix::fs::fstat(&fd).map_err(|e| os(e.into()))?;
+        let id = identity(&st);
+        // Held until the new mapping is registered: two attaches of one object in two threads
+        // end up with one mapping.
+        let mut reg = registry();
+        reg.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(map) = reg
+            .iter()
+            .find(|(k, _)| *k == id)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            // The same checks as for a new mapping, against the geometry it already has.
+            let seg = Segment { map };
+            let h = seg.header();
+            let layout = SegmentLayout::from_header(
+                h.magic.load(Ordering::Acquire),
+                h.version.load(Ordering::Relaxed),
+                h.lanes.load(Ordering::Relaxed),
+                h.ring_capacity.load(Ordering::Relaxed),
+                h.total_size.load(Ordering::Relaxed),
+                seg.map.len,
+            );
+            return match layout {
+                Ok(l) if l == seg.map.layout => Ok(seg),
+                Ok(l) => Err(mismatch(format!(
+                    "layout {l:?}, mapped as {:?}",
+                    seg.map.layout
+                ))),
+                Err(SegmentError::Layout(reason)) => Err(mismatch(reason)),
+                Err(other) => Err(other),
+            };
+        }
+        let size = st.st_size;
         let len = usize::try_from(size).map_err(|_| mismatch(format!("size {size}")))?;
         if len < RINGS_OFFSET {
             return Err(mismatch(format!("size {len} smaller than the header")));
         }
-        // SAFETY: a fresh shared read-write mapping of `len` bytes of the object; the kernel
-        // picks the address, so it aliases nothing in this process.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                core::ptr::null_mut(),
-                len,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|e| os(e.into()))?;
+        let ptr = Mapping::map(&fd, len).map_err(os)?;
         drop(fd);
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| mismatch("null mapping".into()))?;
-        let map = Arc::new(Mapping::Attached { ptr, len });
         // The header is read through the mapping before a layout is known.
         // SAFETY: the mapping is page-aligned and at least RINGS_OFFSET bytes long, so a
-        // SegmentHeader (all atomics) fits; it lives as long as `map`.
+        // SegmentHeader (all atomics) fits; it lives until the munmap below or in Mapping's
+        // drop, after this borrow ends.
         let h = unsafe { ptr.cast::<SegmentHeader>().as_ref() };
         let layout = SegmentLayout::from_header(
             h.magic.load(Ordering::Acquire),
@@ -355,16 +464,29 @@ impl Segment {
             h.ring_capacity.load(Ordering::Relaxed),
             h.total_size.load(Ordering::Relaxed),
             len,
-        )
-        .map_err(|e| match e {
-            SegmentError::Layout(reason) => mismatch(reason),
-            other => other,
-        })?;
-        Ok(Segment {
-            map,
+        );
+        let layout = match layout {
+            Ok(l) => l,
+            Err(e) => {
+                // SAFETY: the mapping made above, never handed out (`h` is no longer used).
+                let _ = unsafe { rustix::mm::munmap(ptr.as_ptr().cast(), len) };
+                return Err(match e {
+                    SegmentError::Layout(reason) => mismatch(reason),
+                    other => other,
+                });
+            }
+        };
+        let map = Arc::new(Mapping {
+            ptr,
+            len,
             layout,
             name: name.to_string(),
-        })
+            id,
+            owner: false,
+            ends: Mapping::ends_for(layout),
+        });
+        reg.push((id, Arc::downgrade(&map)));
+        Ok(Segment { map })
     }
 
     /// Removes a segment name (for stale segments of a crashed earlier run). Mappings that are
@@ -375,28 +497,29 @@ impl Segment {
 
     /// The segment's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.map.name
     }
 
     /// Its geometry.
     pub fn layout(&self) -> SegmentLayout {
-        self.layout
+        self.map.layout
     }
 
     /// The header.
     pub fn header(&self) -> &SegmentHeader {
-        // SAFETY: the mapping starts page-aligned, is at least total_size bytes (checked at
+        // SAFETY: the mapping starts page-aligned, is total_size bytes (checked at
         // create/attach) and holds a SegmentHeader (all atomics) at offset 0; it lives as long
         // as `self.map`, which the returned borrow of `self` keeps alive.
-        unsafe { self.map.base().cast::<SegmentHeader>().as_ref() }
+        unsafe { self.map.ptr.cast::<SegmentHeader>().as_ref() }
     }
 
     /// The worker's park word.
     pub fn worker_parked(&self) -> &AtomicU32 {
-        // SAFETY: WorkerWake sits right after the header, inside the mapping (see `header`).
+        // SAFETY: WorkerWake (one atomic) sits right after the header, inside the mapping
+        // (see `header`).
         let wake = unsafe {
             self.map
-                .base()
+                .ptr
                 .add(core::mem::size_of::<SegmentHeader>())
                 .cast::<WorkerWake>()
                 .as_ref()
@@ -404,35 +527,58 @@ impl Segment {
         &wake.parked
     }
 
-    fn ring_at(&self, offset: usize) -> RingRef {
-        let backing: Arc<dyn crate::ring::Backing> = self.map.clone();
-        // SAFETY: `offset` is from this segment's validated layout: the ring lies inside the
-        // page-aligned mapping, 128-aligned (every part is a multiple of 128); `backing` keeps
-        // the mapping alive for the handle's lifetime.
-        unsafe {
-            RingRef::from_raw(
-                self.map.base().add(offset),
-                self.layout.ring_capacity,
-                backing,
-            )
+    fn ring(&self, lane: u32, response: bool) -> Result<SharedRing, TakeError> {
+        let layout = self.map.layout;
+        if lane >= layout.lanes {
+            return Err(TakeError::NoLane {
+                lane,
+                lanes: layout.lanes,
+            });
         }
+        let offset = if response {
+            layout.response_ring_offset(lane)
+        } else {
+            layout.request_ring_offset(lane)
+        };
+        let backing: Arc<dyn Backing> = self.map.clone();
+        Ok(SharedRing {
+            // SAFETY: `offset` is from the mapping's validated layout, so the ring lies inside
+            // the mapping.
+            base: unsafe { self.map.ptr.add(offset) },
+            capacity: layout.ring_capacity,
+            backing,
+            ends: self.map.ends[2 * lane as usize + usize::from(response)].clone(),
+        })
     }
 
-    /// The request ring of `lane` (producer: a gateway core; consumer: the worker).
-    pub fn request_ring(&self, lane: u32) -> Option<RingRef> {
-        (lane < self.layout.lanes).then(|| self.ring_at(self.layout.request_ring_offset(lane)))
+    /// The gateway's ends of `lane`: the request ring's producer and the response ring's
+    /// consumer. Refused while either is taken in this process (by any [`Segment`] on this
+    /// object); free again once both are dropped.
+    pub fn take_gateway_lane(&self, lane: u32) -> Result<GatewayLane, TakeError> {
+        let requests = self.ring(lane, false)?.take_producer()?;
+        let responses = self.ring(lane, true)?.take_consumer()?;
+        Ok(GatewayLane {
+            requests,
+            responses,
+        })
     }
 
-    /// The response ring of `lane` (producer: the worker; consumer: that gateway core).
-    pub fn response_ring(&self, lane: u32) -> Option<RingRef> {
-        (lane < self.layout.lanes).then(|| self.ring_at(self.layout.response_ring_offset(lane)))
+    /// A worker's ends of `lane`: the request ring's consumer and the response ring's
+    /// producer. Refused while either is taken in this process; free again once both are
+    /// dropped (a successor worker in the same process, in tests).
+    pub fn take_worker_lane(&self, lane: u32) -> Result<WorkerLane, TakeError> {
+        let requests = self.ring(lane, false)?.take_consumer()?;
+        let responses = self.ring(lane, true)?.take_producer()?;
+        Ok(WorkerLane {
+            requests,
+            responses,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ring::{Consumer, Producer};
 
     fn unique(tag: &str) -> String {
         format!(
@@ -507,16 +653,71 @@ mod tests {
         let other = Segment::attach(&name).unwrap();
         assert_eq!(other.layout(), layout);
         assert_eq!(other.header().slot_id.load(Ordering::Relaxed), 7);
-        // Rings are shared: push on one mapping, pop on the other.
-        let mut p = Producer::attach(seg.request_ring(1).unwrap()).unwrap();
-        let mut c = Consumer::attach(other.request_ring(1).unwrap()).unwrap();
-        p.push(b"hello").unwrap();
-        let f = c.peek().unwrap().unwrap();
-        assert_eq!(c.bytes(&f), b"hello");
-        assert!(seg.request_ring(2).is_none());
+        // Rings are shared: push on one handle, pop on the other.
+        let mut gw = seg.take_gateway_lane(1).unwrap();
+        let mut worker = other.take_worker_lane(1).unwrap();
+        gw.requests.push(b"hello").unwrap();
+        let f = worker.requests.peek().unwrap().unwrap();
+        assert_eq!(f.bytes(), b"hello");
+        f.release();
+        worker.responses.push(b"back").unwrap();
+        assert_eq!(gw.responses.peek().unwrap().unwrap().bytes(), b"back");
+        assert!(matches!(
+            seg.take_gateway_lane(2),
+            Err(TakeError::NoLane { lane: 2, lanes: 2 })
+        ));
         drop(other);
-        drop((p, c));
+        drop((gw, worker));
         drop(seg);
+        assert!(!shm_exists(&name));
+    }
+
+    #[test]
+    fn each_lane_end_is_taken_once_across_mappings_of_one_object() {
+        let name = unique("once");
+        let seg = Segment::create(&name, SegmentLayout::new(2, 4096).unwrap(), 0).unwrap();
+        let again = Segment::attach(&name).unwrap();
+        let third = Segment::attach(&name).unwrap();
+        // One mapping per object in a process, however it was reached.
+        assert_eq!(seg.header() as *const _, again.header() as *const _);
+
+        let gw = seg.take_gateway_lane(0).unwrap();
+        for s in [&seg, &again, &third] {
+            assert_eq!(s.take_gateway_lane(0).unwrap_err(), TakeError::Taken);
+        }
+        let worker = again.take_worker_lane(0).unwrap();
+        for s in [&seg, &again, &third] {
+            assert_eq!(s.take_worker_lane(0).unwrap_err(), TakeError::Taken);
+            // Another lane is independent.
+            drop(s.take_worker_lane(1).unwrap());
+        }
+        // A successor worker in this process: the old ends go first.
+        drop(worker);
+        let mut worker = third.take_worker_lane(0).expect("free once dropped");
+        // The gateway kept its ends across the respawn.
+        let mut gw = gw;
+        gw.requests.push(b"to the successor").unwrap();
+        assert_eq!(
+            worker.requests.peek().unwrap().unwrap().bytes(),
+            b"to the successor"
+        );
+        drop(gw);
+        drop(seg.take_gateway_lane(0).unwrap());
+        // A failed take leaves nothing taken: the response end is taken, the request end not.
+        let held = again.take_gateway_lane(1).unwrap();
+        let GatewayLane {
+            requests,
+            responses,
+        } = held;
+        drop(requests);
+        assert_eq!(seg.take_gateway_lane(1).unwrap_err(), TakeError::Taken);
+        drop(responses);
+        drop(seg.take_gateway_lane(1).unwrap());
+        drop(worker);
+        drop(seg);
+        drop(again);
+        assert!(shm_exists(&name), "a handle is still alive");
+        drop(third);
         assert!(!shm_exists(&name));
     }
 
@@ -568,6 +769,11 @@ mod tests {
         assert!(!shm_exists(&name));
         // The mapping still works.
         seg.header().heartbeat.fetch_add(1, Ordering::Relaxed);
-        drop(seg); // unlinking again inside shared_memory's drop is harmless
+        // The name now belongs to another object: dropping the first one leaves it alone.
+        let successor = Segment::create(&name, layout, 1).unwrap();
+        drop(seg);
+        assert!(shm_exists(&name));
+        drop(successor);
+        assert!(!shm_exists(&name));
     }
 }

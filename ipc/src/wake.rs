@@ -9,17 +9,33 @@
 //!
 //! Two ways to sleep: a worker (a plain thread) sleeps on a futex on the flag word itself; a
 //! gateway core (a glommio reactor) awaits a readable Unix socket, because a reactor can wait on
-//! a file descriptor but not on a futex. [`wake_pair`] makes the socket pair; the sending end is
-//! inherited by the worker processes.
+//! a file descriptor but not on a futex. [`wake_pair`] makes the socket pair; the sending ends
+//! reach a worker process over [`wake_handoff`] (file descriptors passed with `SCM_RIGHTS` on
+//! the worker's standard input), so that no descriptor of the gateway is ever made inheritable
+//! and no safe function takes ownership of a descriptor by number:
+//!
+//! ```compile_fail,E0599
+//! // There is no way to turn a number into a WakeSender.
+//! let tx = moltbot_ipc::WakeSender::from_inherited(5);
+//! ```
+//!
+//! ```compile_fail,E0308
+//! let tx = moltbot_ipc::WakeSender::from_fd(5);
+//! ```
 
-use core::sync::atomic::{AtomicU32, Ordering, fence};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::time::Duration;
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
-use rustix::thread::futex;
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+
+use crate::sync::{AtomicU32, Ordering, fence};
 
 /// Consumer: announce the intent to park. Re-check for data after this and before sleeping.
 #[inline]
@@ -57,7 +73,9 @@ pub enum ParkOutcome {
 }
 
 /// Sleeps on `flag` while it still holds 1 (the announced park), at most `timeout`.
+#[cfg(not(loom))]
 pub fn futex_park(flag: &AtomicU32, timeout: Duration) -> ParkOutcome {
+    use rustix::thread::futex;
     let ts = rustix::time::Timespec {
         tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
         tv_nsec: timeout.subsec_nanos() as _,
@@ -72,8 +90,41 @@ pub fn futex_park(flag: &AtomicU32, timeout: Duration) -> ParkOutcome {
 }
 
 /// Wakes a consumer sleeping in [`futex_park`] on `flag`.
+#[cfg(not(loom))]
 pub fn futex_unpark(flag: &AtomicU32) {
-    let _ = futex::wake(flag, futex::Flags::empty(), 1);
+    let _ = rustix::thread::futex::wake(flag, rustix::thread::futex::Flags::empty(), 1);
+}
+
+/// The futex under loom: one wait queue for every word (a kernel hash bucket), whose lock
+/// makes "check the word still holds 1, then sleep" atomic with respect to a wake. Loom has no
+/// clock: the timeout is ignored, so a lost wake-up leaves the sleeper blocked for good, which
+/// loom reports as a deadlock.
+#[cfg(loom)]
+mod loom_futex {
+    loom::lazy_static! {
+        pub(super) static ref BUCKET: (loom::sync::Mutex<()>, loom::sync::Condvar) =
+            (loom::sync::Mutex::new(()), loom::sync::Condvar::new());
+    }
+}
+
+/// Sleeps on `flag` while it still holds 1 (loom's model of the futex).
+#[cfg(loom)]
+pub fn futex_park(flag: &AtomicU32, _timeout: Duration) -> ParkOutcome {
+    let (lock, queue) = &*loom_futex::BUCKET;
+    let guard = lock.lock().unwrap();
+    if flag.load(Ordering::SeqCst) != 1 {
+        return ParkOutcome::NotParked;
+    }
+    drop(queue.wait(guard).unwrap());
+    ParkOutcome::Woken
+}
+
+/// Wakes the sleepers of [`futex_park`] (loom's model of the futex).
+#[cfg(loom)]
+pub fn futex_unpark(_flag: &AtomicU32) {
+    let (lock, queue) = &*loom_futex::BUCKET;
+    let _guard = lock.lock().unwrap();
+    queue.notify_all();
 }
 
 /// The most bytes one [`WakeReceiver::drain`] reads.
@@ -110,38 +161,19 @@ impl WakeSender {
         let _ = rustix::io::write(&self.fd, &[1u8]);
     }
 
-    /// Makes this descriptor survive `exec` so that a child process can use it, and returns
-    /// its number for the child's command line.
-    pub fn inheritable(&self) -> io::Result<RawFd> {
-        rustix::io::fcntl_setfd(&self.fd, rustix::io::FdFlags::empty())?;
-        Ok(self.fd.as_raw_fd())
-    }
-
-    /// Takes over a wake socket inherited from the parent under descriptor number `fd`, after
-    /// checking that it is an open Unix stream socket. Sets close-on-exec again, so that it is
-    /// not passed further down.
-    pub fn from_inherited(fd: RawFd) -> io::Result<WakeSender> {
-        if fd < 3 {
+    /// Takes over a wake socket received from the parent process (see
+    /// [`receive_wake_senders`]), after checking that it is a Unix stream socket. Sets
+    /// close-on-exec, so that it is not passed further down.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<WakeSender> {
+        if rustix::net::sockopt::socket_domain(&fd)? != AddressFamily::UNIX
+            || rustix::net::sockopt::socket_type(&fd)? != SocketType::STREAM
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                "wake fd must not be stdio",
+                "a wake socket must be a Unix stream socket",
             ));
         }
-        // SAFETY: `fd` is only borrowed for the duration of the checks; fcntl on a closed or
-        // foreign number fails with EBADF rather than misbehaving.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-        rustix::io::fcntl_getfd(borrowed)?;
-        let ty = rustix::net::sockopt::socket_type(borrowed)?;
-        if ty != SocketType::STREAM {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "wake fd is not a stream socket",
-            ));
-        }
-        rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC)?;
-        // SAFETY: the descriptor is open (checked above) and was handed to this process by its
-        // parent for exactly this purpose; nothing else in the process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
         Ok(WakeSender { fd })
     }
 }
@@ -209,6 +241,119 @@ impl AsFd for WakeReceiver {
     }
 }
 
+/// Most descriptors one hand-off message carries (the kernel's limit is 253).
+const HANDOFF_CHUNK: usize = 64;
+
+/// The parent's end of a hand-off channel: passes wake senders to one child process.
+#[derive(Debug)]
+pub struct WakeHandoff {
+    /// A `SOCK_SEQPACKET` socket, close-on-exec; its peer is the child's standard input.
+    fd: OwnedFd,
+}
+
+/// A channel to hand wake senders to a child process: the parent keeps the [`WakeHandoff`],
+/// the returned descriptor becomes the child's standard input (`Stdio::from`), and is closed in
+/// the parent once the child is spawned. Both ends are close-on-exec: only the dup on the
+/// child's descriptor 0 crosses the `exec`.
+pub fn wake_handoff() -> io::Result<(WakeHandoff, OwnedFd)> {
+    let (parent, child) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    Ok((WakeHandoff { fd: parent }, child))
+}
+
+impl WakeHandoff {
+    /// Sends `senders` to the child (in order, in messages of up to 64 descriptors) and closes
+    /// the channel. The child holds its own copies afterwards; the caller may drop its own.
+    pub fn send(self, senders: &[WakeSender]) -> io::Result<()> {
+        for chunk in senders.chunks(HANDOFF_CHUNK) {
+            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|s| s.fd.as_fd()).collect();
+            let msg = SendAncillaryMessage::ScmRights(&fds);
+            let mut space = vec![MaybeUninit::uninit(); msg.size()];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(msg) {
+                return Err(io::Error::other("ancillary buffer too small"));
+            }
+            let count = [chunk.len() as u8];
+            rustix::net::sendmsg(
+                &self.fd,
+                &[IoSlice::new(&count)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Receives `count` wake senders sent by the parent's [`WakeHandoff::send`] on `from` (the
+/// child's standard input), waiting at most `timeout` in all. Fails if the parent closes the
+/// channel or sends anything else (a message without descriptors, more than `count`, or
+/// sockets that are not Unix stream sockets).
+pub fn receive_wake_senders(
+    from: BorrowedFd<'_>,
+    count: usize,
+    timeout: Duration,
+) -> io::Result<Vec<WakeSender>> {
+    let deadline = Instant::now() + timeout;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    let mut senders = Vec::with_capacity(count);
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(HANDOFF_CHUNK))];
+    while senders.len() < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(&from, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "received {} of {count} wake sockets from the parent within {timeout:?}",
+                        senders.len()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        let mut byte = [0u8; 1];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let msg = rustix::net::recvmsg(
+            from,
+            &mut [IoSliceMut::new(&mut byte)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        let mut got = Vec::new();
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(fds) = m {
+                got.extend(fds);
+            }
+        }
+        if msg.bytes == 0 {
+            return Err(bad("the parent closed the hand-off channel early"));
+        }
+        if msg.flags.contains(rustix::net::ReturnFlags::CTRUNC)
+            || got.is_empty()
+            || got.len() != usize::from(byte[0])
+            || senders.len() + got.len() > count
+        {
+            return Err(bad("unexpected hand-off message"));
+        }
+        for fd in got {
+            senders.push(WakeSender::from_fd(fd)?);
+        }
+    }
+    Ok(senders)
+}
+
 /// Hands an owned descriptor to a type that takes ownership through `FromRawFd` (such as an
 /// async runtime's socket type), so that callers need no `unsafe` of their own.
 pub fn adopt_fd<T: FromRawFd>(fd: OwnedFd) -> T {
@@ -217,7 +362,7 @@ pub fn adopt_fd<T: FromRawFd>(fd: OwnedFd) -> T {
     unsafe { T::from_raw_fd(fd.into_raw_fd()) }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::sync::Arc;
@@ -274,11 +419,69 @@ mod tests {
     }
 
     #[test]
-    fn from_inherited_rejects_bad_fds() {
-        assert!(WakeSender::from_inherited(0).is_err());
-        assert!(WakeSender::from_inherited(987_654).is_err());
+    fn from_fd_takes_only_unix_stream_sockets() {
         let file = std::fs::File::open("/dev/null").unwrap();
-        assert!(WakeSender::from_inherited(file.as_raw_fd()).is_err());
+        assert!(WakeSender::from_fd(file.into()).is_err());
+        let (a, _b) = rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        assert!(WakeSender::from_fd(a).is_err());
+        let (tx, rx) = wake_pair().unwrap();
+        let tx = WakeSender::from_fd(tx.fd).unwrap();
+        tx.notify();
+        assert_eq!(rx.drain(), 1);
+    }
+
+    #[test]
+    fn wake_senders_are_handed_over_in_order() {
+        for n in [1, 3, HANDOFF_CHUNK + 5] {
+            let pairs: Vec<_> = (0..n).map(|_| wake_pair().unwrap()).collect();
+            let (handoff, child) = wake_handoff().unwrap();
+            let senders: Vec<&WakeSender> = pairs.iter().map(|(tx, _)| tx).collect();
+            let owned: Vec<WakeSender> = senders
+                .iter()
+                .map(|s| WakeSender {
+                    fd: s.fd.try_clone().unwrap(),
+                })
+                .collect();
+            handoff.send(&owned).unwrap();
+            let got = receive_wake_senders(child.as_fd(), n, Duration::from_secs(30)).unwrap();
+            assert_eq!(got.len(), n);
+            for (i, tx) in got.iter().enumerate() {
+                assert!(
+                    rustix::io::fcntl_getfd(tx)
+                        .unwrap()
+                        .contains(rustix::io::FdFlags::CLOEXEC)
+                );
+                tx.notify();
+                for (j, (_, rx)) in pairs.iter().enumerate() {
+                    assert_eq!(rx.drain(), usize::from(i == j), "sender {i}, receiver {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn receiving_fails_on_silence_early_close_and_junk() {
+        let (handoff, child) = wake_handoff().unwrap();
+        let e = receive_wake_senders(child.as_fd(), 1, Duration::from_millis(50)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        drop(handoff);
+        assert!(receive_wake_senders(child.as_fd(), 1, Duration::from_secs(30)).is_err());
+        // Too many.
+        let (handoff, child) = wake_handoff().unwrap();
+        let (a, _) = wake_pair().unwrap();
+        let (b, _) = wake_pair().unwrap();
+        handoff.send(&[a, b]).unwrap();
+        assert!(receive_wake_senders(child.as_fd(), 1, Duration::from_secs(30)).is_err());
+        // Bytes without descriptors.
+        let (handoff, child) = wake_handoff().unwrap();
+        rustix::io::write(&handoff.fd, &[1]).unwrap();
+        assert!(receive_wake_senders(child.as_fd(), 1, Duration::from_secs(30)).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, futex_unpark, wake_needed};
-use moltbot_ipc::{Consumer, Producer, RingError, Segment, SegmentLayout};
+use moltbot_ipc::{Producer, RingError, Segment, SegmentLayout};
 
 const FRAMES: u64 = 100_000;
 const ENV: &str = "MOLTBOT_IPC_TEST_SEGMENT";
@@ -49,8 +49,8 @@ fn child_echoes_100k_frames_and_segment_is_removed() {
         .env(ENV, &name)
         .spawn()
         .unwrap();
-    let mut req = Producer::attach(seg.request_ring(0).unwrap()).unwrap();
-    let mut resp = Consumer::attach(seg.response_ring(0).unwrap()).unwrap();
+    let lane = seg.take_gateway_lane(0).unwrap();
+    let (mut req, mut resp) = (lane.requests, lane.responses);
     let parked = seg.worker_parked();
     let (mut sent, mut received) = (0u64, 0u64);
     let mut buf = Vec::new();
@@ -70,8 +70,8 @@ fn child_echoes_100k_frames_and_segment_is_removed() {
         match resp.peek().unwrap() {
             Some(f) => {
                 payload(received, &mut expected);
-                assert_eq!(resp.bytes(&f), &expected[..], "frame {received}");
-                resp.release(f);
+                assert_eq!(f.bytes(), &expected[..], "frame {received}");
+                f.release();
                 received += 1;
             }
             None => std::thread::yield_now(),
@@ -96,19 +96,19 @@ fn child_echoes_100k_frames_and_segment_is_removed() {
 fn echo_child() {
     let Ok(name) = std::env::var(ENV) else { return };
     let seg = Segment::attach(&name).unwrap();
-    let mut req = Consumer::attach(seg.request_ring(0).unwrap()).unwrap();
-    let mut resp = Producer::attach(seg.response_ring(0).unwrap()).unwrap();
+    let lane = seg.take_worker_lane(0).unwrap();
+    let (mut req, mut resp) = (lane.requests, lane.responses);
     let parked = seg.worker_parked();
     let mut spins = 0u32;
     loop {
         match req.peek().unwrap() {
             Some(f) => {
                 spins = 0;
-                if f.len == 0 {
+                if f.is_empty() {
                     return;
                 }
-                let data = req.bytes(&f).to_vec();
-                req.release(f);
+                let data = f.bytes().to_vec();
+                f.release();
                 push_blocking(&mut resp, &data);
                 seg.header().heartbeat.fetch_add(1, Ordering::Relaxed);
             }

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 
-use moltbot_ipc::{Consumer, HeapRing, Producer, RingError};
+use moltbot_ipc::{HeapRing, RingError};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -27,9 +27,8 @@ proptest! {
     #[test]
     fn ring_behaves_like_a_fifo(cap_shift in 8u32..12, seq in ops(600)) {
         let cap = 1usize << cap_shift;
-        let ring = HeapRing::new(cap).unwrap().handle();
-        let mut p = Producer::attach(ring.clone()).unwrap();
-        let mut c = Consumer::attach(ring).unwrap();
+        let ring = HeapRing::new(cap).unwrap();
+        let (mut p, mut c) = ring.split().unwrap();
         let mut model: VecDeque<Vec<u8>> = VecDeque::new();
         let max = cap - 16;
         for op in seq {
@@ -50,22 +49,19 @@ proptest! {
                     }
                 }
                 Op::Pop => {
-                    let got = match c.peek().unwrap() {
-                        Some(f) => {
-                            let v = c.bytes(&f).to_vec();
-                            c.release(f);
-                            Some(v)
-                        }
-                        None => None,
-                    };
+                    let got = c.peek().unwrap().map(|f| {
+                        let v = f.bytes().to_vec();
+                        f.release();
+                        v
+                    });
                     prop_assert_eq!(got, model.pop_front());
                 }
             }
         }
         // Drain: everything pushed comes out, in order, and nothing else.
         while let Some(f) = c.peek().unwrap() {
-            let v = c.bytes(&f).to_vec();
-            c.release(f);
+            let v = f.bytes().to_vec();
+            f.release();
             prop_assert_eq!(Some(v), model.pop_front());
         }
         prop_assert!(model.is_empty());
@@ -73,7 +69,7 @@ proptest! {
         match p.push(&vec![1; max]) {
             Ok(()) => {}
             Err(RingError::Full) => {
-                prop_assert_eq!(c.peek().unwrap(), None);
+                prop_assert!(c.peek().unwrap().is_none());
                 p.push(&vec![1; max]).unwrap();
             }
             Err(e) => prop_assert!(false, "unexpected {e:?}"),

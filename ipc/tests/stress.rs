@@ -7,7 +7,7 @@ use std::time::Duration;
 use moltbot_ipc::wake::{
     ParkOutcome, announce_park, cancel_park, futex_park, futex_unpark, wake_needed,
 };
-use moltbot_ipc::{Consumer, HeapRing, Producer, RingError};
+use moltbot_ipc::{HeapRing, RingError};
 
 /// Deterministic frame content for sequence number `seq`: length and bytes both derived from
 /// it, so the consumer can verify every frame without a side channel.
@@ -27,9 +27,8 @@ fn frame_for(seq: u64, buf: &mut Vec<u8>) {
 #[test]
 fn two_threads_one_million_frames() {
     const N: u64 = 1_000_000;
-    let ring = HeapRing::new(64 * 1024).unwrap().handle();
-    let mut p = Producer::attach(ring.clone()).unwrap();
-    let mut c = Consumer::attach(ring).unwrap();
+    let ring = HeapRing::new(64 * 1024).unwrap();
+    let (mut p, mut c) = ring.split().unwrap();
     let producer = std::thread::spawn(move || {
         let mut buf = Vec::new();
         for seq in 0..N {
@@ -49,15 +48,15 @@ fn two_threads_one_million_frames() {
         match c.peek().expect("peek") {
             Some(f) => {
                 frame_for(seq, &mut expected);
-                assert_eq!(c.bytes(&f), &expected[..], "frame {seq}");
-                c.release(f);
+                assert_eq!(f.bytes(), &expected[..], "frame {seq}");
+                f.release();
                 seq += 1;
             }
             None => std::thread::yield_now(),
         }
     }
     producer.join().unwrap();
-    assert_eq!(c.peek().unwrap(), None);
+    assert!(c.peek().unwrap().is_none());
 }
 
 /// 100,000 rounds of ping-pong where the consumer parks whenever its ring is empty: every
@@ -66,13 +65,9 @@ fn two_threads_one_million_frames() {
 #[test]
 fn no_lost_wakeups_in_100k_park_push_races() {
     const ROUNDS: u64 = 100_000;
-    let ring = HeapRing::new(4096).unwrap().handle();
-    let back = HeapRing::new(4096).unwrap().handle();
     let flag = Arc::new(AtomicU32::new(0));
-    let mut p = Producer::attach(ring.clone()).unwrap();
-    let mut c = Consumer::attach(ring).unwrap();
-    let mut ack_p = Producer::attach(back.clone()).unwrap();
-    let mut ack_c = Consumer::attach(back).unwrap();
+    let (mut p, mut c) = HeapRing::new(4096).unwrap().split().unwrap();
+    let (mut ack_p, mut ack_c) = HeapRing::new(4096).unwrap().split().unwrap();
     let f2 = flag.clone();
     let consumer = std::thread::spawn(move || {
         let mut lost = 0u64;
@@ -80,9 +75,9 @@ fn no_lost_wakeups_in_100k_park_push_races() {
         let mut got = 0u64;
         while got < ROUNDS {
             if let Some(f) = c.peek().unwrap() {
-                let v = u64::from_le_bytes(c.bytes(&f).try_into().unwrap());
+                let v = u64::from_le_bytes(f.bytes().try_into().unwrap());
                 assert_eq!(v, got);
-                c.release(f);
+                f.release();
                 got += 1;
                 ack_p.push(&v.to_le_bytes()).unwrap();
                 continue;
@@ -110,7 +105,7 @@ fn no_lost_wakeups_in_100k_park_push_races() {
         // Wait for the ack, so that the next push races with the consumer parking again.
         loop {
             if let Some(f) = ack_c.peek().unwrap() {
-                ack_c.release(f);
+                f.release();
                 break;
             }
             std::hint::spin_loop();
@@ -133,8 +128,7 @@ fn thread_cpu() -> Duration {
 /// fraction of the CPU time a spinning one would.
 #[test]
 fn idle_parked_consumer_burns_no_cpu() {
-    let ring = HeapRing::new(4096).unwrap().handle();
-    let mut c = Consumer::attach(ring).unwrap();
+    let mut c = HeapRing::new(4096).unwrap().take_consumer().unwrap();
     let flag = AtomicU32::new(0);
     let start = std::time::Instant::now();
     let cpu0 = thread_cpu();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_unpark, wake_needed};
-use moltbot_ipc::{AlignedBuf, Consumer, Producer, Request, RingError};
+use moltbot_ipc::{AlignedBuf, Consumer, GatewayLane, Producer, Request, RingError, TakeError};
 
 use crate::error::RouteError;
 use crate::pool::admission::Permit;
@@ -162,18 +162,13 @@ pub struct LaneClient {
 const WAKE_IN_FLIGHT: i64 = 1;
 
 impl LaneClient {
-    /// Attaches to `lane` of `slot`'s segment as its owner.
-    pub fn new(slot: Arc<Slot>, lane: usize) -> Result<LaneClient, RingError> {
-        let seg = &slot.segment;
-        let l = lane as u32;
-        let req_ring = seg
-            .request_ring(l)
-            .ok_or(RingError::Corrupt("lane out of range"))?;
-        let resp_ring = seg
-            .response_ring(l)
-            .ok_or(RingError::Corrupt("lane out of range"))?;
-        let req = Producer::attach(req_ring)?;
-        let resp = Consumer::attach(resp_ring)?;
+    /// Takes the gateway's ends of `lane` of `slot`'s segment, as its owner.
+    pub fn new(slot: Arc<Slot>, lane: usize) -> Result<LaneClient, TakeError> {
+        let l = u32::try_from(lane).unwrap_or(u32::MAX);
+        let GatewayLane {
+            requests: req,
+            responses: resp,
+        } = slot.segment.take_gateway_lane(l)?;
         let seen_epoch = slot.epoch.load(Ordering::Acquire);
         Ok(LaneClient {
             slot,
@@ -204,7 +199,7 @@ impl LaneClient {
 
     /// The largest body a request with this much other data can carry.
     pub fn max_payload(&self) -> usize {
-        self.req.ring().max_payload()
+        self.req.max_payload()
     }
 
     /// Places a request in the ring and wakes the worker if it sleeps (or leaves that to
@@ -294,7 +289,7 @@ impl LaneClient {
     /// Announces that the owner is about to sleep (the worker then wakes it after its next
     /// response on this lane).
     pub fn announce_park(&self) {
-        announce_park(self.resp.ring().parked_flag());
+        announce_park(self.resp.parked_flag());
     }
 
     /// Withdraws [`LaneClient::announce_park`]. If the worker cleared the announcement, it may
@@ -302,7 +297,7 @@ impl LaneClient {
     /// saw an older announcement and was preempted before clearing it clears a newer one, after
     /// the owner read the answer. So a cleared announcement does not prove an answer.)
     pub fn cancel_park(&mut self) {
-        if cancel_park(self.resp.ring().parked_flag()) {
+        if cancel_park(self.resp.parked_flag()) {
             self.wake_credit = self.wake_credit.saturating_add(1);
         }
     }
@@ -344,9 +339,9 @@ impl LaneClient {
             match self.resp.peek() {
                 Ok(None) => return Ok(worked),
                 Ok(Some(f)) => {
-                    let mut buf = AlignedBuf::with_capacity(f.len);
-                    self.resp.copy_frame(&f, &mut buf);
-                    self.resp.release(f);
+                    let mut buf = AlignedBuf::with_capacity(f.len());
+                    f.copy_into(&mut buf);
+                    f.release();
                     worked = true;
                     if let Err(why) = self.deliver(buf) {
                         self.poison(why);
@@ -538,8 +533,8 @@ pub struct LaneSet {
 }
 
 impl LaneSet {
-    /// Attaches to `lane` in each of `slots`.
-    pub fn new(slots: &[Arc<Slot>], lane: usize) -> Result<LaneSet, RingError> {
+    /// Takes the gateway's ends of `lane` in each of `slots`.
+    pub fn new(slots: &[Arc<Slot>], lane: usize) -> Result<LaneSet, TakeError> {
         let lanes = slots
             .iter()
             .map(|s| LaneClient::new(s.clone(), lane))
@@ -664,19 +659,18 @@ mod tests {
         let (slot, _rx) = test_slot(Admission::new(4, 4));
         let seg = slot.segment.clone();
         let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
-        let (resp, req) = (seg.response_ring(0).unwrap(), seg.request_ring(0).unwrap());
-        resp.header().consumer.head.store(255, Ordering::Release);
-        req.header()
-            .producer
-            .tail
-            .store(u64::MAX, Ordering::Release);
-        assert!(Producer::attach(resp.clone()).is_err());
-        assert!(Consumer::attach(req.clone()).is_err());
+        // The worker, in another process, stores garbage into the gateway's positions; played
+        // here through the gateway's own ends while no worker end is taken in this process.
+        lane.resp.tamper().unwrap().set_head(255);
+        lane.req.tamper().unwrap().set_tail(u64::MAX);
+        assert!(seg.take_worker_lane(0).is_err());
         // The worker died; the monitor bumped the epoch.
         slot.epoch.fetch_add(1, Ordering::AcqRel);
         assert!(lane.poll());
-        assert!(Producer::attach(resp).is_ok());
-        assert!(Consumer::attach(req).is_ok());
+        // The successor attaches: the positions it reads make a valid ring.
+        let mut worker = seg.take_worker_lane(0).expect("a successor attaches");
+        assert!(!worker.requests.has_data().unwrap());
+        worker.responses.push(b"x").unwrap();
     }
 
     #[test]
@@ -684,7 +678,8 @@ mod tests {
         let (slot, _rx) = test_slot(Admission::new(4, 4));
         let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
         // The owner's announcement, as the worker sees it.
-        let resp = slot.segment.response_ring(0).unwrap();
+        let worker = slot.segment.take_worker_lane(0).unwrap();
+        let resp = &worker.responses;
         // An honest round: the owner announces, the worker takes it and sends one byte, which
         // may arrive before or after the owner withdraws the announcement.
         for byte_first in [true, false] {

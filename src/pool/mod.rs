@@ -56,7 +56,7 @@ pub enum PoolError {
     Segment(#[from] moltbot_ipc::SegmentError),
     /// A lane could not be attached.
     #[error("lane: {0}")]
-    Ring(#[from] moltbot_ipc::RingError),
+    Ring(#[from] moltbot_ipc::TakeError),
     /// Wake sockets or threads could not be created.
     #[error("{0}: {1}")]
     Io(&'static str, std::io::Error),

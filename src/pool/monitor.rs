@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::wake::wake_handoff;
 use moltbot_ipc::{WakeReceiver, WakeSender, wake_pair};
 use rustix::event::{PollFd, PollFlags};
 
@@ -476,16 +477,14 @@ impl Monitor {
         rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 
         // Wake sockets of its own, one per lane: the sending ends go to this process only
-        // (made inheritable just for this spawn, closed here right after it, so the receivers
-        // see end-of-file when it dies); the receiving ends wait in the slot for the lanes'
-        // owners, who are told below.
+        // (passed over its standard input right after the spawn, closed here right after that,
+        // so the receivers see end-of-file when it dies); the receiving ends wait in the slot
+        // for the lanes' owners, who are told below.
         let mut senders = Vec::with_capacity(self.spec.lanes);
-        let mut fds = Vec::with_capacity(self.spec.lanes);
         let mut pairs_ok = Ok(());
         for lane in 0..self.spec.lanes {
-            match wake_pair().and_then(|(tx, rx)| Ok((tx.inheritable()?, tx, rx))) {
-                Ok((fd, tx, rx)) => {
-                    fds.push(fd);
+            match wake_pair() {
+                Ok((tx, rx)) => {
                     senders.push(tx);
                     slot.publish_wake(lane, rx);
                 }
@@ -495,17 +494,27 @@ impl Monitor {
                 }
             }
         }
-        let cmd = pairs_ok.and_then(|()| {
-            worker_command(
+        let handoff =
+            pairs_ok.and_then(|()| wake_handoff().map_err(|e| format!("wake socket: {e}")));
+        let result = handoff.and_then(|(handoff, child_end)| {
+            let mut cmd = worker_command(
                 &self.config,
                 &self.spec,
                 &slot,
                 &rt.sandbox,
                 rt.max_requests,
-                &fds,
-            )
+                child_end,
+            )?;
+            let child = cmd.spawn().map_err(|e| e.to_string())?;
+            // The command holds the child's end of the channel: closed here, so that the
+            // worker sees end-of-file if this side goes away.
+            drop(cmd);
+            if let Err(e) = handoff.send(&senders) {
+                // The worker exits when it does not get its sockets: reaped as a crash.
+                tracing::warn!(worker = %slot.worker_id, "sending the wake sockets: {e}");
+            }
+            Ok(child)
         });
-        let result = cmd.and_then(|mut c| c.spawn().map_err(|e| e.to_string()));
         drop(senders);
         for w in &self.lane_wakers {
             w.notify();
@@ -628,7 +637,7 @@ fn worker_command(
     slot: &Slot,
     sandbox: &Sandbox,
     max_requests: u64,
-    wake_fds: &[i32],
+    wake_channel: std::os::fd::OwnedFd,
 ) -> Result<Command, String> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -643,14 +652,8 @@ fn worker_command(
         .arg(slot.id.to_string())
         .arg("--segment")
         .arg(slot.segment.name())
-        .arg("--wake-fds")
-        .arg(
-            wake_fds
-                .iter()
-                .map(|f| f.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
-        )
+        .arg("--lanes")
+        .arg(lanes.to_string())
         .arg("--parent-pid")
         .arg(std::process::id().to_string())
         .arg("--sandbox")
@@ -684,10 +687,10 @@ fn worker_command(
     cmd.env_clear()
         .envs(sandbox.worker_env(std::env::vars_os()))
         .current_dir(sandbox.root())
-        .stdin(Stdio::null())
+        .stdin(Stdio::from(wake_channel))
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    moltbot_ipc::process::inherit_only(&mut cmd, wake_fds);
+    moltbot_ipc::process::inherit_only(&mut cmd, &[]);
     Ok(cmd)
 }
 

@@ -390,7 +390,7 @@ pub(crate) fn run(
                         let Some(frame) = lane.req.peek().context("request ring")? else {
                             break;
                         };
-                        let req = moltbot_ipc::access_request(lane.req.bytes(&frame))
+                        let req = moltbot_ipc::access_request(frame.bytes())
                             .map_err(|e| anyhow::anyhow!("undecodable request frame: {e}"))?;
                         let id = req.request_id.to_native();
                         let key = format!("{i}-{id}");
@@ -417,8 +417,8 @@ pub(crate) fn run(
                         line.clear();
                         serde_json::to_writer(&mut line, &out)?;
                         line.push(b'\n');
-                        lane.req.claim(&frame);
-                        lane.req.release(frame);
+                        frame.claim();
+                        frame.release();
                         outstanding.insert(
                             key,
                             Outstanding {

@@ -7,6 +7,7 @@
 //! then parks on the futex in its segment with a timeout of half the heartbeat interval, which
 //! keeps the heartbeat going while using no CPU.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +18,7 @@ use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::worker_state;
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, wake_needed};
 use moltbot_ipc::{
-    ArchivedRequest, Consumer, Frame, Kind, Producer, Response, RingError, Segment, WakeSender,
+    ArchivedRequest, Consumer, Kind, Producer, Response, RingError, Segment, WakeSender,
 };
 
 use crate::worker::handlers::{HandlerReply, HandlerRequest, Handlers};
@@ -32,9 +33,10 @@ pub struct WorkerArgs {
     /// Name of the slot's shared-memory segment.
     #[arg(long)]
     pub segment: String,
-    /// Inherited wake sockets, one per lane, in lane order.
-    #[arg(long, value_delimiter = ',', required = true)]
-    pub wake_fds: Vec<i32>,
+    /// Lanes of the segment: the gateway passes this many wake sockets over standard input
+    /// (see `moltbot_ipc::wake::receive_wake_senders`), in lane order.
+    #[arg(long)]
+    pub lanes: usize,
     /// Pid of the gateway; the worker exits if it is not its parent.
     #[arg(long)]
     pub parent_pid: u32,
@@ -110,18 +112,19 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let seg = Segment::attach(&args.segment).context("attach segment")?;
     let lanes_n = seg.layout().lanes() as usize;
-    if args.wake_fds.len() != lanes_n {
-        bail!("{} wake fds for {lanes_n} lanes", args.wake_fds.len());
+    if args.lanes != lanes_n {
+        bail!("--lanes {} for a segment of {lanes_n} lanes", args.lanes);
     }
+    let wakes = receive_wake_sockets(lanes_n)?;
     let mut lanes = Vec::with_capacity(lanes_n);
-    for (i, fd) in args.wake_fds.iter().enumerate() {
-        let l = i as u32;
-        let req = seg.request_ring(l).context("request ring")?;
-        let resp = seg.response_ring(l).context("response ring")?;
+    for (i, wake) in wakes.into_iter().enumerate() {
+        let ends = seg
+            .take_worker_lane(i as u32)
+            .with_context(|| format!("lane {i}"))?;
         lanes.push(Lane {
-            req: Consumer::attach(req).context("request ring")?,
-            resp: Producer::attach(resp).context("response ring")?,
-            wake: WakeSender::from_inherited(*fd).context("wake fd")?,
+            req: ends.requests,
+            resp: ends.responses,
+            wake,
         });
     }
 
@@ -136,7 +139,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let max_reply = lanes
         .first()
-        .map(|l| l.resp.ring().max_payload().saturating_sub(1024))
+        .map(|l| l.resp.max_payload().saturating_sub(1024))
         .unwrap_or(0);
     if let Some(command) = &args.command {
         let argv: Vec<String> =
@@ -211,10 +214,7 @@ impl Worker {
                     tracing::info!("served max_requests ({}): exiting", self.max_requests);
                     return Ok(());
                 }
-                if let Some(frame) = self.lanes[i].req.peek().context("request ring")? {
-                    self.serve_one(i, frame)?;
-                    served = true;
-                }
+                served |= self.serve_next(i)?;
             }
             if served {
                 idle = 0;
@@ -250,14 +250,18 @@ impl Worker {
         }
     }
 
-    fn serve_one(&mut self, lane: usize, frame: Frame) -> anyhow::Result<()> {
+    /// Serves the next request of `lane`, if there is one. Returns true if it served one.
+    fn serve_next(&mut self, lane: usize) -> anyhow::Result<bool> {
         let seg = self.seg.clone();
         let h = seg.header();
         let started = Instant::now();
-        let l = &mut self.lanes[lane];
-        l.req.claim(&frame);
+        let Lane { req, resp, wake } = &mut self.lanes[lane];
+        let Some(frame) = req.peek().context("request ring")? else {
+            return Ok(false);
+        };
+        frame.claim();
         h.in_flight.store(1, Ordering::Relaxed);
-        let bytes = l.req.bytes(&frame);
+        let bytes = frame.bytes();
         let req = match moltbot_ipc::access_request(bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -285,14 +289,14 @@ impl Worker {
                 body: &req.body,
                 error_code: "",
             };
-            write_response(&mut l.resp, &l.wake, &echo, h)?;
-            l.req.release(frame);
+            write_response(resp, wake, &echo, h)?;
+            frame.release();
             self.finish(lane);
-            return Ok(());
-        } else if self.test_handlers && fault_frame(kind, req, &mut l.resp) {
-            l.req.release(frame);
+            return Ok(true);
+        } else if self.test_handlers && fault_frame(kind, req, resp) {
+            frame.release();
             self.finish(lane);
-            return Ok(());
+            return Ok(true);
         } else {
             let reply: HandlerReply = self.handlers.handle(&HandlerRequest {
                 kind,
@@ -303,24 +307,23 @@ impl Worker {
             });
             (status, code, body) = (reply.status, reply.error_code, reply.body);
         }
-        let l = &mut self.lanes[lane];
         let duration_us = started.elapsed().as_micros() as u64;
         let body: &[u8] = if body.len() > self.max_reply {
             br#"{"message":"the reply does not fit in a ring frame"}"#
         } else {
             &body
         };
-        let resp = Response {
+        let reply = Response {
             request_id: id,
             duration_us,
             status,
             body,
             error_code: code,
         };
-        write_response(&mut l.resp, &l.wake, &resp, h)?;
-        l.req.release(frame);
+        write_response(resp, wake, &reply, h)?;
+        frame.release();
         self.finish(lane);
-        Ok(())
+        Ok(true)
     }
 
     fn finish(&self, _lane: usize) {
@@ -329,6 +332,24 @@ impl Worker {
         h.requests_served.fetch_add(1, Ordering::Relaxed);
         self.heartbeat();
     }
+}
+
+/// How long a worker waits at start for its wake sockets.
+const WAKE_SOCKETS_WITHIN: Duration = Duration::from_secs(10);
+
+/// Receives the lanes' wake sockets, which the gateway sends over this process's standard
+/// input right after spawning it, then points standard input at `/dev/null` (the channel has
+/// served its purpose; nothing else reads it).
+fn receive_wake_sockets(lanes: usize) -> anyhow::Result<Vec<WakeSender>> {
+    let wakes = moltbot_ipc::wake::receive_wake_senders(
+        std::io::stdin().as_fd(),
+        lanes,
+        WAKE_SOCKETS_WITHIN,
+    )
+    .context("receiving the wake sockets from the gateway on standard input")?;
+    let null = std::fs::File::open("/dev/null").context("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null).context("standard input")?;
+    Ok(wakes)
 }
 
 /// Publishes a response, waiting while the ring is full (the gateway is behind; the heartbeat
@@ -345,7 +366,7 @@ pub(crate) fn write_response(
             Ok(Ok(())) => break,
             Ok(Err(e)) => bail!("encode response: {e}"),
             Err(RingError::Full) => {
-                if wake_needed(ring.ring().parked_flag()) {
+                if wake_needed(ring.parked_flag()) {
                     wake.notify();
                 }
                 h.heartbeat.fetch_add(1, Ordering::Relaxed);
@@ -354,7 +375,7 @@ pub(crate) fn write_response(
             Err(e) => bail!("response ring: {e}"),
         }
     }
-    if wake_needed(ring.ring().parked_flag()) {
+    if wake_needed(ring.parked_flag()) {
         wake.notify();
     }
     Ok(())
@@ -394,13 +415,12 @@ fn fault_frame(kind: Kind, req: &ArchivedRequest<'_>, ring: &mut Producer) -> bo
             let _ = ring.push_with(bound, |slot| r.encode_into(slot));
             true
         }
-        // Positions that break the ring's invariants.
+        // Positions that break the ring's invariants: what a worker writing its mapping
+        // directly does (the gateway's end is in another process).
         "garbage-ring" => {
-            ring.ring()
-                .header()
-                .producer
-                .tail
-                .store(u64::MAX - 7, Ordering::Release);
+            if let Ok(mut t) = ring.tamper() {
+                t.set_tail(u64::MAX - 7);
+            }
             true
         }
         _ => false,

@@ -5,7 +5,8 @@
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// Copies of every socket descriptor worker `pid` holds (its wake sockets).
+/// Copies of every socket descriptor worker `pid` holds beyond its stdio: its wake sockets,
+/// which the gateway passed over its standard input at start (stdin is `/dev/null` after that).
 pub fn worker_sockets(pid: u32) -> Vec<OwnedFd> {
     let pidfd = rustix::process::pidfd_open(
         rustix::process::Pid::from_raw(pid as i32).expect("pid"),
@@ -20,7 +21,7 @@ pub fn worker_sockets(pid: u32) -> Vec<OwnedFd> {
         let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
-        if is_socket {
+        if is_socket && n > 2 {
             sockets.push(
                 rustix::process::pidfd_getfd(&pidfd, n, rustix::process::PidfdGetfdFlags::empty())
                     .expect("pidfd_getfd"),
