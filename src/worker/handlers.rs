@@ -17,9 +17,8 @@
 //! Files are opened per request rather than cached: workers run with a small open-file limit
 //! and may serve many users.
 //!
-//! TEST-ONLY: kind `test` (fault injection for the integration tests) answers
-//! `403 TEST_HANDLERS_DISABLED` unless the worker was started with test handlers enabled
-//! (`--test-handlers`). Its actions (the request path): `crash` aborts the process, `exit`
+//! Fault injection for the tests: kind `test`, which exists only with the `fault-injection`
+//! feature (test builds). Its actions (the request path): `crash` aborts the process, `exit`
 //! exits with status 3, `hang` sleeps forever (so the heartbeat stops), `alloc {"mib": N}`
 //! allocates, touches and leaks N MiB, `escape {"paths": [...]}` reports which paths it can
 //! read, list and create files in, `signal {"pids": [...]}` reports which processes it may
@@ -160,7 +159,6 @@ pub struct Handlers {
     worker_id: String,
     pid: u32,
     sandbox: PathBuf,
-    test_handlers: bool,
     started: Instant,
     /// Valid turns per user, counted once from the session file then kept up to date.
     turns: HashMap<String, u64>,
@@ -169,19 +167,12 @@ pub struct Handlers {
 }
 
 impl Handlers {
-    /// Handlers for worker `worker_id` (pid `pid`) whose sandbox root is `sandbox`;
-    /// `test_handlers` enables the test-only fault handlers.
-    pub fn new(
-        worker_id: impl Into<String>,
-        pid: u32,
-        sandbox: impl Into<PathBuf>,
-        test_handlers: bool,
-    ) -> Self {
+    /// Handlers for worker `worker_id` (pid `pid`) whose sandbox root is `sandbox`.
+    pub fn new(worker_id: impl Into<String>, pid: u32, sandbox: impl Into<PathBuf>) -> Self {
         Handlers {
             worker_id: worker_id.into(),
             pid,
             sandbox: sandbox.into(),
-            test_handlers,
             started: Instant::now(),
             turns: HashMap::new(),
             max_reply_bytes: usize::MAX,
@@ -384,16 +375,9 @@ impl Handlers {
 
     // ---- test (test-only) ----
 
-    /// Test-only fault injection; refused unless the worker runs with test handlers enabled.
+    /// Fault injection for the tests.
     #[cfg(feature = "fault-injection")]
     fn test(&mut self, req: &HandlerRequest<'_>) -> Outcome {
-        if !self.test_handlers {
-            return Err(Fail::new(
-                403,
-                "TEST_HANDLERS_DISABLED",
-                "test handlers are disabled (they exist for the test suite only)",
-            ));
-        }
         match req.path {
             "crash" => std::process::abort(),
             "exit" => std::process::exit(3),
@@ -951,13 +935,13 @@ mod tests {
         h: Handlers,
     }
 
-    fn fixture(test_handlers: bool) -> Fixture {
+    fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("worker-1");
         for d in ["sessions", "state"] {
             fs::create_dir_all(root.join(d)).unwrap();
         }
-        let h = Handlers::new("worker-1", 4321, &root, test_handlers);
+        let h = Handlers::new("worker-1", 4321, &root);
         Fixture { _dir: dir, root, h }
     }
 
@@ -1034,7 +1018,7 @@ mod tests {
 
     #[test]
     fn agent_message_appends_and_counts_turns() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         for turn in 1..=3 {
             let r = f.message(
                 "user-a",
@@ -1064,11 +1048,11 @@ mod tests {
 
     #[test]
     fn turn_count_continues_after_a_restart() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         f.message("user-a", b"one");
         f.message("user-a", b"two");
         // A new process (fresh cache) over the same sandbox.
-        let mut h2 = Handlers::new("worker-1", 99, &f.root, false);
+        let mut h2 = Handlers::new("worker-1", 99, &f.root);
         let r = h2.handle(&req(
             Kind::AgentMessage,
             Method::Post,
@@ -1081,13 +1065,13 @@ mod tests {
 
     #[test]
     fn a_torn_last_line_is_not_counted_and_does_not_swallow_the_next_turn() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         f.message("user-a", b"one");
         let log = f.session_log("user-a");
         let mut file = OpenOptions::new().append(true).open(&log).unwrap();
         file.write_all(br#"{"ts":"2024-01-01T00:00:00Z","userId":"us"#)
             .unwrap();
-        let mut h2 = Handlers::new("worker-1", 99, &f.root, false);
+        let mut h2 = Handlers::new("worker-1", 99, &f.root);
         let r = h2.handle(&req(Kind::AgentMessage, Method::Post, "user-a", "", b"two"));
         assert_eq!(body(&r)["turn"], 2);
         let text = fs::read_to_string(&log).unwrap();
@@ -1105,7 +1089,7 @@ mod tests {
 
     #[test]
     fn message_payload_forms() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         let cases: &[(&[u8], &str)] = &[
             (br#"{"message":"structured"}"#, "structured"),
             (br#""a json string""#, "a json string"),
@@ -1126,7 +1110,7 @@ mod tests {
 
     #[test]
     fn bad_message_payloads_are_400() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         assert_error(&f.message("user-a", b"\xff\xfe"), 400, "INVALID_PAYLOAD");
         assert_error(&f.message("user-a", b""), 400, "INVALID_PAYLOAD");
         assert_error(
@@ -1147,7 +1131,7 @@ mod tests {
 
     #[test]
     fn hostile_user_ids_stay_inside_sessions() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         for user in ["../x", "a/b", "..", ".hidden", "/etc/passwd"] {
             let r = f.message(user, b"hello");
             assert_eq!(r.status, 200, "{user}");
@@ -1174,7 +1158,7 @@ mod tests {
 
     #[test]
     fn sessions_dir_is_recreated_if_missing() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         fs::remove_dir_all(f.root.join("sessions")).unwrap();
         assert_eq!(f.message("user-a", b"hi").status, 200);
         assert!(f.session_log("user-a").is_file());
@@ -1182,7 +1166,7 @@ mod tests {
 
     #[test]
     fn command_history_stats_and_reset() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         for i in 0..5 {
             f.message("user-a", format!("m{i}").as_bytes());
         }
@@ -1212,7 +1196,7 @@ mod tests {
 
     #[test]
     fn history_is_bounded() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         for i in 0..(HISTORY_LIMIT + 20) {
             f.message("user-a", format!("m{i}").as_bytes());
         }
@@ -1225,7 +1209,7 @@ mod tests {
 
     #[test]
     fn bad_commands() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         assert_error(
             &f.command("user-a", r#"{"command":"fly"}"#),
             400,
@@ -1252,7 +1236,7 @@ mod tests {
 
     #[test]
     fn session_rest_get_put_delete_list() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         // Empty list first.
         assert_eq!(
             body(&f.session(Method::Get, "user-a", "", b"")),
@@ -1305,7 +1289,7 @@ mod tests {
 
     #[test]
     fn session_list_skips_foreign_files() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         f.session(Method::Put, "user-a", "good", b"1");
         let dir = f.root.join("state/user-a");
         fs::write(dir.join(".tmpfile.json"), "1").unwrap();
@@ -1319,7 +1303,7 @@ mod tests {
 
     #[test]
     fn session_invalid_names_and_json() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         let long = "n".repeat(65);
         for name in [
             "..",
@@ -1373,7 +1357,7 @@ mod tests {
 
     #[test]
     fn session_corrupt_value_is_500_not_garbage() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         f.session(Method::Put, "user-a", "v", b"1");
         fs::write(f.root.join("state/user-a/v.json"), "{torn").unwrap();
         assert_error(
@@ -1390,7 +1374,7 @@ mod tests {
 
     #[test]
     fn hostile_users_get_encoded_state_dirs() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         for user in ["../x", "a/b"] {
             assert_eq!(f.session(Method::Put, user, "n", b"1").status, 200);
             let dir = f.root.join("state").join(safe_file_stem(user));
@@ -1402,7 +1386,7 @@ mod tests {
 
     #[test]
     fn session_route_form() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         let r = f.route(
             "user-a",
             json!({"action": "set", "name": "prefs", "value": {"theme": "dark"}}),
@@ -1456,7 +1440,7 @@ mod tests {
 
     #[test]
     fn session_route_errors() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         assert_error(
             &f.session(Method::Post, "user-a", "", b"{oops"),
             400,
@@ -1491,7 +1475,7 @@ mod tests {
 
     #[test]
     fn echo_returns_the_body_unchanged() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         let payload = [0u8, 255, b'{', 1, 2, 3];
         let r =
             f.h.handle(&req(Kind::Echo, Method::Post, "user-a", "", &payload));
@@ -1510,7 +1494,7 @@ mod tests {
 
     #[test]
     fn health_reports_identity() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         let r =
             f.h.handle(&req(Kind::HealthCheck, Method::Get, "", "", b""));
         assert_eq!(r.status, 200);
@@ -1521,21 +1505,17 @@ mod tests {
         assert!(v["uptimeMs"].is_u64());
     }
 
+    /// Only in a build without the feature (`cargo test` always has it, through the
+    /// dev-dependency): the fault kind does not exist, so no request can reach fault code.
+    #[cfg(not(feature = "fault-injection"))]
     #[test]
-    fn test_handlers_are_refused_when_disabled() {
-        let mut f = fixture(false);
-        for action in [
-            "crash", "exit", "hang", "alloc", "escape", "signal", "slow", "nope",
-        ] {
-            let r =
-                f.h.handle(&req(Kind::Test, Method::Post, "user-a", action, b"{}"));
-            assert_error(&r, 403, "TEST_HANDLERS_DISABLED");
-        }
+    fn without_fault_injection_there_is_no_test_kind() {
+        assert_eq!(Kind::parse("test"), None);
     }
 
     #[test]
     fn test_alloc_and_slow() {
-        let mut f = fixture(true);
+        let mut f = fixture();
         let r = f.h.handle(&req(
             Kind::Test,
             Method::Post,
@@ -1576,7 +1556,7 @@ mod tests {
 
     #[test]
     fn test_escape_reports_per_path() {
-        let mut f = fixture(true);
+        let mut f = fixture();
         let file = f.root.join("sessions/f.txt");
         fs::write(&file, "x").unwrap();
         let dir = f.root.join("state");
@@ -1616,7 +1596,7 @@ mod tests {
 
     #[test]
     fn test_signal_probes_without_signalling() {
-        let mut f = fixture(true);
+        let mut f = fixture();
         let me = std::process::id();
         let payload = json!({"pids": [me, 0, u32::MAX, i32::MAX as u32]}).to_string();
         let r = f.h.handle(&req(
@@ -1655,7 +1635,7 @@ mod tests {
 
     #[test]
     fn replies_are_kept_within_the_reply_budget() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         f.h.set_max_reply_bytes(4096);
         // Control characters escape to six bytes each: 1000 of them do not fit.
         let ctrl = "\u{1}".repeat(1000);
@@ -1696,7 +1676,7 @@ mod tests {
 
     #[test]
     fn storage_failures_are_500_not_panics() {
-        let mut f = fixture(false);
+        let mut f = fixture();
         // A directory where the session log should be: append fails.
         fs::create_dir_all(f.session_log("user-a")).unwrap();
         assert_error(&f.message("user-a", b"hi"), 500, "STORAGE_ERROR");

@@ -53,9 +53,6 @@ pub struct WorkerArgs {
     /// Do not apply Landlock.
     #[arg(long)]
     pub no_landlock: bool,
-    /// Enable the test-only fault handlers.
-    #[arg(long)]
-    pub test_handlers: bool,
     /// Exit (code 0, between requests) after serving this many requests: the recycle limit,
     /// enforced exactly here; the monitor replaces the process.
     #[arg(long)]
@@ -147,7 +144,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         crate::sandbox::worker_id(args.slot),
         std::process::id(),
         &args.sandbox,
-        args.test_handlers,
     );
     handlers.set_max_reply_bytes(max_reply);
 
@@ -157,7 +153,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         seg,
         lanes,
         handlers,
-        test_handlers: args.test_handlers,
         max_reply,
         spin_rounds,
         rss_at: Instant::now(),
@@ -171,7 +166,6 @@ struct Worker {
     seg: Segment,
     lanes: Vec<Lane>,
     handlers: Handlers,
-    test_handlers: bool,
     max_reply: usize,
     /// Empty rounds to spin before parking (0 on a single CPU).
     spin_rounds: u32,
@@ -289,7 +283,7 @@ impl Worker {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
-        } else if self.test_handlers && fault_frame(kind, req, &mut l.resp) {
+        } else if fault_frame(kind, req, &mut l.resp) {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
