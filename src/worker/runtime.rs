@@ -16,11 +16,9 @@ use anyhow::{Context, bail};
 use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::worker_state;
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, wake_needed};
-use moltbot_ipc::{
-    ArchivedRequest, Consumer, Frame, Kind, Producer, Response, RingError, Segment, WakeSender,
-};
+use moltbot_ipc::{Consumer, Frame, Kind, Producer, Response, RingError, Segment, WakeSender};
 
-use crate::worker::handlers::{HandlerReply, HandlerRequest, Handlers};
+use crate::worker::handlers::{HandlerReply, Handlers};
 use crate::worker::isolation::{self, IsolationPolicy};
 
 /// Command-line arguments of `moltbot worker` (set by the gateway, not by people).
@@ -283,18 +281,15 @@ impl Worker {
             l.req.release(frame);
             self.finish(lane);
             return Ok(());
-        } else if fault_frame(kind, req, &mut l.resp) {
-            l.req.release(frame);
-            self.finish(lane);
-            return Ok(());
         } else {
-            let reply: HandlerReply = self.handlers.handle(&HandlerRequest {
-                kind,
-                method: req.method.to_native(),
-                user_id: &req.user_id,
-                path: &req.path,
-                body: &req.body,
-            });
+            // Faults that break the ring protocol write their own frames, if any.
+            #[cfg(feature = "fault-injection")]
+            if crate::worker::handlers::faults::frame(req, &mut l.resp) {
+                l.req.release(frame);
+                self.finish(lane);
+                return Ok(());
+            }
+            let reply: HandlerReply = self.handlers.handle(req);
             (status, code, body) = (reply.status, reply.error_code, reply.body);
         }
         let l = &mut self.lanes[lane];
@@ -352,51 +347,4 @@ pub(crate) fn write_response(
         wake.notify();
     }
     Ok(())
-}
-
-/// Test-only faults that need the rings themselves (the others live in the handlers).
-/// Returns true if it handled the request.
-/// Without fault injection no request writes a bad frame.
-#[cfg(not(feature = "fault-injection"))]
-fn fault_frame(_kind: Kind, _req: &ArchivedRequest<'_>, _ring: &mut Producer) -> bool {
-    false
-}
-
-/// Fault injection at the frame level: answers that break the ring protocol.
-#[cfg(feature = "fault-injection")]
-fn fault_frame(kind: Kind, req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
-    if kind != Kind::Test {
-        return false;
-    }
-    let id = req.request_id.to_native();
-    match &*req.path {
-        // A frame that is not a Response archive.
-        "garbage-frame" => {
-            let _ = ring.push(&[0xa5; 96]);
-            true
-        }
-        // A well-formed response to a request that does not exist.
-        "garbage-id" => {
-            let r = Response {
-                request_id: id ^ 0x5555_0000_0000_0000,
-                duration_us: 0,
-                status: 200,
-                body: b"{}",
-                error_code: "",
-            };
-            let bound = r.encoded_len_bound();
-            let _ = ring.push_with(bound, |slot| r.encode_into(slot));
-            true
-        }
-        // Positions that break the ring's invariants.
-        "garbage-ring" => {
-            ring.ring()
-                .header()
-                .producer
-                .tail
-                .store(u64::MAX - 7, Ordering::Release);
-            true
-        }
-        _ => false,
-    }
 }
