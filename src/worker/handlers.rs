@@ -11,6 +11,11 @@
 //! and I/O failures become 4xx/5xx replies: a handler never panics and never ends the worker,
 //! except the fault actions whose whole point is to.
 //!
+//! Storage failures: a full disk or an exhausted quota (`ENOSPC`, `EDQUOT`) is transient and
+//! answers `507 INSUFFICIENT_STORAGE`, so the client retries later; any other I/O failure is
+//! `500 STORAGE_ERROR`. Error messages name what failed ("store the session") and the OS
+//! error, never a path of the server: the sandbox layout is none of the client's business.
+//!
 //! Files (session logs, state values) live inside the worker's sandbox, named after users with
 //! [`crate::user::safe_file_stem`]. They are opened per request rather than cached: workers run
 //! with a small open-file limit and may serve many users.
@@ -26,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use moltbot_ipc::{ArchivedRequest, Kind};
+use rustix::io::Errno;
 use serde::Serialize;
 use serde_json::json;
 
@@ -101,9 +107,26 @@ impl Fail {
         Self::new(400, code, message)
     }
 
+    /// The worker's storage failed while trying to `what` (a phrase without paths: "store the
+    /// session"). An `io::Error` from the OS displays as its errno's text, never the path, so
+    /// the message names no server path either.
     fn storage(what: &str, e: io::Error) -> Self {
-        Self::new(500, "STORAGE_ERROR", format!("cannot {what}: {e}"))
+        if is_storage_full(&e) {
+            Self::new(
+                507,
+                "INSUFFICIENT_STORAGE",
+                format!("cannot {what}: the worker's storage is full ({e}); retry later"),
+            )
+        } else {
+            Self::new(500, "STORAGE_ERROR", format!("cannot {what}: {e}"))
+        }
     }
+}
+
+/// Whether `e` says the file system is out of space or the quota is exhausted: conditions that
+/// pass once space is freed, unlike a broken or misconfigured store.
+fn is_storage_full(e: &io::Error) -> bool {
+    Errno::from_io_error(e).is_some_and(|n| n == Errno::NOSPC || n == Errno::DQUOT)
 }
 
 type Outcome = Result<HandlerReply, Fail>;
@@ -321,12 +344,21 @@ mod testing {
                 .join("sessions")
                 .join(format!("{}.jsonl", safe_file_stem(user)))
         }
+        /// `r`'s message does not reveal where the sandbox is.
+        pub(super) fn assert_no_server_path(&self, r: &HandlerReply) {
+            let message = body(r)["message"].as_str().unwrap_or_default().to_owned();
+            let root = self.root.to_string_lossy();
+            for leak in [&*root, "/dev/", "sessions/", "state/", ".json", ".tmp"] {
+                assert!(!message.contains(leak), "{message:?} names a path ({leak})");
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use moltbot_ipc::{Kind, Method};
+    use serde_json::json;
 
     use super::testing::{assert_error, body, fixture};
     use super::*;
@@ -369,6 +401,31 @@ mod tests {
         assert_error(&r, 500, "REPLY_TOO_LARGE");
         let r = f.call(Kind::Echo, Method::Post, "user-a", "", &big[..4096]);
         assert_eq!((r.status, r.body.len()), (200, 4096));
+    }
+
+    #[test]
+    fn a_full_disk_or_quota_is_507_other_io_failures_500() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let f = Fail::storage("store the session", io::Error::from_raw_os_error(errno));
+            assert_eq!((f.status, f.code), (507, "INSUFFICIENT_STORAGE"), "{errno}");
+            assert!(f.message.starts_with("cannot store the session: "), "{f:?}");
+        }
+        for errno in [
+            libc::EIO,
+            libc::EACCES,
+            libc::EROFS,
+            libc::EISDIR,
+            libc::EFBIG,
+        ] {
+            let f = Fail::storage("store the session", io::Error::from_raw_os_error(errno));
+            assert_eq!((f.status, f.code), (500, "STORAGE_ERROR"), "{errno}");
+        }
+        // Not from the OS: never taken for a full disk.
+        let f = Fail::storage("store the session", io::Error::other("no space"));
+        assert_eq!(f.status, 500);
+        let r = HandlerReply::error(507, "INSUFFICIENT_STORAGE", "m");
+        assert!(!r.is_success());
+        assert_eq!(body(&r), json!({"message": "m"}));
     }
 
     /// Only in a build without the feature (`cargo test` always has it, through the

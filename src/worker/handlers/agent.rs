@@ -5,8 +5,8 @@
 //! reply}` per turn. Each turn is one `write(2)` on an `O_APPEND` descriptor and no `fsync`: a
 //! completed write lives in the page cache and survives the worker being killed, which is the
 //! failure this pool handles; surviving a machine crash would cost an fsync (milliseconds) per
-//! turn. A line torn by a failed write is skipped when counting and terminated before the next
-//! turn.
+//! turn. A line torn by a failed write (a full disk, a kill mid-write) is skipped when counting
+//! and terminated before the next turn.
 //!
 //! The turn count of each user is read from the file once, then kept in [`TurnCache`].
 
@@ -629,9 +629,40 @@ mod tests {
         let mut f = fixture();
         // A directory where the session log should be: append fails.
         fs::create_dir_all(f.session_log("user-a")).unwrap();
-        assert_error(&f.message("user-a", b"hi"), 500, "STORAGE_ERROR");
-        assert_error(&f.command("user-a", "reset"), 500, "STORAGE_ERROR");
+        let r = f.message("user-a", b"hi");
+        assert_error(&r, 500, "STORAGE_ERROR");
+        f.assert_no_server_path(&r);
+        let r = f.command("user-a", "reset");
+        assert_error(&r, 500, "STORAGE_ERROR");
+        f.assert_no_server_path(&r);
         // The worker keeps serving.
         assert_eq!(f.message("user-c", b"hi").status, 200);
+    }
+
+    /// A real `ENOSPC`: the log is a symlink to `/dev/full`, where every write fails that way.
+    #[test]
+    fn a_turn_on_a_full_disk_is_507_and_the_user_carries_on() {
+        let mut f = fixture();
+        assert_eq!(body(&f.message("user-a", b"one"))["turn"], 1);
+        let log = f.session_log("user-a");
+        let aside = log.with_extension("aside");
+        fs::rename(&log, &aside).unwrap();
+        std::os::unix::fs::symlink("/dev/full", &log).unwrap();
+        let r = f.message("user-a", b"two");
+        assert_error(&r, 507, "INSUFFICIENT_STORAGE");
+        f.assert_no_server_path(&r);
+        // Others are not affected.
+        assert_eq!(body(&f.message("user-b", b"hi"))["turn"], 1);
+        // Space again: the failed turn was not counted.
+        fs::remove_file(&log).unwrap();
+        fs::rename(&aside, &log).unwrap();
+        assert_eq!(body(&f.message("user-a", b"three"))["turn"], 2);
+        assert_eq!(body(&f.command("user-a", "stats"))["turns"], 2);
+        let messages: Vec<String> = fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["message"].to_string())
+            .collect();
+        assert_eq!(messages, ["\"one\"", "\"three\""]);
     }
 }

@@ -3,7 +3,7 @@
 //! Two forms of `session`: REST (`GET` with a name reads, without one lists; `PUT` stores;
 //! `DELETE` removes) and the `/v1/route` form (`POST` with `{"action": "get" | "set" |
 //! "delete" | "list", "name", "value"}`). A value is replaced atomically (temp file + rename),
-//! so a failed write leaves the previous value in place.
+//! so a failed write (a full disk) leaves the previous value in place.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -100,6 +100,7 @@ fn store(dir: &Path, name: &str, value: &[u8]) -> Outcome {
         fs::rename(&tmp, &target)
     };
     if let Err(e) = write() {
+        // Also what frees the space a partial write took on a full disk.
         let _ = fs::remove_file(&tmp);
         return Err(Fail::storage("store the session", e));
     }
@@ -232,7 +233,7 @@ mod tests {
     use moltbot_ipc::Method;
     use serde_json::{Value, json};
 
-    use super::super::testing::{assert_error, body, fixture};
+    use super::super::testing::{Fixture, assert_error, body, fixture};
     use super::*;
 
     #[test]
@@ -485,8 +486,115 @@ mod tests {
             f.session(Method::Get, "user-b", "", b""),
         ] {
             assert_error(&r, 500, "STORAGE_ERROR");
+            f.assert_no_server_path(&r);
         }
         // The worker keeps serving.
         assert_eq!(f.session(Method::Put, "user-c", "n", b"1").status, 200);
+    }
+
+    /// Set for [`full_disk_child`]: the sandbox root, whose `state` is a small tmpfs.
+    const FULL_DISK_ROOT: &str = "MOLTBOT_TEST_FULL_DISK_ROOT";
+    /// Printed by [`full_disk_child`] when it ran to completion, so an empty filter cannot pass.
+    const FULL_DISK_DONE: &str = "FULL-DISK-CHILD-DONE";
+
+    /// A real full disk. A value goes to a fresh temp file that is never a symlink, so no
+    /// directory entry can send the write to `/dev/full`; instead [`full_disk_child`] runs in
+    /// a child process that `unshare(1)` puts in its own user and mount namespaces, with a
+    /// 64 KiB tmpfs mounted over the sandbox's `state` directory. Skipped (with a note) where
+    /// that cannot be set up (no `unshare`, no unprivileged user namespaces); the 507
+    /// classification itself is covered by a test of the parent module.
+    #[test]
+    fn a_write_on_a_full_disk_is_507_and_the_user_carries_on() {
+        let f = fixture();
+        let state = f.root.join("state");
+        let module = module_path!();
+        let module = module.split_once("::").map_or(module, |(_, rest)| rest);
+        let out = std::process::Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--mount",
+                "--propagation=private",
+            ])
+            .args([
+                "sh",
+                "-c",
+                r#"mount -t tmpfs -o size=64k,mode=0700 moltbot-full "$0" && exec "$@""#,
+            ])
+            .arg(&state)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--ignored",
+                "--exact",
+                &format!("{module}::full_disk_child"),
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(FULL_DISK_ROOT, &f.root)
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return eprintln!("skipped: cannot run unshare ({e})"),
+        };
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !stdout.contains("running 1 test") {
+            return eprintln!("skipped: no tmpfs in a user namespace here: {stderr}");
+        }
+        assert!(
+            out.status.success() && stdout.contains(FULL_DISK_DONE),
+            "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+            out.status,
+        );
+        // The tmpfs was the child's alone.
+        assert_eq!(fs::read_dir(&state).unwrap().count(), 0);
+    }
+
+    #[test]
+    #[ignore = "child side of a_write_on_a_full_disk_is_507_and_the_user_carries_on"]
+    fn full_disk_child() {
+        let Some(root) = std::env::var_os(FULL_DISK_ROOT) else {
+            return;
+        };
+        let mut f = Fixture::over(PathBuf::from(root));
+        let set = |f: &mut Fixture, v: i32| {
+            f.route(
+                "user-a",
+                json!({"action": "set", "name": "prefs", "value": v}),
+            )
+        };
+        assert_eq!(set(&mut f, 1).status, 200);
+        // Fill the file system.
+        let filler = f.root.join("state/filler");
+        let mut file = fs::File::create(&filler).unwrap();
+        let e = loop {
+            if let Err(e) = file.write_all(&[0x5a; 4096]) {
+                break e;
+            }
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        drop(file);
+        for r in [
+            set(&mut f, 2),
+            f.session(Method::Put, "user-a", "prefs", b"2"),
+            f.session(Method::Put, "user-a", "other", b"[1,2,3]"),
+        ] {
+            assert_error(&r, 507, "INSUFFICIENT_STORAGE");
+            f.assert_no_server_path(&r);
+        }
+        // The old value is intact, no temp file is left behind, reads still work.
+        assert_eq!(f.session(Method::Get, "user-a", "prefs", b"").body, b"1");
+        assert_eq!(
+            body(&f.session(Method::Get, "user-a", "", b"")),
+            json!({"names": ["prefs"]})
+        );
+        let dir = f.root.join("state/user-a");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+        // Space again: the next write succeeds.
+        fs::remove_file(&filler).unwrap();
+        assert_eq!(set(&mut f, 2).status, 200);
+        assert_eq!(f.session(Method::Get, "user-a", "prefs", b"").body, b"2");
+        let r = f.session(Method::Put, "user-a", "other", b"[1,2,3]");
+        assert_eq!(body(&r)["created"], true);
+        println!("{FULL_DISK_DONE}");
     }
 }
