@@ -103,10 +103,7 @@ fn arg(key: &'static Key) -> Arg {
         help.push_str(&format!(" [default: {}]", key.default_text()));
     }
     help.push_str(&format!(" [env: {}]", key.env_var()));
-    let mut arg = Arg::new(key.name)
-        .long(flag.long)
-        .help(help)
-        .hide(key.internal);
+    let mut arg = Arg::new(key.name).long(flag.long).help(help);
     if let Some(c) = flag.short {
         arg = arg.short(c);
     }
@@ -246,7 +243,6 @@ mod tests {
             "256KiB",
             "--worker-program",
             "/bin/w",
-            "--test-handlers",
             "--bind",
             "127.0.0.2",
             "-p",
@@ -285,7 +281,6 @@ mod tests {
         assert_eq!(c.failed_cooldown, Duration::from_secs(2));
         assert_eq!(c.ring_capacity, 256 * 1024);
         assert_eq!(c.worker_program, Some(PathBuf::from("/bin/w")));
-        assert!(c.test_handlers);
         assert_eq!(c.bind, "127.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(c.port, 0);
         assert_eq!(c.cores, Some(Cores::List(vec![0, 1])));
@@ -329,14 +324,14 @@ mod tests {
         assert_eq!(apply(&cli).cores, Some(Cores::Count(2)));
     }
 
+    /// Fault injection is a build feature of the tests, never a setting: no flag, no key.
     #[test]
-    fn test_handlers_flag_is_hidden() {
-        let cmd = Cli::command();
-        let arg = cmd
-            .get_arguments()
-            .find(|a| a.get_id() == "test_handlers")
-            .unwrap();
-        assert!(arg.is_hide_set());
+    fn nothing_switches_on_fault_injection() {
+        assert!(Cli::try_parse_from(["x", "--test-handlers"]).is_err());
+        for toml in ["test_handlers = true", "testHandlers = true"] {
+            let e = Config::from_toml_str(toml).unwrap_err().to_string();
+            assert!(e.contains("unknown"), "{e}");
+        }
     }
 
     #[test]

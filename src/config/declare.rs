@@ -120,8 +120,6 @@ pub struct Key {
     pub env_override: Option<&'static str>,
     /// Never serialized nor shown, never a flag.
     pub secret: bool,
-    /// For the test suite: the flag is hidden and the README leaves the key out.
-    pub internal: bool,
     pub(crate) doc: &'static str,
     pub(crate) shown: Option<&'static str>,
     pub(crate) parse: fn(&str) -> Result<(), String>,
@@ -332,7 +330,6 @@ pub(crate) fn positive(d: &Duration) -> Result<(), String> {
 ///     env: "MOLTBOT_OTHER_NAME",                 // optional: a variable that wins over MOLTBOT_NAME
 ///     flag: pool("long-name").short('x'),        // optional: pool(..) or gateway(..)
 ///     secret: true,                              // optional: never serialized, never a flag
-///     internal: true,                            // optional: hidden flag, not in the README
 ///     check: |v| ...,                            // optional: the key's own validation
 /// }
 /// ```
@@ -353,7 +350,6 @@ macro_rules! config_keys {
                 $(env: $env:literal,)?
                 $(flag: $flag:expr,)?
                 $(secret: $secret:literal,)?
-                $(internal: $internal:literal,)?
                 $(check: $check:expr,)?
             }
         )*
@@ -391,7 +387,6 @@ macro_rules! config_keys {
                     flag: config_keys!(@some $($flag)?),
                     env_override: config_keys!(@some $($env)?),
                     secret: config_keys!(@yes $($secret)?),
-                    internal: config_keys!(@yes $($internal)?),
                     doc: concat!($($doc, "\n"),*),
                     shown: config_keys!(@some $($shown)?),
                     parse: |s| {

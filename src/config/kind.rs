@@ -23,7 +23,7 @@ pub trait Kind<T> {
     const VALUE_NAME: &'static str;
     /// What a value must look like, for error messages.
     const EXPECTED: &'static str;
-    /// A flag without a value (`--test-handlers`) that sets `true`.
+    /// A flag of this kind takes no value: given, it sets `true`.
     const SWITCH: bool = false;
     /// The key may be unset (an `Option`).
     const OPTIONAL: bool = false;

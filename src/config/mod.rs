@@ -284,15 +284,6 @@ config_keys! {
         aliases: ["workerReadPaths"],
     }
 
-    /// Enables the test-only fault handlers (crash, hang, alloc, escape, ...). Never in
-    /// production.
-    test_handlers: bool as Bool {
-        default: false,
-        aliases: ["testHandlers"],
-        flag: pool("test-handlers"),
-        internal: true,
-    }
-
     /// Address the gateway listens on; an address other than loopback needs a `token`.
     bind: IpAddr as Address {
         default: IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -514,11 +505,11 @@ pub fn key(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.name == name)
 }
 
-/// The README's configuration table: one row per key (but the internal ones), with its
+/// The README's configuration table: one row per key, with its
 /// default, flag and meaning. `moltbot workers info --format markdown` prints it.
 pub fn markdown_table() -> String {
     let mut out = String::from("| key | default | flag | meaning |\n|---|---|---|---|\n");
-    for k in KEYS.iter().filter(|k| !k.internal) {
+    for k in KEYS {
         let default = match k.shown {
             Some(text) => text.to_string(),
             None => format!("`{}`", k.default_text()),

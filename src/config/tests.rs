@@ -83,7 +83,6 @@ mod layers {
         assert_eq!(c.ring_capacity, 2 * 1024 * 1024);
         assert_eq!(c.drain_timeout, Duration::from_secs(30));
         assert_eq!(c.worker_program, None);
-        assert!(!c.test_handlers);
         assert_eq!(c.bind, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert_eq!(c.port, 18789);
         assert_eq!(c.cores, None);
@@ -130,7 +129,6 @@ mod layers {
             ring_capacity = "4MiB"
             drain_timeout = "3s"
             worker_program = "/usr/bin/moltbot"
-            test_handlers = true
             bind = "::1"
             port = 0
             cores = [0, 2]
@@ -168,7 +166,6 @@ mod layers {
         assert_eq!(c.ring_capacity, 4 * MIB as usize);
         assert_eq!(c.drain_timeout, Duration::from_secs(3));
         assert_eq!(c.worker_program, Some(PathBuf::from("/usr/bin/moltbot")));
-        assert!(c.test_handlers);
         assert_eq!(c.bind, "::1".parse::<IpAddr>().unwrap());
         assert_eq!(c.port, 0);
         assert_eq!(c.cores, Some(Cores::List(vec![0, 2])));
@@ -210,7 +207,6 @@ mod layers {
             ringCapacity = 131072
             drainTimeout = 1000
             workerProgram = "/bin/true"
-            testHandlers = true
             maxHeaderBytes = 8192
             maxHeaders = 10
             maxBodyBytes = 1000
@@ -235,7 +231,6 @@ mod layers {
         assert_eq!(c.stall_timeout, Some(Duration::from_secs(20)));
         assert_eq!(c.balance_factor, 0.0);
         assert_eq!(c.ring_capacity, 128 * 1024);
-        assert!(c.test_handlers);
         assert_eq!(c.max_connections, 10);
         assert_eq!(c.worker_address_space, Some(0));
         c.validate().unwrap();
@@ -438,7 +433,6 @@ mod layers {
             ("worker_read_paths", "/opt/a:/opt/b", |c| {
                 c.worker_read_paths == [PathBuf::from("/opt/a"), PathBuf::from("/opt/b")]
             }),
-            ("test_handlers", "yes", |c| c.test_handlers),
             ("bind", "0.0.0.0", |c| {
                 c.bind == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
             }),
@@ -1307,8 +1301,8 @@ mod declaration {
         assert!(e.to_string().contains("unknown key `gateway`"), "{e}");
     }
 
-    /// The README's `## Configuration` table is the declaration's: every key (but the internal
-    /// ones) with its default, flag and meaning, and nothing else. On a mismatch, the expected
+    /// The README's `## Configuration` table is the declaration's: every key with its default,
+    /// flag and meaning, and nothing else. On a mismatch, the expected
     /// table is printed; `cargo run -- workers info --format markdown` prints it too.
     #[test]
     fn readme_configuration_table_matches_the_declaration() {

@@ -670,9 +670,6 @@ fn worker_command(
     if !config.landlock {
         cmd.arg("--no-landlock");
     }
-    if config.test_handlers {
-        cmd.arg("--test-handlers");
-    }
     if let Some(agent) = &spec.agent {
         cmd.arg("--command")
             .arg(serde_json::to_string(&agent.argv).unwrap_or_default())

@@ -17,11 +17,9 @@ use anyhow::{Context, bail};
 use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::worker_state;
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, wake_needed};
-use moltbot_ipc::{
-    ArchivedRequest, Consumer, Kind, Producer, Response, RingError, Segment, WakeSender,
-};
+use moltbot_ipc::{Consumer, Kind, Producer, Response, RingError, Segment, WakeSender};
 
-use crate::worker::handlers::{HandlerReply, HandlerRequest, Handlers};
+use crate::worker::handlers::{HandlerReply, Handlers};
 use crate::worker::isolation::{self, IsolationPolicy};
 
 /// Command-line arguments of `moltbot worker` (set by the gateway, not by people).
@@ -55,9 +53,6 @@ pub struct WorkerArgs {
     /// Do not apply Landlock.
     #[arg(long)]
     pub no_landlock: bool,
-    /// Enable the test-only fault handlers.
-    #[arg(long)]
-    pub test_handlers: bool,
     /// Exit (code 0, between requests) after serving this many requests: the recycle limit,
     /// enforced exactly here; the monitor replaces the process.
     #[arg(long)]
@@ -150,7 +145,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         crate::sandbox::worker_id(args.slot),
         std::process::id(),
         &args.sandbox,
-        args.test_handlers,
     );
     handlers.set_max_reply_bytes(max_reply);
 
@@ -160,7 +154,6 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         seg,
         lanes,
         handlers,
-        test_handlers: args.test_handlers,
         max_reply,
         spin_rounds,
         rss_at: Instant::now(),
@@ -174,7 +167,6 @@ struct Worker {
     seg: Segment,
     lanes: Vec<Lane>,
     handlers: Handlers,
-    test_handlers: bool,
     max_reply: usize,
     /// Empty rounds to spin before parking (0 on a single CPU).
     spin_rounds: u32,
@@ -293,18 +285,15 @@ impl Worker {
             frame.release();
             self.finish(lane);
             return Ok(true);
-        } else if self.test_handlers && fault_frame(kind, req, resp) {
-            frame.release();
-            self.finish(lane);
-            return Ok(true);
         } else {
-            let reply: HandlerReply = self.handlers.handle(&HandlerRequest {
-                kind,
-                method: req.method.to_native(),
-                user_id: &req.user_id,
-                path: &req.path,
-                body: &req.body,
-            });
+            // Faults that break the ring protocol write their own frames, if any.
+            #[cfg(feature = "fault-injection")]
+            if crate::worker::handlers::faults::frame(req, resp) {
+                frame.release();
+                self.finish(lane);
+                return Ok(true);
+            }
+            let reply: HandlerReply = self.handlers.handle(req);
             (status, code, body) = (reply.status, reply.error_code, reply.body);
         }
         let duration_us = started.elapsed().as_micros() as u64;
@@ -379,50 +368,4 @@ pub(crate) fn write_response(
         wake.notify();
     }
     Ok(())
-}
-
-/// Test-only faults that need the rings themselves (the others live in the handlers).
-/// Returns true if it handled the request.
-/// Without fault injection no request writes a bad frame.
-#[cfg(not(feature = "fault-injection"))]
-fn fault_frame(_kind: Kind, _req: &ArchivedRequest<'_>, _ring: &mut Producer) -> bool {
-    false
-}
-
-/// Fault injection at the frame level: answers that break the ring protocol.
-#[cfg(feature = "fault-injection")]
-fn fault_frame(kind: Kind, req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
-    if kind != Kind::Test {
-        return false;
-    }
-    let id = req.request_id.to_native();
-    match &*req.path {
-        // A frame that is not a Response archive.
-        "garbage-frame" => {
-            let _ = ring.push(&[0xa5; 96]);
-            true
-        }
-        // A well-formed response to a request that does not exist.
-        "garbage-id" => {
-            let r = Response {
-                request_id: id ^ 0x5555_0000_0000_0000,
-                duration_us: 0,
-                status: 200,
-                body: b"{}",
-                error_code: "",
-            };
-            let bound = r.encoded_len_bound();
-            let _ = ring.push_with(bound, |slot| r.encode_into(slot));
-            true
-        }
-        // Positions that break the ring's invariants: what a worker writing its mapping
-        // directly does (the gateway's end is in another process).
-        "garbage-ring" => {
-            if let Ok(mut t) = ring.tamper() {
-                t.set_tail(u64::MAX - 7);
-            }
-            true
-        }
-        _ => false,
-    }
 }

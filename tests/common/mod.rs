@@ -23,7 +23,7 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
-    /// `workers` slots running the `moltbot` binary under test with the test handlers on and
+    /// `workers` slots running the `moltbot` binary under test (it has the fault handlers) and
     /// short timings.
     pub fn new(workers: usize) -> TestEnv {
         let dir = tempfile::Builder::new()
@@ -34,7 +34,6 @@ impl TestEnv {
             worker_count: workers,
             sandbox_dir: dir.path().join("workers"),
             worker_program: Some(PathBuf::from(env!("CARGO_BIN_EXE_moltbot"))),
-            test_handlers: true,
             heartbeat_interval: Duration::from_millis(50),
             // Far above the heartbeat: a worker descheduled on a busy machine must not look
             // stalled. Tests about stalls set their own.

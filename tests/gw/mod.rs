@@ -69,23 +69,19 @@ impl Options {
 }
 
 impl GatewayProc {
-    /// Starts a gateway with test timings and the test handlers on; waits until it listens.
+    /// Starts a gateway with test timings; waits until it listens. (Test builds have the
+    /// fault-injection handlers.)
     pub fn start(opts: Options) -> GatewayProc {
-        GatewayProc::start_with(opts, true)
-    }
-
-    /// As [`GatewayProc::start`], choosing whether the test-only handlers are enabled.
-    pub fn start_with(opts: Options, test_handlers: bool) -> GatewayProc {
-        GatewayProc::launch(opts, test_handlers, &[])
+        GatewayProc::launch(opts, &[])
     }
 
     /// As [`GatewayProc::start`], replacing some of the harness's default flags (e.g.
     /// `("--request-timeout", "300ms")`; clap refuses a flag given twice).
     pub fn start_overriding(opts: Options, overrides: &[(&str, &str)]) -> GatewayProc {
-        GatewayProc::launch(opts, true, overrides)
+        GatewayProc::launch(opts, overrides)
     }
 
-    fn launch(opts: Options, test_handlers: bool, overrides: &[(&str, &str)]) -> GatewayProc {
+    fn launch(opts: Options, overrides: &[(&str, &str)]) -> GatewayProc {
         let defaults = [
             ("--heartbeat-interval", "50ms"),
             ("--stall-timeout", "2s"),
@@ -115,7 +111,6 @@ impl GatewayProc {
             .arg("-s")
             .arg(&base)
             .args(["-p", "0"])
-            .args(test_handlers.then_some("--test-handlers"))
             .args(defaults.iter().flat_map(|&(flag, value)| {
                 let value = overrides
                     .iter()
@@ -651,7 +646,7 @@ fn spawn_tuned(
         .args(["-w", &opts.workers.to_string()])
         .arg("-s")
         .arg(base)
-        .args(["-p", "0", "--test-handlers"]);
+        .args(["-p", "0"]);
     for (flag, value) in &timings {
         cmd.args([flag, value]);
     }
