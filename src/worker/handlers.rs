@@ -111,22 +111,37 @@ impl Fail {
     /// session"). An `io::Error` from the OS displays as its errno's text, never the path, so
     /// the message names no server path either.
     fn storage(what: &str, e: io::Error) -> Self {
+        let cause = cause_without_path(&e);
         if is_storage_full(&e) {
             Self::new(
                 507,
                 "INSUFFICIENT_STORAGE",
-                format!("cannot {what}: the worker's storage is full ({e}); retry later"),
+                format!("cannot {what}: the worker's storage is full ({cause}); retry later"),
             )
         } else {
-            Self::new(500, "STORAGE_ERROR", format!("cannot {what}: {e}"))
+            Self::new(500, "STORAGE_ERROR", format!("cannot {what}: {cause}"))
         }
     }
 }
 
 /// Whether `e` says the file system is out of space or the quota is exhausted: conditions that
-/// pass once space is freed, unlike a broken or misconfigured store.
+/// pass once space is freed, unlike a broken or misconfigured store. By kind too, because
+/// wrappers (tempfile adds the path) keep the kind but not the errno.
 fn is_storage_full(e: &io::Error) -> bool {
     Errno::from_io_error(e).is_some_and(|n| n == Errno::NOSPC || n == Errno::DQUOT)
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+}
+
+/// What went wrong, for the client: the operating system's description of the errno, else the
+/// kind. Never the error's own text, which wrappers extend with the server's paths.
+fn cause_without_path(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => io::Error::from_raw_os_error(n).to_string(),
+        None => e.kind().to_string(),
+    }
 }
 
 type Outcome = Result<HandlerReply, Fail>;
@@ -423,6 +438,17 @@ mod tests {
         // Not from the OS: never taken for a full disk.
         let f = Fail::storage("store the session", io::Error::other("no space"));
         assert_eq!(f.status, 500);
+        // A wrapper that adds the server's path (tempfile does) keeps the kind: still 507, and
+        // the path stays out of the message.
+        let wrapped = io::Error::new(
+            io::ErrorKind::StorageFull,
+            "No space left on device (os error 28) at path \"/srv/worker-1/state/.x.tmp\"",
+        );
+        let f = Fail::storage("store the session", wrapped);
+        assert_eq!((f.status, f.code), (507, "INSUFFICIENT_STORAGE"));
+        assert!(!f.message.contains("/srv"), "{}", f.message);
+        let f = Fail::storage("read the session", io::Error::other("at path \"/srv/x\""));
+        assert!(!f.message.contains("/srv"), "{}", f.message);
         let r = HandlerReply::error(507, "INSUFFICIENT_STORAGE", "m");
         assert!(!r.is_success());
         assert_eq!(body(&r), json!({"message": "m"}));
