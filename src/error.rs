@@ -2,6 +2,16 @@
 
 use std::time::Duration;
 
+/// What went wrong in an I/O error, for a client: the operating system's description of the
+/// errno, else the error's kind. Never the error's own text, which wrappers extend with the
+/// server's paths (tempfile does).
+pub fn io_cause(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(n) => std::io::Error::from_raw_os_error(n).to_string(),
+        None => e.kind().to_string(),
+    }
+}
+
 /// `Retry-After` of a routing table that cannot be written.
 pub const TABLE_RETRY_AFTER: Duration = Duration::from_secs(5);
 
@@ -72,7 +82,7 @@ impl From<crate::router::RouterError> for RouteError {
             crate::router::RouterError::EmptyUser => RouteError::InvalidUser(e.to_string()),
             // The path of the table is the server's business: the client gets the cause only.
             crate::router::RouterError::Io { source, .. } => {
-                RouteError::TableUnavailable(source.to_string())
+                RouteError::TableUnavailable(io_cause(&source))
             }
             other => RouteError::Internal(other.to_string()),
         }

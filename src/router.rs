@@ -476,9 +476,14 @@ impl StickyRouter {
             }
             for (r, &user) in results.iter_mut().zip(users) {
                 if r.is_ok() && table.get(user).is_none() {
+                    // One error per user: a copy that keeps the errno where there is one.
+                    let source = e.raw_os_error().map_or_else(
+                        || io::Error::new(e.kind(), e.to_string()),
+                        io::Error::from_raw_os_error,
+                    );
                     *r = Err(RouterError::Io {
                         path: path.clone(),
-                        source: io::Error::new(e.kind(), e.to_string()),
+                        source,
                     });
                 }
             }
@@ -1066,7 +1071,7 @@ mod tests {
         };
         let e = r.route("new").expect_err("a full disk");
         assert!(
-            matches!(&e, RouterError::Io { source, .. } if source.kind() == io::ErrorKind::StorageFull),
+            matches!(&e, RouterError::Io { source, .. } if source.raw_os_error() == Some(28)),
             "{e:?}"
         );
         let refused = crate::error::RouteError::from(e);
@@ -1074,7 +1079,12 @@ mod tests {
             (refused.status(), refused.code()),
             (503, "ROUTING_TABLE_UNAVAILABLE")
         );
-        assert!(!refused.to_string().contains(&*dir.path().to_string_lossy()));
+        let message = refused.to_string();
+        assert!(message.contains("No space left on device"), "{message}");
+        assert!(
+            !message.contains(&*dir.path().to_string_lossy()),
+            "{message}"
+        );
         // Known users keep working; the new one was not assigned.
         assert_eq!(r.route("known").expect("known"), known);
         assert_eq!(r.lookup("new"), None);

@@ -111,7 +111,7 @@ impl Fail {
     /// session"). An `io::Error` from the OS displays as its errno's text, never the path, so
     /// the message names no server path either.
     fn storage(what: &str, e: io::Error) -> Self {
-        let cause = cause_without_path(&e);
+        let cause = crate::error::io_cause(&e);
         if is_storage_full(&e) {
             Self::new(
                 507,
@@ -133,15 +133,6 @@ fn is_storage_full(e: &io::Error) -> bool {
             e.kind(),
             io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
         )
-}
-
-/// What went wrong, for the client: the operating system's description of the errno, else the
-/// kind. Never the error's own text, which wrappers extend with the server's paths.
-fn cause_without_path(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(n) => io::Error::from_raw_os_error(n).to_string(),
-        None => e.kind().to_string(),
-    }
 }
 
 type Outcome = Result<HandlerReply, Fail>;
