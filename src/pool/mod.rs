@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::pool::admission::Admission;
 use crate::pool::lane::LaneSet;
-use crate::pool::monitor::{Command_, Monitor, SpawnSpec};
+use crate::pool::monitor::{MonitorRequest, Monitor, SpawnSpec};
 use crate::pool::slot::{Slot, SlotState, now_ms};
 use crate::router::StickyRouter;
 use crate::sandbox::Sandbox;
@@ -95,7 +95,7 @@ pub struct Pool {
     slots: Vec<Arc<Slot>>,
     router: Arc<StickyRouter>,
     lane_wakers: Vec<Arc<WakeSender>>,
-    monitor_tx: crossbeam::channel::Sender<Command_>,
+    monitor_tx: crossbeam::channel::Sender<MonitorRequest>,
     monitor: Mutex<Option<std::thread::JoinHandle<()>>>,
     monitor_wake: Arc<WakeSender>,
     base: PathBuf,
@@ -374,7 +374,7 @@ impl Pool {
         let handle = self.monitor.lock().ok().and_then(|mut m| m.take());
         if let Some(handle) = handle {
             let (tx, rx) = oneshot::channel();
-            if self.monitor_tx.send(Command_::Stop(grace, tx)).is_ok() {
+            if self.monitor_tx.send(MonitorRequest::Stop(grace, tx)).is_ok() {
                 self.monitor_wake.notify();
                 let _ = rx.recv();
             }

@@ -26,8 +26,8 @@ use crate::pool::policy::{Decision, ExitKind, RestartPolicy, RestartState};
 use crate::pool::slot::{Slot, SlotState, now_ms};
 use crate::sandbox::{RecycleCause, RestartReason, Sandbox};
 
-/// Commands to the monitor.
-pub enum Command_ {
+/// What the pool asks of the monitor thread.
+pub enum MonitorRequest {
     /// Stop every worker: SIGTERM, wait up to the timeout, then SIGKILL. Replies when done.
     Stop(Duration, oneshot::Sender<()>),
 }
@@ -148,7 +148,7 @@ pub struct Monitor {
     slots: Vec<SlotRt>,
     lane_wakers: Vec<Arc<WakeSender>>,
     wake: WakeReceiver,
-    commands: crossbeam::channel::Receiver<Command_>,
+    commands: crossbeam::channel::Receiver<MonitorRequest>,
 }
 
 fn describe(status: &ExitStatus) -> String {
@@ -174,7 +174,7 @@ impl Monitor {
         slots: Vec<(Arc<Slot>, Sandbox)>,
         lane_wakers: Vec<Arc<WakeSender>>,
         wake: WakeReceiver,
-        commands: crossbeam::channel::Receiver<Command_>,
+        commands: crossbeam::channel::Receiver<MonitorRequest>,
     ) -> Monitor {
         let slots = slots
             .into_iter()
@@ -212,7 +212,7 @@ impl Monitor {
             self.sleep();
             self.wake.drain();
             match self.commands.try_recv() {
-                Ok(Command_::Stop(grace, done)) => {
+                Ok(MonitorRequest::Stop(grace, done)) => {
                     self.stop_all(grace);
                     let _ = done.send(());
                     return;
