@@ -23,7 +23,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::pool::admission::Admission;
 use crate::pool::lane::LaneSet;
-use crate::pool::monitor::{MonitorRequest, Monitor, SpawnSpec};
+use crate::pool::monitor::{Monitor, MonitorRequest, SpawnSpec};
 use crate::pool::slot::{Slot, SlotState, now_ms};
 use crate::router::StickyRouter;
 use crate::sandbox::Sandbox;
@@ -374,7 +374,11 @@ impl Pool {
         let handle = self.monitor.lock().ok().and_then(|mut m| m.take());
         if let Some(handle) = handle {
             let (tx, rx) = oneshot::channel();
-            if self.monitor_tx.send(MonitorRequest::Stop(grace, tx)).is_ok() {
+            if self
+                .monitor_tx
+                .send(MonitorRequest::Stop(grace, tx))
+                .is_ok()
+            {
                 self.monitor_wake.notify();
                 let _ = rx.recv();
             }

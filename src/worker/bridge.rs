@@ -36,7 +36,7 @@ use moltbot_ipc::{Kind, Method, Response, Segment};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::worker::runtime::{Lane, WorkerArgs, write_response};
+use crate::worker::lane::{Lane, write_response};
 
 /// What the program says, as read by the reader thread.
 #[derive(Debug)]
@@ -241,9 +241,23 @@ struct Outstanding {
     wrapped: bool,
 }
 
+/// How the worker runs its agent program.
+pub(crate) struct Settings {
+    /// The sandbox root: the program's working directory (its logs go beneath).
+    pub(crate) sandbox: std::path::PathBuf,
+    /// Longest line the program may write, in bytes.
+    pub(crate) max_line: usize,
+    /// Heartbeat interval: the health-check period; three of them silent is a stall.
+    pub(crate) heartbeat: Duration,
+    /// Requests after which the worker leaves (a recycle).
+    pub(crate) max_requests: u64,
+    /// Time the program gets to finish after `shutdown`.
+    pub(crate) grace: Duration,
+}
+
 /// Serves the lanes through the program until SIGTERM or a fatal error.
 pub(crate) fn run(
-    args: &WorkerArgs,
+    args: &Settings,
     argv: Vec<String>,
     seg: Segment,
     mut lanes: Vec<Lane>,
@@ -263,12 +277,12 @@ pub(crate) fn run(
     tracing::info!(pid = child.id(), ?argv, "agent program started");
 
     let h = seg.header();
-    let heartbeat_every = Duration::from_millis(args.heartbeat_ms.max(1));
+    let heartbeat_every = args.heartbeat;
     // A program silent for this long (no heartbeat, no message) is stalled: the segment
     // heartbeat stops and the monitor replaces the slot.
     let silent_limit = heartbeat_every * 3;
     let park_for = (heartbeat_every / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
-    let max_requests = args.max_requests.unwrap_or(u64::MAX);
+    let max_requests = args.max_requests;
     let mut ready = false;
     let mut last_alive = Instant::now();
     let mut next_health = Instant::now();
@@ -362,11 +376,11 @@ pub(crate) fn run(
             //    answers and the exit, up to the grace period.
             let leaving = term.load(Ordering::Relaxed) || (taken >= max_requests);
             if leaving && shutdown_deadline.is_none() {
-                let grace = Duration::from_millis(args.grace_ms);
+                let grace = args.grace;
                 shutdown_deadline = Some(now + grace);
                 h.worker_state
                     .store(worker_state::EXITING, Ordering::Release);
-                let msg = serde_json::json!({"type": "shutdown", "gracePeriod": args.grace_ms});
+                let msg = serde_json::json!({"type": "shutdown", "gracePeriod": args.grace.as_millis() as u64});
                 let _ = send_line(&mut stdin, &msg.to_string());
             }
             if let Some(deadline) = shutdown_deadline {

@@ -1,6 +1,10 @@
-//! The worker process: its runtime loop, its confinement and the built-in handlers.
+//! The worker process: its start and confinement (`runtime`, `isolation`), its end of each lane
+//! (`lane`), and what serves the lanes: the built-in handlers (`serve`, `handlers`) or an agent
+//! program (`bridge`).
 
 pub mod bridge;
 pub mod handlers;
 pub mod isolation;
+mod lane;
 pub mod runtime;
+mod serve;
