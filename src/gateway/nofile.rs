@@ -7,22 +7,23 @@
 
 use crate::config::Config;
 
-/// Descriptors the pool opens once: the sandbox base lock, the routing table, and the wake
-/// socket pairs of the monitor and of the in-process lane.
-const POOL_FIXED: u64 = 6;
+/// Descriptors the pool opens once: the sandbox base lock, the routing table, and the
+/// monitor's wake socket pair.
+const POOL_FIXED: u64 = 4;
 
 /// Descriptors per gateway core: glommio's three io_uring rings and its eventfd, the
 /// listener, and the core's lane wake socket pair.
 const PER_CORE: u64 = 7;
 
-/// Descriptors per worker besides one per lane: its shared-memory segment and its pidfd.
-const PER_WORKER: u64 = 2;
+/// Descriptors per worker besides one per lane: its pidfd (its segment's descriptor is closed
+/// once the segment is mapped).
+const PER_WORKER: u64 = 1;
 
 /// Descriptors of the one respawn the monitor does at a time, besides one per lane (the
 /// sending ends of the new wake sockets): the log file and its duplicate for stderr, the
-/// child's `/dev/null` stdin, the pipe through which the child reports a failed exec, and
-/// the sandbox record being written.
-const SPAWN: u64 = 6;
+/// socket pair over which the child receives its wake sockets, the pipe through which the
+/// child reports a failed exec, and the sandbox record being written.
+const SPAWN: u64 = 7;
 
 /// Room per core for connections being refused (each lives up to the 1 s write timeout of
 /// its 503) and files the endpoints open briefly. Without it a core at its connection limit
@@ -35,10 +36,10 @@ const UNKNOWN_OPEN: u64 = 64;
 /// Descriptors the gateway needs besides its connections, with `open` already open (stdio,
 /// signal sockets, whatever was inherited), `cores` gateway cores and `workers` workers.
 ///
-/// Each worker has one wake socket per lane (`cores` + the in-process lane) in the gateway,
-/// twice during a respawn until the lanes switch to the new worker's sockets.
+/// Each worker has one wake socket per lane (one lane per core) in the gateway, twice during
+/// a respawn until the lanes switch to the new worker's sockets.
 pub(crate) fn reserved(open: u64, cores: u64, workers: u64) -> u64 {
-    let lanes = cores + 1;
+    let lanes = cores;
     open + POOL_FIXED
         + cores * (PER_CORE + SLACK_PER_CORE)
         + workers * (PER_WORKER + 2 * lanes)
@@ -320,15 +321,15 @@ mod tests {
     #[test]
     fn the_reservation_matches_a_running_gateway() {
         let steady = |cores: u64, workers: u64| {
-            let lanes = cores + 1;
+            let lanes = cores;
             reserved(7, cores, workers) - SPAWN - lanes - cores * SLACK_PER_CORE - workers * lanes
         };
         for ((cores, workers), measured) in [
-            ((1, 1), 24),
-            ((1, 2), 28),
-            ((2, 1), 32),
-            ((2, 3), 42),
-            ((2, 5), 52),
+            ((1, 1), 20),
+            ((1, 2), 22),
+            ((2, 1), 28),
+            ((2, 3), 34),
+            ((2, 5), 40),
         ] {
             assert_eq!(
                 steady(cores, workers),
