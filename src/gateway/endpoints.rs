@@ -83,12 +83,14 @@ fn shape_answer(
                 }
             } else {
                 let message = handler_message(&reply);
+                // A worker out of storage may succeed later; other handler errors will not.
+                let retryable = reply.status == 507;
                 Answer::error(
                     endpoint,
                     reply.status,
                     handler_code(&reply),
                     &message,
-                    false,
+                    retryable,
                     None,
                 )
             }
