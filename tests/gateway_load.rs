@@ -880,6 +880,19 @@ fn sigint_exits_0_at_once_despite_idle_keep_alive_connections() {
 /// SIGINT does not wait for requests in flight either: a frozen worker holding one is killed.
 #[test]
 fn sigint_exits_0_at_once_despite_a_request_held_by_a_frozen_worker() {
+    stop_fast_with_a_request_held_by_a_frozen_worker(false);
+}
+
+/// A drain waits for requests in flight; a second signal, SIGINT (a second Ctrl-C), turns it
+/// into a fast stop: the frozen worker's request is not waited for.
+#[test]
+fn sigint_during_a_sigterm_drain_stops_at_once() {
+    stop_fast_with_a_request_held_by_a_frozen_worker(true);
+}
+
+/// A request held by a frozen worker, then SIGINT (after SIGTERM began a drain, with
+/// `drain_first`): the gateway exits 0 without waiting for it and leaves nothing behind.
+fn stop_fast_with_a_request_held_by_a_frozen_worker(drain_first: bool) {
     // Timeouts far beyond the wait deadline: waiting for the request would fail the test.
     let mut g = Gw(GatewayProc::start_tuned(
         Options::new(2).args(&["--cores", "2"]),
@@ -894,50 +907,20 @@ fn sigint_exits_0_at_once_despite_a_request_held_by_a_frozen_worker() {
     let req = LoadReq::new(3, 3);
     req.send(&mut c).expect("send");
     wait_until("the request held", || held_requests(&g) == 1);
+    if drain_first {
+        g.signal(Signal::TERM);
+        wait_until("the drain to begin", || {
+            g.log().contains("SIGTERM received, draining")
+        });
+    }
     g.signal(Signal::INT);
     let status = g.wait();
     assert!(status.success(), "exit status {status}:\n{}", g.log());
+    assert!(g.log().contains("SIGINT received, stopping now"), "{}", g.log());
     // Fast stop: the request gets an error that says so, or the connection just closes.
     if let Some(r) = c.recv() {
         assert_eq!(r.status, 503, "{}", r.text());
         assert_eq!(error_code(&r).as_deref(), Ok("UNAVAILABLE"));
-    }
-    assert!(c.closed(), "connection closed");
-    assert_nothing_left(&segs, &workers);
-}
-
-/// A drain waits for requests in flight; a second signal, SIGINT (a second Ctrl-C), turns it
-/// into a fast stop: the frozen worker's request is not waited for.
-#[test]
-fn sigint_during_a_sigterm_drain_stops_at_once() {
-    // Timeouts far beyond the wait deadline: a drain that ignored SIGINT would fail the test.
-    let mut g = Gw(GatewayProc::start_tuned(
-        Options::new(2).args(&["--cores", "2"]),
-        &[("--stall-timeout", "600s"), ("--drain-timeout", "600s")],
-    ));
-    let workers = worker_procs(&g);
-    let segs = live_segments(&g, 2);
-    let mut c = served_clients(&g, 1).remove(0);
-    for p in &workers {
-        kill(p.0, Signal::STOP);
-    }
-    let req = LoadReq::new(3, 3);
-    req.send(&mut c).expect("send");
-    wait_until("the request held", || held_requests(&g) == 1);
-    g.signal(Signal::TERM);
-    wait_until("the drain to begin", || {
-        g.log().contains("SIGTERM received, draining")
-    });
-    g.signal(Signal::INT);
-    let status = g.wait();
-    assert!(status.success(), "exit status {status}:\n{}", g.log());
-    assert!(
-        g.log().contains("SIGINT received, stopping now"),
-        "{}",
-        g.log()
-    );
-    if let Some(r) = c.recv() {
-        assert_eq!(r.status, 503, "{}", r.text());
     }
     assert!(c.closed(), "connection closed");
     assert_nothing_left(&segs, &workers);
