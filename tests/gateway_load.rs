@@ -916,7 +916,11 @@ fn stop_fast_with_a_request_held_by_a_frozen_worker(drain_first: bool) {
     g.signal(Signal::INT);
     let status = g.wait();
     assert!(status.success(), "exit status {status}:\n{}", g.log());
-    assert!(g.log().contains("SIGINT received, stopping now"), "{}", g.log());
+    assert!(
+        g.log().contains("SIGINT received, stopping now"),
+        "{}",
+        g.log()
+    );
     // Fast stop: the request gets an error that says so, or the connection just closes.
     if let Some(r) = c.recv() {
         assert_eq!(r.status, 503, "{}", r.text());

@@ -131,6 +131,11 @@ impl Dispatch {
         RouteError::Timeout(self.timeout)
     }
 
+    /// `TIMEOUT` if the deadline has passed at `now`.
+    fn timed_out_at(&self, now: Instant) -> Option<RouteError> {
+        (now >= self.deadline).then(|| self.timed_out())
+    }
+
     /// Moves the request on as far as it goes without waiting; `lanes` are the caller's lanes
     /// (one per slot). After an error or [`Step::Sent`] the dispatch is over.
     pub fn step(
@@ -152,56 +157,63 @@ impl Dispatch {
         lanes: &mut LaneSet,
         now: Instant,
     ) -> Result<Step, RouteError> {
-        let Some(slot) = self.slot.clone() else {
+        let timed_out = self.timed_out_at(now);
+        let Dispatch {
+            slot,
+            stage,
+            deadline_us,
+            ..
+        } = self;
+        let Some(slot) = slot.as_deref() else {
             return Ok(Step::Assign);
         };
         loop {
-            match std::mem::replace(&mut self.stage, Stage::Done) {
+            match std::mem::replace(stage, Stage::Done) {
                 Stage::Unassigned => return Ok(Step::Assign),
                 Stage::Done => {
                     return Err(RouteError::Internal("request already dispatched".into()));
                 }
                 Stage::Admit(ticket) => {
-                    refusal(&slot)?;
+                    refusal(slot)?;
                     let a = &slot.admission;
                     let ticket = match ticket {
                         Some(t) => t,
                         None => match a.try_enter() {
                             Some(permit) => {
-                                self.stage = Stage::Submit(permit);
+                                *stage = Stage::Submit(permit);
                                 continue;
                             }
-                            None => a.enqueue().ok_or_else(|| queue_full(&slot))?,
+                            None => a.enqueue().ok_or_else(|| queue_full(slot))?,
                         },
                     };
-                    if now >= self.deadline {
-                        return Err(self.timed_out());
+                    if let Some(e) = timed_out {
+                        return Err(e);
                     }
                     // Listen before trying, so that a permit released in between wakes us.
                     let listener = ticket.listen();
-                    refusal(&slot)?;
+                    refusal(slot)?;
                     match ticket.try_acquire() {
-                        Ok(permit) => self.stage = Stage::Submit(permit),
+                        Ok(permit) => *stage = Stage::Submit(permit),
                         Err(ticket) => {
-                            self.stage = Stage::Admit(Some(ticket));
+                            *stage = Stage::Admit(Some(ticket));
                             return Ok(Step::Queue(listener));
                         }
                     }
                 }
                 Stage::Submit(permit) => {
-                    if now >= self.deadline {
-                        return Err(self.timed_out());
+                    if let Some(e) = timed_out {
+                        return Err(e);
                     }
                     let lane = lanes
                         .get_mut(slot.id)
                         .ok_or_else(|| RouteError::Internal(format!("no lane to {}", slot.id)))?;
-                    return match lane.submit(call, self.deadline_us, permit) {
+                    return match lane.submit(call, *deadline_us, permit) {
                         Ok(replies) => Ok(Step::Sent {
                             slot: slot.id,
                             replies,
                         }),
                         Err(Refused::Full(permit)) => {
-                            self.stage = Stage::Submit(permit);
+                            *stage = Stage::Submit(permit);
                             Ok(Step::Pause(RING_FULL_PAUSE))
                         }
                         Err(Refused::TooLarge { len, max }) => {
