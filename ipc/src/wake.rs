@@ -3,7 +3,7 @@
 //! The consumer announces that it is about to park by setting a flag in shared memory, checks
 //! its rings once more, and only then sleeps. The producer, after publishing a frame, looks at
 //! the flag and issues a wake-up only if it is set. With a `SeqCst` fence on both sides between
-//! the store and the load (Dekker's pattern), at least one of them sees the other's write: either
+//! the write and the read (Dekker's pattern), at least one of them sees the other's write: either
 //! the consumer sees the new frame and does not sleep, or the producer sees the flag and wakes
 //! it. Under load consumers never park, so there is no syscall per message.
 //!
@@ -38,9 +38,16 @@ use rustix::net::{
 use crate::sync::{AtomicU32, Ordering, fence};
 
 /// Consumer: announce the intent to park. Re-check for data after this and before sleeping.
+///
+/// The announcement is an exchange rather than a plain store. With a store the handshake is
+/// just as correct in the C11 model, but loom, which models `SeqCst` accesses as
+/// acquire/release only, then reports a lost wake-up with several producers on one word (the
+/// worker's case: one per gateway core); an exchange follows every earlier clear of the word
+/// in its order, and the model checks. It costs nothing more: a `SeqCst` store is an exchange
+/// on x86 anyway.
 #[inline]
 pub fn announce_park(flag: &AtomicU32) {
-    flag.store(1, Ordering::SeqCst);
+    flag.swap(1, Ordering::SeqCst);
     fence(Ordering::SeqCst);
 }
 

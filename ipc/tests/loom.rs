@@ -129,3 +129,50 @@ fn a_parking_consumer_is_never_left_asleep_with_a_frame() {
         producer.join().unwrap();
     });
 }
+
+/// The worker's case: one park word for the consumer, several producers (one per gateway core)
+/// each publishing on a ring of its own and waking the consumer only if it finds the word set.
+/// Every interleaving ends with both frames consumed: whichever producer comes second, it
+/// either sees the consumer's announcement or the consumer sees its frame.
+#[test]
+fn a_consumer_parked_for_two_producers_is_never_left_asleep() {
+    model(|| {
+        let word = loom::sync::Arc::new(loom::sync::atomic::AtomicU32::new(0));
+        let (a, b) = (HeapRing::new(256).unwrap(), HeapRing::new(256).unwrap());
+        let (pa, mut ca) = a.split().unwrap();
+        let (pb, mut cb) = b.split().unwrap();
+        let spawn = |mut p: Producer, word: loom::sync::Arc<loom::sync::atomic::AtomicU32>| {
+            thread::spawn(move || {
+                p.push(b"frame").unwrap();
+                if wake_needed(&word) {
+                    futex_unpark(&word);
+                }
+            })
+        };
+        let ta = spawn(pa, word.clone());
+        let tb = spawn(pb, word.clone());
+        let mut seen = 0;
+        while seen < 2 {
+            let mut got = false;
+            for c in [&mut ca, &mut cb] {
+                if let Some(f) = c.peek().unwrap() {
+                    f.release();
+                    seen += 1;
+                    got = true;
+                }
+            }
+            if got {
+                continue;
+            }
+            announce_park(&word);
+            if ca.has_data().unwrap() || cb.has_data().unwrap() {
+                cancel_park(&word);
+                continue;
+            }
+            futex_park(&word, Duration::from_secs(1));
+            cancel_park(&word);
+        }
+        ta.join().unwrap();
+        tb.join().unwrap();
+    });
+}
