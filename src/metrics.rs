@@ -14,6 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::auth::Refusal;
 use crate::pool::PoolStatus;
 
 /// The `Content-Type` of [`encode`]'s output (the OpenMetrics text format, which ends in
@@ -191,7 +192,12 @@ pub struct CoreMetrics {
     connections_open: AtomicI64,
     connections_accepted: AtomicU64,
     connections_rejected: AtomicU64,
+    /// Refused credentials, by [`Refusal::index`].
+    auth_refusals: [AtomicU64; AUTH_REASONS],
 }
+
+/// Reasons a credential is refused (the label of `moltbot_auth_failures_total`).
+const AUTH_REASONS: usize = Refusal::ALL.len();
 
 impl Default for CoreMetrics {
     fn default() -> Self {
@@ -203,6 +209,7 @@ impl Default for CoreMetrics {
             connections_open: AtomicI64::new(0),
             connections_accepted: AtomicU64::new(0),
             connections_rejected: AtomicU64::new(0),
+            auth_refusals: zeroed(),
         }
     }
 }
@@ -248,6 +255,11 @@ impl CoreMetrics {
         self.connections_rejected.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request was refused for its credential (no user id: labels stay bounded).
+    pub fn auth_refused(&self, why: Refusal) {
+        self.auth_refusals[why.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
     fn add_to(&self, t: &mut Totals) {
         for (sum, a) in t.requests.iter_mut().zip(&self.requests) {
             *sum += a.load(Ordering::Relaxed);
@@ -262,6 +274,9 @@ impl CoreMetrics {
         t.connections_open += self.connections_open.load(Ordering::Relaxed);
         t.connections_accepted += self.connections_accepted.load(Ordering::Relaxed);
         t.connections_rejected += self.connections_rejected.load(Ordering::Relaxed);
+        for (sum, a) in t.auth_refusals.iter_mut().zip(&self.auth_refusals) {
+            *sum += a.load(Ordering::Relaxed);
+        }
     }
 }
 
@@ -288,6 +303,7 @@ struct Totals {
     connections_open: i64,
     connections_accepted: u64,
     connections_rejected: u64,
+    auth_refusals: [u64; AUTH_REASONS],
 }
 
 impl Default for Totals {
@@ -300,6 +316,7 @@ impl Default for Totals {
             connections_open: 0,
             connections_accepted: 0,
             connections_rejected: 0,
+            auth_refusals: [0; AUTH_REASONS],
         }
     }
 }
@@ -396,6 +413,17 @@ impl Exposition {
                 MetricType::Counter,
             )?
             .encode_counter::<NoLabelSet, u64, u64>(&t.connections_rejected, None)?;
+        let mut m = encoder.encode_descriptor(
+            "auth_failures",
+            "Requests refused for their credential, by reason (missing, unknown, revoked, expired, invalid, forbidden)",
+            None,
+            MetricType::Counter,
+        )?;
+        for why in Refusal::ALL {
+            let labels = [("reason", why.reason())];
+            m.encode_family(&labels)?
+                .encode_counter::<NoLabelSet, u64, u64>(&t.auth_refusals[why.index()], None)?;
+        }
         Ok(())
     }
 

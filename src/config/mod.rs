@@ -14,7 +14,7 @@
 //! ([`declare`]): figment would layer the sources, but each key would still be spelled out in
 //! serde attributes, a clap struct and the docs, and it has nothing to say about flags or the
 //! README; the macro keeps a key in one block and needs no dependency. Rules between keys
-//! (a body must fit a ring, a public bind needs a token, ...) are in [`Config::validate`].
+//! (a body must fit a ring, a stall timeout beyond the heartbeat, ...) are in [`Config::validate`].
 //!
 //! Adding a key: add its block below (the field, `MOLTBOT_<KEY>`, the flag if any, `--help`,
 //! `workers info` and TOML follow), give it a sample value in the tests' `env_samples` (a test
@@ -284,7 +284,8 @@ config_keys! {
         aliases: ["workerReadPaths"],
     }
 
-    /// Address the gateway listens on; an address other than loopback needs a `token`.
+    /// Address the gateway listens on; an address other than loopback needs a credential (the
+    /// operator `token`, a user, or signed tokens).
     bind: IpAddr as Address {
         default: IpAddr::V4(Ipv4Addr::LOCALHOST),
         flag: gateway("bind"),
@@ -822,15 +823,6 @@ impl Config {
             return bad(
                 "max_restart_delay",
                 "must not be shorter than restart_delay",
-            );
-        }
-        if !self.bind.is_loopback() && self.token.is_none() {
-            return bad(
-                "token",
-                format!(
-                    "binding the non-loopback address {} needs a token: set {TOKEN_ENV}",
-                    self.bind
-                ),
             );
         }
         if self.max_body_bytes as u64 > self.max_frame_body() {

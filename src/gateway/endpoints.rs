@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::{Authenticator, Principal, Refusal};
 use crate::error::RouteError;
 use crate::gateway::answer::{Answer, Body, JSON};
 use crate::gateway::http::{self, Method, RequestHead};
@@ -187,13 +188,66 @@ fn bad_request(endpoint: Endpoint, code: &str, message: &str) -> Prepared {
     Prepared::Done(Answer::error(endpoint, 400, code, message, false, None))
 }
 
-/// The user of a header-addressed endpoint (`x-moltbot-user`), validated.
-fn header_user(head: &RequestHead) -> Result<&str, String> {
-    let raw = head
-        .user
-        .as_deref()
-        .ok_or_else(|| "missing x-moltbot-user header".to_string())?;
-    crate::user::validate_user_id_bytes(raw).map_err(|e| format!("invalid x-moltbot-user: {e}"))
+/// The user a request acts as. A user's credential acts as that user only: a request that
+/// also names a user must name exactly that one (compared byte for byte: another case or
+/// another Unicode normalisation is another user), else it is refused before it reaches any
+/// worker. The operator token, or no credential on a gateway that has none, acts for the user
+/// the request names (`what`: where, for the message).
+fn acting_user<'a>(
+    principal: &'a Principal,
+    named: Option<&'a [u8]>,
+    what: &str,
+) -> Result<&'a str, ActingError> {
+    match principal {
+        Principal::User(user) => match named {
+            Some(n) if n != user.as_bytes() => Err(ActingError::Forbidden),
+            _ => Ok(user),
+        },
+        Principal::Operator | Principal::Anonymous => {
+            let raw = named.ok_or_else(|| ActingError::Invalid(format!("missing {what}")))?;
+            crate::user::validate_user_id_bytes(raw)
+                .map_err(|e| ActingError::Invalid(format!("invalid {what}: {e}")))
+        }
+    }
+}
+
+/// Why a request has no user to act as.
+enum ActingError {
+    /// It names a user its credential may not act for: 403.
+    Forbidden,
+    /// It names none, or not a valid one: 400.
+    Invalid(String),
+}
+
+/// The user of a header-addressed endpoint (`x-moltbot-user`, optional with a user's own
+/// credential).
+fn header_user<'a>(
+    reactor: &Reactor,
+    endpoint: Endpoint,
+    principal: &'a Principal,
+    head: &'a RequestHead,
+) -> Result<&'a str, Prepared> {
+    acting_user(principal, head.user.as_deref(), "x-moltbot-user header")
+        .map_err(|e| acting_refusal(reactor, endpoint, e))
+}
+
+fn acting_refusal(reactor: &Reactor, endpoint: Endpoint, e: ActingError) -> Prepared {
+    match e {
+        ActingError::Forbidden => refuse(reactor, endpoint, Refusal::Forbidden),
+        ActingError::Invalid(msg) => bad_request(endpoint, "INVALID_USER", &msg),
+    }
+}
+
+/// The answer to a request without a valid credential (401, with `WWW-Authenticate`) or with
+/// one that may not do this (403); counted by reason.
+fn refuse(reactor: &Reactor, endpoint: Endpoint, r: Refusal) -> Prepared {
+    reactor.metrics.auth_refused(r);
+    tracing::debug!(reason = r.reason(), "request refused");
+    let mut a = Answer::error(endpoint, r.status(), r.code(), r.message(), false, None);
+    if r.status() == 401 {
+        a.headers.push(("www-authenticate", "Bearer".into()));
+    }
+    Prepared::Done(a)
 }
 
 fn method_not_allowed(endpoint: Endpoint, allow: &'static str) -> Prepared {
@@ -209,70 +263,52 @@ fn method_not_allowed(endpoint: Endpoint, allow: &'static str) -> Prepared {
     Prepared::Done(a)
 }
 
-/// Whether the `authorization` header carries `expected` as a bearer token, compared in
-/// constant time.
-fn token_matches(expected: &str, header: Option<&str>) -> bool {
-    use subtle::ConstantTimeEq;
-    let Some(given) = header.and_then(|h| {
-        let (scheme, rest) = h.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
-    }) else {
-        return false;
-    };
-    // Lengths are compared openly (`ct_eq` of slices does): a token's length is no secret
-    // worth a timing channel, its bytes are.
-    expected.as_bytes().ct_eq(given.as_bytes()).into()
-}
-
 /// Handles one request up to the point where it waits for a worker.
 pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prepared {
     let shared = &reactor.shared;
     let path = head.path();
     let endpoint = classify(path);
-    if let Some(token) = &shared.config.token {
-        if !matches!(endpoint, Endpoint::Livez | Endpoint::Readyz)
-            && !token_matches(token, head.authorization.as_deref())
-        {
-            let mut a = Answer::error(
-                endpoint,
-                401,
-                "UNAUTHORIZED",
-                "missing or invalid bearer token",
-                false,
-                None,
-            );
-            a.headers.push(("www-authenticate", "Bearer".into()));
-            return Prepared::Done(a);
+    // The probes answer anyone: a balancer or an orchestrator has no credential.
+    let principal = if matches!(endpoint, Endpoint::Livez | Endpoint::Readyz) {
+        Principal::Anonymous
+    } else {
+        let bearer = Authenticator::bearer(head.authorization.as_deref());
+        match shared.auth.authenticate(bearer) {
+            Ok(p) => p,
+            Err(r) => return refuse(reactor, endpoint, r),
         }
-    }
+    };
     let m = head.method;
     let get_only = |answer: fn(&Shared) -> Answer| match m {
         Method::Get => Prepared::Done(answer(shared)),
         _ => method_not_allowed(endpoint, "GET"),
     };
+    // The gateway's own state: for the operator (or anyone, when no credential exists).
+    let operator_only = |answer: fn(&Shared) -> Answer| match principal {
+        Principal::User(_) => refuse(reactor, endpoint, Refusal::Forbidden),
+        _ => get_only(answer),
+    };
     match endpoint {
-        Endpoint::Livez => {
-            get_only(|_| Answer::json(Endpoint::Livez, 200, br#"{"status":"ok"}"#.to_vec()))
-        }
+        Endpoint::Livez => get_only(|_| Answer::json(Endpoint::Livez, 200, br#"{"status":"ok"}"#.to_vec())),
         Endpoint::Readyz => get_only(readiness),
         Endpoint::Healthz => get_only(health),
-        Endpoint::Status => get_only(status),
-        Endpoint::Metrics => get_only(metrics),
+        Endpoint::Status => operator_only(status),
+        Endpoint::Metrics => operator_only(metrics),
         Endpoint::Users => match m {
-            Method::Get => Prepared::Done(user_worker(reactor, path).await),
+            Method::Get => user_worker(reactor, &principal, path).await,
             _ => method_not_allowed(endpoint, "GET"),
         },
         Endpoint::Route => match m {
-            Method::Post => route(reactor, body).await,
+            Method::Post => route(reactor, &principal, body).await,
             _ => method_not_allowed(endpoint, "POST"),
         },
         Endpoint::Agent | Endpoint::Echo => {
             if m != Method::Post {
                 return method_not_allowed(endpoint, "POST");
             }
-            let user = match header_user(head) {
+            let user = match header_user(reactor, endpoint, &principal, head) {
                 Ok(u) => u,
-                Err(msg) => return bad_request(endpoint, "INVALID_USER", &msg),
+                Err(refused) => return refused,
             };
             let (kind, content_type) = if endpoint == Endpoint::Agent {
                 (Kind::AgentMessage, JSON)
@@ -288,7 +324,7 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
             };
             send(reactor, endpoint, &call, Shape::Raw { content_type }).await
         }
-        Endpoint::Sessions => sessions(reactor, head, path, body).await,
+        Endpoint::Sessions => sessions(reactor, &principal, head, path, body).await,
         Endpoint::Other => Prepared::Done(Answer::error(
             endpoint,
             404,
@@ -367,6 +403,10 @@ fn status(s: &Shared) -> Answer {
                 "version": env!("CARGO_PKG_VERSION"),
             }),
         );
+        obj.insert(
+            "auth".into(),
+            serde_json::to_value(s.auth.status()).unwrap_or_default(),
+        );
     }
     Answer::json(
         Endpoint::Status,
@@ -422,31 +462,29 @@ fn users_segment(path: &str) -> Option<&str> {
     path.strip_prefix("/v1/users/")?.strip_suffix("/worker")
 }
 
-async fn user_worker(reactor: &Reactor, path: &str) -> Answer {
+async fn user_worker(reactor: &Reactor, principal: &Principal, path: &str) -> Prepared {
     let endpoint = Endpoint::Users;
     let Some(seg) = users_segment(path) else {
-        return Answer::error(
+        return Prepared::Done(Answer::error(
             endpoint,
             404,
             "NOT_FOUND",
             &format!("no such endpoint: {path}"),
             false,
             None,
-        );
+        ));
     };
     let user = match http::percent_decode_segment(seg) {
         Ok(u) => u,
-        Err(e) => return Answer::error(endpoint, 400, "INVALID_USER", &e.to_string(), false, None),
+        // Whatever it is, it is not the one user this credential may look up.
+        Err(_) if matches!(principal, Principal::User(_)) => {
+            return refuse(reactor, endpoint, Refusal::Forbidden);
+        }
+        Err(e) => return bad_request(endpoint, "INVALID_USER", &e.to_string()),
     };
-    if let Err(e) = crate::user::validate_user_id(&user) {
-        return Answer::error(
-            endpoint,
-            400,
-            "INVALID_USER",
-            &format!("invalid userId: {e}"),
-            false,
-            None,
-        );
+    // A user may look up only itself.
+    if let Err(e) = acting_user(principal, Some(user.as_bytes()), "userId") {
+        return acting_refusal(reactor, endpoint, e);
     }
     let router = reactor.shared.pool.router();
     let assigned = router.lookup(&user);
@@ -464,20 +502,24 @@ async fn user_worker(reactor: &Reactor, path: &str) -> Answer {
         "workerId": crate::sandbox::worker_id(slot),
         "assigned": assigned.is_some(),
     });
-    Answer::json(endpoint, 200, serde_json::to_vec(&body).unwrap_or_default())
+    Prepared::Done(Answer::json(
+        endpoint,
+        200,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    ))
 }
 
 #[derive(Deserialize)]
 struct RouteBody<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
-    #[serde(rename = "userId")]
-    user_id: String,
+    #[serde(rename = "userId", default)]
+    user_id: Option<String>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
 }
 
-async fn route(reactor: &Reactor, body: &[u8]) -> Prepared {
+async fn route(reactor: &Reactor, principal: &Principal, body: &[u8]) -> Prepared {
     let endpoint = Endpoint::Route;
     let req: RouteBody<'_> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -496,9 +538,11 @@ async fn route(reactor: &Reactor, body: &[u8]) -> Prepared {
             &format!("unknown type {:?}", req.kind),
         );
     };
-    if let Err(e) = crate::user::validate_user_id(&req.user_id) {
-        return bad_request(endpoint, "INVALID_USER", &format!("invalid userId: {e}"));
-    }
+    let named = req.user_id.as_deref().map(str::as_bytes);
+    let user = match acting_user(principal, named, "userId") {
+        Ok(u) => u,
+        Err(e) => return acting_refusal(reactor, endpoint, e),
+    };
     let payload = req.payload.map(|p| p.get()).unwrap_or("null");
     let target = match fault_action(kind, payload) {
         Ok(p) => p,
@@ -506,7 +550,7 @@ async fn route(reactor: &Reactor, body: &[u8]) -> Prepared {
     };
     let call = Call {
         target: &target,
-        ..Call::of_kind(kind, &req.user_id, payload.as_bytes())
+        ..Call::of_kind(kind, user, payload.as_bytes())
     };
     let shape = Shape::Route {
         request_id: next_request_id(),
@@ -537,7 +581,13 @@ fn fault_action(_kind: Kind, _payload: &str) -> Result<String, String> {
     Ok(String::new())
 }
 
-async fn sessions(reactor: &Reactor, head: &RequestHead, path: &str, body: &[u8]) -> Prepared {
+async fn sessions(
+    reactor: &Reactor,
+    principal: &Principal,
+    head: &RequestHead,
+    path: &str,
+    body: &[u8],
+) -> Prepared {
     let endpoint = Endpoint::Sessions;
     let name = match path.strip_prefix("/v1/sessions/") {
         None => String::new(),
@@ -562,9 +612,9 @@ async fn sessions(reactor: &Reactor, head: &RequestHead, path: &str, body: &[u8]
             );
         }
     }
-    let user = match header_user(head) {
+    let user = match header_user(reactor, endpoint, principal, head) {
         Ok(u) => u,
-        Err(msg) => return bad_request(endpoint, "INVALID_USER", &msg),
+        Err(refused) => return refused,
     };
     let call = Call {
         kind: Kind::Session,
@@ -609,13 +659,32 @@ mod tests {
     }
 
     #[test]
-    fn bearer_token_comparison() {
-        assert!(token_matches("s3cret", Some("Bearer s3cret")));
-        assert!(token_matches("s3cret", Some("bearer s3cret")));
-        assert!(!token_matches("s3cret", Some("Bearer s3cre")));
-        assert!(!token_matches("s3cret", Some("Bearer s3cretx")));
-        assert!(!token_matches("s3cret", Some("Basic s3cret")));
-        assert!(!token_matches("s3cret", Some("s3cret")));
-        assert!(!token_matches("s3cret", None));
+    fn acting_user_follows_the_credential() {
+        let alice = Principal::User("alice".into());
+        let ok = |p: &Principal, named: Option<&str>| {
+            acting_user(p, named.map(str::as_bytes), "userId")
+                .ok()
+                .map(str::to_string)
+        };
+        assert_eq!(ok(&alice, None).as_deref(), Some("alice"));
+        assert_eq!(ok(&alice, Some("alice")).as_deref(), Some("alice"));
+        // Another user, another case, another normalisation: never alice's to act for.
+        for other in ["bob", "Alice", "alice ", "a\u{300}lice", ""] {
+            assert!(matches!(
+                acting_user(&alice, Some(other.as_bytes()), "userId"),
+                Err(ActingError::Forbidden)
+            ));
+        }
+        for p in [Principal::Operator, Principal::Anonymous] {
+            assert_eq!(ok(&p, Some("bob")).as_deref(), Some("bob"));
+            assert!(matches!(
+                acting_user(&p, None, "userId"),
+                Err(ActingError::Invalid(_))
+            ));
+            assert!(matches!(
+                acting_user(&p, Some(b"bad\x01id"), "userId"),
+                Err(ActingError::Invalid(_))
+            ));
+        }
     }
 }

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::auth::Authenticator;
 use crate::config::{Config, Cores};
 use crate::gateway::server::CoreSetup;
 use crate::gateway::shared::Shared;
@@ -151,6 +152,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Gateway {
     pool: Arc<Pool>,
     shared: Arc<Shared>,
+    /// Keeps the users table current; stopped with the gateway.
+    _auth_watcher: crate::auth::Watcher,
     cores: Vec<glommio::ExecutorJoinHandle<()>>,
     addr: SocketAddr,
     stopped: AtomicBool,
@@ -204,6 +207,20 @@ impl Gateway {
         drop(probe);
         let addr = SocketAddr::new(ip, port);
 
+        // Credentials before workers: a broken users file or JWT key is a start-up error.
+        let auth = Arc::new(
+            Authenticator::from_config(&config).map_err(|e| GatewayError::Config(e.to_string()))?,
+        );
+        if !ip.is_loopback() && !auth.can_admit_anyone() {
+            return Err(GatewayError::Config(format!(
+                "binding the non-loopback address {ip} needs a credential: set {}, add a user \
+                 (moltbot users add ID) or configure signed tokens (jwt_*)",
+                crate::config::TOKEN_ENV
+            )));
+        }
+        let auth_watcher = crate::auth::Watcher::start(auth.clone())
+            .map_err(|e| GatewayError::Config(format!("users file watcher: {e}")))?;
+
         let config = Arc::new(config);
         let (pool, endpoints) = Pool::start(config.clone(), cpus.len())?;
         if let Err(e) = pool.wait_ready(START_TIMEOUT) {
@@ -213,6 +230,7 @@ impl Gateway {
         let shared = Arc::new(Shared::new(
             config,
             pool.clone(),
+            auth,
             cpus.len(),
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
@@ -272,6 +290,7 @@ impl Gateway {
         Ok(Gateway {
             pool,
             shared,
+            _auth_watcher: auth_watcher,
             cores,
             addr,
             stopped: AtomicBool::new(false),

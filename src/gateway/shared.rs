@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::metrics::CoreMetrics;
 use crate::pool::Pool;
@@ -26,6 +27,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     /// The worker pool.
     pub pool: Arc<Pool>,
+    /// Who each request is.
+    pub auth: Arc<Authenticator>,
     /// Per-core metrics, indexed by core.
     pub metrics: Vec<Arc<CoreMetrics>>,
     /// True once every core listens.
@@ -51,6 +54,7 @@ impl Shared {
     pub fn new(
         config: Arc<Config>,
         pool: Arc<Pool>,
+        auth: Arc<Authenticator>,
         cores: usize,
         core_wakers: Vec<Arc<moltbot_ipc::WakeSender>>,
     ) -> Shared {
@@ -63,6 +67,7 @@ impl Shared {
         Shared {
             config,
             pool,
+            auth,
             metrics: (0..cores)
                 .map(|_| Arc::new(CoreMetrics::default()))
                 .collect(),
