@@ -1,11 +1,11 @@
-//! The `moltbot` command line: `gateway`, `workers {demo,info,status,route}` and the hidden
-//! `worker` that the gateway runs in each slot. This module only assembles the subcommands
-//! of `crate::command` (one file each, owning its arguments) and dispatches to them; the
-//! dependency goes this way only.
+//! The `moltbot` command line: `gateway`, `workers {demo,info,status,route}`, `users
+//! {add,list,revoke,rotate}` and the hidden `worker` that the gateway runs in each slot. This
+//! module only assembles the subcommands of `crate::command` (one file each, owning its
+//! arguments) and dispatches to them; the dependency goes this way only.
 
 use clap::{Parser, Subcommand};
 
-use crate::command::{self, demo, gateway, info, route, status, worker};
+use crate::command::{self, demo, gateway, info, route, status, users, worker};
 
 /// moltbot: multi-tenant gateway and sandboxed worker pool.
 #[derive(Parser, Debug)]
@@ -24,6 +24,9 @@ pub enum Command {
     /// Manage and try the worker pool.
     #[command(subcommand)]
     Workers(WorkersCommand),
+    /// Manage the users file: per-user tokens for the gateway.
+    #[command(subcommand)]
+    Users(users::UsersCommand),
     /// One worker process (started by the gateway, not by hand).
     #[command(hide = true)]
     Worker(worker::WorkerArgs),
@@ -51,6 +54,13 @@ pub fn run(cli: Cli) -> i32 {
             command::init_logging("info");
             gateway::run(args).unwrap_or_else(|e| {
                 eprintln!("moltbot gateway: {e:#}");
+                1
+            })
+        }
+        Command::Users(u) => {
+            command::init_logging("warn");
+            users::run(u).unwrap_or_else(|e| {
+                eprintln!("moltbot users: {e:#}");
                 1
             })
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Arg, ArgAction, ArgMatches, Command, FromArgMatches};
 
-use crate::config::{Config, ConfigError, FlagGroup, KEYS, Key};
+use crate::config::{self, Config, ConfigError, FlagGroup, KEYS, Key};
 
 /// The id (and long name) of the config file flag.
 const CONFIG_ARG: &str = "config";
@@ -39,9 +39,9 @@ impl FlagValues {
         self.0.iter().map(|(k, v)| (*k, v.as_str()))
     }
 
-    /// Reads the flags of `group` from parsed arguments.
-    fn read(&mut self, m: &ArgMatches, group: FlagGroup) {
-        for key in keys_of(group) {
+    /// Reads the flags of `keys` from parsed arguments.
+    fn read(&mut self, m: &ArgMatches, keys: impl Iterator<Item = &'static Key>) {
+        for key in keys {
             if key.kind.switch {
                 if let Ok(Some(true)) = m.try_get_one::<bool>(key.name) {
                     self.set(key.name, "true");
@@ -89,6 +89,44 @@ impl PoolArgs {
     }
 }
 
+/// The keys whose flags `moltbot users` takes: those that say where the users file is.
+const USERS_FILE_KEYS: [&str; 2] = ["sandbox_dir", "users_file"];
+
+/// `--config`, `-s/--sandbox-dir` and `--users-file`: the arguments of the commands that edit
+/// the users file (`moltbot users ...`). They run no pool, so their `--help` lists no pool
+/// settings, and [`UsersFileArgs::resolve`] checks only the keys they use.
+#[derive(Debug, Clone, Default)]
+pub struct UsersFileArgs {
+    /// `--config` and the flags given, resolved like every other command's.
+    pub pool: PoolArgs,
+}
+
+impl UsersFileArgs {
+    /// The configuration, layered as [`PoolArgs::resolve`] layers it, with the values of the
+    /// keys that locate the users file checked, and nothing else: a config file made for a
+    /// gateway that binds a public address, whose token only that gateway's environment
+    /// holds, must still tell `moltbot users` where the file is.
+    pub fn resolve(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let cfg = Config::layer(self.pool.config.as_deref(), env, self.pool.flags.iter())?;
+        for key in users_file_keys() {
+            (key.check)(&cfg).map_err(|message| ConfigError::Invalid {
+                key: key.name,
+                message,
+            })?;
+        }
+        Ok(cfg)
+    }
+}
+
+fn users_file_keys() -> impl Iterator<Item = &'static Key> {
+    USERS_FILE_KEYS
+        .iter()
+        .map(|name| config::key(name).expect("a declared key"))
+}
+
 /// The keys whose flag belongs to `group`.
 fn keys_of(group: FlagGroup) -> impl Iterator<Item = &'static Key> {
     KEYS.iter()
@@ -115,18 +153,22 @@ fn arg(key: &'static Key) -> Arg {
         .value_parser(move |s: &str| key.parse(s).map(|()| s.to_string()))
 }
 
+/// `--config FILE`.
+fn config_arg() -> Arg {
+    Arg::new(CONFIG_ARG)
+        .long(CONFIG_ARG)
+        .value_name("FILE")
+        .value_parser(clap::value_parser!(PathBuf))
+        .help("TOML config file [default: $MOLTBOT_CONFIG if set, else none]")
+}
+
 fn add_flags(cmd: Command, group: FlagGroup) -> Command {
     keys_of(group).fold(cmd, |cmd, key| cmd.arg(arg(key)))
 }
 
 impl clap::Args for PoolArgs {
     fn augment_args(cmd: Command) -> Command {
-        let config = Arg::new(CONFIG_ARG)
-            .long(CONFIG_ARG)
-            .value_name("FILE")
-            .value_parser(clap::value_parser!(PathBuf))
-            .help("TOML config file [default: $MOLTBOT_CONFIG if set, else none]");
-        add_flags(cmd.arg(config), FlagGroup::Pool)
+        add_flags(cmd.arg(config_arg()), FlagGroup::Pool)
     }
 
     fn augment_args_for_update(cmd: Command) -> Command {
@@ -145,7 +187,33 @@ impl FromArgMatches for PoolArgs {
         if let Ok(Some(path)) = m.try_get_one::<PathBuf>(CONFIG_ARG) {
             self.config = Some(path.clone());
         }
-        self.flags.read(m, FlagGroup::Pool);
+        self.flags.read(m, keys_of(FlagGroup::Pool));
+        Ok(())
+    }
+}
+
+impl clap::Args for UsersFileArgs {
+    fn augment_args(cmd: Command) -> Command {
+        users_file_keys().fold(cmd.arg(config_arg()), |cmd, key| cmd.arg(arg(key)))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl FromArgMatches for UsersFileArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut args = UsersFileArgs::default();
+        args.update_from_arg_matches(m)?;
+        Ok(args)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        if let Ok(Some(path)) = m.try_get_one::<PathBuf>(CONFIG_ARG) {
+            self.pool.config = Some(path.clone());
+        }
+        self.pool.flags.read(m, users_file_keys());
         Ok(())
     }
 }
@@ -168,7 +236,7 @@ impl FromArgMatches for GatewayArgs {
     }
 
     fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
-        self.flags.read(m, FlagGroup::Gateway);
+        self.flags.read(m, keys_of(FlagGroup::Gateway));
         Ok(())
     }
 }
@@ -349,6 +417,50 @@ mod tests {
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
             assert!(help.contains(&key.env_var()), "{}: {help}", key.name);
         }
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct UsersCli {
+        #[command(flatten)]
+        files: UsersFileArgs,
+    }
+
+    #[test]
+    fn users_file_args_take_the_location_flags_only() {
+        let cli =
+            UsersCli::try_parse_from(["x", "-s", "/srv/m", "--users-file", "/srv/u.json"]).unwrap();
+        assert_eq!(cli.files.pool.flags.get("sandbox_dir"), Some("/srv/m"));
+        assert_eq!(cli.files.pool.flags.get("users_file"), Some("/srv/u.json"));
+        for pool_only in [&["x", "-w", "3"][..], &["x", "--max-memory", "1GiB"]] {
+            assert!(
+                UsersCli::try_parse_from(pool_only).is_err(),
+                "{pool_only:?}"
+            );
+        }
+        let help = UsersCli::command().render_long_help().to_string();
+        assert!(help.contains("MOLTBOT_USERS_FILE"), "{help}");
+        assert!(!help.contains("--workers"), "{help}");
+    }
+
+    #[test]
+    fn users_file_args_resolve_a_gateway_config_that_would_not_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.toml");
+        // A public bind whose token is in the gateway's environment only: not runnable here,
+        // but it says where the users file is.
+        std::fs::write(&p, "bind = \"0.0.0.0\"\nsandbox_dir = \"/srv/m\"\n").unwrap();
+        let cli = UsersCli::try_parse_from(["x", "--config", p.to_str().unwrap()]).unwrap();
+        assert!(cli.files.pool.resolve(None, Vec::new()).is_err());
+        let c = cli.files.resolve(Vec::new()).unwrap();
+        assert_eq!(c.users_path(), Path::new("/srv/m/users.json"));
+        let env = vec![("MOLTBOT_USERS_FILE".to_string(), "/srv/u.json".to_string())];
+        let c = cli.files.resolve(env).unwrap();
+        assert_eq!(c.users_path(), Path::new("/srv/u.json"));
+        let env = vec![("MOLTBOT_WORKER_COUNT".to_string(), "many".to_string())];
+        assert!(
+            cli.files.resolve(env).is_err(),
+            "a malformed value is still refused"
+        );
     }
 
     #[test]

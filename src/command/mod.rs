@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod info;
 pub mod route;
 pub mod status;
+pub mod users;
 pub mod worker;
 
 /// Output format of informational commands.

@@ -80,6 +80,9 @@ pub const TOKEN_ENV: &str = "MOLTBOT_GATEWAY_TOKEN";
 /// Prefix of every configuration environment variable.
 pub const ENV_PREFIX: &str = "MOLTBOT_";
 
+/// The users file's name in `sandbox_dir` when `users_file` is not set.
+pub const USERS_FILE_NAME: &str = "users.json";
+
 config_keys! {
     /// Worker processes (slots).
     worker_count: usize as Count {
@@ -315,6 +318,17 @@ config_keys! {
         env: "MOLTBOT_GATEWAY_TOKEN",
         secret: true,
         check: when_set(|t: &String| header_token(t)),
+    }
+
+    /// The users file: per-user tokens (hashed), managed with `moltbot users`.
+    ///
+    /// Read it through [`Config::users_path`], which applies the default.
+    users_file: Option<PathBuf> as Path {
+        default: None,
+        shown: "users.json in sandbox_dir",
+        aliases: ["usersFile"],
+        flag: pool("users-file").value_name("FILE"),
+        check: when_set(|p: &PathBuf| not_empty(p)),
     }
 
     /// Limit of the request line plus headers; 431 beyond.
@@ -664,6 +678,20 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
         flags: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Config, ConfigError> {
+        let cfg = Config::layer(file, env, flags)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The layering of [`Config::resolve`] without its validation: each value is well-formed,
+    /// but neither the keys' ranges nor the rules between keys are checked. For commands that
+    /// use a few keys and check those themselves: editing the users file needs to know where
+    /// it is, not a configuration a gateway could run with.
+    pub fn layer<'a>(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Config, ConfigError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
         let file = file.map(Path::to_path_buf).or_else(|| {
             env.iter()
@@ -676,7 +704,6 @@ impl Config {
         };
         cfg.apply_env(env)?;
         cfg.apply_flags(flags)?;
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -778,6 +805,14 @@ impl Config {
     /// The largest request body a ring frame can carry.
     pub fn max_frame_body(&self) -> u64 {
         (self.ring_capacity as u64).saturating_sub(RING_FRAME_OVERHEAD)
+    }
+
+    /// The users file: `users_file`, or `users.json` in `sandbox_dir`.
+    pub fn users_path(&self) -> PathBuf {
+        match &self.users_file {
+            Some(p) => p.clone(),
+            None => self.sandbox_dir.join(USERS_FILE_NAME),
+        }
     }
 
     /// The worker binary: `worker_program` or the current executable.

@@ -439,6 +439,9 @@ mod layers {
             ("port", "8080", |c| c.port == 8080),
             ("cores", "0,1", |c| c.cores == Some(Cores::List(vec![0, 1]))),
             ("token", "abc", |c| c.token.as_deref() == Some("abc")),
+            ("users_file", "/srv/u.json", |c| {
+                c.users_file.as_deref() == Some(Path::new("/srv/u.json"))
+            }),
             ("max_header_bytes", "8KiB", |c| c.max_header_bytes == 8192),
             ("max_headers", "20", |c| c.max_headers == 20),
             ("max_body_bytes", "2048", |c| c.max_body_bytes == 2048),
@@ -484,6 +487,7 @@ mod layers {
             "worker_read_paths",
             "cores",
             "token",
+            "users_file",
             "worker_address_space",
         ];
         for key in KEYS.iter().map(|k| k.name) {
@@ -1036,6 +1040,30 @@ mod layers {
             ..c
         };
         assert_eq!(c.stall_timeout(), Duration::from_secs(2));
+    }
+
+    #[test]
+    fn users_path_defaults_to_users_json_in_the_sandbox_dir() {
+        let c = Config {
+            sandbox_dir: PathBuf::from("/srv/m"),
+            ..Config::default()
+        };
+        assert_eq!(c.users_path(), Path::new("/srv/m/users.json"));
+        let c = Config {
+            users_file: Some(PathBuf::from("/etc/moltbot/users.json")),
+            ..c
+        };
+        assert_eq!(c.users_path(), Path::new("/etc/moltbot/users.json"));
+        let e = Config {
+            users_file: Some(PathBuf::new()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid configuration: users_file: must not be empty"
+        );
     }
 
     #[test]
