@@ -319,14 +319,12 @@ fn children(parent: u32) -> Vec<ProcId> {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if let Some(f) = stat_fields(pid) {
-            if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) {
-                if let Some(id) = proc_id(pid) {
-                    if alive(id) {
-                        out.push(id);
-                    }
-                }
-            }
+        if let Some(f) = stat_fields(pid)
+            && f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+            && let Some(id) = proc_id(pid)
+            && alive(id)
+        {
+            out.push(id);
         }
     }
     out.sort();

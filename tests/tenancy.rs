@@ -52,9 +52,14 @@ fn add_user(file: &Path, id: &str) -> String {
 /// A gateway of `workers` slots with this users file, the operator token, and `more` options.
 fn gateway(workers: usize, file: &Path, more: Options) -> GatewayProc {
     let mut opts = more;
-    opts.workers = workers;
     opts.args
         .extend(["--users-file".to_string(), file.display().to_string()]);
+    with_operator(workers, opts)
+}
+
+/// A gateway of `workers` slots with the operator token and `opts`.
+fn with_operator(workers: usize, mut opts: Options) -> GatewayProc {
+    opts.workers = workers;
     opts.env
         .push(("MOLTBOT_GATEWAY_TOKEN".into(), OPERATOR.into()));
     GatewayProc::start(opts)
@@ -108,6 +113,14 @@ fn slot_of(r: &HttpResponse) -> usize {
         .unwrap_or_else(|| panic!("no worker header: {} {}", r.status, r.text()))
 }
 
+/// A request another user's token tries: method, path, headers, body.
+type Attempt = (
+    &'static str,
+    &'static str,
+    Vec<(&'static str, String)>,
+    Option<Vec<u8>>,
+);
+
 struct Users {
     _dir: tempfile::TempDir,
     file: PathBuf,
@@ -131,12 +144,40 @@ fn a_user_token_reaches_only_its_own_user_on_every_endpoint() {
 
     // Each user writes its own session through its own token (no user named: the token's).
     for (token, value) in [(&alice, "1"), (&bob, "2"), (&zoe, "3")] {
-        let r = call(&g, "PUT", "/v1/sessions/notes", Some(token), &json, Some(value.as_bytes()));
+        let r = call(
+            &g,
+            "PUT",
+            "/v1/sessions/notes",
+            Some(token),
+            &json,
+            Some(value.as_bytes()),
+        );
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let bob_slot = slot_of(&call(&g, "GET", "/v1/sessions/notes", Some(&bob), &[], None));
-    let zoe_slot = slot_of(&call(&g, "GET", "/v1/sessions/notes", Some(&zoe), &[], None));
-    let alice_slot = slot_of(&call(&g, "GET", "/v1/sessions/notes", Some(&alice), &[], None));
+    let bob_slot = slot_of(&call(
+        &g,
+        "GET",
+        "/v1/sessions/notes",
+        Some(&bob),
+        &[],
+        None,
+    ));
+    let zoe_slot = slot_of(&call(
+        &g,
+        "GET",
+        "/v1/sessions/notes",
+        Some(&zoe),
+        &[],
+        None,
+    ));
+    let alice_slot = slot_of(&call(
+        &g,
+        "GET",
+        "/v1/sessions/notes",
+        Some(&alice),
+        &[],
+        None,
+    ));
     assert!(
         alice_slot != bob_slot && alice_slot != zoe_slot,
         "the test needs alice on a worker of her own"
@@ -170,16 +211,31 @@ fn a_user_token_reaches_only_its_own_user_on_every_endpoint() {
 
     // Every way of reaching bob (or zoë under another spelling) with alice's token.
     let header = |user: &str| vec![("x-moltbot-user", user.to_string())];
-    let attempts: Vec<(&str, &str, Vec<(&str, String)>, Option<Vec<u8>>)> = vec![
+    let attempts: Vec<Attempt> = vec![
         ("GET", "/v1/sessions/notes", header("bob"), None),
-        ("PUT", "/v1/sessions/notes", header("bob"), Some(b"666".to_vec())),
+        (
+            "PUT",
+            "/v1/sessions/notes",
+            header("bob"),
+            Some(b"666".to_vec()),
+        ),
         ("DELETE", "/v1/sessions/notes", header("bob"), None),
         ("GET", "/v1/sessions", header("bob"), None),
-        ("POST", "/v1/agent", header("bob"), Some(br#"{"message":"hi"}"#.to_vec())),
+        (
+            "POST",
+            "/v1/agent",
+            header("bob"),
+            Some(br#"{"message":"hi"}"#.to_vec()),
+        ),
         ("POST", "/v1/echo", header("bob"), Some(b"x".to_vec())),
         ("POST", "/v1/echo", header("Bob"), Some(b"x".to_vec())),
         ("POST", "/v1/echo", header("zo\u{eb}"), Some(b"x".to_vec())),
-        ("POST", "/v1/echo", header("zoe\u{308}"), Some(b"x".to_vec())),
+        (
+            "POST",
+            "/v1/echo",
+            header("zoe\u{308}"),
+            Some(b"x".to_vec()),
+        ),
         (
             "POST",
             "/v1/route",
@@ -190,7 +246,11 @@ fn a_user_token_reaches_only_its_own_user_on_every_endpoint() {
             "POST",
             "/v1/route",
             vec![],
-            Some(r#"{"type":"session","userId":"zoe\u0308","payload":{"action":"list"}}"#.as_bytes().to_vec()),
+            Some(
+                r#"{"type":"session","userId":"zoe\u0308","payload":{"action":"list"}}"#
+                    .as_bytes()
+                    .to_vec(),
+            ),
         ),
         (
             "POST",
@@ -215,7 +275,11 @@ fn a_user_token_reaches_only_its_own_user_on_every_endpoint() {
             "{method} {path} {headers:?}: {}",
             r.text()
         );
-        assert_eq!(r.header("x-moltbot-worker"), None, "{method} {path}: reached a worker");
+        assert_eq!(
+            r.header("x-moltbot-worker"),
+            None,
+            "{method} {path}: reached a worker"
+        );
     }
     // Bob's and zoë's workers received nothing, and bob's state is untouched.
     assert_eq!((served_by(&g, bob_slot), served_by(&g, zoe_slot)), before);
@@ -260,7 +324,12 @@ fn without_a_valid_credential_every_user_request_is_401_and_says_nothing_of_user
     users(&u.file, &["revoke", "ghost"]);
     let g = gateway(1, &u.file, Options::new(1));
     let mut bodies = Vec::new();
-    for token in [None, Some("mbt_nope"), Some(revoked.as_str()), Some("Basic x")] {
+    for token in [
+        None,
+        Some("mbt_nope"),
+        Some(revoked.as_str()),
+        Some("Basic x"),
+    ] {
         // Anonymous claims of a user are no longer anyone, loopback or not.
         let r = call(
             &g,
@@ -301,7 +370,8 @@ fn revoke_and_rotate_take_effect_without_a_restart_and_spare_other_connections()
     let g = gateway(2, &u.file, Options::new(2));
     let echo = |c: &mut Client, token: &str| {
         let auth = bearer(token);
-        c.call("POST", "/v1/echo", &[("authorization", &auth)], b"x").status
+        c.call("POST", "/v1/echo", &[("authorization", &auth)], b"x")
+            .status
     };
     let mut alice_conn = Client::new(&g);
     let mut bob_conn = Client::new(&g);
@@ -311,23 +381,37 @@ fn revoke_and_rotate_take_effect_without_a_restart_and_spare_other_connections()
     let revoked_at = Instant::now();
     users(&u.file, &["revoke", "alice"]);
     // Polled on the same connection, which stays open: the first 401 is the revocation.
-    wait_until("alice's revocation in force", || echo(&mut alice_conn, &alice) == 401);
+    wait_until("alice's revocation in force", || {
+        echo(&mut alice_conn, &alice) == 401
+    });
     eprintln!(
         "TENANCY-FIGURES revocation in force after {:?}",
         revoked_at.elapsed()
     );
-    assert_eq!(echo(&mut bob_conn, &bob), 200, "bob's connection carries on");
+    assert_eq!(
+        echo(&mut bob_conn, &bob),
+        200,
+        "bob's connection carries on"
+    );
 
     let new_bob = users(&u.file, &["rotate", "bob"]);
     let new_bob = new_bob.trim_end();
     assert_ne!(new_bob, bob);
-    wait_until("bob's old token refused", || echo(&mut bob_conn, &bob) == 401);
+    wait_until("bob's old token refused", || {
+        echo(&mut bob_conn, &bob) == 401
+    });
     // The same connection, with the new token.
     assert_eq!(echo(&mut bob_conn, new_bob), 200);
     // Alice comes back with a new token.
     let alice2 = add_user(&u.file, "alice");
-    wait_until("alice's new token accepted", || echo(&mut alice_conn, &alice2) == 200);
-    assert_eq!(echo(&mut alice_conn, &alice), 401, "the old token stays revoked");
+    wait_until("alice's new token accepted", || {
+        echo(&mut alice_conn, &alice2) == 200
+    });
+    assert_eq!(
+        echo(&mut alice_conn, &alice),
+        401,
+        "the old token stays revoked"
+    );
     // `users list` knows when each was last used, and never shows a token.
     let list = users(&u.file, &["list", "--format", "json"]);
     assert!(!list.contains(&alice2) && !list.contains(new_bob), "{list}");
@@ -348,7 +432,11 @@ fn a_broken_users_file_at_run_time_keeps_the_last_good_table() {
     });
     let r = call(&g, "POST", "/v1/echo", Some(&alice), &[], Some(b"x"));
     assert_eq!(r.status, 200, "the last good table stays in force");
-    assert!(g.log().contains("previous users table stays in force"), "{}", g.log());
+    assert!(
+        g.log().contains("previous users table stays in force"),
+        "{}",
+        g.log()
+    );
     std::fs::write(&u.file, &good).expect("restore the file");
     wait_until("the error cleared", || {
         status(&g)["auth"]["users"]["error"].is_null()
@@ -398,12 +486,20 @@ fn a_users_file_that_cannot_be_used_stops_the_start_with_a_clear_error() {
 #[test]
 fn without_credentials_loopback_keeps_working() {
     let g = GatewayProc::start(Options::new(1));
-    let r = g.request("POST", "/v1/echo", &[("x-moltbot-user", "alice")], Some(b"x"));
+    let r = g.request(
+        "POST",
+        "/v1/echo",
+        &[("x-moltbot-user", "alice")],
+        Some(b"x"),
+    );
     assert_eq!(r.status, 200);
     let r = g.request(
         "POST",
         "/v1/echo",
-        &[("x-moltbot-user", "alice"), ("authorization", "Bearer whatever")],
+        &[
+            ("x-moltbot-user", "alice"),
+            ("authorization", "Bearer whatever"),
+        ],
         Some(b"x"),
     );
     assert_eq!(r.status, 200);
@@ -424,7 +520,10 @@ fn a_public_gateway_starts_with_users_and_no_operator_token() {
     let r = call(&g, "POST", "/v1/echo", Some(&alice), &[], Some(b"x"));
     assert_eq!(r.status, 200, "{}", r.text());
     // Without an operator token, the gateway's state is nobody's to read.
-    assert_eq!(call(&g, "GET", "/status", Some(&alice), &[], None).status, 403);
+    assert_eq!(
+        call(&g, "GET", "/status", Some(&alice), &[], None).status,
+        403
+    );
 }
 
 mod jwt {
@@ -444,20 +543,21 @@ mod jwt {
         encode(
             &Header::new(Algorithm::HS256),
             &claims,
-            &EncodingKey::from_secret(secret.as_bytes()),
+            &EncodingKey::from_secret(secret.as_bytes()).expect("key"),
         )
         .expect("encode")
     }
 
     #[test]
     fn signed_tokens_act_as_their_subject_and_bad_ones_are_refused() {
-        let u = users_file();
-        let g = gateway(
+        let g = with_operator(
             2,
-            &u.file,
-            Options::new(2)
-                .env("MOLTBOT_JWT_SECRET", SECRET)
-                .args(&["--jwt-audience", "moltbot", "--jwt-issuer", "https://idp.test"]),
+            Options::new(2).env("MOLTBOT_JWT_SECRET", SECRET).args(&[
+                "--jwt-audience",
+                "moltbot",
+                "--jwt-issuer",
+                "https://idp.test",
+            ]),
         );
         let good = json!({"sub": "carol", "aud": "moltbot", "iss": "https://idp.test", "exp": now() + 600});
         let carol = token(good.clone(), SECRET);
@@ -501,10 +601,19 @@ mod jwt {
             ("garbage", "not.a.jwt".to_string()),
             ("truncated", truncated),
             ("expired", token(with("exp", json!(now() - 3600)), SECRET)),
-            ("audience", token(with("aud", json!("someone-else")), SECRET)),
-            ("issuer", token(with("iss", json!("https://evil.test")), SECRET)),
+            (
+                "audience",
+                token(with("aud", json!("someone-else")), SECRET),
+            ),
+            (
+                "issuer",
+                token(with("iss", json!("https://evil.test")), SECRET),
+            ),
             ("alg none", none_alg),
-            ("wrong key", token(good.clone(), "another-secret-of-at-least-32-bytes!")),
+            (
+                "wrong key",
+                token(good.clone(), "another-secret-of-at-least-32-bytes!"),
+            ),
         ];
         for (what, t) in &bad {
             let r = call(&g, "POST", "/v1/echo", Some(t), &[], Some(b"x"));

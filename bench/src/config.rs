@@ -234,10 +234,10 @@ impl Config {
         if !(self.zipf_s.is_finite() && self.zipf_s >= 0.0) {
             return bad(format!("zipf exponent must be ≥ 0, not {}", self.zipf_s));
         }
-        if let Some(r) = self.rate {
-            if !(r.is_finite() && r > 0.0) {
-                return bad(format!("rate must be a positive number, not {r}"));
-            }
+        if let Some(r) = self.rate
+            && !(r.is_finite() && r > 0.0)
+        {
+            return bad(format!("rate must be a positive number, not {r}"));
         }
         if self.timeout.is_zero() {
             return bad("timeout must be positive".into());
@@ -245,10 +245,10 @@ impl Config {
         if self.body_size > MAX_BODY_SIZE {
             return bad(format!("body size must be at most {MAX_BODY_SIZE} bytes"));
         }
-        if let Some(t) = &self.token {
-            if t.bytes().any(|b| b.is_ascii_control()) {
-                return bad("the token contains control characters".into());
-            }
+        if let Some(t) = &self.token
+            && t.bytes().any(|b| b.is_ascii_control())
+        {
+            return bad("the token contains control characters".into());
         }
         Ok(())
     }

@@ -377,10 +377,10 @@ impl<'a> LoadThread<'a> {
                 let token = ev.data.u64();
                 if token == TIMER_TOKEN {
                     self.drain_timer();
-                } else if let Ok(i) = usize::try_from(token) {
-                    if i < self.conns.len() {
-                        self.on_event(i, ev.flags, now);
-                    }
+                } else if let Ok(i) = usize::try_from(token)
+                    && i < self.conns.len()
+                {
+                    self.on_event(i, ev.flags, now);
                 }
             }
             let now = Instant::now();

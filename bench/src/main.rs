@@ -174,14 +174,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(limit) = moltbot_bench::raise_nofile_limit(cfg.connections) {
-        if limit < cfg.connections as u64 + 16 {
-            eprintln!(
-                "moltbot-bench: warning: at most {limit} open files allowed; \
+    if let Some(limit) = moltbot_bench::raise_nofile_limit(cfg.connections)
+        && limit < cfg.connections as u64 + 16
+    {
+        eprintln!(
+            "moltbot-bench: warning: at most {limit} open files allowed; \
                  {} connections will not all fit",
-                cfg.connections
-            );
-        }
+            cfg.connections
+        );
     }
     let tty = std::io::stderr().is_terminal();
     let mut line = ProgressLine {
@@ -208,11 +208,11 @@ fn main() -> ExitCode {
         Some("-") => eprint!("{table}"),
         _ => print!("{table}"),
     }
-    if let Some(dest) = cli.json.as_deref() {
-        if let Err(e) = write_json(&report, dest) {
-            eprintln!("moltbot-bench: cannot write the JSON report to {dest}: {e}");
-            return ExitCode::from(2);
-        }
+    if let Some(dest) = cli.json.as_deref()
+        && let Err(e) = write_json(&report, dest)
+    {
+        eprintln!("moltbot-bench: cannot write the JSON report to {dest}: {e}");
+        return ExitCode::from(2);
     }
     if report.unsent > 0 {
         eprintln!(

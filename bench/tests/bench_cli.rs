@@ -114,11 +114,11 @@ fn serve(mut s: TcpStream, b: &Behaviour, t: &Tally) {
         let body: Vec<u8> = buf[head_len..head_len + body_len].to_vec();
         buf.drain(..head_len + body_len);
         let n = t.served.fetch_add(1, Ordering::SeqCst) + 1;
-        if let Some((k, d)) = b.stall {
-            if n == k {
-                // The behaviour under test: a server that stalls (not synchronisation).
-                std::thread::sleep(d);
-            }
+        if let Some((k, d)) = b.stall
+            && n == k
+        {
+            // The behaviour under test: a server that stalls (not synchronisation).
+            std::thread::sleep(d);
         }
 
         let user_index: u32 = user
@@ -146,12 +146,12 @@ fn serve(mut s: TcpStream, b: &Behaviour, t: &Tally) {
                 "401 Unauthorized",
                 br#"{"error":{"code":"UNAUTHORIZED"}}"#.to_vec(),
             )
-        } else if b.every_503.is_some_and(|k| n % k == 0) {
+        } else if b.every_503.is_some_and(|k| n.is_multiple_of(k)) {
             (
                 "503 Service Unavailable",
                 br#"{"error":{"code":"QUEUE_FULL"}}"#.to_vec(),
             )
-        } else if b.corrupt_every.is_some_and(|k| n % k == 0) {
+        } else if b.corrupt_every.is_some_and(|k| n.is_multiple_of(k)) {
             let mut r = body.clone();
             if let Some(x) = r.first_mut() {
                 *x ^= 1;

@@ -346,7 +346,7 @@ impl RingRef {
 
     /// The frame-header words at byte offset `off`.
     fn frame_words(&self, off: usize) -> (&AtomicU32, &AtomicU32) {
-        assert!(off % FRAME_ALIGN == 0 && off + FRAME_HEADER <= self.capacity);
+        assert!(off.is_multiple_of(FRAME_ALIGN) && off + FRAME_HEADER <= self.capacity);
         // SAFETY: checked just above: the 8 bytes at `off` are in the data area and 4-aligned
         // (data starts 128-aligned). AtomicU32 has the layout of u32, any bit pattern is valid,
         // and every access to frame headers in this process is atomic.
@@ -358,7 +358,7 @@ impl RingRef {
 
     /// Copies the `dst.len()` 8-byte words from data offset `off` with relaxed atomic loads.
     fn load_words(&self, off: usize, dst: &mut [u64]) {
-        assert!(off % 8 == 0 && off + dst.len() * 8 <= self.capacity);
+        assert!(off.is_multiple_of(8) && off + dst.len() * 8 <= self.capacity);
         let src = self
             .data_ptr()
             .wrapping_add(off)
@@ -747,7 +747,7 @@ impl Producer {
     /// successor attaches from the shared positions (a garbage tail would make every successor
     /// fail to attach, a crash loop).
     pub fn discard_until(&mut self, pos: u64) -> Result<(), TakeError> {
-        if pos < self.cached_head || pos > self.tail || pos % FRAME_ALIGN as u64 != 0 {
+        if pos < self.cached_head || pos > self.tail || !pos.is_multiple_of(FRAME_ALIGN as u64) {
             return Err(RingError::Corrupt("discard position outside the ring").into());
         }
         // No consumer may be taken while the head is moved under it.
@@ -788,7 +788,7 @@ fn check_span(head: u64, tail: u64, capacity: usize) -> Result<(), RingError> {
     if tail - head > capacity as u64 {
         return Err(RingError::Corrupt("more bytes in flight than capacity"));
     }
-    if head % FRAME_ALIGN as u64 != 0 || tail % FRAME_ALIGN as u64 != 0 {
+    if !head.is_multiple_of(FRAME_ALIGN as u64) || !tail.is_multiple_of(FRAME_ALIGN as u64) {
         return Err(RingError::Corrupt("position not frame aligned"));
     }
     Ok(())

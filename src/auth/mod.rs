@@ -25,9 +25,9 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
-use crate::config::Config;
-use crate::auth::jwt::JwtVerifier;
+use crate::auth::jwt::{JwtFailure, JwtVerifier};
 use crate::auth::users::{TokenLookup, UsersError, UsersTable};
+use crate::config::Config;
 
 /// How often the users file is looked at (and a SIGHUP noticed).
 pub const RELOAD_EVERY: Duration = Duration::from_millis(200);
@@ -272,8 +272,7 @@ impl Authenticator {
     /// `None`) acts as.
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Refusal> {
         let loaded = self.users.load();
-        let configured =
-            self.operator.is_some() || self.jwt.is_some() || !loaded.table.is_empty();
+        let configured = self.operator.is_some() || self.jwt.is_some() || !loaded.table.is_empty();
         if !configured {
             // Nothing to check a token against: as on a gateway for one person.
             return Ok(Principal::Anonymous);
@@ -297,10 +296,8 @@ impl Authenticator {
         match &self.jwt {
             Some(v) if jwt::looks_like_jwt(token) => match v.verify(token) {
                 Ok(user) => Ok(Principal::User(user)),
-                Err(f) => Err(match f.reason() {
-                    "expired" | "not_yet_valid" => Refusal::Expired,
-                    _ => Refusal::Invalid,
-                }),
+                Err(JwtFailure::Expired | JwtFailure::NotYetValid) => Err(Refusal::Expired),
+                Err(JwtFailure::Invalid(_)) => Err(Refusal::Invalid),
             },
             _ => Err(Refusal::Unknown),
         }
@@ -309,9 +306,7 @@ impl Authenticator {
     /// The bearer token of an `Authorization` header value, if it is one.
     pub fn bearer(header: Option<&str>) -> Option<&str> {
         let (scheme, rest) = header?.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then_some(rest.trim())
+        scheme.eq_ignore_ascii_case("bearer").then_some(rest.trim())
     }
 
     fn note_use(&self, user: &str) {

@@ -29,7 +29,8 @@
 //!
 //! The bearer token is never taken from a flag (command lines are visible to every local user
 //! through `ps`): only from `MOLTBOT_GATEWAY_TOKEN` (or `MOLTBOT_TOKEN`) or the config file, and
-//! it is never serialized.
+//! it is never serialized. The same holds for the HS256 secret of signed tokens (`jwt_secret`,
+//! `MOLTBOT_JWT_SECRET`); its file's path (`jwt_secret_file`) is no secret and may be a flag.
 
 pub mod declare;
 pub mod kind;
@@ -70,6 +71,13 @@ pub const MAX_RING_CAPACITY: u64 = GIB;
 
 /// Largest accepted worker count.
 pub const MAX_WORKERS: usize = 1024;
+
+/// Shortest accepted HS256 secret, in bytes: as long as the SHA-256 output (RFC 7518, 3.2), so
+/// that guessing the key is no easier than forging the MAC.
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
+
+/// Largest accepted `jwt_leeway`.
+pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(5 * 60);
 
 /// Environment variable naming a config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "MOLTBOT_CONFIG";
@@ -308,6 +316,67 @@ config_keys! {
         check: when_set(core_selection),
     }
 
+    /// HS256 secret that signed tokens (JWT) from an identity provider are verified with, at
+    /// least 32 bytes, read from `MOLTBOT_JWT_SECRET` or the file; never a flag.
+    ///
+    /// Never serialized. At most one of `jwt_secret`, `jwt_secret_file` and
+    /// `jwt_public_key_file` is set; none leaves signed tokens refused.
+    jwt_secret: Option<String> as Text {
+        default: None,
+        secret: true,
+        check: when_set(|s: &String| hs256_secret(s.as_bytes())),
+    }
+
+    /// A file holding the HS256 secret of signed tokens (a trailing line break is not part of
+    /// it); read at start-up.
+    jwt_secret_file: Option<PathBuf> as Path {
+        default: None,
+        flag: gateway("jwt-secret-file").value_name("FILE"),
+        check: when_set(|p: &PathBuf| not_empty(p)),
+    }
+
+    /// A PEM public key that verifies signed tokens: Ed25519 (alg EdDSA) or EC P-256 (alg
+    /// ES256), the algorithm taken from the key; read at start-up.
+    jwt_public_key_file: Option<PathBuf> as Path {
+        default: None,
+        flag: gateway("jwt-public-key-file").value_name("FILE"),
+        check: when_set(|p: &PathBuf| not_empty(p)),
+    }
+
+    /// The issuer (`iss`) a signed token must name, when set.
+    jwt_issuer: Option<String> as Text {
+        default: None,
+        flag: gateway("jwt-issuer").value_name("ISS"),
+        check: when_set(|s: &String| not_blank(s)),
+    }
+
+    /// The audience (`aud`) a signed token must name, when set.
+    jwt_audience: Option<String> as Text {
+        default: None,
+        flag: gateway("jwt-audience").value_name("AUD"),
+        check: when_set(|s: &String| not_blank(s)),
+    }
+
+    /// The claim of a signed token that holds the user id (a string).
+    jwt_user_claim: String as Text {
+        default: String::from("sub"),
+        flag: gateway("jwt-user-claim").value_name("CLAIM"),
+        check: |s| not_blank(s),
+    }
+
+    /// Clock skew allowed on a signed token's `exp` and `nbf`, in whole seconds, at most 5m.
+    ///
+    /// Beyond a few minutes it no longer absorbs skew but lengthens every token's life.
+    jwt_leeway: Duration as Duration {
+        default: Duration::from_secs(30),
+        flag: gateway("jwt-leeway"),
+        check: |&d| if d <= MAX_JWT_LEEWAY {
+            Ok(())
+        } else {
+            Err(format!("must be at most {}", humantime::format_duration(MAX_JWT_LEEWAY)))
+        },
+    }
+
     /// Bearer token required on every endpoint but `/livez` and `/readyz`, read from
     /// `MOLTBOT_GATEWAY_TOKEN` (or `MOLTBOT_TOKEN`) or the file; never a flag, since `ps`
     /// shows command lines.
@@ -456,6 +525,27 @@ fn core_selection(cores: &Cores) -> Result<(), String> {
                 None => Ok(()),
             }
         }
+    }
+}
+
+fn not_blank(s: &str) -> Result<(), String> {
+    if s.trim().is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(())
+    }
+}
+
+/// The length rule of an HS256 secret, from the key or a file. The message gives the length,
+/// never the secret.
+pub(crate) fn hs256_secret(secret: &[u8]) -> Result<(), String> {
+    if secret.len() < MIN_HS256_SECRET_BYTES {
+        Err(format!(
+            "is {} bytes; an HS256 secret needs at least {MIN_HS256_SECRET_BYTES}",
+            secret.len()
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -802,6 +892,14 @@ impl Config {
         }
     }
 
+    /// Whether signed tokens (JWT) can be verified: one of `jwt_secret`, `jwt_secret_file` and
+    /// `jwt_public_key_file` is set.
+    pub fn jwt_configured(&self) -> bool {
+        self.jwt_secret.is_some()
+            || self.jwt_secret_file.is_some()
+            || self.jwt_public_key_file.is_some()
+    }
+
     /// The largest request body a ring frame can carry.
     pub fn max_frame_body(&self) -> u64 {
         (self.ring_capacity as u64).saturating_sub(RING_FRAME_OVERHEAD)
@@ -859,6 +957,37 @@ impl Config {
                 "max_restart_delay",
                 "must not be shorter than restart_delay",
             );
+        }
+        let jwt_keys = [
+            ("jwt_secret", self.jwt_secret.is_some()),
+            ("jwt_secret_file", self.jwt_secret_file.is_some()),
+            ("jwt_public_key_file", self.jwt_public_key_file.is_some()),
+        ];
+        let mut set_keys = jwt_keys
+            .iter()
+            .filter(|(_, set)| *set)
+            .map(|(name, _)| *name);
+        if let (Some(first), Some(second)) = (set_keys.next(), set_keys.next()) {
+            return bad(
+                second,
+                format!(
+                    "{first} is set too: signed tokens are verified with one key, so set one of \
+                     jwt_secret, jwt_secret_file and jwt_public_key_file"
+                ),
+            );
+        }
+        if !self.jwt_configured() {
+            // Checks of signed tokens without a key to verify them: a forgotten key, not a
+            // choice, so it is said at start-up rather than found as refused tokens.
+            for name in ["jwt_issuer", "jwt_audience", "jwt_user_claim", "jwt_leeway"] {
+                if key(name).is_some_and(|k| !k.is_default(self)) {
+                    return bad(
+                        name,
+                        "applies to signed tokens, which need a key: set jwt_secret \
+                         (MOLTBOT_JWT_SECRET), jwt_secret_file or jwt_public_key_file",
+                    );
+                }
+            }
         }
         if self.max_body_bytes as u64 > self.max_frame_body() {
             return bad(

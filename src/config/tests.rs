@@ -438,6 +438,25 @@ mod layers {
             }),
             ("port", "8080", |c| c.port == 8080),
             ("cores", "0,1", |c| c.cores == Some(Cores::List(vec![0, 1]))),
+            ("jwt_secret", "0123456789abcdef0123456789abcdef", |c| {
+                c.jwt_secret.as_deref() == Some("0123456789abcdef0123456789abcdef")
+            }),
+            ("jwt_secret_file", "/run/s/jwt", |c| {
+                c.jwt_secret_file.as_deref() == Some(Path::new("/run/s/jwt"))
+            }),
+            ("jwt_public_key_file", "/etc/idp.pem", |c| {
+                c.jwt_public_key_file.as_deref() == Some(Path::new("/etc/idp.pem"))
+            }),
+            ("jwt_issuer", "https://idp.example", |c| {
+                c.jwt_issuer.as_deref() == Some("https://idp.example")
+            }),
+            ("jwt_audience", "moltbot", |c| {
+                c.jwt_audience.as_deref() == Some("moltbot")
+            }),
+            ("jwt_user_claim", "email", |c| c.jwt_user_claim == "email"),
+            ("jwt_leeway", "1m", |c| {
+                c.jwt_leeway == Duration::from_secs(60)
+            }),
             ("token", "abc", |c| c.token.as_deref() == Some("abc")),
             ("users_file", "/srv/u.json", |c| {
                 c.users_file.as_deref() == Some(Path::new("/srv/u.json"))
@@ -486,6 +505,11 @@ mod layers {
             "worker_command",
             "worker_read_paths",
             "cores",
+            "jwt_secret",
+            "jwt_secret_file",
+            "jwt_public_key_file",
+            "jwt_issuer",
+            "jwt_audience",
             "token",
             "users_file",
             "worker_address_space",
@@ -651,7 +675,7 @@ mod layers {
     fn flag_values_name_the_flag_and_keys_without_flags_are_refused() {
         let e = Config::resolve(None, Vec::new(), [("request_timeout", "soon")]).unwrap_err();
         assert!(e.to_string().contains("--request-timeout"), "{e}");
-        for name in ["token", "landlock", "no_such_key"] {
+        for name in ["token", "jwt_secret", "landlock", "no_such_key"] {
             let e = Config::default().apply_flags([(name, "x")]).unwrap_err();
             assert!(matches!(e, ConfigError::Flag { .. }), "{name}: {e}");
         }
@@ -919,6 +943,179 @@ mod layers {
     }
 
     #[test]
+    fn validate_jwt_keys() {
+        let secret = || Some("k".repeat(MIN_HS256_SECRET_BYTES));
+        let with_secret = Config {
+            jwt_secret: secret(),
+            ..Config::default()
+        };
+        with_secret.validate().unwrap();
+        assert!(with_secret.jwt_configured());
+        assert!(!Config::default().jwt_configured());
+        for (file_key, c) in [
+            (
+                "jwt_secret_file",
+                Config {
+                    jwt_secret_file: Some("/run/s".into()),
+                    ..Config::default()
+                },
+            ),
+            (
+                "jwt_public_key_file",
+                Config {
+                    jwt_public_key_file: Some("/etc/idp.pem".into()),
+                    ..Config::default()
+                },
+            ),
+        ] {
+            c.validate().unwrap();
+            assert!(c.jwt_configured(), "{file_key}");
+        }
+
+        // The HS256 secret's length.
+        for (len, ok) in [(0, false), (31, false), (32, true), (64, true)] {
+            let c = Config {
+                jwt_secret: Some("s".repeat(len)),
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), ok, "{len} bytes");
+            if !ok {
+                assert_eq!(invalid_key(&c), "jwt_secret");
+            }
+        }
+        // Bytes, not characters: 11 × the 3-byte '€' is 33 bytes.
+        let c = Config {
+            jwt_secret: Some("€".repeat(11)),
+            ..Config::default()
+        };
+        c.validate().unwrap();
+
+        // At most one key.
+        let two = Config {
+            jwt_secret: secret(),
+            jwt_public_key_file: Some("/etc/idp.pem".into()),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&two), "jwt_public_key_file");
+        let e = two.validate().unwrap_err().to_string();
+        assert!(e.contains("jwt_secret is set too"), "{e}");
+        let files = Config {
+            jwt_secret_file: Some("/run/s".into()),
+            jwt_public_key_file: Some("/etc/idp.pem".into()),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&files), "jwt_public_key_file");
+        let secret_and_file = Config {
+            jwt_secret: secret(),
+            jwt_secret_file: Some("/run/s".into()),
+            ..Config::default()
+        };
+        assert_eq!(invalid_key(&secret_and_file), "jwt_secret_file");
+
+        // Token checks without a key to check tokens with.
+        type Set = fn(&mut Config);
+        let lone: [(&str, Set); 4] = [
+            ("jwt_issuer", |c| c.jwt_issuer = Some("https://idp".into())),
+            ("jwt_audience", |c| c.jwt_audience = Some("moltbot".into())),
+            ("jwt_user_claim", |c| c.jwt_user_claim = "email".into()),
+            ("jwt_leeway", |c| c.jwt_leeway = Duration::from_secs(5)),
+        ];
+        for (name, set) in lone {
+            let mut c = Config::default();
+            set(&mut c);
+            assert_eq!(invalid_key(&c), name);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("MOLTBOT_JWT_SECRET"), "{e}");
+            c.jwt_secret = secret();
+            c.validate().unwrap();
+        }
+        // The default claim, even named explicitly, needs no key.
+        let c = Config::resolve(
+            None,
+            vec![("MOLTBOT_JWT_USER_CLAIM".to_string(), "sub".to_string())],
+            Vec::new(),
+        )
+        .unwrap();
+        assert!(c.explicit("jwt_user_claim"));
+
+        // Their own values.
+        for (name, c) in [
+            (
+                "jwt_issuer",
+                Config {
+                    jwt_issuer: Some(" ".into()),
+                    ..with_secret.clone()
+                },
+            ),
+            (
+                "jwt_audience",
+                Config {
+                    jwt_audience: Some(String::new()),
+                    ..with_secret.clone()
+                },
+            ),
+            (
+                "jwt_user_claim",
+                Config {
+                    jwt_user_claim: String::new(),
+                    ..with_secret.clone()
+                },
+            ),
+            (
+                "jwt_leeway",
+                Config {
+                    jwt_leeway: MAX_JWT_LEEWAY + Duration::from_secs(1),
+                    ..with_secret.clone()
+                },
+            ),
+        ] {
+            assert_eq!(invalid_key(&c), name);
+        }
+        Config {
+            jwt_leeway: MAX_JWT_LEEWAY,
+            ..with_secret.clone()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            jwt_leeway: Duration::ZERO,
+            ..with_secret
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn jwt_keys_from_flags_and_the_secret_from_the_environment_only() {
+        let c = Config::resolve(
+            None,
+            vec![(
+                "MOLTBOT_JWT_SECRET".to_string(),
+                "0123456789abcdef0123456789abcdef".to_string(),
+            )],
+            [
+                ("jwt_issuer", "https://idp.example"),
+                ("jwt_audience", "moltbot"),
+                ("jwt_user_claim", "uid"),
+                ("jwt_leeway", "10s"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.jwt_issuer.as_deref(), Some("https://idp.example"));
+        assert_eq!(c.jwt_audience.as_deref(), Some("moltbot"));
+        assert_eq!(c.jwt_user_claim, "uid");
+        assert_eq!(c.jwt_leeway, Duration::from_secs(10));
+        assert_eq!(c.source("jwt_secret"), Source::Env);
+        let c =
+            Config::resolve(None, Vec::new(), [("jwt_public_key_file", "/etc/idp.pem")]).unwrap();
+        assert_eq!(c.jwt_public_key_file, Some(PathBuf::from("/etc/idp.pem")));
+        let e = Config::default()
+            .apply_flags([("jwt_secret", "0123456789abcdef0123456789abcdef")])
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::Flag { .. }), "{e}");
+    }
+
+    #[test]
     fn validate_token_and_non_loopback_bind() {
         let public = Config {
             bind: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -1165,6 +1362,35 @@ mod layers {
         assert!(!text.contains("hunter2"));
         let toml_text = c.to_toml_string().unwrap();
         assert!(!toml_text.contains("hunter2"));
+    }
+
+    #[test]
+    fn the_jwt_secret_is_never_serialized_nor_shown() {
+        let secret = "correct-horse-battery-staple-0123456789";
+        let c = Config {
+            jwt_secret: Some(secret.into()),
+            jwt_issuer: Some("https://idp.example".into()),
+            ..Config::default()
+        };
+        let json = serde_json::to_value(&c).unwrap();
+        assert!(json.get("jwt_secret").is_none());
+        assert_eq!(json["jwt_issuer"], "https://idp.example");
+        assert_eq!(json["jwt_user_claim"], "sub");
+        assert_eq!(json["jwt_leeway"], "30s");
+        assert!(!serde_json::to_string(&c).unwrap().contains(secret));
+        assert!(!c.to_toml_string().unwrap().contains(secret));
+        let k = key("jwt_secret").unwrap();
+        assert!(k.secret);
+        assert_eq!(k.flag, None);
+        assert_eq!(k.value(&c), None);
+        // Nor in a validation error about it.
+        let short = Config {
+            jwt_secret: Some("hunter2".into()),
+            ..Config::default()
+        };
+        let e = short.validate().unwrap_err().to_string();
+        assert!(e.contains("jwt_secret") && e.contains("7 bytes"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

@@ -350,14 +350,16 @@ async fn serve_loop(conn: &mut Conn) {
                         if let (Some(h), None) = (&head, body_deadline) {
                             body_deadline = Some(started + body_time(&h.body, &cfg));
                         }
-                        if let Some(h) = head {
-                            if h.expect_continue && !continue_sent && batch.is_empty() {
-                                conn.out.extend_from_slice(http::CONTINUE_100);
-                                if !conn.flush().await {
-                                    return;
-                                }
-                                continue_sent = true;
+                        if let Some(h) = head
+                            && h.expect_continue
+                            && !continue_sent
+                            && batch.is_empty()
+                        {
+                            conn.out.extend_from_slice(http::CONTINUE_100);
+                            if !conn.flush().await {
+                                return;
                             }
+                            continue_sent = true;
                         }
                         need_more = true;
                         break;

@@ -219,17 +219,9 @@ enum ActingError {
     Invalid(String),
 }
 
-/// The user of a header-addressed endpoint (`x-moltbot-user`, optional with a user's own
+/// Where header-addressed endpoints take their user from (optional with a user's own
 /// credential).
-fn header_user<'a>(
-    reactor: &Reactor,
-    endpoint: Endpoint,
-    principal: &'a Principal,
-    head: &'a RequestHead,
-) -> Result<&'a str, Prepared> {
-    acting_user(principal, head.user.as_deref(), "x-moltbot-user header")
-        .map_err(|e| acting_refusal(reactor, endpoint, e))
-}
+const USER_HEADER: &str = "x-moltbot-user header";
 
 fn acting_refusal(reactor: &Reactor, endpoint: Endpoint, e: ActingError) -> Prepared {
     match e {
@@ -289,7 +281,9 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
         _ => get_only(answer),
     };
     match endpoint {
-        Endpoint::Livez => get_only(|_| Answer::json(Endpoint::Livez, 200, br#"{"status":"ok"}"#.to_vec())),
+        Endpoint::Livez => {
+            get_only(|_| Answer::json(Endpoint::Livez, 200, br#"{"status":"ok"}"#.to_vec()))
+        }
         Endpoint::Readyz => get_only(readiness),
         Endpoint::Healthz => get_only(health),
         Endpoint::Status => operator_only(status),
@@ -306,9 +300,9 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
             if m != Method::Post {
                 return method_not_allowed(endpoint, "POST");
             }
-            let user = match header_user(reactor, endpoint, &principal, head) {
+            let user = match acting_user(&principal, head.user.as_deref(), USER_HEADER) {
                 Ok(u) => u,
-                Err(refused) => return refused,
+                Err(e) => return acting_refusal(reactor, endpoint, e),
             };
             let (kind, content_type) = if endpoint == Endpoint::Agent {
                 (Kind::AgentMessage, JSON)
@@ -603,18 +597,18 @@ async fn sessions(
         (_, true) => return method_not_allowed(endpoint, "GET"),
         _ => return method_not_allowed(endpoint, "GET, PUT, DELETE"),
     };
-    if !name.is_empty() {
-        if let Err(e) = crate::user::validate_name(&name) {
-            return bad_request(
-                endpoint,
-                "INVALID_NAME",
-                &format!("invalid session name: {e}"),
-            );
-        }
+    if !name.is_empty()
+        && let Err(e) = crate::user::validate_name(&name)
+    {
+        return bad_request(
+            endpoint,
+            "INVALID_NAME",
+            &format!("invalid session name: {e}"),
+        );
     }
-    let user = match header_user(reactor, endpoint, principal, head) {
+    let user = match acting_user(principal, head.user.as_deref(), USER_HEADER) {
         Ok(u) => u,
-        Err(refused) => return refused,
+        Err(e) => return acting_refusal(reactor, endpoint, e),
     };
     let call = Call {
         kind: Kind::Session,

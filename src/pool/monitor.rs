@@ -249,10 +249,10 @@ impl Monitor {
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.slots.len() + 1);
         fds.push(PollFd::new(&self.wake, PollFlags::IN));
         for s in &self.slots {
-            if let Phase::Running { proc, .. } = &s.phase {
-                if let Some(fd) = &proc.pidfd {
-                    fds.push(PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN));
-                }
+            if let Phase::Running { proc, .. } = &s.phase
+                && let Some(fd) = &proc.pidfd
+            {
+                fds.push(PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN));
             }
         }
         let ts = rustix::time::Timespec {
@@ -345,12 +345,12 @@ impl Monitor {
                     *recycle_deadline = Some(now + drain);
                     slot.set_state(SlotState::Draining);
                 }
-                if let Some(deadline) = recycle_deadline {
-                    if now >= *deadline {
-                        tracing::warn!(worker = %slot.worker_id, "did not exit within the drain timeout: killing");
-                        signal(proc.pid, rustix::process::Signal::KILL);
-                        *recycle_deadline = None;
-                    }
+                if let Some(deadline) = recycle_deadline
+                    && now >= *deadline
+                {
+                    tracing::warn!(worker = %slot.worker_id, "did not exit within the drain timeout: killing");
+                    signal(proc.pid, rustix::process::Signal::KILL);
+                    *recycle_deadline = None;
                 }
             }
             Phase::Waiting { epoch, at, reason } => {

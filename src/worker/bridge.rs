@@ -383,17 +383,17 @@ pub(crate) fn run(
                 let msg = serde_json::json!({"type": "shutdown", "gracePeriod": args.grace.as_millis() as u64});
                 let _ = send_line(&mut stdin, &msg.to_string());
             }
-            if let Some(deadline) = shutdown_deadline {
-                if outstanding.is_empty() || now >= deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        return Ok(());
-                    }
-                    if now >= deadline {
-                        tracing::warn!(
-                            "agent program did not exit within the grace period: killing it"
-                        );
-                        return Ok(());
-                    }
+            if let Some(deadline) = shutdown_deadline
+                && (outstanding.is_empty() || now >= deadline)
+            {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    tracing::warn!(
+                        "agent program did not exit within the grace period: killing it"
+                    );
+                    return Ok(());
                 }
             }
             // 4. Requests, once the program is ready.

@@ -131,10 +131,10 @@ impl GatewayProc {
         let port_file = base.join("gateway.port");
         let deadline = Instant::now() + DEADLINE;
         let port = loop {
-            if let Ok(text) = std::fs::read_to_string(&port_file) {
-                if let Ok(p) = text.trim().parse::<u16>() {
-                    break p;
-                }
+            if let Ok(text) = std::fs::read_to_string(&port_file)
+                && let Ok(p) = text.trim().parse::<u16>()
+            {
+                break p;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
@@ -662,10 +662,10 @@ fn spawn_tuned(
     let mut child = cmd.spawn().expect("spawn moltbot gateway");
     let deadline = Instant::now() + DEADLINE;
     loop {
-        if let Ok(text) = std::fs::read_to_string(&port_file) {
-            if let Ok(p) = text.trim().parse::<u16>() {
-                return (child, p);
-            }
+        if let Ok(text) = std::fs::read_to_string(&port_file)
+            && let Ok(p) = text.trim().parse::<u16>()
+        {
+            return (child, p);
         }
         if let Ok(Some(status)) = child.try_wait() {
             panic!(

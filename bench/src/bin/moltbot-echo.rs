@@ -106,10 +106,8 @@ fn main() -> anyhow::Result<()> {
                 Some(c) => !serve(c, &args.name, &ep, id),
                 None => false,
             };
-            if close {
-                if let Some(c) = conns.remove(&id) {
-                    let _ = epoll::delete(&ep, c.stream.as_fd());
-                }
+            if close && let Some(c) = conns.remove(&id) {
+                let _ = epoll::delete(&ep, c.stream.as_fd());
             }
         }
     }
