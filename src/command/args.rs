@@ -446,9 +446,13 @@ mod tests {
     fn users_file_args_resolve_a_gateway_config_that_would_not_validate() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.toml");
-        // A public bind whose token is in the gateway's environment only: not runnable here,
-        // but it says where the users file is.
-        std::fs::write(&p, "bind = \"0.0.0.0\"\nsandbox_dir = \"/srv/m\"\n").unwrap();
+        // A configuration the gateway would refuse (a stall timeout below the heartbeat), but
+        // that says where the users file is.
+        std::fs::write(
+            &p,
+            "heartbeat_interval = \"5s\"\nstall_timeout = \"1s\"\nsandbox_dir = \"/srv/m\"\n",
+        )
+        .unwrap();
         let cli = UsersCli::try_parse_from(["x", "--config", p.to_str().unwrap()]).unwrap();
         assert!(cli.files.pool.resolve(None, Vec::new()).is_err());
         let c = cli.files.resolve(Vec::new()).unwrap();
