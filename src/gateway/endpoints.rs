@@ -532,6 +532,15 @@ async fn route(reactor: &Reactor, principal: &Principal, body: &[u8]) -> Prepare
             &format!("unknown type {:?}", req.kind),
         );
     };
+    if req.user_id.is_none() && !matches!(principal, Principal::User(_)) {
+        // The body's shape is wrong, as for a missing `type`: only a user's own credential
+        // makes `userId` optional.
+        return bad_request(
+            endpoint,
+            "INVALID_REQUEST",
+            "body must be {\"type\",\"userId\",\"payload\"}: missing field `userId`",
+        );
+    }
     let named = req.user_id.as_deref().map(str::as_bytes);
     let user = match acting_user(principal, named, "userId") {
         Ok(u) => u,
