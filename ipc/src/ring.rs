@@ -561,13 +561,14 @@ impl Reservation<'_> {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let ring = &self.producer.ring;
         ring.track(self.off, self.len, true);
-        // SAFETY: `reserve` checked that `off..off + len` lies inside the data area (the frame
-        // does not wrap) and is free: between this producer's tail and the consumer's head plus
-        // the capacity. In this process nothing else references these bytes: the consumer end
-        // (the only one, see RingEnds) reads only published frames and wrote the head this
-        // producer read (a Tamper exists only while that end is not taken, and its stores make
-        // the end untakeable until repaired); `&mut self` makes this the only slice. Another
-        // process mapping the ring is outside this guarantee (see the module docs).
+        // `reserve` checked that `off..off + len` lies inside the data area (the frame does not
+        // wrap) and is free: between this producer's tail and the consumer's head plus the
+        // capacity. In this process nothing else references these bytes: the consumer end (the
+        // only one, see RingEnds) reads only published frames and wrote the head this producer
+        // read (a Tamper exists only while that end is not taken, and its stores make the end
+        // untakeable until repaired). Another process mapping the ring is outside this guarantee
+        // (see the module docs).
+        // SAFETY: in bounds and free (above); `&mut self` makes this the only slice.
         unsafe { core::slice::from_raw_parts_mut(ring.data_ptr().add(self.off), self.len) }
     }
 
@@ -882,14 +883,15 @@ impl ReadFrame<'_> {
         let ring = &self.consumer.ring;
         let off = self.payload_off();
         ring.track(off, self.len, false);
-        // SAFETY: `peek` checked that `off..off + len` lies inside the data area (the frame
-        // does not wrap) and before the tail it loaded with Acquire, so the bytes are published
-        // and their writes visible. In this process nothing writes them until the release: the
-        // producer end (the only one, see RingEnds) writes only between its tail and this
-        // consumer's published head plus the capacity, and this frame borrows the consumer, so
-        // the head stays put; a Tamper exists only while the producer end is not taken or
-        // borrows this consumer mutably. Another process mapping the ring is outside this
-        // guarantee (see the module docs).
+        // `peek` checked that `off..off + len` lies inside the data area (the frame does not
+        // wrap) and before the tail it loaded with Acquire, so the bytes are published and their
+        // writes visible. In this process nothing writes them until the release: the producer
+        // end (the only one, see RingEnds) writes only between its tail and this consumer's
+        // published head plus the capacity, and this frame borrows the consumer, so the head
+        // stays put; a Tamper exists only while the producer end is not taken or borrows this
+        // consumer mutably. Another process mapping the ring is outside this guarantee (see the
+        // module docs).
+        // SAFETY: in bounds, published and not written until released (above).
         unsafe { core::slice::from_raw_parts(ring.data_ptr().add(off), self.len) }
     }
 
