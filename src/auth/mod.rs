@@ -165,7 +165,8 @@ impl FileId {
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct UsersFileStatus {
-    /// Users with an active token in the table in force.
+    /// Users with an active token in the table in force (read from it by
+    /// [`Authenticator::status`]).
     pub active_users: usize,
     /// When the table in force was loaded (ms since the epoch; 0: never, no file).
     pub loaded_at: u64,
@@ -232,7 +233,7 @@ impl Authenticator {
             Err(e) => return Err(e.into()),
         };
         let status = UsersFileStatus {
-            active_users: table.active_users(),
+            active_users: 0,
             loaded_at: if file.is_some() { now_ms() } else { 0 },
             error: None,
         };
@@ -257,12 +258,6 @@ impl Authenticator {
         })
     }
 
-    /// True once any credential exists: the operator token, JWT settings, or any user in the
-    /// users file (revoked ones too: revoking the last user does not open the gateway).
-    pub fn credentials_configured(&self) -> bool {
-        self.operator.is_some() || self.jwt.is_some() || !self.users.load().table.is_empty()
-    }
-
     /// True if some credential lets a client in: a non-loopback gateway needs one.
     pub fn can_admit_anyone(&self) -> bool {
         self.operator.is_some() || self.jwt.is_some() || self.users.load().table.active_users() > 0
@@ -272,6 +267,8 @@ impl Authenticator {
     /// `None`) acts as.
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Refusal> {
         let loaded = self.users.load();
+        // Any credential: revoked users count too (revoking the last user does not open the
+        // gateway).
         let configured = self.operator.is_some() || self.jwt.is_some() || !loaded.table.is_empty();
         if !configured {
             // Nothing to check a token against: as on a gateway for one person.
@@ -343,7 +340,6 @@ impl Authenticator {
                     "users file {} (re)loaded",
                     self.users_path.display()
                 );
-                status.active_users = table.active_users();
                 status.loaded_at = now_ms();
                 status.error = None;
                 self.users.store(Arc::new(Loaded {
@@ -387,11 +383,14 @@ impl Authenticator {
             operator_token: self.operator.is_some(),
             jwt: self.jwt.is_some(),
             users_file: self.users_path.clone(),
-            users: self
-                .status
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            users: UsersFileStatus {
+                active_users: self.users.load().table.active_users(),
+                ..self
+                    .status
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            },
         }
     }
 }

@@ -150,7 +150,6 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A running gateway.
 pub struct Gateway {
-    pool: Arc<Pool>,
     shared: Arc<Shared>,
     /// Keeps the users table current; stopped with the gateway.
     _auth_watcher: crate::auth::Watcher,
@@ -288,7 +287,6 @@ impl Gateway {
             );
         }
         Ok(Gateway {
-            pool,
             shared,
             _auth_watcher: auth_watcher,
             cores,
@@ -309,7 +307,7 @@ impl Gateway {
 
     /// The worker pool.
     pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
+        &self.shared.pool
     }
 
     /// A handle that turns a drain under way into a fast stop (for a second signal).
@@ -338,7 +336,7 @@ impl Gateway {
         } else {
             self.shared.config.drain_timeout
         };
-        self.pool.stop(grace);
+        self.shared.pool.stop(grace);
         tracing::info!("gateway stopped");
     }
 }
