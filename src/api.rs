@@ -243,6 +243,8 @@ impl GatewayRouter {
             method,
             user,
             target,
+            call_id: "",
+            stream: false,
             body,
         };
         self.route_with_id(next_request_id(), &call)

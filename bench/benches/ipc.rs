@@ -205,7 +205,9 @@ fn bench_codec(c: &mut Criterion) {
         kind: Kind::AgentMessage,
         method: Method::Post,
         user_id: "user-1234",
+        stream: false,
         path: "",
+        call_id: "",
         body: &body,
     };
     let mut slot = AlignedBuf::with_capacity(4096);

@@ -248,8 +248,10 @@ impl Lane {
             request_id,
             duration_us,
             status,
+            part: moltbot_ipc::Part::Final,
             body,
             error_code: code,
+            event: "",
         };
         let Some(worker) = self.worker() else { return };
         let pushed = worker.push_with(resp.encoded_len_bound(), |slot| resp.encode_into(slot));
@@ -365,6 +367,8 @@ impl Lane {
                 method: moltbot_ipc::Method::Post,
                 user_id: "user-a",
                 path: "",
+                call_id: "",
+                stream: false,
                 body: &body,
             };
             match self

@@ -10,8 +10,8 @@
 pub mod message;
 
 pub use message::{
-    ArchivedRequest, ArchivedResponse, CodecError, Kind, Method, Request, Response, access_request,
-    access_response,
+    ArchivedPart, ArchivedRequest, ArchivedResponse, CodecError, Kind, Method, Part, Request,
+    Response, access_request, access_response,
 };
 pub mod ring;
 mod sync;

@@ -35,6 +35,11 @@ pub enum Kind {
     /// `fault-injection` feature, which only the tests enable.
     #[cfg(feature = "fault-injection")]
     Test = 5,
+    /// An OpenClaw gateway-protocol request (`req` frame): `path` is its method, `call_id` its
+    /// id and `body` its `params` exactly as the client sent them (`null` when absent). The
+    /// final answer's body is the `payload` (2xx) or the error object (`{"message",
+    /// "details"?, "retryable"?, "retryAfterMs"?}`) whose code is the error code.
+    Rpc = 6,
 }
 
 impl Kind {
@@ -48,6 +53,7 @@ impl Kind {
             Kind::Echo => "echo",
             #[cfg(feature = "fault-injection")]
             Kind::Test => "test",
+            Kind::Rpc => "rpc",
         }
     }
 
@@ -61,6 +67,7 @@ impl Kind {
             "echo" => Kind::Echo,
             #[cfg(feature = "fault-injection")]
             "test" => Kind::Test,
+            "rpc" => Kind::Rpc,
             _ => return None,
         })
     }
@@ -77,6 +84,7 @@ impl ArchivedKind {
             ArchivedKind::Echo => Kind::Echo,
             #[cfg(feature = "fault-injection")]
             ArchivedKind::Test => Kind::Test,
+            ArchivedKind::Rpc => Kind::Rpc,
         }
     }
 }
@@ -108,6 +116,33 @@ impl ArchivedMethod {
     }
 }
 
+/// Which part of a request's answer a response frame is. A request has exactly one
+/// [`Part::Final`] answer; a request sent with `stream` may be preceded by any number of the
+/// other parts, in order. A part for a request that does not stream, or for an id the worker
+/// was not given, is a protocol violation.
+#[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[rkyv(derive(Debug, PartialEq, Eq, Clone, Copy))]
+#[repr(u8)]
+pub enum Part {
+    /// The answer that ends the request.
+    Final = 0,
+    /// The interim answer of a two-stage request (the `agent` run's `accepted`).
+    Accepted = 1,
+    /// An event of the request (`event` names it; the body is its JSON payload).
+    Event = 2,
+}
+
+impl ArchivedPart {
+    /// The native value of an archived part.
+    pub fn to_native(self) -> Part {
+        match self {
+            ArchivedPart::Final => Part::Final,
+            ArchivedPart::Accepted => Part::Accepted,
+            ArchivedPart::Event => Part::Event,
+        }
+    }
+}
+
 /// A request from a gateway core (or an in-process caller) to a worker.
 #[derive(Archive, Serialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request<'a> {
@@ -123,9 +158,14 @@ pub struct Request<'a> {
     /// The validated user id.
     #[rkyv(with = InlineAsBox)]
     pub user_id: &'a str,
-    /// Kind-specific target (a session name, a test action); often empty.
+    /// The caller takes the answer's interim parts (events) before the final one.
+    pub stream: bool,
+    /// Kind-specific target (a session name, a test action, an RPC method); often empty.
     #[rkyv(with = InlineAsBox)]
     pub path: &'a str,
+    /// The caller's own id of the request (an RPC `req` id), untouched; often empty.
+    #[rkyv(with = InlineAsBox)]
+    pub call_id: &'a str,
     /// The payload, opaque to the gateway for the fast paths.
     #[rkyv(with = InlineAsBox)]
     pub body: &'a [u8],
@@ -140,6 +180,8 @@ pub struct Response<'a> {
     pub duration_us: u64,
     /// HTTP-style status: 2xx success, 4xx the request's fault, 5xx the handler's.
     pub status: u16,
+    /// Which part of the answer this is.
+    pub part: Part,
     /// The payload (JSON for the built-in handlers). First out-of-line field, so it leads the
     /// archive.
     #[rkyv(with = InlineAsBox)]
@@ -147,6 +189,9 @@ pub struct Response<'a> {
     /// Machine-readable error code (`""` on success).
     #[rkyv(with = InlineAsBox)]
     pub error_code: &'a str,
+    /// The event's name for [`Part::Event`], else `""`.
+    #[rkyv(with = InlineAsBox)]
+    pub event: &'a str,
 }
 
 /// Failure to encode or decode a message.
@@ -185,7 +230,7 @@ where
 impl Request<'_> {
     /// An upper bound of the encoded size; reserving this much always suffices.
     pub fn encoded_len_bound(&self) -> usize {
-        OVERHEAD + self.user_id.len() + self.path.len() + self.body.len() + 32
+        OVERHEAD + self.user_id.len() + self.path.len() + self.call_id.len() + self.body.len() + 48
     }
 
     /// Serializes into `out` (which must be 16-byte aligned) and returns the bytes used.
@@ -197,7 +242,7 @@ impl Request<'_> {
 impl Response<'_> {
     /// An upper bound of the encoded size; reserving this much always suffices.
     pub fn encoded_len_bound(&self) -> usize {
-        OVERHEAD + self.body.len() + self.error_code.len() + 16
+        OVERHEAD + self.body.len() + self.error_code.len() + self.event.len() + 32
     }
 
     /// Serializes into `out` (which must be 16-byte aligned) and returns the bytes used.
@@ -233,7 +278,9 @@ mod tests {
             kind: Kind::Session,
             method: Method::Put,
             user_id: "user-a",
+            stream: true,
             path: "notes",
+            call_id: "c-1",
             body: b"{\"x\":1}",
         };
         let mut buf = Aligned([0; 4096]);
@@ -246,6 +293,8 @@ mod tests {
         assert_eq!(a.method.to_native(), Method::Put);
         assert_eq!(&*a.user_id, "user-a");
         assert_eq!(&*a.path, "notes");
+        assert!(a.stream);
+        assert_eq!(&*a.call_id, "c-1");
         assert_eq!(&*a.body, b"{\"x\":1}");
     }
 
@@ -256,8 +305,10 @@ mod tests {
             request_id: u64::MAX,
             duration_us: 12,
             status: 502,
+            part: Part::Event,
             body: &body,
             error_code: "WORKER_CRASHED",
+            event: "agent",
         };
         let mut buf = Aligned([0; 4096]);
         let n = resp.encode_into(&mut buf.0).unwrap();
@@ -266,6 +317,8 @@ mod tests {
         assert_eq!(a.request_id, u64::MAX);
         assert_eq!(a.status, 502);
         assert_eq!(&*a.error_code, "WORKER_CRASHED");
+        assert_eq!(a.part.to_native(), Part::Event);
+        assert_eq!(&*a.event, "agent");
         assert_eq!(&*a.body, &body[..]);
     }
 
@@ -275,8 +328,10 @@ mod tests {
             request_id: 1,
             duration_us: 0,
             status: 200,
+            part: Part::Final,
             body: &[1; 100],
             error_code: "",
+            event: "",
         };
         let mut buf = Aligned([0; 4096]);
         assert_eq!(
@@ -306,6 +361,7 @@ mod tests {
             Kind::Session,
             Kind::HealthCheck,
             Kind::Echo,
+            Kind::Rpc,
             #[cfg(feature = "fault-injection")]
             Kind::Test,
         ] {

@@ -36,7 +36,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MOLTSHM\0");
 /// Version of this layout and of the messages its rings carry ([`crate::message`]); bumped on
 /// any change of either, so that a worker built from other sources (`worker_program`) fails
 /// to attach with a clear error instead of misreading frames.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Most lanes a segment may have.
 pub const MAX_LANES: u32 = 256;
 pub use crate::ring::MAX_CAPACITY;

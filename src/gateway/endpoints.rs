@@ -314,6 +314,8 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
                 method: CallMethod::Post,
                 user,
                 target: "",
+                call_id: "",
+                stream: false,
                 body,
             };
             send(reactor, endpoint, &call, Shape::Raw { content_type }).await
@@ -553,6 +555,8 @@ async fn route(reactor: &Reactor, principal: &Principal, body: &[u8]) -> Prepare
     };
     let call = Call {
         target: &target,
+        call_id: "",
+        stream: false,
         ..Call::of_kind(kind, user, payload.as_bytes())
     };
     let shape = Shape::Route {
@@ -624,6 +628,8 @@ async fn sessions(
         method,
         user,
         target: &name,
+        call_id: "",
+        stream: false,
         body,
     };
     send(reactor, endpoint, &call, Shape::Raw { content_type: JSON }).await

@@ -15,8 +15,12 @@ pub struct Call<'a> {
     pub method: Method,
     /// The user; validated by [`crate::pool::dispatch::Dispatch::new`].
     pub user: &'a str,
-    /// Kind-specific target: a session name, a fault action; often empty.
+    /// Kind-specific target: a session name, a fault action, an RPC method; often empty.
     pub target: &'a str,
+    /// The caller's own id of the request (an RPC `req` id), passed untouched; often empty.
+    pub call_id: &'a str,
+    /// The caller takes the answer's interim parts ([`crate::pool::reply::Replies::next`]).
+    pub stream: bool,
     /// The payload, opaque to the gateway.
     pub body: &'a [u8],
 }
@@ -34,6 +38,8 @@ impl<'a> Call<'a> {
             method,
             user,
             target: "",
+            call_id: "",
+            stream: false,
             body,
         }
     }

@@ -264,6 +264,8 @@ mod tests {
         method: crate::pool::call::Method::Post,
         user: "user-a",
         target: "",
+        call_id: "",
+        stream: false,
         body: b"hello",
     };
 

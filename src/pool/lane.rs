@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_unpark, wake_needed};
-use moltbot_ipc::{AlignedBuf, Consumer, GatewayLane, Producer, Request, RingError, TakeError};
+use moltbot_ipc::{
+    AlignedBuf, Consumer, GatewayLane, Kind, Part, Producer, Request, RingError, TakeError,
+};
 
 use crate::error::RouteError;
 use crate::pool::admission::Permit;
@@ -46,6 +48,11 @@ struct Pending {
     permit: Permit,
     /// Monotonic µs after which the caller gets `TIMEOUT` (0: never).
     deadline_us: u64,
+    /// The request was sent with `stream`: interim parts may precede the final answer.
+    stream: bool,
+    /// Every body of the answer must be JSON (an RPC request: the gateway forwards them into
+    /// JSON frames).
+    json: bool,
 }
 
 impl Pending {
@@ -68,6 +75,16 @@ struct Outstanding {
     request_id: u64,
 }
 
+/// An interim part's fields, taken out of its frame.
+struct PartFields {
+    request_id: u64,
+    status: u16,
+    duration_us: u64,
+    part: Part,
+    event: String,
+    body: Range<usize>,
+}
+
 /// Longest error code accepted from a worker.
 const MAX_ERROR_CODE: usize = 64;
 
@@ -82,6 +99,10 @@ pub struct DecodedResponse<'a> {
     pub error_code: &'a str,
     /// Handler time in microseconds.
     pub duration_us: u64,
+    /// Which part of the answer the frame is.
+    pub part: Part,
+    /// The event name, unchecked.
+    pub event: &'a str,
     /// Where the body lies in the frame.
     pub body: Range<usize>,
 }
@@ -108,6 +129,8 @@ pub fn decode_response(frame: &[u8]) -> Result<DecodedResponse<'_>, &'static str
         status: a.status.to_native(),
         error_code: &a.error_code,
         duration_us: a.duration_us.to_native(),
+        part: a.part.to_native(),
+        event: &a.event,
         body: body_start..body_start + a.body.len(),
     })
 }
@@ -121,15 +144,36 @@ impl DecodedResponse<'_> {
             return Err(format!("status {}", self.status));
         }
         let code = self.error_code;
-        if code.len() > MAX_ERROR_CODE
-            || !code
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
-        {
+        if !is_token(code, MAX_ERROR_CODE) {
             return Err("malformed error code".into());
         }
         Ok(())
     }
+
+    /// The checks of an interim part: `Err` is a protocol violation (the worker is killed), as
+    /// the caller could not be answered truthfully otherwise. An event has a name of 1 to 64
+    /// bytes of `[A-Za-z0-9_:.-]`; an `accepted` part has none.
+    pub fn check_part(&self) -> Result<(), &'static str> {
+        match self.part {
+            Part::Final => Ok(()),
+            Part::Accepted if self.event.is_empty() => Ok(()),
+            Part::Accepted => Err("an accepted answer with an event name"),
+            Part::Event if !self.event.is_empty() && is_token(self.event, MAX_ERROR_CODE) => Ok(()),
+            Part::Event => Err("an event with a malformed name"),
+        }
+    }
+}
+
+/// Whether `s` is at most `max` bytes of `[A-Za-z0-9_:.-]`.
+fn is_token(s: &str, max: usize) -> bool {
+    s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
+}
+
+/// Whether `body` is one JSON value.
+fn is_json(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
 }
 
 /// One slot's lane, seen from its owner.
@@ -223,7 +267,9 @@ impl LaneClient {
             kind: call.kind,
             method: call.method,
             user_id: call.user,
+            stream: call.stream,
             path: call.target,
+            call_id: call.call_id,
             body: call.body,
         };
         let bound = req.encoded_len_bound();
@@ -246,13 +292,15 @@ impl LaneClient {
             end: self.req.position(),
             request_id: id,
         });
-        let (reply, replies) = reply_pair();
+        let (reply, replies) = reply_pair(call.stream);
         self.pending.insert(
             id,
             Pending {
                 reply: Some(reply),
                 permit,
                 deadline_us,
+                stream: call.stream,
+                json: call.kind == Kind::Rpc,
             },
         );
         if self.defer_wakes {
@@ -360,6 +408,25 @@ impl LaneClient {
     /// Matches a response to its caller.
     fn deliver(&mut self, frame: AlignedBuf) -> Result<(), &'static str> {
         let r = decode_response(frame.as_slice())?;
+        if r.part != Part::Final {
+            r.check_part()?;
+            let part = PartFields {
+                request_id: r.request_id,
+                status: r.status,
+                duration_us: r.duration_us,
+                part: r.part,
+                event: r.event.to_string(),
+                body: r.body,
+            };
+            return self.deliver_part(part, frame);
+        }
+        let json = match self.pending.get(&r.request_id) {
+            Some(p) => p.json,
+            None => return Err("response to an unknown request id"),
+        };
+        if json && !is_json(&frame.as_slice()[r.body.clone()]) {
+            return Err("an RPC answer that is not JSON");
+        }
         let pending = self
             .pending
             .remove(&r.request_id)
@@ -389,6 +456,36 @@ impl LaneClient {
         }
         pending.complete(outcome);
         self.prune_outstanding();
+        Ok(())
+    }
+
+    /// Hands an interim part to its caller. A part for an id the worker was not given, for a
+    /// request that does not stream, with a malformed name, or (for an RPC) a body that is not
+    /// JSON is a protocol violation. Events carry no user: they belong to the user of the
+    /// request they name, so a worker cannot address another user's connections.
+    fn deliver_part(&mut self, p: PartFields, frame: AlignedBuf) -> Result<(), &'static str> {
+        let pending = self
+            .pending
+            .get(&p.request_id)
+            .ok_or("an event for an unknown request id")?;
+        if !pending.stream {
+            return Err("an event for a request that does not stream");
+        }
+        if pending.json && !is_json(&frame.as_slice()[p.body.clone()]) {
+            return Err("an event whose payload is not JSON");
+        }
+        if let Some(reply) = &pending.reply {
+            let part = Reply::new(
+                self.slot.id,
+                p.status,
+                String::new(),
+                p.duration_us,
+                frame,
+                p.body,
+            )
+            .into_part(p.part, p.event);
+            reply.part(part);
+        }
         Ok(())
     }
 
@@ -646,8 +743,10 @@ mod tests {
             request_id: 42,
             duration_us: 7,
             status,
+            part: Part::Final,
             body,
             error_code,
+            event: "",
         }
     }
 

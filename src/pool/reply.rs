@@ -3,12 +3,13 @@
 //!
 //! A request has one [`ReplyTo`] (held by its lane until the worker answers, dies, or the pool
 //! stops) and one [`Replies`] (held by its caller). The pair carries one final [`Outcome`]; a
-//! request that streams adds its events to the same pair, ahead of that final outcome.
+//! request that streams ([`crate::pool::call::Call::stream`]) also carries its interim parts
+//! (the `accepted` answer, events), in the worker's order, ahead of that final outcome.
 
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use moltbot_ipc::AlignedBuf;
+use moltbot_ipc::{AlignedBuf, Part};
 
 use crate::error::RouteError;
 
@@ -26,6 +27,10 @@ pub struct Reply {
     pub error_code: String,
     /// Handler time in microseconds.
     pub duration_us: u64,
+    /// Which part of the answer this is ([`Part::Final`] for an [`Outcome`]).
+    pub part: Part,
+    /// The event's name for [`Part::Event`]; `[A-Za-z0-9_:.-]`, 1 to 64 bytes.
+    pub event: String,
     frame: AlignedBuf,
     body: Range<usize>,
 }
@@ -50,9 +55,18 @@ impl Reply {
             status,
             error_code,
             duration_us,
+            part: Part::Final,
+            event: String::new(),
             frame,
             body,
         }
+    }
+
+    /// This reply as an interim part of its answer.
+    pub(crate) fn into_part(mut self, part: Part, event: String) -> Reply {
+        self.part = part;
+        self.event = event;
+        self
     }
 
     /// The payload.
@@ -68,39 +82,124 @@ impl Reply {
 
 /// The lane's end of a request's replies.
 #[derive(Debug)]
-pub struct ReplyTo(oneshot::Sender<Outcome>);
+pub struct ReplyTo(Sender);
+
+#[derive(Debug)]
+enum Sender {
+    /// The final outcome only (no allocation beyond the oneshot's).
+    Once(oneshot::Sender<Outcome>),
+    /// Interim parts, then the final outcome, in order.
+    Stream(flume::Sender<Delivery>),
+}
 
 /// The caller's end of a request's replies.
 #[derive(Debug)]
-pub struct Replies(oneshot::Receiver<Outcome>);
+pub struct Replies(Receiver);
 
-/// A connected pair.
-pub fn reply_pair() -> (ReplyTo, Replies) {
-    let (tx, rx) = oneshot::channel();
-    (ReplyTo(tx), Replies(rx))
+#[derive(Debug)]
+enum Receiver {
+    Once(oneshot::Receiver<Outcome>),
+    Stream(flume::Receiver<Delivery>),
+    /// The final outcome was handed out.
+    Spent,
+}
+
+/// What [`Replies::next`] yields.
+#[derive(Debug)]
+pub enum Delivery {
+    /// An interim part (`accepted`, an event).
+    Part(Reply),
+    /// The final outcome: nothing follows.
+    Final(Outcome),
+}
+
+/// A connected pair; `stream`: the pair carries interim parts too.
+pub fn reply_pair(stream: bool) -> (ReplyTo, Replies) {
+    if stream {
+        let (tx, rx) = flume::unbounded();
+        (ReplyTo(Sender::Stream(tx)), Replies(Receiver::Stream(rx)))
+    } else {
+        let (tx, rx) = oneshot::channel();
+        (ReplyTo(Sender::Once(tx)), Replies(Receiver::Once(rx)))
+    }
 }
 
 impl ReplyTo {
+    /// Delivers an interim part; dropped if the caller did not ask for parts. A caller that
+    /// is gone is no error. Parts are unbounded here: the lane's owner delivers them on the
+    /// caller's own core, and the caller bounds what it keeps (a WebSocket connection closes
+    /// a client that does not read).
+    pub fn part(&self, part: Reply) {
+        if let Sender::Stream(tx) = &self.0 {
+            let _ = tx.send(Delivery::Part(part));
+        }
+    }
+
     /// Delivers the final outcome. A caller that is gone (its client left) is no error.
     pub fn finish(self, outcome: Outcome) {
-        let _ = self.0.send(outcome);
+        match self.0 {
+            Sender::Once(tx) => {
+                let _ = tx.send(outcome);
+            }
+            Sender::Stream(tx) => {
+                let _ = tx.send(Delivery::Final(outcome));
+            }
+        }
     }
 }
 
 impl Replies {
-    /// Waits for the final outcome. The lane's owner answers every request it accepted, by
-    /// its deadline at the latest; a lane that went away without answering means the pool
-    /// stopped.
-    pub async fn outcome(self) -> Outcome {
-        self.0.await.unwrap_or(Err(RouteError::ShuttingDown))
+    /// Waits for the final outcome, skipping interim parts. The lane's owner answers every
+    /// request it accepted, by its deadline at the latest; a lane that went away without
+    /// answering means the pool stopped.
+    pub async fn outcome(mut self) -> Outcome {
+        loop {
+            if let Delivery::Final(o) = self.next().await {
+                return o;
+            }
+        }
     }
 
-    /// Blocks for the final outcome until `deadline`; then `TIMEOUT` (of `timeout`).
+    /// The next interim part, or the final outcome. After [`Delivery::Final`] the pair is
+    /// spent: a further call answers `SHUTTING_DOWN`.
+    pub async fn next(&mut self) -> Delivery {
+        let gone = || Err(RouteError::ShuttingDown);
+        match std::mem::replace(&mut self.0, Receiver::Spent) {
+            Receiver::Once(rx) => Delivery::Final(rx.await.unwrap_or_else(|_| gone())),
+            Receiver::Stream(rx) => match rx.recv_async().await {
+                Ok(Delivery::Part(p)) => {
+                    self.0 = Receiver::Stream(rx);
+                    Delivery::Part(p)
+                }
+                Ok(fin) => fin,
+                Err(_) => Delivery::Final(gone()),
+            },
+            Receiver::Spent => Delivery::Final(gone()),
+        }
+    }
+
+    /// Blocks for the final outcome until `deadline`, skipping interim parts; then `TIMEOUT`
+    /// (of `timeout`).
     pub fn outcome_by(self, deadline: Instant, timeout: Duration) -> Outcome {
-        match self.0.recv_deadline(deadline) {
-            Ok(outcome) => outcome,
-            Err(oneshot::RecvTimeoutError::Timeout) => Err(RouteError::Timeout(timeout)),
-            Err(oneshot::RecvTimeoutError::Disconnected) => Err(RouteError::ShuttingDown),
+        match self.0 {
+            Receiver::Once(rx) => match rx.recv_deadline(deadline) {
+                Ok(outcome) => outcome,
+                Err(oneshot::RecvTimeoutError::Timeout) => Err(RouteError::Timeout(timeout)),
+                Err(oneshot::RecvTimeoutError::Disconnected) => Err(RouteError::ShuttingDown),
+            },
+            Receiver::Stream(rx) => loop {
+                match rx.recv_deadline(deadline) {
+                    Ok(Delivery::Part(_)) => continue,
+                    Ok(Delivery::Final(o)) => return o,
+                    Err(flume::RecvTimeoutError::Timeout) => {
+                        return Err(RouteError::Timeout(timeout));
+                    }
+                    Err(flume::RecvTimeoutError::Disconnected) => {
+                        return Err(RouteError::ShuttingDown);
+                    }
+                }
+            },
+            Receiver::Spent => Err(RouteError::ShuttingDown),
         }
     }
 }

@@ -32,7 +32,7 @@ use anyhow::{Context, bail};
 use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::worker_state;
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, futex_unpark, wake_needed};
-use moltbot_ipc::{Kind, Method, Response, Segment};
+use moltbot_ipc::{Kind, Method, Part, Response, Segment};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -355,8 +355,10 @@ pub(crate) fn run(
                             request_id: o.id,
                             duration_us: o.started.elapsed().as_micros() as u64,
                             status,
+                            part: Part::Final,
                             body,
                             error_code: code,
+                            event: "",
                         };
                         write_response(&mut lane.resp, &lane.wake, &resp, h)?;
                         h.requests_served.fetch_add(1, Ordering::Relaxed);

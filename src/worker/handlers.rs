@@ -23,6 +23,7 @@
 mod agent;
 #[cfg(feature = "fault-injection")]
 pub(crate) mod faults;
+mod rpc;
 mod sessions;
 
 use std::io;
@@ -36,6 +37,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::user::validate_user_id;
+use crate::worker::lane::Emit;
 
 pub use agent::HISTORY_LIMIT;
 
@@ -170,10 +172,16 @@ impl Handlers {
         self.max_reply_bytes = n;
     }
 
-    /// Runs one request, read in place from its ring frame. Never panics; errors come back as
+    /// Runs one request, read in place from its ring frame; its interim parts (if it streams)
+    /// go to `emit` before the final reply is returned. Never panics; errors come back as
     /// replies.
-    pub fn handle(&mut self, req: &ArchivedRequest<'_>) -> HandlerReply {
+    pub(crate) fn handle(
+        &mut self,
+        req: &ArchivedRequest<'_>,
+        emit: &mut dyn Emit,
+    ) -> HandlerReply {
         let outcome = match req.kind.to_native() {
+            Kind::Rpc => self.rpc(req, emit),
             Kind::Echo => Ok(HandlerReply::ok(req.body.to_vec())),
             Kind::HealthCheck => Ok(self.health()),
             Kind::AgentMessage => self.agent_message(req),
@@ -264,7 +272,9 @@ mod testing {
             kind,
             method,
             user_id,
+            stream: false,
             path,
+            call_id: "",
             body,
         };
         let mut frame = AlignedBuf::new();
@@ -272,7 +282,7 @@ mod testing {
             .encode_into(frame.zeroed_mut(req.encoded_len_bound()))
             .expect("encode the request");
         let archived = access_request(frame.zeroed_mut(n)).expect("read the request");
-        h.handle(archived)
+        h.handle(archived, &mut crate::worker::lane::NoEmit)
     }
 
     /// The reply's JSON body.

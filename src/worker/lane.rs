@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use moltbot_ipc::wake::wake_needed;
-use moltbot_ipc::{Consumer, Producer, Response, RingError, WakeSender};
+use moltbot_ipc::{Consumer, Part, Producer, Response, RingError, SegmentHeader, WakeSender};
 
 /// A lane as the worker sees it.
 pub(crate) struct Lane {
@@ -21,7 +21,7 @@ pub(crate) fn write_response(
     ring: &mut Producer,
     wake: &WakeSender,
     resp: &Response<'_>,
-    h: &moltbot_ipc::SegmentHeader,
+    h: &SegmentHeader,
 ) -> anyhow::Result<()> {
     let bound = resp.encoded_len_bound();
     loop {
@@ -42,4 +42,81 @@ pub(crate) fn write_response(
         wake.notify();
     }
     Ok(())
+}
+
+/// Where a handler sends the interim parts of its answer (the `accepted` answer of a
+/// two-stage request, events), before it returns the final one.
+pub(crate) trait Emit {
+    /// Whether the caller takes interim parts; when false, [`Emit::accepted`] and
+    /// [`Emit::event`] drop them (an HTTP request without `Accept: text/event-stream`).
+    fn streams(&self) -> bool;
+    /// The interim `accepted` answer with its JSON payload.
+    fn accepted(&mut self, payload: &[u8]);
+    /// An event named `name` (`[A-Za-z0-9_:.-]`, 1 to 64 bytes) with its JSON payload.
+    fn event(&mut self, name: &str, payload: &[u8]);
+}
+
+/// An [`Emit`] that drops everything: for requests that do not stream, and for tests.
+pub(crate) struct NoEmit;
+
+impl Emit for NoEmit {
+    fn streams(&self) -> bool {
+        false
+    }
+    fn accepted(&mut self, _: &[u8]) {}
+    fn event(&mut self, _: &str, _: &[u8]) {}
+}
+
+/// Writes the interim parts of request `request_id` into a lane's response ring.
+pub(crate) struct RingEmit<'a> {
+    pub(crate) ring: &'a mut Producer,
+    pub(crate) wake: &'a WakeSender,
+    pub(crate) header: &'a SegmentHeader,
+    pub(crate) request_id: u64,
+    /// The request was sent with `stream`.
+    pub(crate) stream: bool,
+    /// The largest body a part may carry; larger parts are dropped (and logged).
+    pub(crate) max_body: usize,
+    /// The first failure to write (a corrupt ring): the serving loop ends with it.
+    pub(crate) failed: Option<anyhow::Error>,
+}
+
+impl RingEmit<'_> {
+    fn write(&mut self, part: Part, event: &str, body: &[u8]) {
+        if !self.stream || self.failed.is_some() {
+            return;
+        }
+        if body.len() > self.max_body {
+            tracing::warn!(
+                event,
+                bytes = body.len(),
+                "an event too large for a ring frame: dropped"
+            );
+            return;
+        }
+        let resp = Response {
+            request_id: self.request_id,
+            duration_us: 0,
+            status: 200,
+            part,
+            body,
+            error_code: "",
+            event,
+        };
+        if let Err(e) = write_response(self.ring, self.wake, &resp, self.header) {
+            self.failed = Some(e);
+        }
+    }
+}
+
+impl Emit for RingEmit<'_> {
+    fn streams(&self) -> bool {
+        self.stream
+    }
+    fn accepted(&mut self, payload: &[u8]) {
+        self.write(Part::Accepted, "", payload);
+    }
+    fn event(&mut self, name: &str, payload: &[u8]) {
+        self.write(Part::Event, name, payload);
+    }
 }

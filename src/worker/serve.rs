@@ -11,10 +11,10 @@ use anyhow::{Context, bail};
 use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::worker_state;
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park};
-use moltbot_ipc::{Kind, Response, Segment};
+use moltbot_ipc::{Kind, Part, Response, Segment};
 
 use crate::worker::handlers::{HandlerReply, Handlers};
-use crate::worker::lane::{Lane, write_response};
+use crate::worker::lane::{Lane, RingEmit, write_response};
 
 /// Spins this many empty rounds before parking, when the worker has a CPU to itself: a
 /// request arriving within that window is taken without a futex round trip. With a single CPU
@@ -167,8 +167,10 @@ impl Worker {
                 request_id: id,
                 duration_us: 0,
                 status: 200,
+                part: Part::Final,
                 body: &req.body,
                 error_code: "",
+                event: "",
             };
             write_response(resp, wake, &echo, h)?;
             frame.release();
@@ -182,7 +184,19 @@ impl Worker {
                 self.finish(lane);
                 return Ok(true);
             }
-            let reply: HandlerReply = self.handlers.handle(req);
+            let mut emit = RingEmit {
+                ring: resp,
+                wake,
+                header: h,
+                request_id: id,
+                stream: req.stream,
+                max_body: self.max_reply,
+                failed: None,
+            };
+            let reply: HandlerReply = self.handlers.handle(req, &mut emit);
+            if let Some(e) = emit.failed {
+                return Err(e);
+            }
             (status, code, body) = (reply.status, reply.error_code, reply.body);
         }
         let duration_us = started.elapsed().as_micros() as u64;
@@ -195,8 +209,10 @@ impl Worker {
             request_id: id,
             duration_us,
             status,
+            part: Part::Final,
             body,
             error_code: code,
+            event: "",
         };
         write_response(resp, wake, &reply, h)?;
         frame.release();

@@ -55,8 +55,10 @@ pub(crate) fn frame(req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
                 request_id: req.request_id.to_native() ^ 0x5555_0000_0000_0000,
                 duration_us: 0,
                 status: 200,
+                part: moltbot_ipc::Part::Final,
                 body: b"{}",
                 error_code: "",
+                event: "",
             };
             let bound = r.encoded_len_bound();
             let _ = ring.push_with(bound, |slot| r.encode_into(slot));
@@ -350,6 +352,8 @@ mod tests {
                 method: Method::Post,
                 user_id: "u",
                 path: action,
+                call_id: "",
+                stream: false,
                 body: b"",
             };
             let mut buf = AlignedBuf::new();
