@@ -426,6 +426,32 @@ config_keys! {
         check: |&n| at_least(n, 1),
     }
 
+    /// WebSocket (OpenClaw protocol): interval of the `tick` events each connection gets;
+    /// announced as `policy.tickIntervalMs`.
+    ws_tick_interval: Duration as Duration {
+        default: Duration::from_secs(30),
+        aliases: ["wsTickInterval"],
+        flag: gateway("ws-tick-interval"),
+        check: positive,
+    }
+
+    /// WebSocket: bytes queued for a client that does not read before it is closed (1008
+    /// "slow consumer"); announced as `policy.maxBufferedBytes`.
+    ws_max_buffered_bytes: usize as Size {
+        default: 16 * MIB as usize,
+        aliases: ["wsMaxBufferedBytes"],
+        flag: gateway("ws-max-buffered-bytes"),
+        check: |&n| at_least(n, 64 * KIB as usize),
+    }
+
+    /// WebSocket: time from the upgrade to a successful `connect`; beyond, close 1008.
+    ws_connect_timeout: Duration as Duration {
+        default: Duration::from_secs(10),
+        aliases: ["wsConnectTimeout"],
+        flag: gateway("ws-connect-timeout"),
+        check: positive,
+    }
+
     /// Limit of the request target (URI); 414 beyond. At most `max_header_bytes`.
     max_uri_bytes: usize as Size {
         default: 8 * KIB as usize,

@@ -302,11 +302,18 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
         out: Vec::new(),
         limits,
     };
-    serve_loop(&mut conn).await;
+    if let Some((head, early)) = serve_loop(&mut conn).await {
+        // The metrics count the upgrade as a request of its own.
+        reactor.metrics.request_finished();
+        crate::gateway::ws::serve(reactor, conn.stream, head, early).await;
+        return;
+    }
     let _ = conn.stream.close().await;
 }
 
-async fn serve_loop(conn: &mut Conn) {
+/// Serves HTTP until the connection ends; `Some` hands it over to WebSocket: the upgrade
+/// request and the bytes that followed it.
+async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
     let reactor = conn.reactor.clone();
     let shared = reactor.shared.clone();
     let cfg = shared.config.clone();
@@ -319,7 +326,7 @@ async fn serve_loop(conn: &mut Conn) {
     let mut drain_read = false;
     loop {
         if shared.stopping_fast() {
-            return;
+            return None;
         }
         // 1. Prepare every complete request in the buffer (pipelining), in order.
         let mut batch: Vec<Pending> = Vec::new();
@@ -338,7 +345,7 @@ async fn serve_loop(conn: &mut Conn) {
                         // Answer what came before, then the error, then close.
                         finish_batch(conn, batch, true).await;
                         conn.write_error_and_close(e).await;
-                        return;
+                        return None;
                     }
                 };
                 let started = Instant::now();
@@ -357,12 +364,23 @@ async fn serve_loop(conn: &mut Conn) {
                         {
                             conn.out.extend_from_slice(http::CONTINUE_100);
                             if !conn.flush().await {
-                                return;
+                                return None;
                             }
                             continue_sent = true;
                         }
                         need_more = true;
                         break;
+                    }
+                    Parsed::InBuffer { head, body_len }
+                        if crate::gateway::ws::is_upgrade(&head) && !shared.stopping() =>
+                    {
+                        // Answer what came before it, then the connection speaks WebSocket.
+                        if !finish_batch(conn, batch, false).await {
+                            return None;
+                        }
+                        reactor.metrics.request_started();
+                        conn.rb.consume(head.head_len + body_len);
+                        return Some((head, conn.rb.data().to_vec()));
                     }
                     Parsed::InBuffer { head, body_len } => {
                         head_started = None;
@@ -423,7 +441,7 @@ async fn serve_loop(conn: &mut Conn) {
         // 2. Answer them in order.
         if !batch.is_empty() {
             if !finish_batch(conn, batch, false).await || close_after || shared.stopping() {
-                return;
+                return None;
             }
             conn.rb.shrink();
             // The time spent answering was the server's: restart the clocks of a partial
@@ -439,14 +457,14 @@ async fn serve_loop(conn: &mut Conn) {
             let idle = conn.rb.data().is_empty();
             if idle && shared.stopping() {
                 if drain_read {
-                    return;
+                    return None;
                 }
                 drain_read = true;
                 let soon = Instant::now() + Duration::from_millis(2);
                 if matches!(conn.read_more(soon, false).await, ReadOutcome::Data) {
                     continue;
                 }
-                return;
+                return None;
             }
             let deadline = match (body_deadline, head_started) {
                 _ if idle => Instant::now() + cfg.idle_timeout,
@@ -472,12 +490,12 @@ async fn serve_loop(conn: &mut Conn) {
                     reactor.metrics.record(a.endpoint, a.status, Duration::ZERO);
                     write_answer(&mut conn.out, &a, false);
                     conn.flush().await;
-                    return;
+                    return None;
                 }
                 ReadOutcome::TimedOut
                 | ReadOutcome::Eof
                 | ReadOutcome::Closing
-                | ReadOutcome::Failed => return,
+                | ReadOutcome::Failed => return None,
             }
         }
     }

@@ -222,6 +222,14 @@ pub struct RequestHead {
     pub authorization: Option<String>,
     /// The `content-type` value (ASCII, else the request is refused).
     pub content_type: Option<String>,
+    /// `Upgrade: websocket` was asked for.
+    pub upgrade_websocket: bool,
+    /// `Connection` lists `upgrade`.
+    pub connection_upgrade: bool,
+    /// The `sec-websocket-key` value (ASCII).
+    pub websocket_key: Option<String>,
+    /// The raw `sec-websocket-version` value.
+    pub websocket_version: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RequestHead {
@@ -325,6 +333,10 @@ fn parse_with_slots<'b>(
     let mut user: Option<Vec<u8>> = None;
     let mut authorization: Option<String> = None;
     let mut content_type: Option<String> = None;
+    let mut upgrade_websocket = false;
+    let mut connection_upgrade = false;
+    let mut websocket_key: Option<String> = None;
+    let mut websocket_version: Option<Vec<u8>> = None;
 
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -349,6 +361,8 @@ fn parse_with_slots<'b>(
                         conn_close = true;
                     } else if token.eq_ignore_ascii_case(b"keep-alive") {
                         conn_keep_alive = true;
+                    } else if token.eq_ignore_ascii_case(b"upgrade") {
+                        connection_upgrade = true;
                     }
                 }
             }
@@ -369,6 +383,20 @@ fn parse_with_slots<'b>(
                     return Err(HttpError::BadRequest("repeated Content-Length header"));
                 }
                 content_length = Some(parse_content_length(value)?);
+            }
+            7 if name.eq_ignore_ascii_case(b"upgrade") => {
+                upgrade_websocket |= value
+                    .split(|&b| b == b',')
+                    .any(|t| trim_ows(t).eq_ignore_ascii_case(b"websocket"));
+            }
+            17 if name.eq_ignore_ascii_case(b"sec-websocket-key") => {
+                if websocket_key.is_some() {
+                    return Err(HttpError::BadRequest("repeated Sec-WebSocket-Key header"));
+                }
+                websocket_key = Some(ascii_value(value, "non-ASCII Sec-WebSocket-Key value")?);
+            }
+            21 if name.eq_ignore_ascii_case(b"sec-websocket-version") => {
+                websocket_version = Some(value.to_vec());
             }
             14 if name.eq_ignore_ascii_case(b"x-moltbot-user") => {
                 if user.is_some() {
@@ -435,6 +463,10 @@ fn parse_with_slots<'b>(
         user,
         authorization,
         content_type,
+        upgrade_websocket,
+        connection_upgrade,
+        websocket_key,
+        websocket_version,
     }))
 }
 

@@ -16,6 +16,7 @@ pub mod notify;
 pub mod reactor;
 pub mod server;
 pub mod shared;
+pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

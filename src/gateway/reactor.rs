@@ -3,6 +3,7 @@
 //! [`Reactor::dispatch`], which drives a request's [`Dispatch`] on this core.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -45,6 +46,10 @@ pub struct Reactor {
     pub wake_swaps: Vec<Notify>,
     /// Users waiting for their first assignment, persisted in batches.
     pub first_sight: Rc<FirstSight>,
+    /// This core's WebSocket connections: what wakes each one's task.
+    pub ws_conns: RefCell<HashMap<u64, Rc<Notify>>>,
+    /// Numbers this core's WebSocket connections.
+    pub next_ws_conn: Cell<u64>,
 }
 
 impl Reactor {
@@ -68,6 +73,26 @@ impl Reactor {
             flush: Notify::default(),
             closing: Latch::default(),
             first_sight: Rc::default(),
+            ws_conns: RefCell::default(),
+            next_ws_conn: Cell::new(1),
+        }
+    }
+
+    /// Wakes this core's WebSocket connections `conns` (frames were queued for them).
+    pub fn wake_ws(&self, conns: &[u64]) {
+        let map = self.ws_conns.borrow();
+        for c in conns {
+            if let Some(n) = map.get(c) {
+                n.notify();
+            }
+        }
+    }
+
+    /// Wakes the connections other cores queued frames for.
+    fn deliver_pokes(&self) {
+        let poked = self.shared.hub.take_poked(self.id);
+        if !poked.is_empty() {
+            self.wake_ws(&poked);
         }
     }
 
@@ -150,6 +175,7 @@ pub async fn pump(reactor: Rc<Reactor>, mut control: UnixStream) {
         if reactor.shared.stopping() {
             reactor.closing.fire();
         }
+        reactor.deliver_pokes();
         let now = monotonic_us();
         let worked = {
             let mut lanes = reactor.lanes.borrow_mut();

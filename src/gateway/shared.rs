@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::gateway::ws::hub::Hub;
 use crate::metrics::CoreMetrics;
 use crate::pool::Pool;
 use crate::worker::isolation::LandlockStatus;
@@ -45,8 +46,11 @@ pub struct Shared {
     pub landlock: LandlockStatus,
     /// When the gateway started.
     pub started: Instant,
-    /// Wakes each core's pump (to make it see a stop).
+    /// Wakes each core's pump (to make it see a stop, or frames for its WebSocket
+    /// connections).
     pub core_wakers: Vec<Arc<moltbot_ipc::WakeSender>>,
+    /// The WebSocket connections' outboxes, by user.
+    pub hub: Hub,
 }
 
 impl Shared {
@@ -78,6 +82,14 @@ impl Shared {
             connections: AtomicUsize::new(0),
             landlock,
             started: Instant::now(),
+            hub: Hub::new(cores, {
+                let wakers = core_wakers.clone();
+                Box::new(move |core| {
+                    if let Some(w) = wakers.get(core) {
+                        w.notify();
+                    }
+                })
+            }),
             core_wakers,
         }
     }
