@@ -581,7 +581,7 @@ async fn stream_events(
     first: Reply,
     keep: bool,
 ) -> (bool, u16) {
-    let worker = format!("worker-{}", w.slot() + 1);
+    let worker = crate::gateway::answer::worker_header(w.slot());
     http::write_stream_head(
         &mut conn.out,
         "text/event-stream",
