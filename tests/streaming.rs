@@ -155,7 +155,7 @@ fn a_run_streams_to_every_connection_of_its_user_on_any_core_and_to_no_other_use
     }
     let first = alice.iter().position(|c| c.core() == "0").unwrap();
     let second = alice.iter().position(|c| c.core() == "1").unwrap();
-    let mut bob = Ws::connect(&gw, "bob");
+    let bob = Ws::connect(&gw, "bob");
 
     let runner = &mut alice[first];
     runner.send(agent_req("r1", "run-shared", "one two three"));
@@ -201,6 +201,11 @@ fn a_run_streams_to_every_connection_of_its_user_on_any_core_and_to_no_other_use
     // No answer frame of the run reached the other connection: answers go to the requester.
     assert!(!other.seen.iter().any(|f| f["type"] == "res"));
 
+    // /status counts the authenticated connections and their users.
+    let ws = &gw.status()["gateway"]["websocket"];
+    assert_eq!(ws["connections"], alice.len() + 1, "{ws}");
+    assert_eq!(ws["users"], 2, "{ws}");
+    let mut bob = bob;
     // Bob sees nothing of it (his own request proves his connection works meanwhile).
     bob.send(json!({"type": "req", "id": "h", "method": "health"}));
     let h = bob.until("bob's health", is_res("h"));

@@ -418,6 +418,10 @@ fn status(s: &Shared) -> Answer {
             serde_json::json!({
                 "cores": s.metrics.len(),
                 "connections": s.connections.load(Ordering::Relaxed),
+                "websocket": {
+                    "connections": s.hub.connections(),
+                    "users": s.hub.users_connected(),
+                },
                 "draining": s.stopping(),
                 "uptimeMs": s.started.elapsed().as_millis() as u64,
                 "landlock": s.landlock,
