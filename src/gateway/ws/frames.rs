@@ -44,7 +44,6 @@ struct WireRequest<'a> {
     #[serde(borrow, default)]
     params: Option<&'a RawValue>,
     #[serde(default)]
-    #[allow(dead_code)]
     traceparent: Option<String>,
 }
 
@@ -119,22 +118,24 @@ pub struct ConnectParams {
     pub max_protocol: u32,
     /// Who the client is.
     pub client: ClientInfo,
+    /// Client capabilities (accepted, not used).
     #[serde(default)]
-    caps: Option<Vec<NonEmpty>>,
+    pub caps: Option<Vec<NonEmpty>>,
+    /// Node commands (accepted, not used).
     #[serde(default)]
-    commands: Option<Vec<NonEmpty>>,
+    pub commands: Option<Vec<NonEmpty>>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    computer_use: Option<serde::de::IgnoredAny>,
+    pub computer_use: Option<serde::de::IgnoredAny>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    worker_runs: Option<serde::de::IgnoredAny>,
+    pub worker_runs: Option<serde::de::IgnoredAny>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    permissions: Option<BTreeMap<String, bool>>,
+    pub permissions: Option<BTreeMap<String, bool>>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    path_env: Option<String>,
+    pub path_env: Option<String>,
     /// `operator` (the default) or `node`.
     #[serde(default)]
     pub role: Option<NonEmpty>,
@@ -147,12 +148,12 @@ pub struct ConnectParams {
     /// Credentials.
     #[serde(default)]
     pub auth: Option<ConnectAuth>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    locale: Option<String>,
+    pub locale: Option<String>,
+    /// Accepted, not used.
     #[serde(default)]
-    #[allow(dead_code)]
-    user_agent: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 /// A string of at least one character.
@@ -181,18 +182,24 @@ pub struct ClientInfo {
     pub platform: NonEmpty,
     /// One of the schema's modes.
     pub mode: String,
+    /// Display name.
     #[serde(default)]
-    display_name: Option<NonEmpty>,
+    pub display_name: Option<NonEmpty>,
+    /// At most 96 bytes.
     #[serde(default)]
-    build_id: Option<NonEmpty>,
+    pub build_id: Option<NonEmpty>,
+    /// Device family.
     #[serde(default)]
-    device_family: Option<NonEmpty>,
+    pub device_family: Option<NonEmpty>,
+    /// Device model.
     #[serde(default)]
-    model_identifier: Option<NonEmpty>,
+    pub model_identifier: Option<NonEmpty>,
+    /// At most 64 bytes.
     #[serde(default)]
-    time_zone: Option<NonEmpty>,
+    pub time_zone: Option<NonEmpty>,
+    /// Instance id.
     #[serde(default)]
-    instance_id: Option<NonEmpty>,
+    pub instance_id: Option<NonEmpty>,
 }
 
 /// Client ids the schema allows.
@@ -225,14 +232,14 @@ const CLIENT_MODES: &[&str] = &[
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct DeviceIdentity {
-    #[allow(dead_code)]
-    id: NonEmpty,
-    #[allow(dead_code)]
-    public_key: NonEmpty,
-    #[allow(dead_code)]
-    signature: NonEmpty,
-    #[allow(dead_code)]
-    signed_at: u64,
+    /// The device id.
+    pub id: NonEmpty,
+    /// Its public key (not verified: no pairing here).
+    pub public_key: NonEmpty,
+    /// Its signature (not verified).
+    pub signature: NonEmpty,
+    /// When it signed (ms).
+    pub signed_at: u64,
     /// The challenge nonce the device signed.
     pub nonce: NonEmpty,
 }
@@ -351,14 +358,6 @@ pub fn check_connect(
             "invalid connect params: client.buildId or client.timeZone too long",
         ));
     }
-    let _ = (
-        &p.caps,
-        &p.commands,
-        &p.client.display_name,
-        &p.client.device_family,
-        &p.client.model_identifier,
-        &p.client.instance_id,
-    );
     let legacy_ok = p.role.as_ref().is_some_and(|r| r.0 == "node") || p.client.mode == "probe";
     let speaks = |v: u32| p.min_protocol <= v && v <= p.max_protocol;
     let protocol = if speaks(PROTOCOL) {

@@ -51,6 +51,9 @@ pub const PRE_AUTH_BYTES: usize = 128 * 1024;
 /// Largest frame accepted before authentication.
 pub const PRE_AUTH_FRAME: usize = 64 * 1024;
 
+/// How often a draining connection checks whether the drain timeout passed.
+const DRAIN_CHECK: Duration = Duration::from_millis(100);
+
 /// The methods the built-in worker serves (announced in `hello-ok`).
 pub const METHODS: &[&str] = &[
     "health",
@@ -455,9 +458,12 @@ impl Conn {
             let left = next_tick.saturating_duration_since(Instant::now());
             let stop_watch = async {
                 if shutdown_sent {
-                    std::future::pending::<()>().await;
+                    // Draining: look again now and then, for the drain timeout turning the
+                    // stop into a fast one.
+                    glommio::timer::sleep(DRAIN_CHECK).await;
+                } else {
+                    reactor.closing.wait().await;
                 }
-                reactor.closing.wait().await;
                 Woke::Wake
             };
             let woke = futures_lite::future::or(
