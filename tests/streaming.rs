@@ -288,14 +288,41 @@ fn http_clients_get_the_run_as_server_sent_events() {
 fn sigterm_announces_shutdown_answers_the_run_in_flight_then_closes_with_1012() {
     let mut gw = GatewayProc::start(Options::new(1));
     let mut c = Ws::connect(&gw, "stopper");
-    c.send(json!({"type": "req", "id": "h", "method": "health"}));
-    c.until("health", is_res("h"));
+    c.send(json!({"type": "req", "id": "slow", "method": "test.slow", "params": {"ms": 1500}}));
+    let accepted = c.until("accepted", is_res("slow"));
+    assert_eq!(accepted["payload"]["status"], "accepted", "{accepted}");
     gw.signal(rustix::process::Signal::TERM);
     let shutdown = c.until("shutdown", |f| f["event"] == "shutdown");
     assert_eq!(shutdown["payload"]["reason"], "gateway stopping");
+    // The run in flight is still answered, then the connection closes.
+    let fin = c.until("the slow run's answer", is_res("slow"));
+    assert_eq!(fin["ok"], true, "{fin}");
+    assert_eq!(fin["payload"]["sleptMs"], 1500);
     assert_eq!(c.close_code(), Some(CloseCode::Restart));
     let status = gw.wait();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_worker_that_dies_mid_run_answers_it_worker_crashed_and_its_successor_serves_the_next() {
+    let gw = GatewayProc::start(Options::new(1));
+    let mut c = Ws::connect(&gw, "crasher");
+    c.send(json!({"type": "req", "id": "h1", "method": "health"}));
+    let before = c.until("health", is_res("h1"))["payload"]["pid"].clone();
+    c.send(json!({"type": "req", "id": "boom", "method": "test.stream-then-crash"}));
+    let accepted = c.until("accepted", is_res("boom"));
+    assert_eq!(accepted["ok"], true);
+    let fin = c.until("the crashed run's answer", is_res("boom"));
+    assert_eq!(fin["ok"], false, "{fin}");
+    assert_eq!(fin["error"]["code"], "UNAVAILABLE", "{fin}");
+    assert_eq!(fin["error"]["details"]["code"], "WORKER_CRASHED", "{fin}");
+    // The event sent before the crash arrived first.
+    assert!(c.seen.iter().any(|f| f["event"] == "agent"), "{:?}", c.seen);
+    // Same connection, next request: the successor answers.
+    c.send(json!({"type": "req", "id": "h2", "method": "health"}));
+    let after = c.until("health from the successor", is_res("h2"));
+    assert_eq!(after["ok"], true, "{after}");
+    assert_ne!(after["payload"]["pid"], before, "a new worker process");
 }
 
 #[test]

@@ -29,6 +29,8 @@ mod agent;
 #[cfg(feature = "fault-injection")]
 pub(crate) mod faults;
 mod rpc;
+#[cfg(feature = "fault-injection")]
+mod rpc_faults;
 mod sessions;
 
 use std::io;
@@ -187,6 +189,8 @@ impl Handlers {
     ) -> HandlerReply {
         let kind = req.kind.to_native();
         let outcome = match kind {
+            #[cfg(feature = "fault-injection")]
+            Kind::Rpc if req.path.starts_with("test.") => rpc_faults::handle(req, emit),
             Kind::Rpc => self.rpc(req, emit),
             Kind::Echo => Ok(HandlerReply::ok(req.body.to_vec())),
             Kind::HealthCheck => Ok(self.health()),
