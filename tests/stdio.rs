@@ -2,6 +2,7 @@
 //! gateways, real worker processes and real agent programs (Python and Node.js, standard
 //! library only).
 
+mod common;
 mod gw;
 
 use std::collections::HashMap;
@@ -301,4 +302,89 @@ fn plain_text_echo_through_an_agent_is_exact() {
     assert_eq!(r.body, text.as_bytes());
     let (status, v, _) = echo(&g, "texter", &json!("a json string"));
     assert_eq!((status, v), (200, json!("a json string")));
+}
+
+/// An event for a request id the agent was not given, or with a malformed name, is a protocol
+/// violation: the agent is replaced and only the request it held fails. (A fresh gateway: the
+/// restart policy would hold back a slot that crashed as often as the test above makes it.)
+#[test]
+fn a_malformed_or_misaddressed_event_replaces_the_agent() {
+    let g = start(1, &faulty_agent(), &[], &[]);
+    for fault in ["event-unknown-id", "bad-event-name"] {
+        let before = g.worker_pids()[0].expect("pid");
+        let (status, v, _) = echo(&g, "eventful", &json!({"fault": fault}));
+        assert_eq!(status, 502, "{fault}: {v}");
+        assert_eq!(v["error"]["code"], "WORKER_CRASHED", "{fault}: {v}");
+        wait_until(&format!("worker-0 replaced after {fault}"), || {
+            g.worker_pids()[0].is_some_and(|p| p != before) && g.worker_states()[0] == "ready"
+        });
+        let (status, v, _) = echo(&g, "eventful", &json!({"again": fault}));
+        assert_eq!(status, 200, "{fault}: {v}");
+    }
+}
+
+/// An agent's `accepted` and `event` lines for a request that does not stream are dropped: the
+/// request is answered, the agent is not taken for broken.
+#[test]
+fn parts_for_a_request_that_does_not_stream_are_dropped() {
+    let g = start(1, &faulty_agent(), &[], &[]);
+    let before = g.worker_pids()[0].expect("pid");
+    for i in 0..3 {
+        let (status, v, _) = echo(&g, "talker", &json!({"fault": "parts", "i": i}));
+        assert_eq!((status, v), (200, json!({"fault": "parts", "i": i})));
+    }
+    assert_eq!(g.worker_pids()[0], Some(before));
+    assert_eq!(g.status()["workers"][0]["crashes"], 0);
+}
+
+/// OpenClaw RPC requests through a real pool, to the built-in agent and to the Python example:
+/// `agent` answers with its run id untouched and records the turn where `agent:message` sees
+/// it; bad params and unknown methods are `INVALID_REQUEST`. (Streaming them end to end needs
+/// the gateway's WebSocket side; the worker's parts are covered by the handler and bridge
+/// tests.)
+#[test]
+fn rpc_agent_runs_share_the_history_of_rest_messages() {
+    use moltbot_ipc::{Kind, Method};
+    for command in [
+        None,
+        Some(vec![PYTHON.to_string(), repo("examples/agents/agent.py")]),
+    ] {
+        let mut env = common::TestEnv::new(1);
+        let python = command.is_some();
+        env.config.worker_command = command;
+        let router = env.start();
+        let user = "rpc-user";
+        let first = common::agent(&router, user, "first");
+        assert!(first.success, "{first:?}");
+        let rpc = |method: &str, params: &Value| {
+            router.route_parts(
+                Kind::Rpc,
+                Method::Post,
+                user,
+                method,
+                params.to_string().as_bytes(),
+            )
+        };
+        let r = rpc(
+            "agent",
+            &json!({"message": "second one", "idempotencyKey": "Run 1/ü"}),
+        );
+        assert!(r.success, "python: {python}: {r:?}");
+        let payload = r.payload.expect("payload");
+        assert_eq!(payload["runId"], "Run 1/ü");
+        assert_eq!(payload["status"], "ok");
+        assert_eq!(payload["result"]["payloads"][0]["text"], "echo: second one");
+        let third = common::agent(&router, user, "third");
+        assert_eq!(common::turn(&third), 3, "python: {python}: {third:?}");
+
+        let r = rpc("agent", &json!({"message": "no key"}));
+        assert!(!r.success);
+        assert_eq!(r.error_code.as_deref(), Some("INVALID_REQUEST"), "{r:?}");
+        let r = rpc("no.such.method", &json!({}));
+        assert_eq!(r.error_code.as_deref(), Some("INVALID_REQUEST"), "{r:?}");
+        let r = rpc("health", &Value::Null);
+        assert!(r.success, "{r:?}");
+        assert_eq!(r.payload.expect("payload")["workerId"], "worker-0");
+        router.stop();
+    }
 }

@@ -6,7 +6,9 @@ Run a gateway with it:
 
 Each worker process starts one copy inside its sandbox (cwd = sandbox, MOLTBOT_* variables
 set) and talks to it over stdin/stdout in JSON Lines. This agent keeps a conversation file per
-user in $MOLTBOT_SESSIONS_DIR and named session state in $MOLTBOT_STATE_DIR.
+user in $MOLTBOT_SESSIONS_DIR and named session state in $MOLTBOT_STATE_DIR. A request sent
+with "stream": true gets its reply word by word as `agent` events first; OpenClaw RPC requests
+(type "rpc") are answered for `health` and `agent`.
 """
 
 import base64
@@ -39,9 +41,33 @@ def ok(rid, payload):
     send({"type": "response", "response": {"requestId": rid, "success": True, "payload": payload}})
 
 
-def fail(rid, code, message):
+def fail(rid, code, message, status=400):
     send({"type": "response", "response": {
-        "requestId": rid, "success": False, "error": message, "errorCode": code}})
+        "requestId": rid, "success": False, "error": message, "errorCode": code,
+        "status": status}})
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
+
+def stream_reply(rid, run_id, reply):
+    """Sends `reply` word by word as OpenClaw `agent` events, between lifecycle start and end."""
+    seq = 0
+
+    def agent_event(stream, data):
+        nonlocal seq
+        seq += 1
+        send({"type": "event", "requestId": rid, "event": "agent", "payload": {
+            "runId": run_id, "seq": seq, "stream": stream, "ts": now_ms(), "data": data}})
+
+    started = now_ms()
+    agent_event("lifecycle", {"phase": "start", "startedAt": started})
+    text = ""
+    for piece in re.split(r"(?<=\S)(?=\s)", reply):
+        text += piece
+        agent_event("assistant", {"text": text, "delta": piece})
+    agent_event("lifecycle", {"phase": "end", "startedAt": started, "endedAt": now_ms()})
 
 
 def history_path(user):
@@ -56,19 +82,49 @@ def turns(user):
         return []
 
 
-def agent_message(rid, user, payload):
+def take_turn(user, message):
+    """Records one turn in the user's conversation file; returns the reply."""
+    reply = "echo: " + message
+    with open(history_path(user), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"ts": now_ms(), "userId": user,
+                            "message": message, "reply": reply}) + "\n")
+    return reply
+
+
+def agent_message(rid, user, payload, stream):
     if isinstance(payload, dict):
         message = payload.get("message")
     else:
         message = payload
     if not isinstance(message, str) or not message:
         return fail(rid, "INVALID_PAYLOAD", "expected {\"message\": \"...\"} or a string")
-    reply = "echo: " + message
-    with open(history_path(user), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"ts": int(time.time() * 1000), "userId": user,
-                            "message": message, "reply": reply}) + "\n")
+    reply = take_turn(user, message)
+    if stream:
+        stream_reply(rid, rid, reply)
     ok(rid, {"workerId": WORKER_ID, "pid": os.getpid(), "userId": user,
              "turn": len(turns(user)), "reply": reply, "agent": "python"})
+
+
+def rpc(rid, user, method, params, stream):
+    """An OpenClaw gateway request: `method` with its `params`."""
+    if method == "health":
+        return ok(rid, {"ok": True, "workerId": WORKER_ID, "pid": os.getpid(), "agent": "python"})
+    if method != "agent":
+        return fail(rid, "INVALID_REQUEST", "this agent serves health and agent, not " + method)
+    params = params if isinstance(params, dict) else {}
+    message, run_id = params.get("message"), params.get("idempotencyKey")
+    if not isinstance(message, str) or not message:
+        return fail(rid, "INVALID_REQUEST", "invalid agent params: message is required")
+    if not isinstance(run_id, str) or not run_id:
+        return fail(rid, "INVALID_REQUEST", "invalid agent params: idempotencyKey is required")
+    if stream:
+        send({"type": "accepted", "requestId": rid, "payload": {
+            "runId": run_id, "status": "accepted", "acceptedAt": now_ms()}})
+    reply = take_turn(user, message)
+    if stream:
+        stream_reply(rid, run_id, reply)
+    ok(rid, {"runId": run_id, "status": "ok", "summary": "completed",
+             "result": {"payloads": [{"text": reply}]}})
 
 
 def agent_command(rid, user, payload):
@@ -112,13 +168,13 @@ def session(rid, user, payload):
             with open(path, encoding="utf-8") as f:
                 ok(rid, {"name": name, "value": json.load(f)})
         except FileNotFoundError:
-            fail(rid, "NOT_FOUND", "no session " + name)
+            fail(rid, "NOT_FOUND", "no session " + name, 404)
     elif action == "delete":
         try:
             os.remove(path)
             ok(rid, {"name": name, "deleted": True})
         except FileNotFoundError:
-            fail(rid, "NOT_FOUND", "no session " + name)
+            fail(rid, "NOT_FOUND", "no session " + name, 404)
     else:
         fail(rid, "UNKNOWN_ACTION", "actions: get, set, delete, list")
 
@@ -135,9 +191,12 @@ def main():
         elif kind == "request":
             req = msg["request"]
             rid, user, rtype, payload = req["requestId"], req["userId"], req["type"], req.get("payload")
+            stream = req.get("stream", False)
             try:
                 if rtype == "agent:message":
-                    agent_message(rid, user, payload)
+                    agent_message(rid, user, payload, stream)
+                elif rtype == "rpc":
+                    rpc(rid, user, req.get("method"), payload, stream)
                 elif rtype == "agent:command":
                     agent_command(rid, user, payload)
                 elif rtype == "session":
@@ -149,7 +208,7 @@ def main():
                 else:
                     fail(rid, "UNSUPPORTED", "this agent does not handle " + rtype)
             except OSError as e:
-                fail(rid, "STORAGE_ERROR", str(e))
+                fail(rid, "STORAGE_ERROR", str(e), 500)
 
 
 if __name__ == "__main__":

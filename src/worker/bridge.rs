@@ -3,17 +3,22 @@
 //! TypeScript worker IPC.
 //!
 //! To the program: `{"type":"request","request":{"requestId","userId","type","payload",
-//! "timestamp","timeout"}}`, `{"type":"health:check"}`, `{"type":"shutdown","gracePeriod"}`.
-//! From it: `{"type":"ready"}`, `{"type":"response","response":{"requestId","success",
-//! "payload","error","errorCode"(,"status")}}`, `{"type":"heartbeat"}`,
-//! `{"type":"log","level","message"}`. Requests are pipelined (the gateway admits at most
+//! "timestamp","timeout","stream"}}` (an OpenClaw RPC has `type` `rpc`, `method`, `callId`
+//! and its params as `payload`), `{"type":"health:check"}`, `{"type":"shutdown",
+//! "gracePeriod"}`. From it: `{"type":"ready"}`, `{"type":"response","response":{"requestId",
+//! "success","payload","error","errorCode"(,"status","details","retryable","retryAfterMs")}}`,
+//! `{"type":"heartbeat"}`, `{"type":"log","level","message"}`, and, before a request's
+//! `response`, its interim parts: `{"type":"accepted","requestId","payload"}` (the first answer
+//! of a two-stage RPC) and `{"type":"event","requestId","event","payload"}` (an event named
+//! `[A-Za-z0-9_:.-]{1,64}`). Parts of a request that does not stream are dropped, as are parts
+//! too large for a ring frame (logged). Requests are pipelined (the gateway admits at most
 //! `max_concurrent` per worker); responses may come back in any order. Its stderr goes to
 //! `logs/agent.log`.
 //!
 //! The program runs under the worker's Landlock domain and rlimits (inherited) and dies with
 //! the worker (`PR_SET_PDEATHSIG`). It is held to the same rules as a built-in worker:
-//! - it exits, or writes a malformed or oversized line, or answers a request id it was not
-//!   given → the worker kills it and exits with an error: the monitor respawns the slot, the
+//! - it exits, or writes a malformed or oversized line, or answers (or sends a part for) a
+//!   request id it was not given or already answered → the worker kills it and exits with an error: the monitor respawns the slot, the
 //!   requests it had taken are answered `WORKER_CRASHED`, the unread ones go to the successor;
 //! - it stops answering health checks → the worker stops its heartbeat: the monitor kills the
 //!   slot as stalled.
@@ -44,6 +49,13 @@ enum FromChild {
     Ready,
     Heartbeat,
     Response(ChildResponse),
+    /// An interim part of request `request_id`: its `accepted` answer (`event` `None`) or an
+    /// event so named. The name is already checked.
+    Part {
+        request_id: String,
+        event: Option<String>,
+        payload: Box<RawValue>,
+    },
     Log {
         level: String,
         message: String,
@@ -65,6 +77,13 @@ struct ChildResponse {
     error_code: Option<String>,
     #[serde(default)]
     status: Option<u16>,
+    /// For RPC errors, passed on in the protocol's error object.
+    #[serde(default)]
+    details: Option<Box<RawValue>>,
+    #[serde(default)]
+    retryable: Option<bool>,
+    #[serde(default, rename = "retryAfterMs")]
+    retry_after_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +96,18 @@ struct Envelope {
     level: Option<String>,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default, rename = "requestId")]
+    request_id: Option<String>,
+    #[serde(default)]
+    event: Option<String>,
+    /// Present whenever the line has the field, `null` included.
+    #[serde(default, deserialize_with = "present_raw")]
+    payload: Option<Box<RawValue>>,
+}
+
+/// `Some(raw)` whenever the field is present, even as `null` (missing stays `None`).
+fn present_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
 }
 
 fn parse_line(line: &[u8]) -> FromChild {
@@ -95,6 +126,33 @@ fn parse_line(line: &[u8]) -> FromChild {
             level: env.level.unwrap_or_else(|| "info".into()),
             message: env.message.unwrap_or_default(),
         },
+        kind @ ("accepted" | "event") => {
+            let Some(request_id) = env.request_id else {
+                return FromChild::Fatal(format!("{kind} without a \"requestId\""));
+            };
+            let Some(payload) = env.payload else {
+                return FromChild::Fatal(format!("{kind} without a \"payload\""));
+            };
+            let event = match (kind, env.event) {
+                ("accepted", None) => None,
+                ("accepted", Some(_)) => {
+                    return FromChild::Fatal("accepted with an event name".into());
+                }
+                (_, Some(name)) if valid_code(&name) => Some(name),
+                (_, Some(name)) => {
+                    return FromChild::Fatal(format!(
+                        "event name {:?} is not [A-Za-z0-9_:.-]{{1,64}}",
+                        name.chars().take(80).collect::<String>()
+                    ));
+                }
+                (_, None) => return FromChild::Fatal("event without an \"event\" name".into()),
+            };
+            FromChild::Part {
+                request_id,
+                event,
+                payload,
+            }
+        }
         other => FromChild::Fatal(format!("unknown message type {other:?}")),
     }
 }
@@ -175,6 +233,14 @@ struct RequestBody<'a> {
     payload: &'a RawValue,
     timestamp: u64,
     timeout: u64,
+    /// The caller takes interim parts (`accepted`, events) before the response.
+    stream: bool,
+    /// An RPC's method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    method: Option<&'a str>,
+    /// An RPC's id on the client's connection.
+    #[serde(rename = "callId", skip_serializing_if = "Option::is_none")]
+    call_id: Option<&'a str>,
 }
 
 /// The payload the program receives: the request body if it is JSON, else the body as a JSON
@@ -239,6 +305,39 @@ struct Outstanding {
     started: Instant,
     /// The body was not JSON and went to the program as a string (see [`payload_of`]).
     wrapped: bool,
+    /// The request takes interim parts.
+    stream: bool,
+    /// An OpenClaw RPC: its error answers carry the protocol's error object.
+    rpc: bool,
+}
+
+/// Where an interim part from the program goes: `Ok(Some((lane, request id)))` to write it,
+/// `Ok(None)` to drop it (the request does not stream, or the payload does not fit a ring
+/// frame), `Err` for a part naming a request the program does not hold (a protocol
+/// violation).
+fn part_target(
+    outstanding: &HashMap<String, Outstanding>,
+    request_id: &str,
+    payload_len: usize,
+    max_reply: usize,
+) -> Result<Option<(usize, u64)>, String> {
+    let Some(o) = outstanding.get(request_id) else {
+        return Err(format!(
+            "sent a part for request id {:?}, which it was not given or already answered",
+            request_id.chars().take(80).collect::<String>()
+        ));
+    };
+    if !o.stream {
+        return Ok(None);
+    }
+    if payload_len > max_reply {
+        tracing::warn!(
+            bytes = payload_len,
+            "an agent's event too large for a ring frame: dropped"
+        );
+        return Ok(None);
+    }
+    Ok(Some((o.lane, o.id)))
 }
 
 /// How the worker runs its agent program.
@@ -307,6 +406,32 @@ pub(crate) fn run(
                         }
                     }
                     FromChild::Heartbeat => {}
+                    FromChild::Part {
+                        request_id,
+                        event,
+                        payload,
+                    } => {
+                        let body = payload.get().as_bytes();
+                        let target = part_target(&outstanding, &request_id, body.len(), max_reply)
+                            .map_err(|why| anyhow::anyhow!("agent program {why}"))?;
+                        if let Some((lane, id)) = target {
+                            let lane = &mut lanes[lane];
+                            let resp = Response {
+                                request_id: id,
+                                duration_us: 0,
+                                status: 200,
+                                part: if event.is_some() {
+                                    Part::Event
+                                } else {
+                                    Part::Accepted
+                                },
+                                body,
+                                error_code: "",
+                                event: event.as_deref().unwrap_or(""),
+                            };
+                            write_response(&mut lane.resp, &lane.wake, &resp, h)?;
+                        }
+                    }
                     FromChild::Log { level, message } => match level.as_str() {
                         "error" => tracing::error!(target: "agent", "{message}"),
                         "warn" | "warning" => tracing::warn!(target: "agent", "{message}"),
@@ -332,14 +457,15 @@ pub(crate) fn run(
                                 "",
                             )
                         } else {
-                            let message = r.error.as_deref().unwrap_or("the agent failed");
-                            body = serde_json::to_vec(&serde_json::json!({ "message": message }))
-                                .unwrap_or_default();
+                            body = error_body(&r, o.rpc);
+                            // An RPC's error code is the protocol's: `UNAVAILABLE` when the
+                            // program names none.
+                            let fallback = if o.rpc { "UNAVAILABLE" } else { "AGENT_ERROR" };
                             let code = r
                                 .error_code
                                 .as_deref()
                                 .filter(|c| valid_code(c))
-                                .unwrap_or("AGENT_ERROR");
+                                .unwrap_or(fallback);
                             (
                                 r.status.filter(|s| (400..600).contains(s)).unwrap_or(500),
                                 code,
@@ -415,6 +541,8 @@ pub(crate) fn run(
                         let now_us = monotonic_us();
                         let (payload, wrapped) =
                             payload_of(kind, req.method.to_native(), &req.path, &req.body);
+                        let rpc = kind == Kind::Rpc;
+                        let stream = req.stream;
                         let out = RequestOut {
                             kind: "request",
                             request: RequestBody {
@@ -428,6 +556,9 @@ pub(crate) fn run(
                                 } else {
                                     deadline.saturating_sub(now_us) / 1000
                                 },
+                                stream,
+                                method: rpc.then_some(&*req.path),
+                                call_id: rpc.then_some(&*req.call_id),
                             },
                         };
                         line.clear();
@@ -442,6 +573,8 @@ pub(crate) fn run(
                                 id,
                                 started: Instant::now(),
                                 wrapped,
+                                stream,
+                                rpc,
                             },
                         );
                         taken += 1;
@@ -499,6 +632,29 @@ pub(crate) fn run(
     result
 }
 
+/// The body of an error answer: `{"message"}`, and for an RPC the other fields of the
+/// protocol's error object the program gave (`details`, `retryable`, `retryAfterMs`).
+fn error_body(r: &ChildResponse, rpc: bool) -> Vec<u8> {
+    let message = r.error.as_deref().unwrap_or("the agent failed");
+    let mut body = serde_json::json!({ "message": message });
+    if rpc {
+        if let Some(details) = r
+            .details
+            .as_ref()
+            .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
+        {
+            body["details"] = details;
+        }
+        if let Some(retryable) = r.retryable {
+            body["retryable"] = retryable.into();
+        }
+        if let Some(ms) = r.retry_after_ms {
+            body["retryAfterMs"] = ms.into();
+        }
+    }
+    serde_json::to_vec(&body).unwrap_or_else(|_| b"{\"message\":\"the agent failed\"}".to_vec())
+}
+
 fn send_line(stdin: &mut ChildStdin, s: &str) -> std::io::Result<()> {
     stdin.write_all(s.as_bytes())?;
     stdin.write_all(b"\n")?;
@@ -550,6 +706,135 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn interim_parts_parse_and_malformed_ones_are_fatal() {
+        match parse_line(
+            br#"{"type":"event","requestId":"0-1","event":"agent","payload":{"seq":1}}"#,
+        ) {
+            FromChild::Part {
+                request_id,
+                event,
+                payload,
+            } => {
+                assert_eq!(request_id, "0-1");
+                assert_eq!(event.as_deref(), Some("agent"));
+                assert_eq!(payload.get(), r#"{"seq":1}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_line(br#"{"type":"accepted","requestId":"0-2","payload":{"runId":"k"}}"#) {
+            FromChild::Part {
+                request_id, event, ..
+            } => assert_eq!((request_id.as_str(), event), ("0-2", None)),
+            other => panic!("{other:?}"),
+        }
+        let long = format!(
+            r#"{{"type":"event","requestId":"0-1","event":"{}","payload":1}}"#,
+            "e".repeat(65)
+        );
+        let fatal: [&[u8]; 9] = [
+            br#"{"type":"event","requestId":"0-1","payload":{}}"#,
+            br#"{"type":"event","requestId":"0-1","event":"","payload":{}}"#,
+            br#"{"type":"event","requestId":"0-1","event":"a b","payload":{}}"#,
+            br#"{"type":"event","requestId":"0-1","event":"\u00e9","payload":{}}"#,
+            br#"{"type":"event","event":"agent","payload":{}}"#,
+            br#"{"type":"event","requestId":"0-1","event":"agent"}"#,
+            br#"{"type":"accepted","requestId":"0-1","event":"agent","payload":{}}"#,
+            br#"{"type":"accepted","payload":{}}"#,
+            long.as_bytes(),
+        ];
+        for line in fatal {
+            assert!(
+                matches!(parse_line(line), FromChild::Fatal(_)),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        // A name of 64 bytes of the allowed characters is fine.
+        let ok = format!(
+            r#"{{"type":"event","requestId":"0-1","event":"{}","payload":null}}"#,
+            "a:b.c-d_E9".repeat(6) + "abcd"
+        );
+        assert!(matches!(parse_line(ok.as_bytes()), FromChild::Part { .. }));
+    }
+
+    #[test]
+    fn parts_go_to_streaming_requests_the_program_holds() {
+        let held = |stream: bool| Outstanding {
+            lane: 2,
+            id: 40,
+            started: Instant::now(),
+            wrapped: false,
+            stream,
+            rpc: true,
+        };
+        let mut outstanding = HashMap::new();
+        outstanding.insert("2-40".to_string(), held(true));
+        outstanding.insert("2-41".to_string(), held(false));
+        assert_eq!(
+            part_target(&outstanding, "2-40", 10, 100),
+            Ok(Some((2, 40)))
+        );
+        // Not streaming, or too large for a frame: dropped, the program carries on.
+        assert_eq!(part_target(&outstanding, "2-41", 10, 100), Ok(None));
+        assert_eq!(part_target(&outstanding, "2-40", 101, 100), Ok(None));
+        // An id it was not given (or already answered): a violation.
+        let err = part_target(&outstanding, "2-42", 10, 100).unwrap_err();
+        assert!(err.contains("2-42"), "{err}");
+        outstanding.remove("2-40");
+        assert!(part_target(&outstanding, "2-40", 10, 100).is_err());
+    }
+
+    #[test]
+    fn rpc_requests_name_their_method_and_call_id() {
+        let (payload, _) = payload_of(Kind::Rpc, Method::Post, "agent", br#"{"message":"hi"}"#);
+        let out = |kind: Kind, stream: bool, rpc: bool| {
+            let v = serde_json::to_value(RequestOut {
+                kind: "request",
+                request: RequestBody {
+                    request_id: "0-7",
+                    user_id: "u",
+                    kind: kind.as_str(),
+                    payload: &payload,
+                    timestamp: 1,
+                    timeout: 0,
+                    stream,
+                    method: rpc.then_some("agent"),
+                    call_id: rpc.then_some("req-9"),
+                },
+            })
+            .unwrap();
+            v["request"].clone()
+        };
+        let v = out(Kind::Rpc, true, true);
+        assert_eq!(v["type"], "rpc");
+        assert_eq!(v["method"], "agent");
+        assert_eq!(v["callId"], "req-9");
+        assert_eq!(v["stream"], true);
+        assert_eq!(v["payload"], serde_json::json!({"message": "hi"}));
+        let v = out(Kind::AgentMessage, false, false);
+        assert_eq!(v["type"], "agent:message");
+        assert_eq!(v["stream"], false);
+        assert!(v.get("method").is_none() && v.get("callId").is_none());
+    }
+
+    #[test]
+    fn rpc_errors_keep_the_protocol_error_fields() {
+        let r: ChildResponse = serde_json::from_str(
+            r#"{"requestId":"0-1","success":false,"error":"busy","errorCode":"UNAVAILABLE",
+                "details":{"code":"X"},"retryable":true,"retryAfterMs":250}"#,
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&error_body(&r, true)).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"message": "busy", "details": {"code": "X"}, "retryable": true,
+                "retryAfterMs": 250})
+        );
+        let v: serde_json::Value = serde_json::from_slice(&error_body(&r, false)).unwrap();
+        assert_eq!(v, serde_json::json!({"message": "busy"}));
     }
 
     #[test]

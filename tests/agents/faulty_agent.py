@@ -5,6 +5,9 @@
   {"fault": "garbage"}     write a line that is not JSON
   {"fault": "huge"}        write one line of 8 MiB
   {"fault": "unknown-id"}  answer a request id it was never given
+  {"fault": "event-unknown-id"}  send an event for a request id it was never given
+  {"fault": "bad-event-name"}    send an event whose name has a space
+  {"fault": "parts"}       send an accepted line and an event for the request, then answer
   {"fault": "silent"}      stop answering health checks (and everything else), stay alive
   {"fault": "slow", "ms"}  answer after sleeping
 anything else is echoed. With MOLTBOT_FAULTY_IGNORE_SHUTDOWN=1 it ignores `shutdown` messages.
@@ -54,10 +57,18 @@ for line in sys.stdin:
         sys.stdout.flush()
     elif fault == "unknown-id":
         send({"type": "response", "response": {"requestId": "9-999999", "success": True, "payload": {}}})
+    elif fault == "event-unknown-id":
+        send({"type": "event", "requestId": "9-999999", "event": "agent", "payload": {}})
+    elif fault == "bad-event-name":
+        send({"type": "event", "requestId": req["requestId"], "event": "a b", "payload": {}})
     elif fault == "silent":
         silent = True
     else:
         if fault == "slow":
             time.sleep(payload.get("ms", 100) / 1000)
+        if fault == "parts":
+            send({"type": "accepted", "requestId": req["requestId"], "payload": {"runId": "r"}})
+            send({"type": "event", "requestId": req["requestId"], "event": "agent",
+                  "payload": {"runId": "r", "seq": 1}})
         send({"type": "response", "response": {"requestId": req["requestId"], "success": True, "payload": payload}})
 # Stay up a little after `shutdown` only if asked to ignore it (handled above).

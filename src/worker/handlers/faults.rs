@@ -10,8 +10,9 @@
 //! - `signal {"pids": [...]}` reports which processes it may signal (a `kill(pid, 0)` probe: no
 //!   signal is ever sent);
 //! - `slow {"ms": N}` sleeps N ms before answering;
-//! - `garbage-frame`, `garbage-id` and `garbage-ring` break the ring protocol itself: the
-//!   worker loop hands them to [`frame`] before the handlers, as they need the response ring.
+//! - `garbage-frame`, `garbage-id`, `garbage-ring`, `event-unknown-id` and `event-no-stream`
+//!   break the ring protocol itself: the worker loop hands them to [`frame`] before the
+//!   handlers, as they need the response ring.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
@@ -64,6 +65,17 @@ pub(crate) fn frame(req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
             let _ = ring.push_with(bound, |slot| r.encode_into(slot));
             true
         }
+        // An event for a request that does not exist.
+        "event-unknown-id" => {
+            push_event(ring, req.request_id.to_native() ^ 0x5555_0000_0000_0000);
+            true
+        }
+        // An event for this request, which was sent without `stream` (sent with it, the
+        // event would be legitimate: the action does not apply).
+        "event-no-stream" if !req.stream => {
+            push_event(ring, req.request_id.to_native());
+            true
+        }
         // Positions that break the ring's invariants: what a worker writing its mapping
         // directly does (the gateway's end is in another process).
         "garbage-ring" => {
@@ -74,6 +86,21 @@ pub(crate) fn frame(req: &ArchivedRequest<'_>, ring: &mut Producer) -> bool {
         }
         _ => false,
     }
+}
+
+/// A well-formed `agent` event for `request_id`.
+fn push_event(ring: &mut Producer, request_id: u64) {
+    let r = Response {
+        request_id,
+        duration_us: 0,
+        status: 200,
+        part: moltbot_ipc::Part::Event,
+        body: br#"{"runId":"fault","seq":1,"stream":"lifecycle","ts":0,"data":{"phase":"start"}}"#,
+        error_code: "",
+        event: "agent",
+    };
+    let bound = r.encoded_len_bound();
+    let _ = ring.push_with(bound, |slot| r.encode_into(slot));
 }
 
 /// The `test` kind's handler actions; `pid` is the worker's (it names the `escape` probe files).
@@ -344,7 +371,7 @@ mod tests {
 
     #[test]
     fn frame_faults_write_what_breaks_the_protocol() {
-        let frame_for = |kind: Kind, action: &str| {
+        let frame_for = |kind: Kind, action: &str, stream: bool| {
             let req = Request {
                 request_id: 7,
                 deadline_us: 0,
@@ -353,7 +380,7 @@ mod tests {
                 user_id: "u",
                 path: action,
                 call_id: "",
-                stream: false,
+                stream,
                 body: b"",
             };
             let mut buf = AlignedBuf::new();
@@ -366,29 +393,47 @@ mod tests {
         let ring = HeapRing::new(4096).unwrap();
         let (mut producer, mut consumer) = ring.split().unwrap();
         let mut out = AlignedBuf::new();
-        let mut fault = |kind: Kind, action: &str| {
-            let buf = frame_for(kind, action);
+        let mut fault = |kind: Kind, action: &str, stream: bool| {
+            let buf = frame_for(kind, action, stream);
             frame(access_request(buf.as_slice()).unwrap(), &mut producer)
         };
 
         // Other kinds and the handler actions are left alone.
-        assert!(!fault(Kind::Session, "garbage-frame"));
-        assert!(!fault(Kind::Test, "slow"));
+        assert!(!fault(Kind::Session, "garbage-frame", false));
+        assert!(!fault(Kind::Test, "slow", false));
         assert!(!consumer.pop_into(&mut out).unwrap());
 
-        assert!(fault(Kind::Test, "garbage-frame"));
+        assert!(fault(Kind::Test, "garbage-frame", false));
         assert!(consumer.pop_into(&mut out).unwrap());
         assert!(access_response(out.as_slice()).is_err());
 
-        assert!(fault(Kind::Test, "garbage-id"));
+        assert!(fault(Kind::Test, "garbage-id", false));
         assert!(consumer.pop_into(&mut out).unwrap());
         let resp = access_response(out.as_slice()).unwrap();
         assert_eq!(resp.request_id.to_native(), 7 ^ 0x5555_0000_0000_0000);
 
+        assert!(fault(Kind::Test, "event-unknown-id", false));
+        assert!(consumer.pop_into(&mut out).unwrap());
+        let resp = access_response(out.as_slice()).unwrap();
+        assert_eq!(resp.request_id.to_native(), 7 ^ 0x5555_0000_0000_0000);
+        assert_eq!(resp.part.to_native(), moltbot_ipc::Part::Event);
+        assert_eq!(&*resp.event, "agent");
+        assert!(serde_json::from_slice::<Value>(&resp.body).is_ok());
+
+        assert!(fault(Kind::Test, "event-no-stream", false));
+        assert!(consumer.pop_into(&mut out).unwrap());
+        let resp = access_response(out.as_slice()).unwrap();
+        assert_eq!(resp.request_id.to_native(), 7);
+        assert_eq!(resp.part.to_native(), moltbot_ipc::Part::Event);
+        assert_eq!(&*resp.event, "agent");
+        // A request that streams may take the event: nothing is written for it.
+        assert!(!fault(Kind::Test, "event-no-stream", true));
+        assert!(!consumer.pop_into(&mut out).unwrap());
+
         // The gateway's end lives in another process: a worker scribbles over positions only
         // where no end of this process reads them.
         drop(consumer);
-        assert!(fault(Kind::Test, "garbage-ring"));
+        assert!(fault(Kind::Test, "garbage-ring", false));
         drop(producer);
         assert!(
             ring.take_consumer().is_err(),

@@ -184,7 +184,7 @@ impl Handlers {
         let method = "sessions.list";
         let p = object(method, params)?;
         if let Some(limit) = p.get("limit")
-            && !limit.as_u64().is_some_and(|n| n >= 1)
+            && limit.as_u64().is_none_or(|n| n < 1)
         {
             return Err(invalid(method, "limit must be an integer of at least 1"));
         }
