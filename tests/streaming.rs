@@ -340,3 +340,37 @@ fn unknown_methods_and_bad_params_get_the_protocols_errors_and_the_connection_st
     let r = c.until("health", is_res("h"));
     assert_eq!(r["ok"], true);
 }
+
+#[test]
+fn a_worker_sending_events_it_may_not_send_is_killed_and_replaced() {
+    let gw = GatewayProc::start(Options::new(1));
+    for action in ["event-unknown-id", "event-no-stream"] {
+        let before = gw.worker_pids()[0];
+        let body = json!({"type": "test", "userId": "eve", "payload": {"action": action}});
+        let r = gw.request("POST", "/v1/route", &[], Some(body.to_string().as_bytes()));
+        // The worker is killed for the violation: the request it had taken is answered as lost.
+        assert_eq!(r.status, 502, "{action}: {}", r.text());
+        assert_eq!(
+            r.json::<Value>().unwrap()["errorCode"],
+            "WORKER_CRASHED",
+            "{action}"
+        );
+        gw::wait_until("a successor", || {
+            let now = gw.worker_pids()[0];
+            now.is_some() && now != before
+        });
+        let ok = gw.request(
+            "POST",
+            "/v1/route",
+            &[],
+            Some(br#"{"type":"health:check","userId":"eve","payload":{}}"#),
+        );
+        assert_eq!(ok.status, 200, "{action}: {}", ok.text());
+    }
+    let log = gw.log();
+    assert!(log.contains("an event for an unknown request id"), "{log}");
+    assert!(
+        log.contains("an event for a request that does not stream"),
+        "{log}"
+    );
+}

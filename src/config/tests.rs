@@ -464,6 +464,15 @@ mod layers {
             ("max_header_bytes", "8KiB", |c| c.max_header_bytes == 8192),
             ("max_headers", "20", |c| c.max_headers == 20),
             ("max_body_bytes", "2048", |c| c.max_body_bytes == 2048),
+            ("ws_tick_interval", "5s", |c| {
+                c.ws_tick_interval == Duration::from_secs(5)
+            }),
+            ("ws_max_buffered_bytes", "1MiB", |c| {
+                c.ws_max_buffered_bytes == 1 << 20
+            }),
+            ("ws_connect_timeout", "3s", |c| {
+                c.ws_connect_timeout == Duration::from_secs(3)
+            }),
             ("max_uri_bytes", "1KiB", |c| c.max_uri_bytes == 1024),
             ("header_read_timeout", "3s", |c| {
                 c.header_read_timeout == Duration::from_secs(3)

@@ -180,6 +180,10 @@ impl Worker {
             // Faults that break the ring protocol write their own frames, if any.
             #[cfg(feature = "fault-injection")]
             if crate::worker::handlers::faults::frame(req, resp) {
+                // Wake the gateway core as for any frame, so that it reads this one now.
+                if moltbot_ipc::wake::wake_needed(resp.parked_flag()) {
+                    wake.notify();
+                }
                 frame.release();
                 self.finish(lane);
                 return Ok(true);
