@@ -83,7 +83,10 @@ impl Outbox {
             return false;
         }
         let len = frame.len();
-        if s.bytes + len > self.max_bytes {
+        // One frame is always taken into an empty outbox, whatever its size (a worker's answer
+        // may be larger than the limit): the limit bounds the backlog of a client that does
+        // not read, not the size of one frame.
+        if s.bytes > 0 && s.bytes + len > self.max_bytes {
             s.overflow = true;
             s.frames.clear();
             s.bytes = 0;
@@ -315,5 +318,12 @@ mod tests {
         assert!(o.overflowed());
         assert_eq!(o.bytes(), 0, "what was queued is dropped");
         assert!(!o.push(Outgoing::Frame("x".into())));
+
+        // A single frame larger than the limit still goes to a client that reads.
+        let o = Outbox::new(0, 1, 1000);
+        assert!(o.push(Outgoing::Frame("y".repeat(5000))));
+        assert!(!o.overflowed());
+        assert!(!o.push(Outgoing::Frame("z".into())));
+        assert!(o.overflowed());
     }
 }
