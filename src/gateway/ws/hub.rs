@@ -97,11 +97,12 @@ impl Outbox {
         true
     }
 
-    /// Takes everything queued.
-    pub fn take(&self, into: &mut VecDeque<Outgoing>) {
+    /// Takes the oldest frame queued.
+    pub fn pop(&self) -> Option<Outgoing> {
         let mut s = self.lock();
-        s.bytes = 0;
-        into.append(&mut s.frames);
+        let f = s.frames.pop_front()?;
+        s.bytes = s.bytes.saturating_sub(f.len());
+        Some(f)
     }
 
     /// Whether the client fell too far behind.
@@ -268,9 +269,7 @@ mod tests {
     }
 
     fn events(o: &Outbox) -> Vec<String> {
-        let mut q = VecDeque::new();
-        o.take(&mut q);
-        q.into_iter()
+        std::iter::from_fn(|| o.pop())
             .map(|f| match f {
                 Outgoing::Event { payload, .. } => payload.to_string(),
                 Outgoing::Frame(f) => f,

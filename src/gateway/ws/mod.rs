@@ -24,7 +24,6 @@ mod run;
 mod stream;
 
 use std::cell::Cell;
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -143,7 +142,6 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
         ws,
         budget,
         seq: 0,
-        queue: VecDeque::new(),
     };
     c.run(named).await;
 }
@@ -189,8 +187,6 @@ struct Conn {
     budget: Rc<Cell<Option<usize>>>,
     /// The last event `seq` sent.
     seq: u64,
-    /// Frames taken from the outbox, being sent.
-    queue: VecDeque<Outgoing>,
 }
 
 impl Conn {
@@ -517,10 +513,7 @@ impl Conn {
             if s.outbox.overflowed() {
                 return Err(End::Close(close::POLICY, "slow consumer"));
             }
-            if self.queue.is_empty() {
-                s.outbox.take(&mut self.queue);
-            }
-            let Some(next) = self.queue.pop_front() else {
+            let Some(next) = s.outbox.pop() else {
                 return Ok(());
             };
             let text = match next {
