@@ -66,7 +66,8 @@ pub enum Inbound<'a> {
         payload: Option<&'a RawValue>,
         /// The error's `code` (failure; `UNKNOWN` when absent).
         code: Cow<'a, str>,
-        /// The error's `message` (failure).
+        /// The error's `message` (failure), with `details.code` when there is one (the
+        /// precise reason, e.g. `AUTH_TOKEN_MISMATCH`).
         message: Cow<'a, str>,
     },
     /// An event.
@@ -104,6 +105,14 @@ struct WireError<'a> {
     code: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    details: Option<Details<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Details<'a> {
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
 }
 
 /// Parses one text frame; the error says what is wrong with it.
@@ -115,10 +124,14 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, String> {
             let id = w.id.ok_or("res frame without an id")?;
             let ok = w.ok.ok_or("res frame without ok")?;
             let (code, message) = match w.error {
-                Some(e) => (
-                    e.code.unwrap_or(Cow::Borrowed("UNKNOWN")),
-                    e.message.unwrap_or_default(),
-                ),
+                Some(e) => {
+                    let message = e.message.unwrap_or_default();
+                    let message = match e.details.and_then(|d| d.code) {
+                        Some(detail) => Cow::Owned(format!("{message} ({detail})")),
+                        None => message,
+                    };
+                    (e.code.unwrap_or(Cow::Borrowed("UNKNOWN")), message)
+                }
                 None => (Cow::Borrowed("UNKNOWN"), Cow::Borrowed("")),
             };
             Ok(Inbound::Res {
@@ -312,6 +325,14 @@ mod tests {
         };
         assert!(!ok);
         assert_eq!((&*code, &*message), ("UNAVAILABLE", "busy"));
+        let refused = parse(
+            r#"{"type":"res","id":"connect","ok":false,"error":{"code":"INVALID_REQUEST","message":"bad token","details":{"code":"AUTH_TOKEN_MISMATCH"}}}"#,
+        )
+        .expect("res");
+        let Inbound::Res { message, .. } = refused else {
+            panic!("not a res")
+        };
+        assert_eq!(message, "bad token (AUTH_TOKEN_MISMATCH)");
 
         let ev = parse(
             r#"{"type":"event","event":"agent","payload":{"runId":"k","seq":1,"stream":"lifecycle"},"seq":9}"#,
