@@ -104,7 +104,7 @@ impl Answer {
 pub const DIRECT_BODY: usize = 16 * 1024;
 
 /// `x-moltbot-worker` values, built once.
-fn worker_header(slot: usize) -> std::borrow::Cow<'static, str> {
+pub(crate) fn worker_header(slot: usize) -> std::borrow::Cow<'static, str> {
     const NAMES: [&str; 16] = [
         "worker-0",
         "worker-1",

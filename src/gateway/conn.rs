@@ -13,6 +13,7 @@ use crate::gateway::endpoints::{self, Prepared};
 use crate::gateway::http::{self, BodyFraming, ChunkedDecoder, HttpError, Limits, RequestHead};
 use crate::gateway::reactor::Reactor;
 use crate::metrics::Endpoint;
+use crate::pool::reply::{Delivery, Reply};
 
 /// Most pipelined requests prepared before the first answer is written.
 const PIPELINE_DEPTH: usize = 32;
@@ -529,7 +530,25 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
             started,
             head_only,
         } = p;
-        let answer = prepared.finish().await;
+        let answer = match prepared {
+            Prepared::Streaming(mut w) if !head_only => match w.next().await {
+                Delivery::Final(outcome) => w.answer(outcome),
+                Delivery::Part(first) => {
+                    let endpoint = crate::metrics::Endpoint::Agent;
+                    let last = i + 1 == n && !more_follows;
+                    let keep = keep && !(last && conn.reactor.shared.stopping());
+                    let (ok, status) = stream_events(conn, w, first, keep).await;
+                    let metrics = &conn.reactor.metrics;
+                    metrics.request_finished();
+                    metrics.record(endpoint, status, started.elapsed());
+                    if !ok {
+                        return false;
+                    }
+                    continue;
+                }
+            },
+            p => p.finish().await,
+        };
         let metrics = &conn.reactor.metrics;
         metrics.request_finished();
         metrics.record(answer.endpoint, answer.status, started.elapsed());
@@ -552,9 +571,79 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
     true
 }
 
+/// Writes a streaming answer as Server-Sent Events: a 200 head, one event per worker event
+/// (`event: NAME`, the JSON payload as `data`), then the final answer as event `result` (or
+/// `error`, with the body the request would have got without streaming), in chunked
+/// encoding. Returns whether the connection is still usable, and the final status.
+async fn stream_events(
+    conn: &mut Conn,
+    mut w: endpoints::Waiting,
+    first: Reply,
+    keep: bool,
+) -> (bool, u16) {
+    let worker = crate::gateway::answer::worker_header(w.slot());
+    http::write_stream_head(
+        &mut conn.out,
+        "text/event-stream",
+        keep,
+        &[("x-moltbot-worker", &worker), ("cache-control", "no-cache")],
+    );
+    if !conn.flush().await {
+        return (false, 200);
+    }
+    let mut part = first;
+    let outcome = loop {
+        let mut event = Vec::new();
+        sse_event(&mut event, &part.event, part.body());
+        http::write_chunk(&mut conn.out, &event);
+        if !conn.flush().await {
+            return (false, 200);
+        }
+        match w.next().await {
+            Delivery::Part(p) => part = p,
+            Delivery::Final(outcome) => break outcome,
+        }
+    };
+    let a = w.answer(outcome);
+    let name = if (200..300).contains(&a.status) {
+        "result"
+    } else {
+        "error"
+    };
+    let mut event = Vec::new();
+    sse_event(&mut event, name, a.body.as_slice());
+    http::write_chunk(&mut conn.out, &event);
+    http::write_last_chunk(&mut conn.out);
+    (conn.flush().await, a.status)
+}
+
+/// One Server-Sent Event: `event: NAME`, then `data:` lines (one per line of `data`).
+fn sse_event(out: &mut Vec<u8>, name: &str, data: &[u8]) {
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(if name.is_empty() {
+        b"accepted"
+    } else {
+        name.as_bytes()
+    });
+    out.push(b'\n');
+    for line in data.split(|&b| b == b'\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.strip_suffix(b"\r").unwrap_or(line));
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_sent_events_keep_each_line_of_the_data() {
+        let mut out = Vec::new();
+        sse_event(&mut out, "agent", b"{\"a\":\n1}");
+        assert_eq!(out, b"event: agent\ndata: {\"a\":\ndata: 1}\n\n");
+    }
 
     #[test]
     fn chunked_framing_is_bounded_with_the_body() {

@@ -22,7 +22,7 @@ use crate::gateway::reactor::Reactor;
 use crate::gateway::shared::Shared;
 use crate::metrics::Endpoint;
 use crate::pool::call::{Call, Kind, Method as CallMethod, next_request_id};
-use crate::pool::reply::{Replies, Reply};
+use crate::pool::reply::{Delivery, Replies, Reply};
 
 /// How a worker's answer is turned into the HTTP answer.
 enum Shape {
@@ -38,6 +38,9 @@ pub enum Prepared {
     Done(Answer),
     /// Submitted to a worker; `finish` waits for it.
     Waiting(Waiting),
+    /// Submitted to a worker that streams its events first (`Accept: text/event-stream`):
+    /// the connection writes them as Server-Sent Events, then the final answer.
+    Streaming(Waiting),
 }
 
 /// A routed request waiting for its worker.
@@ -54,11 +57,28 @@ impl Prepared {
     pub async fn finish(self) -> Answer {
         match self {
             Prepared::Done(a) => a,
-            Prepared::Waiting(w) => {
+            Prepared::Waiting(w) | Prepared::Streaming(w) => {
                 let outcome = w.replies.outcome().await;
                 shape_answer(w.endpoint, Some(w.slot), w.shape, outcome)
             }
         }
+    }
+}
+
+impl Waiting {
+    /// The next event of the worker's answer, or its end.
+    pub async fn next(&mut self) -> Delivery {
+        self.replies.next().await
+    }
+
+    /// The answer to write for the final outcome.
+    pub fn answer(self, outcome: Result<Reply, RouteError>) -> Answer {
+        shape_answer(self.endpoint, Some(self.slot), self.shape, outcome)
+    }
+
+    /// The slot serving the request.
+    pub fn slot(&self) -> usize {
+        self.slot
     }
 }
 
@@ -309,16 +329,21 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
             } else {
                 (Kind::Echo, echo_content_type(head))
             };
+            // The agent's events, as Server-Sent Events, for a client that asks for them.
+            let stream = endpoint == Endpoint::Agent && head.accepts_event_stream;
             let call = Call {
                 kind,
                 method: CallMethod::Post,
                 user,
                 target: "",
                 call_id: "",
-                stream: false,
+                stream,
                 body,
             };
-            send(reactor, endpoint, &call, Shape::Raw { content_type }).await
+            match send(reactor, endpoint, &call, Shape::Raw { content_type }).await {
+                Prepared::Waiting(w) if stream => Prepared::Streaming(w),
+                p => p,
+            }
         }
         Endpoint::Sessions => sessions(reactor, &principal, head, path, body).await,
         Endpoint::Other => Prepared::Done(Answer::error(
@@ -393,6 +418,10 @@ fn status(s: &Shared) -> Answer {
             serde_json::json!({
                 "cores": s.metrics.len(),
                 "connections": s.connections.load(Ordering::Relaxed),
+                "websocket": {
+                    "connections": s.hub.connections(),
+                    "users": s.hub.users_connected(),
+                },
                 "draining": s.stopping(),
                 "uptimeMs": s.started.elapsed().as_millis() as u64,
                 "landlock": s.landlock,

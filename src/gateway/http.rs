@@ -230,6 +230,8 @@ pub struct RequestHead {
     pub websocket_key: Option<String>,
     /// The raw `sec-websocket-version` value.
     pub websocket_version: Option<Vec<u8>>,
+    /// `Accept` lists `text/event-stream`.
+    pub accepts_event_stream: bool,
 }
 
 impl std::fmt::Debug for RequestHead {
@@ -337,6 +339,7 @@ fn parse_with_slots<'b>(
     let mut connection_upgrade = false;
     let mut websocket_key: Option<String> = None;
     let mut websocket_version: Option<Vec<u8>> = None;
+    let mut accepts_event_stream = false;
 
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
@@ -383,6 +386,12 @@ fn parse_with_slots<'b>(
                     return Err(HttpError::BadRequest("repeated Content-Length header"));
                 }
                 content_length = Some(parse_content_length(value)?);
+            }
+            6 if name.eq_ignore_ascii_case(b"accept") => {
+                accepts_event_stream |= value.split(|&b| b == b',').any(|t| {
+                    let media = t.split(|&b| b == b';').next().unwrap_or_default();
+                    trim_ows(media).eq_ignore_ascii_case(b"text/event-stream")
+                });
             }
             7 if name.eq_ignore_ascii_case(b"upgrade") => {
                 upgrade_websocket |= value
@@ -467,6 +476,7 @@ fn parse_with_slots<'b>(
         connection_upgrade,
         websocket_key,
         websocket_version,
+        accepts_event_stream,
     }))
 }
 
@@ -972,6 +982,46 @@ pub fn write_response_head(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes the head of a 200 response whose body follows in chunks ([`write_chunk`], then
+/// [`write_last_chunk`]).
+pub fn write_stream_head(
+    out: &mut Vec<u8>,
+    content_type: &str,
+    keep_alive: bool,
+    extra_headers: &[(&str, &str)],
+) {
+    out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: ");
+    out.extend_from_slice(content_type.as_bytes());
+    out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n");
+    out.extend_from_slice(if keep_alive {
+        b"connection: keep-alive\r\n".as_slice()
+    } else {
+        b"connection: close\r\n".as_slice()
+    });
+    for (name, value) in extra_headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes one chunk of a chunked body (nothing for an empty `data`, which would end it).
+pub fn write_chunk(out: &mut Vec<u8>, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends a chunked body.
+pub fn write_last_chunk(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n\r\n");
 }
 
 fn push_decimal(out: &mut Vec<u8>, mut n: u64) {

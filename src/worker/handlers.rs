@@ -2,9 +2,14 @@
 //!
 //! [`Handlers::handle`] takes a request as it lies in the ring frame and dispatches it by kind:
 //! `echo` and `health:check` are answered here, `agent:message` and `agent:command` by the
-//! stand-in agent (`agent`), `session` by the session store (`sessions`), and `test` by fault
-//! injection (`faults`), which exists only in builds with the `fault-injection` feature (the
-//! test builds).
+//! stand-in agent (`agent`), `rpc` (OpenClaw gateway-protocol methods) by the same agent over
+//! the same session logs (`rpc`), `session` by the session store (`sessions`), and `test` by
+//! fault injection (`faults`), which exists only in builds with the `fault-injection` feature
+//! (the test builds).
+//!
+//! A request sent with `stream` may get interim parts before its final reply, through the
+//! [`Emit`] it is handled with: the `accepted` answer of a two-stage RPC, and events (`agent`,
+//! `chat`). Handlers build them only when [`Emit::streams`] says someone takes them.
 //!
 //! Every handler answers with a [`HandlerReply`]: an HTTP-style status, an error code (`""` on
 //! success) and a JSON body (`{"message": ...}` on errors; `echo` returns its input). Bad input
@@ -180,11 +185,12 @@ impl Handlers {
         req: &ArchivedRequest<'_>,
         emit: &mut dyn Emit,
     ) -> HandlerReply {
-        let outcome = match req.kind.to_native() {
+        let kind = req.kind.to_native();
+        let outcome = match kind {
             Kind::Rpc => self.rpc(req, emit),
             Kind::Echo => Ok(HandlerReply::ok(req.body.to_vec())),
             Kind::HealthCheck => Ok(self.health()),
-            Kind::AgentMessage => self.agent_message(req),
+            Kind::AgentMessage => self.agent_message(req, emit),
             Kind::AgentCommand => self.agent_command(req),
             Kind::Session => sessions::handle(&self.sandbox, req),
             #[cfg(feature = "fault-injection")]
@@ -192,9 +198,15 @@ impl Handlers {
         };
         let reply = outcome.unwrap_or_else(|f| HandlerReply::error(f.status, f.code, f.message));
         if reply.body.len() > self.max_reply_bytes {
+            // An RPC error answer carries a code of the protocol's own.
+            let code = if kind == Kind::Rpc {
+                "UNAVAILABLE"
+            } else {
+                "REPLY_TOO_LARGE"
+            };
             return HandlerReply::error(
                 500,
-                "REPLY_TOO_LARGE",
+                code,
                 format!(
                     "the reply ({} bytes) exceeds the {} bytes a response can carry",
                     reply.body.len(),
@@ -240,6 +252,7 @@ mod testing {
 
     use super::{HandlerReply, Handlers};
     use crate::user::safe_file_stem;
+    use crate::worker::lane::Emit;
 
     pub(super) struct Fixture {
         _dir: Option<tempfile::TempDir>,
@@ -277,12 +290,90 @@ mod testing {
             call_id: "",
             body,
         };
+        handle(h, &req, &mut crate::worker::lane::NoEmit)
+    }
+
+    /// Runs `req` through `h` from an aligned frame, its interim parts going to `emit`.
+    pub(super) fn handle(h: &mut Handlers, req: &Request<'_>, emit: &mut dyn Emit) -> HandlerReply {
         let mut frame = AlignedBuf::new();
         let n = req
             .encode_into(frame.zeroed_mut(req.encoded_len_bound()))
             .expect("encode the request");
         let archived = access_request(frame.zeroed_mut(n)).expect("read the request");
-        h.handle(archived, &mut crate::worker::lane::NoEmit)
+        h.handle(archived, emit)
+    }
+
+    /// An interim part a handler emitted, its payload parsed (a part that is not JSON fails
+    /// the test: the gateway would kill the worker for it).
+    #[derive(Debug, Clone, PartialEq)]
+    pub(super) enum Recorded {
+        Accepted(Value),
+        Event(String, Value),
+    }
+
+    /// An [`Emit`] that keeps what it is given, as a streaming caller (or, with `stream`
+    /// false, one that takes no parts: they must not even be offered).
+    pub(super) struct Recorder {
+        pub(super) stream: bool,
+        pub(super) parts: Vec<Recorded>,
+    }
+
+    impl Recorder {
+        pub(super) fn new(stream: bool) -> Self {
+            Recorder {
+                stream,
+                parts: Vec::new(),
+            }
+        }
+
+        /// The payloads of the events named `name`, in order.
+        pub(super) fn events(&self, name: &str) -> Vec<&Value> {
+            self.parts
+                .iter()
+                .filter_map(|p| match p {
+                    Recorded::Event(n, v) if n == name => Some(v),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    fn json_part(payload: &[u8]) -> Value {
+        serde_json::from_slice(payload).unwrap_or_else(|e| {
+            panic!(
+                "a part that is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(payload)
+            )
+        })
+    }
+
+    impl Emit for Recorder {
+        fn streams(&self) -> bool {
+            self.stream
+        }
+        fn accepted(&mut self, payload: &[u8]) {
+            assert!(
+                self.stream,
+                "accepted offered to a caller that does not stream"
+            );
+            self.parts.push(Recorded::Accepted(json_part(payload)));
+        }
+        fn event(&mut self, name: &str, payload: &[u8]) {
+            assert!(
+                self.stream,
+                "event offered to a caller that does not stream"
+            );
+            assert!(
+                !name.is_empty()
+                    && name.len() <= 64
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b)),
+                "malformed event name {name:?}"
+            );
+            self.parts
+                .push(Recorded::Event(name.to_owned(), json_part(payload)));
+        }
     }
 
     /// The reply's JSON body.
@@ -329,6 +420,31 @@ mod testing {
             payload: &[u8],
         ) -> HandlerReply {
             call(&mut self.h, kind, method, user, path, payload)
+        }
+        /// An RPC `method` of `user` with `params` (`Value::Null`: none), as a streaming
+        /// request when `stream`; the reply and what was emitted before it.
+        pub(super) fn rpc(
+            &mut self,
+            user: &str,
+            method: &str,
+            params: Value,
+            stream: bool,
+        ) -> (HandlerReply, Recorder) {
+            let body = serde_json::to_vec(&params).unwrap();
+            let req = Request {
+                request_id: 9,
+                deadline_us: 0,
+                kind: Kind::Rpc,
+                method: Method::Post,
+                user_id: user,
+                stream,
+                path: method,
+                call_id: "req-1",
+                body: &body,
+            };
+            let mut rec = Recorder::new(stream);
+            let reply = handle(&mut self.h, &req, &mut rec);
+            (reply, rec)
         }
         pub(super) fn message(&mut self, user: &str, payload: &[u8]) -> HandlerReply {
             self.call(Kind::AgentMessage, Method::Post, user, "", payload)

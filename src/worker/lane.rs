@@ -56,9 +56,11 @@ pub(crate) trait Emit {
     fn event(&mut self, name: &str, payload: &[u8]);
 }
 
-/// An [`Emit`] that drops everything: for requests that do not stream, and for tests.
+/// An [`Emit`] that drops everything, for tests of handlers whose requests do not stream.
+#[cfg(test)]
 pub(crate) struct NoEmit;
 
+#[cfg(test)]
 impl Emit for NoEmit {
     fn streams(&self) -> bool {
         false

@@ -178,6 +178,16 @@ impl Hub {
         outbox.close();
     }
 
+    /// Open (authenticated) connections, all users.
+    pub fn connections(&self) -> usize {
+        self.users().values().map(Vec::len).sum()
+    }
+
+    /// Users with at least one open connection.
+    pub fn users_connected(&self) -> usize {
+        self.users().len()
+    }
+
     /// Open connections of `user`.
     pub fn connections_of(&self, user: &str) -> usize {
         self.users().get(user).map_or(0, Vec::len)
@@ -286,8 +296,10 @@ mod tests {
         // A user whose id is a prefix of another's gets nothing of it.
         hub.publish("alic", "agent", "{}", 0);
         assert!(events(&a0).is_empty());
+        assert_eq!((hub.connections(), hub.users_connected()), (3, 2));
         hub.leave("alice", &a1);
         assert_eq!(hub.connections_of("alice"), 1);
+        assert_eq!((hub.connections(), hub.users_connected()), (2, 2));
         hub.publish("alice", "agent", "{}", 0);
         assert!(events(&a1).is_empty(), "a closed outbox takes nothing");
     }

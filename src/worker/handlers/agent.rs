@@ -1,5 +1,7 @@
 //! The stand-in agent: `agent:message` records a turn and echoes the message back,
-//! `agent:command` answers `history`, `reset` and `stats`.
+//! `agent:command` answers `history`, `reset` and `stats`. The RPC methods (`rpc`) run turns
+//! through the same [`Handlers::prepare_turn`] and [`Handlers::commit_turn`], so both see one
+//! history per user.
 //!
 //! Each user's turns are in `sessions/<stem>.jsonl`, one JSON line `{ts, userId, message,
 //! reply}` per turn. Each turn is one `write(2)` on an `O_APPEND` descriptor and no `fsync`: a
@@ -22,9 +24,11 @@ use moltbot_ipc::ArchivedRequest;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::rpc::Run;
 use super::{Fail, HandlerReply, Handlers, Outcome, checked_user, create_private_dir};
 use crate::sandbox::SESSIONS_DIR;
 use crate::user::safe_file_stem;
+use crate::worker::lane::Emit;
 
 /// The most turns `agent:command` `history` returns.
 pub const HISTORY_LIMIT: usize = 100;
@@ -60,35 +64,85 @@ impl TurnCache {
 }
 
 impl Handlers {
-    fn session_file(&self, user: &str) -> PathBuf {
+    pub(super) fn session_file(&self, user: &str) -> PathBuf {
         self.sandbox
             .join(SESSIONS_DIR)
             .join(format!("{}.jsonl", safe_file_stem(user)))
     }
 
-    /// `agent:message`: records the turn, answers with the echo and the turn number.
-    pub(super) fn agent_message(&mut self, req: &ArchivedRequest<'_>) -> Outcome {
+    /// `agent:message`: records the turn, answers with the echo and the turn number. When the
+    /// request streams, the reply goes out word by word as `agent` events first.
+    pub(super) fn agent_message(
+        &mut self,
+        req: &ArchivedRequest<'_>,
+        emit: &mut dyn Emit,
+    ) -> Outcome {
         let user = checked_user(&req.user_id)?;
         let message = parse_message(&req.body)?;
+        let turn = self.prepare_turn(user, &message, |h, turn, reply| {
+            HandlerReply::json(&json!({
+                "workerId": h.worker_id,
+                "pid": h.pid,
+                "userId": user,
+                "turn": turn,
+                "reply": reply,
+            }))
+        })?;
+        if !emit.streams() {
+            return self.commit_turn(user, turn);
+        }
+        // The caller's id of the request names the run when it has one (the gateway passes
+        // the client's); else a fresh one, so that events of concurrent runs stay apart.
+        let run_id = if req.call_id.is_empty() {
+            format!("run-{:016x}", rand::random::<u64>())
+        } else {
+            req.call_id.to_string()
+        };
+        let reply = turn.reply.clone();
+        let mut run = Run::new(&run_id, None);
+        run.start(emit);
+        run.reply(emit, &reply);
+        match self.commit_turn(user, turn) {
+            Ok(answer) => {
+                run.end(emit, &reply);
+                Ok(answer)
+            }
+            Err(f) => {
+                run.fail(emit, &f.message);
+                Err(f)
+            }
+        }
+    }
+
+    /// Prepares one turn of `user`: numbers it, makes the stand-in's reply (the echo) and the
+    /// final answer (`answer` of the handlers, the turn number and the reply). Nothing is
+    /// written yet; [`Handlers::commit_turn`] records it.
+    pub(super) fn prepare_turn(
+        &mut self,
+        user: &str,
+        message: &str,
+        answer: impl FnOnce(&Self, u64, &str) -> HandlerReply,
+    ) -> Result<PendingTurn, Fail> {
         let path = self.session_file(user);
-        let turn = self.turn_count(user, &path)? + 1;
+        let number = self.turn_count(user, &path)? + 1;
         let reply = format!("echo: {message}");
         let record = TurnRecord {
             ts: now_rfc3339(),
             user_id: user,
-            message: &message,
+            message,
             reply: &reply,
         };
         let mut line = serde_json::to_vec(&record)
             .map_err(|e| Fail::new(500, "INTERNAL", format!("cannot encode the turn: {e}")))?;
         line.push(b'\n');
-        let answer = HandlerReply::json(&json!({
-            "workerId": self.worker_id,
-            "pid": self.pid,
-            "userId": user,
-            "turn": turn,
-            "reply": reply,
-        }));
+        let answer = answer(self, number, &reply);
+        if !answer.is_success() {
+            return Err(Fail::new(
+                answer.status,
+                answer.error_code,
+                "cannot encode the answer",
+            ));
+        }
         // Checked before recording: a turn is never stored without its answer reaching the
         // client (JSON escaping can make the echo several times the message).
         if answer.body.len() > self.max_reply_bytes {
@@ -102,18 +156,29 @@ impl Handlers {
                 ),
             ));
         }
-        if let Err(e) = append(&path, &line) {
+        Ok(PendingTurn {
+            path,
+            line,
+            number,
+            reply,
+            answer,
+        })
+    }
+
+    /// Appends a prepared turn to `user`'s session log; returns its answer.
+    pub(super) fn commit_turn(&mut self, user: &str, turn: PendingTurn) -> Outcome {
+        if let Err(e) = append(&turn.path, &turn.line) {
             // The file may now end in a torn line: recount (and repair) next time.
             self.turns.forget(user);
             return Err(Fail::storage("append to the session log", e));
         }
-        self.turns.remember(user, turn);
-        Ok(answer)
+        self.turns.remember(user, turn.number);
+        Ok(turn.answer)
     }
 
     /// The user's valid turns: cached, else counted from the file (terminating a torn last
     /// line so the next append starts a line of its own).
-    fn turn_count(&mut self, user: &str, path: &Path) -> Result<u64, Fail> {
+    pub(super) fn turn_count(&mut self, user: &str, path: &Path) -> Result<u64, Fail> {
         if let Some(n) = self.turns.get(user) {
             return Ok(n);
         }
@@ -188,6 +253,18 @@ impl Handlers {
     }
 }
 
+/// A turn ready to be recorded, its answer known to fit the reply budget.
+pub(super) struct PendingTurn {
+    path: PathBuf,
+    /// The session-log line, newline included.
+    line: Vec<u8>,
+    /// The turn's number (1 for the first).
+    pub(super) number: u64,
+    /// The stand-in agent's reply.
+    pub(super) reply: String,
+    answer: HandlerReply,
+}
+
 /// One line of `sessions/<stem>.jsonl`.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -199,17 +276,17 @@ struct TurnRecord<'a> {
 }
 
 /// What a scan of a session log found.
-struct TurnScan {
+pub(super) struct TurnScan {
     /// Lines that are valid JSON objects.
-    count: u64,
+    pub(super) count: u64,
     /// The last `keep` of them, each with the length of its line.
-    last: VecDeque<(Value, usize)>,
+    pub(super) last: VecDeque<(Value, usize)>,
     /// The file does not end in a newline.
-    torn_tail: bool,
+    pub(super) torn_tail: bool,
 }
 
 /// Counts the valid turns of a session log (absent = none), keeping the last `keep`.
-fn scan_turns(path: &Path, keep: usize) -> io::Result<TurnScan> {
+pub(super) fn scan_turns(path: &Path, keep: usize) -> io::Result<TurnScan> {
     let mut scan = TurnScan {
         count: 0,
         last: VecDeque::new(),
