@@ -5,7 +5,7 @@ mod gw;
 
 use std::time::Duration;
 
-use moltbot_bench::{Config, Dist, Endpoint, Protocol, Report, Stop, Target};
+use moltbot_bench::{Config, Dist, Endpoint, Protocol, Report, Stop, Target, WsMethod};
 
 fn config(gw: &gw::GatewayProc) -> Config {
     let mut cfg = Config::new(Target::parse(&gw.url()).expect("gateway URL"));
@@ -191,4 +191,43 @@ fn websocket_connections_authenticate_with_the_token() {
     let ok = moltbot_bench::run(&cfg).expect("run");
     assert_ws_clean(&ok, &gw);
     assert_eq!(ok.requests, 40);
+}
+
+#[test]
+fn websocket_agent_runs_report_their_stages() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    let mut cfg = config(&gw);
+    cfg.protocol = Protocol::Ws;
+    cfg.ws_method = WsMethod::Agent;
+    cfg.depth = 2;
+    cfg.connections = 4;
+    cfg.users = 20;
+    let r = moltbot_bench::run(&cfg).expect("ws agent run");
+    assert_ws_clean(&r, &gw);
+    assert!(r.requests > 0);
+    let a =
+        r.ws.as_ref()
+            .and_then(|w| w.agent)
+            .expect("agent stages in the report");
+    // Every measured run was accepted and streamed events before its final answer.
+    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
+    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    assert_eq!(a.runs_without_event, 0);
+    assert!(a.events >= 2 * r.requests, "{} events", a.events);
+    // The stages in their order: accepted and first event no later than the final answer.
+    assert!(a.accepted_us.p50 > 0.0 && a.first_event_us.p50 > 0.0);
+    assert!(a.accepted_us.p50 <= a.final_us.p50);
+    assert!(a.first_event_us.p50 <= a.final_us.p50);
+    assert_eq!(a.final_us, r.latency_us);
+
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+    for stage in ["accepted_us", "first_event_us", "final_us"] {
+        for q in ["p50", "p99"] {
+            assert!(
+                v["ws"]["agent"][stage][q].as_f64().is_some_and(|x| x > 0.0),
+                "{stage}.{q} in {v}"
+            );
+        }
+    }
+    assert_eq!(v["config"]["ws_method"], "agent");
 }
