@@ -5,7 +5,7 @@ mod gw;
 
 use std::time::Duration;
 
-use moltbot_bench::{Config, Dist, Endpoint, Report, Stop, Target};
+use moltbot_bench::{Config, Dist, Endpoint, Protocol, Report, Stop, Target, WsMethod};
 
 fn config(gw: &gw::GatewayProc) -> Config {
     let mut cfg = Config::new(Target::parse(&gw.url()).expect("gateway URL"));
@@ -107,4 +107,127 @@ fn a_token_protected_gateway_refuses_the_bench_without_it() {
     let ok = moltbot_bench::run(&cfg).expect("run");
     assert_clean(&ok, &gw);
     assert_eq!(ok.requests, 20);
+}
+
+/// A WebSocket run: no error of any kind, every measured answer `ok`, and over `health` (whose
+/// payload names the worker) every user on one worker.
+fn assert_ws_clean(r: &Report, gw: &gw::GatewayProc) {
+    assert!(
+        r.is_clean(),
+        "{:?}\nproblems: {:?}\n{}\ngateway log:\n{}",
+        r.failures(),
+        r.problems,
+        r.render_table(),
+        gw.log()
+    );
+    assert_eq!(r.errors.total(), 0);
+    let ws = r.ws.as_ref().expect("the ws section of the report");
+    assert_eq!(ws.outcomes.get("ok").copied(), Some(r.requests));
+    assert_eq!(ws.outcomes.len(), 1, "{:?}", ws.outcomes);
+    assert!(ws.handshakes >= r.config.connections as u64);
+    assert!(r.status.is_empty(), "no HTTP statuses over WebSocket");
+    assert_eq!(r.sticky_violations, 0);
+}
+
+#[test]
+fn websocket_health_rpcs_with_several_in_flight_per_connection() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    let mut cfg = config(&gw);
+    cfg.protocol = Protocol::Ws;
+    cfg.depth = 4;
+    cfg.connections = 6;
+    let r = moltbot_bench::run(&cfg).expect("ws run");
+    assert_ws_clean(&r, &gw);
+    assert!(r.requests > 0);
+    assert_eq!(r.config.protocol, "ws");
+    assert_eq!((r.config.ws_method, r.config.depth), (Some("health"), 4));
+    // `health` names its worker: every answer is counted on one.
+    assert_eq!(r.per_worker.values().sum::<u64>(), r.requests);
+    assert!(r.users_seen >= 1 && r.users_seen <= 6, "{}", r.users_seen);
+    assert!(r.ws.as_ref().and_then(|w| w.agent.as_ref()).is_none());
+
+    // The JSON document carries the same figures.
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+    assert_eq!(v["ws"]["outcomes"]["ok"], r.requests);
+    assert_eq!(v["errors"]["handshake"], 0);
+    assert_eq!(v["errors"]["protocol"], 0);
+    assert!(v["latency_us"]["p999"].as_f64().is_some_and(|p| p > 0.0));
+
+    // A fixed number of requests over many connections that each keep 8 in flight.
+    let mut counted = config(&gw);
+    counted.protocol = Protocol::Ws;
+    counted.depth = 8;
+    counted.warmup = Duration::ZERO;
+    counted.stop = Stop::Requests(500);
+    let r = moltbot_bench::run(&counted).expect("ws run");
+    assert_ws_clean(&r, &gw);
+    assert_eq!(r.requests, 500);
+}
+
+#[test]
+fn websocket_connections_authenticate_with_the_token() {
+    let gw = gw::GatewayProc::start(gw::Options::new(1).env("MOLTBOT_GATEWAY_TOKEN", "s3cret"));
+    let mut cfg = config(&gw);
+    cfg.protocol = Protocol::Ws;
+    cfg.threads = 1;
+    cfg.connections = 2;
+    cfg.warmup = Duration::ZERO;
+    cfg.stop = Stop::Requests(6);
+    let refused = moltbot_bench::run(&cfg).expect("run");
+    // Every connect is refused: each refusal uses up one request of the count.
+    assert_eq!(refused.errors.handshake, 6, "{}", refused.render_table());
+    assert_eq!(refused.requests, 0);
+    assert!(
+        refused
+            .problems
+            .iter()
+            .any(|p| p.contains("AUTH_TOKEN_MISSING")),
+        "{:?}",
+        refused.problems
+    );
+
+    cfg.token = Some("s3cret".into());
+    cfg.stop = Stop::Requests(40);
+    let ok = moltbot_bench::run(&cfg).expect("run");
+    assert_ws_clean(&ok, &gw);
+    assert_eq!(ok.requests, 40);
+}
+
+#[test]
+fn websocket_agent_runs_report_their_stages() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    let mut cfg = config(&gw);
+    cfg.protocol = Protocol::Ws;
+    cfg.ws_method = WsMethod::Agent;
+    cfg.depth = 2;
+    cfg.connections = 4;
+    cfg.users = 20;
+    let r = moltbot_bench::run(&cfg).expect("ws agent run");
+    assert_ws_clean(&r, &gw);
+    assert!(r.requests > 0);
+    let a =
+        r.ws.as_ref()
+            .and_then(|w| w.agent)
+            .expect("agent stages in the report");
+    // Every measured run was accepted and streamed events before its final answer.
+    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
+    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    assert_eq!(a.runs_without_event, 0);
+    assert!(a.events >= 2 * r.requests, "{} events", a.events);
+    // The stages in their order: accepted and first event no later than the final answer.
+    assert!(a.accepted_us.p50 > 0.0 && a.first_event_us.p50 > 0.0);
+    assert!(a.accepted_us.p50 <= a.final_us.p50);
+    assert!(a.first_event_us.p50 <= a.final_us.p50);
+    assert_eq!(a.final_us, r.latency_us);
+
+    let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+    for stage in ["accepted_us", "first_event_us", "final_us"] {
+        for q in ["p50", "p99"] {
+            assert!(
+                v["ws"]["agent"][stage][q].as_f64().is_some_and(|x| x > 0.0),
+                "{stage}.{q} in {v}"
+            );
+        }
+    }
+    assert_eq!(v["config"]["ws_method"], "agent");
 }

@@ -39,6 +39,49 @@ impl Endpoint {
     }
 }
 
+/// How requests travel to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 keep-alive, one request in flight per connection, to [`Endpoint`].
+    Http,
+    /// The OpenClaw gateway protocol over WebSocket on `/`: each connection upgrades,
+    /// completes the `connect` handshake as one user, then keeps [`Config::depth`] `req`
+    /// frames of [`WsMethod`] in flight, matching answers by id.
+    Ws,
+}
+
+impl Protocol {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Ws => "ws",
+        }
+    }
+}
+
+/// The RPC method of a WebSocket run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WsMethod {
+    /// `health` without params: one `res` per request.
+    Health,
+    /// `agent` with `{"message", "idempotencyKey"}`: a two-stage run (`accepted` answer,
+    /// `agent`/`chat` events, the final answer with the same id).
+    Agent,
+}
+
+impl WsMethod {
+    /// The method name on the wire (and on the command line).
+    pub fn name(self) -> &'static str {
+        match self {
+            WsMethod::Health => "health",
+            WsMethod::Agent => "agent",
+        }
+    }
+}
+
 /// How users are drawn for each request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -169,15 +212,23 @@ pub struct Config {
     pub warmup: Duration,
     /// Distinct users `user-0` .. `user-{users-1}`.
     pub users: u32,
-    /// How a request's user is drawn.
+    /// How a request's user is drawn (WebSocket: a connection's user, drawn at each
+    /// connect, as a connection acts for one user).
     pub dist: Dist,
     /// Zipf exponent (with [`Dist::Zipf`]).
     pub zipf_s: f64,
-    /// Which endpoint.
+    /// HTTP requests or WebSocket RPCs.
+    pub protocol: Protocol,
+    /// Which endpoint (HTTP).
     pub endpoint: Endpoint,
+    /// Which method (WebSocket).
+    pub ws_method: WsMethod,
+    /// Requests in flight per connection: 1 for HTTP (no pipelining); with WebSocket, `req`
+    /// frames sent before earlier ones are answered.
+    pub depth: usize,
     /// Request body size in bytes (the message/payload size for agent/route, approximately).
     pub body_size: usize,
-    /// Bearer token sent as `authorization`.
+    /// Bearer token sent as `authorization` (WebSocket: `auth.token` of `connect`).
     pub token: Option<String>,
     /// Open loop: total requests per second over all connections; `None` = closed loop.
     pub rate: Option<f64>,
@@ -186,6 +237,10 @@ pub struct Config {
     /// Seed of the user draws (each thread derives its own stream from it).
     pub seed: u64,
 }
+
+/// Most requests in flight per connection: far beyond what one WebSocket connection is
+/// useful for, low enough that a typo cannot queue millions of frames.
+pub const MAX_DEPTH: usize = 4096;
 
 /// The largest request body accepted (the gateway's own limit is far lower).
 pub const MAX_BODY_SIZE: usize = 64 << 20;
@@ -205,7 +260,10 @@ impl Config {
             users: 100,
             dist: Dist::Uniform,
             zipf_s: 1.0,
+            protocol: Protocol::Http,
             endpoint: Endpoint::Echo,
+            ws_method: WsMethod::Health,
+            depth: 1,
             body_size: 64,
             token: None,
             rate: None,
@@ -238,6 +296,17 @@ impl Config {
             && !(r.is_finite() && r > 0.0)
         {
             return bad(format!("rate must be a positive number, not {r}"));
+        }
+        if self.depth == 0 || self.depth > MAX_DEPTH {
+            return bad(format!("depth must be 1 to {MAX_DEPTH}"));
+        }
+        if self.protocol == Protocol::Http && self.depth > 1 {
+            return bad(
+                "depth above 1 needs --protocol ws (HTTP requests are not pipelined)".into(),
+            );
+        }
+        if self.protocol == Protocol::Ws && self.rate.is_some() {
+            return bad("--rate is not supported with --protocol ws (closed loop only)".into());
         }
         if self.timeout.is_zero() {
             return bad("timeout must be positive".into());
@@ -327,6 +396,10 @@ mod tests {
     fn validates_ranges() {
         let ok = Config::new(Target::parse("http://127.0.0.1:1").expect("url"));
         assert!(ok.validate().is_ok());
+        let mut ws = ok.clone();
+        ws.protocol = Protocol::Ws;
+        ws.depth = 64;
+        assert!(ws.validate().is_ok());
         type Mutation = Box<dyn Fn(&mut Config)>;
         let variants: Vec<Mutation> = vec![
             Box::new(|c| c.threads = 0),
@@ -341,6 +414,16 @@ mod tests {
             Box::new(|c| c.timeout = Duration::ZERO),
             Box::new(|c| c.body_size = MAX_BODY_SIZE + 1),
             Box::new(|c| c.token = Some("a\nb".into())),
+            Box::new(|c| c.depth = 0),
+            Box::new(|c| c.depth = 2),
+            Box::new(|c| {
+                c.protocol = Protocol::Ws;
+                c.depth = MAX_DEPTH + 1;
+            }),
+            Box::new(|c| {
+                c.protocol = Protocol::Ws;
+                c.rate = Some(10.0);
+            }),
         ];
         for (i, f) in variants.iter().enumerate() {
             let mut c = ok.clone();

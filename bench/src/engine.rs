@@ -1,6 +1,6 @@
 //! The load engine: one OS thread per load thread, each driving its connections with
 //! non-blocking sockets on an edge-triggered epoll set (plus a timerfd for the open-loop
-//! schedule). One request in flight per connection.
+//! schedule). HTTP: one request in flight per connection (here); WebSocket: see [`crate::ws`].
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -18,22 +18,23 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
 
 use crate::BenchError;
-use crate::config::{Config, Stop};
+use crate::config::{Config, Protocol, Stop};
 use crate::report::Report;
 use crate::response::{ParseError, ResponseReader};
 use crate::schedule::{Schedule, latency};
 use crate::stats::{ErrorKind, ThreadStats, merge};
 use crate::users::{UserPicker, thread_rng};
 use crate::workload::{RequestTemplate, verify};
+use crate::ws::WsThread;
 
 /// Wait before reconnecting after a failed connect.
-const RECONNECT_DELAY: Duration = Duration::from_millis(50);
+pub(crate) const RECONNECT_DELAY: Duration = Duration::from_millis(50);
 /// The epoll token of the timerfd (connections use their index).
 const TIMER_TOKEN: u64 = u64::MAX;
 /// Longest single wait (a safety net: every wait has a reason to end sooner).
-const MAX_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Events that mean bytes (or an end) can be read.
-const READABLE: epoll::EventFlags = epoll::EventFlags::IN
+pub(crate) const READABLE: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::RDHUP)
     .union(epoll::EventFlags::HUP)
     .union(epoll::EventFlags::ERR);
@@ -96,7 +97,12 @@ pub fn run_with_progress(
                 .spawn_scoped(s, move || {
                     // Tells the progress loop this thread ended, even by a panic.
                     let _done = DoneSignal(tx);
-                    LoadThread::new(cfg, plan, shared, picker, template, t)?.run()
+                    match cfg.protocol {
+                        Protocol::Http => {
+                            LoadThread::new(cfg, plan, shared, picker, template, t)?.run()
+                        }
+                        Protocol::Ws => WsThread::new(cfg, plan, shared, picker, t)?.run(),
+                    }
                 });
             match spawned {
                 Ok(h) => handles.push(h),
@@ -161,33 +167,54 @@ impl Drop for DoneSignal {
 
 /// The timeline of a run, shared by all threads.
 #[derive(Debug)]
-struct Plan {
+pub(crate) struct Plan {
     /// Start (warm-up begins; the open-loop schedule is anchored here).
-    t0: Instant,
+    pub(crate) t0: Instant,
     /// Requests due from here on are measured.
-    measure_start: Instant,
+    pub(crate) measure_start: Instant,
     /// No request due at or after this is sent (duration mode).
-    stop_at: Option<Instant>,
+    pub(crate) stop_at: Option<Instant>,
     /// Measured requests to send in total (request-count mode).
-    limit: Option<u64>,
+    pub(crate) limit: Option<u64>,
+}
+
+impl Plan {
+    /// Whether `t` is at or past the end of the measured time (duration mode).
+    pub(crate) fn past_stop(&self, t: Instant) -> bool {
+        self.stop_at.is_some_and(|s| t >= s)
+    }
 }
 
 /// Per-thread progress counters, each on its own cache lines.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Counters {
-    requests: AtomicU64,
-    errors: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) errors: AtomicU64,
 }
 
 #[derive(Debug)]
-struct Shared {
+pub(crate) struct Shared {
     /// Measured requests claimed so far (request-count mode).
     claimed: AtomicU64,
-    counters: Vec<Counters>,
+    pub(crate) counters: Vec<Counters>,
 }
 
 impl Shared {
+    /// Whether every measured request of a request-count run has been claimed.
+    pub(crate) fn claims_exhausted(&self, plan: &Plan) -> bool {
+        plan.limit
+            .is_some_and(|n| self.claimed.load(Ordering::Relaxed) >= n)
+    }
+
+    /// Claims one measured request (request-count mode); false when none is left.
+    pub(crate) fn claim(&self, plan: &Plan) -> bool {
+        match plan.limit {
+            None => true,
+            Some(n) => self.claimed.fetch_add(1, Ordering::Relaxed) < n,
+        }
+    }
+
     fn requests(&self) -> u64 {
         self.counters
             .iter()
@@ -457,21 +484,16 @@ impl<'a> LoadThread<'a> {
     }
 
     fn past_stop(&self, t: Instant) -> bool {
-        self.plan.stop_at.is_some_and(|s| t >= s)
+        self.plan.past_stop(t)
     }
 
     fn claims_exhausted(&self) -> bool {
-        self.plan
-            .limit
-            .is_some_and(|n| self.shared.claimed.load(Ordering::Relaxed) >= n)
+        self.shared.claims_exhausted(self.plan)
     }
 
     /// Claims one measured request (request-count mode); false when none is left.
     fn claim(&self) -> bool {
-        match self.plan.limit {
-            None => true,
-            Some(n) => self.shared.claimed.fetch_add(1, Ordering::Relaxed) < n,
-        }
+        self.shared.claim(self.plan)
     }
 
     fn error(&mut self, kind: ErrorKind, describe: impl FnOnce() -> String) {
@@ -917,7 +939,7 @@ pub fn raise_nofile_limit(connections: usize) -> Option<u64> {
 }
 
 /// Maps an errno from setting up the engine.
-fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
+pub(crate) fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
     move |e| BenchError::Os {
         what,
         source: e.into(),
@@ -925,7 +947,7 @@ fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
 }
 
 /// A non-blocking TCP connection to `addr` with `TCP_NODELAY`; true when already connected.
-fn connect(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
+pub(crate) fn connect(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
     let family = if addr.is_ipv4() {
         AddressFamily::INET
     } else {

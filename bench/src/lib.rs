@@ -6,6 +6,9 @@
 //! pipelining). Closed loop (send the next request when the answer arrived) or open loop (a
 //! fixed schedule per connection, latency measured from the intended send time as wrk2 does).
 //!
+//! With [`Protocol::Ws`] the connections speak the OpenClaw gateway protocol over WebSocket
+//! instead (see [`ws`]): each acts for one user and keeps `depth` RPCs in flight.
+//!
 //! ```no_run
 //! use moltbot_bench::{Config, Stop, Target};
 //! use std::time::Duration;
@@ -24,14 +27,16 @@ pub mod config;
 pub mod engine;
 pub mod report;
 pub mod response;
+pub mod rpc;
 pub mod schedule;
 pub mod stats;
 pub mod users;
 pub mod workload;
+pub mod ws;
 
-pub use config::{Config, Dist, Endpoint, Stop, Target};
+pub use config::{Config, Dist, Endpoint, Protocol, Stop, Target, WsMethod};
 pub use engine::{Progress, raise_nofile_limit, run, run_with_progress};
-pub use report::{ErrorCounts, LatencySummary, Report, StickyExample};
+pub use report::{AgentStages, ErrorCounts, LatencySummary, Report, StickyExample, WsSummary};
 
 /// Why a run could not be started or finished.
 #[derive(Debug, thiserror::Error)]

@@ -10,10 +10,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use moltbot_bench::{Config, Dist, Endpoint, Progress, Report, Stop, Target};
+use moltbot_bench::{Config, Dist, Endpoint, Progress, Protocol, Report, Stop, Target, WsMethod};
 
-/// HTTP/1.1 keep-alive load generator for the moltbot gateway. Verifies every answer (status
-/// 200, echoed body, sticky worker per user) and exits non-zero on any error or violation.
+/// HTTP/1.1 keep-alive and WebSocket RPC load generator for the moltbot gateway. Verifies every
+/// answer (status 200, echoed body, sticky worker per user; over WebSocket the answer to each
+/// request id and the stages of agent runs) and exits non-zero on any error or violation.
 #[derive(Debug, Parser)]
 #[command(name = "moltbot-bench", version)]
 struct Cli {
@@ -25,13 +26,24 @@ struct Cli {
     /// Keep-alive connections, spread over the threads.
     #[arg(short, long, default_value_t = 32)]
     connections: usize,
+    /// http: requests to --endpoint; ws: the OpenClaw protocol over WebSocket on `/`, each
+    /// connection acting for one user (named by `?user=`), RPCs of --ws-method.
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Http)]
+    protocol: ProtocolArg,
+    /// With --protocol ws: requests in flight per connection (HTTP: always 1).
+    #[arg(long, default_value_t = 1)]
+    depth: usize,
+    /// With --protocol ws: health (one answer), or agent (accepted, events, final answer).
+    #[arg(long, value_enum, default_value_t = WsMethodArg::Health)]
+    ws_method: WsMethodArg,
     /// Measured duration: seconds or "500ms", "2m" [default: 10].
     #[arg(short, long, value_parser = parse_secs, conflicts_with = "requests")]
     duration: Option<Duration>,
     /// Stop after this many measured requests instead of a duration.
     #[arg(short = 'n', long)]
     requests: Option<u64>,
-    /// Distinct users user-0 .. user-{N-1}.
+    /// Distinct users user-0 .. user-{N-1} (ws: each connection's user is drawn when it
+    /// connects).
     #[arg(long, default_value_t = 100)]
     users: u32,
     /// How each request's user is drawn.
@@ -46,7 +58,7 @@ struct Cli {
     /// Request body size in bytes.
     #[arg(long, default_value_t = 64)]
     body_size: usize,
-    /// Bearer token.
+    /// Bearer token (ws: `auth.token` of `connect`).
     #[arg(long, env = "MOLTBOT_GATEWAY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Warm-up before measuring (seconds or "500ms"); not counted.
@@ -75,6 +87,18 @@ struct Cli {
 enum DistArg {
     Uniform,
     Zipf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ProtocolArg {
+    Http,
+    Ws,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum WsMethodArg {
+    Health,
+    Agent,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -115,6 +139,15 @@ fn config(cli: &Cli) -> Result<Config, moltbot_bench::BenchError> {
         EndpointArg::Agent => Endpoint::Agent,
         EndpointArg::Route => Endpoint::Route,
     };
+    cfg.protocol = match cli.protocol {
+        ProtocolArg::Http => Protocol::Http,
+        ProtocolArg::Ws => Protocol::Ws,
+    };
+    cfg.ws_method = match cli.ws_method {
+        WsMethodArg::Health => WsMethod::Health,
+        WsMethodArg::Agent => WsMethod::Agent,
+    };
+    cfg.depth = cli.depth;
     cfg.body_size = cli.body_size;
     cfg.token = cli.token.clone().filter(|t| !t.is_empty());
     cfg.rate = cli.rate;
@@ -305,6 +338,28 @@ mod tests {
         let cfg = config(&cli).expect("config");
         assert_eq!(cfg.stop, Stop::Duration(Duration::from_secs(10)));
         assert_eq!(cfg.rate, None);
+        assert_eq!((cfg.protocol, cfg.depth), (Protocol::Http, 1));
+
+        let cli = Cli::try_parse_from([
+            "moltbot-bench",
+            "--protocol",
+            "ws",
+            "--depth",
+            "4",
+            "--ws-method",
+            "agent",
+            "http://127.0.0.1:1",
+        ])
+        .expect("flags");
+        let cfg = config(&cli).expect("config");
+        assert_eq!(
+            (cfg.protocol, cfg.depth, cfg.ws_method),
+            (Protocol::Ws, 4, WsMethod::Agent)
+        );
+        // Depth needs WebSocket: HTTP requests are not pipelined.
+        let cli = Cli::try_parse_from(["moltbot-bench", "--depth", "4", "http://127.0.0.1:1"])
+            .expect("flags");
+        assert!(config(&cli).is_err());
         assert!(Cli::try_parse_from(["moltbot-bench", "-d", "1", "-n", "1", "http://x"]).is_err());
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::config::{Config, Stop};
-use crate::stats::Merged;
+use crate::config::{Config, Protocol, Stop, WsMethod};
+use crate::stats::{Merged, WsStats};
 
 /// Errors by kind (measured requests only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -25,14 +25,27 @@ pub struct ErrorCounts {
     pub parse: u64,
     /// The status was not 200 (see `status` for which).
     pub status: u64,
-    /// A 200 answer with the wrong body (echo differs, wrong user, wrong worker in the body).
+    /// A 200 answer with the wrong body (echo differs, wrong user, wrong worker in the body);
+    /// WebSocket: an `ok` answer with the wrong payload (wrong run id, a missing stage).
     pub body: u64,
+    /// WebSocket: the upgrade or the `connect` handshake failed.
+    pub handshake: u64,
+    /// WebSocket: frames that break the protocol (answers to no request, event `seq` gaps).
+    pub protocol: u64,
 }
 
 impl ErrorCounts {
     /// All errors.
     pub fn total(&self) -> u64 {
-        self.connect + self.read + self.write + self.timeout + self.parse + self.status + self.body
+        self.connect
+            + self.read
+            + self.write
+            + self.timeout
+            + self.parse
+            + self.status
+            + self.body
+            + self.handshake
+            + self.protocol
     }
 }
 
@@ -115,6 +128,13 @@ pub struct ConfigSummary {
     pub seed: u64,
     /// Whether a bearer token was sent.
     pub token: bool,
+    /// `http` or `ws`.
+    pub protocol: &'static str,
+    /// WebSocket: the RPC method (`health` or `agent`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_method: Option<&'static str>,
+    /// Requests in flight per connection.
+    pub depth: usize,
 }
 
 impl ConfigSummary {
@@ -143,6 +163,61 @@ impl ConfigSummary {
             timeout_s: cfg.timeout.as_secs_f64(),
             seed: cfg.seed,
             token: cfg.token.is_some(),
+            protocol: cfg.protocol.name(),
+            ws_method: (cfg.protocol == Protocol::Ws).then(|| cfg.ws_method.name()),
+            depth: cfg.depth,
+        }
+    }
+}
+
+/// The stages of measured `agent` runs: each from sending the `req` frame (µs).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AgentStages {
+    /// Runs answered `accepted`.
+    pub accepted: u64,
+    /// To the `accepted` answer.
+    pub accepted_us: LatencySummary,
+    /// Runs with an event seen before their final answer.
+    pub first_event: u64,
+    /// To the first `agent` or `chat` event of the run.
+    pub first_event_us: LatencySummary,
+    /// To the final answer (the same figures as the report's `latency_us`).
+    pub final_us: LatencySummary,
+    /// Events of the runs received before their final answers.
+    pub events: u64,
+    /// Runs whose final answer came with no event of theirs before it.
+    pub runs_without_event: u64,
+}
+
+/// What a WebSocket run adds to the report.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WsSummary {
+    /// The RPC method.
+    pub method: &'static str,
+    /// Handshakes completed (warm-up included): one per connection unless some reconnected.
+    pub handshakes: u64,
+    /// Measured final answers by outcome: `ok` or the error `code`.
+    pub outcomes: BTreeMap<String, u64>,
+    /// `agent` runs only: the stages of a run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentStages>,
+}
+
+impl WsSummary {
+    fn of(method: WsMethod, ws: &WsStats, final_us: LatencySummary) -> WsSummary {
+        WsSummary {
+            method: method.name(),
+            handshakes: ws.handshakes,
+            outcomes: ws.outcomes.clone(),
+            agent: (method == WsMethod::Agent).then(|| AgentStages {
+                accepted: ws.accepted.len(),
+                accepted_us: LatencySummary::from_histogram(&ws.accepted),
+                first_event: ws.first_event.len(),
+                first_event_us: LatencySummary::from_histogram(&ws.first_event),
+                final_us,
+                events: ws.run_events,
+                runs_without_event: ws.runs_without_event,
+            }),
         }
     }
 }
@@ -178,6 +253,9 @@ pub struct Report {
     pub users_seen: u64,
     /// The first problems seen, described.
     pub problems: Vec<String>,
+    /// WebSocket runs: handshakes, outcomes and (for `agent`) the stages of a run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws: Option<WsSummary>,
     /// The settings.
     pub config: ConfigSummary,
     /// The merged latency histogram (ns); not serialized.
@@ -189,6 +267,9 @@ impl Report {
     /// Builds the report of merged counts over `measured` time.
     pub fn new(cfg: &Config, m: Merged, measured: Duration) -> Report {
         let duration_s = measured.as_secs_f64();
+        let latency_us = LatencySummary::from_histogram(&m.hist);
+        let ws =
+            (cfg.protocol == Protocol::Ws).then(|| WsSummary::of(cfg.ws_method, &m.ws, latency_us));
         Report {
             requests: m.requests,
             duration_s,
@@ -197,7 +278,7 @@ impl Report {
             } else {
                 0.0
             },
-            latency_us: LatencySummary::from_histogram(&m.hist),
+            latency_us,
             errors: m.errors,
             status: m.status,
             per_worker: m.per_worker,
@@ -207,6 +288,7 @@ impl Report {
             sticky_examples: m.sticky_examples,
             users_seen: m.users_seen,
             problems: m.problems,
+            ws,
             config: ConfigSummary::of(cfg),
             histogram: m.hist,
         }
@@ -231,12 +313,24 @@ impl Report {
             (e.timeout, "timeouts"),
             (e.parse, "unparsable responses"),
             (e.body, "responses with a wrong body"),
+            (e.handshake, "failed WebSocket handshakes"),
+            (e.protocol, "WebSocket protocol violations"),
         ] {
             if n > 0 {
                 out.push(format!("{n} {what}"));
             }
         }
-        if e.status > 0 {
+        if e.status > 0
+            && let Some(ws) = &self.ws
+        {
+            let codes: Vec<String> = ws
+                .outcomes
+                .iter()
+                .filter(|(s, _)| *s != "ok")
+                .map(|(s, n)| format!("{n}×{s}"))
+                .collect();
+            out.push(format!("{} error answers ({})", e.status, codes.join(", ")));
+        } else if e.status > 0 {
             let codes: Vec<String> = self
                 .status
                 .iter()
@@ -285,10 +379,14 @@ impl Report {
         } else {
             c.dist.to_string()
         };
+        let what = match c.ws_method {
+            Some(m) => format!("ws {m}, {} in flight per connection", c.depth),
+            None => c.endpoint.to_string(),
+        };
         let _ = writeln!(
             s,
             "moltbot-bench {} ({}): {}, {} threads, {} connections, {} users ({}), {}-byte bodies",
-            c.url, c.endpoint, mode, c.threads, c.connections, c.users, dist, c.body_size
+            c.url, what, mode, c.threads, c.connections, c.users, dist, c.body_size
         );
         let _ = writeln!(s, "  {:<13}{}", "requests", self.requests);
         let _ = writeln!(s, "  {:<13}{:.2} s", "duration", self.duration_s);
@@ -317,10 +415,34 @@ impl Report {
             fmt_us(l.max),
             fmt_us(l.mean)
         );
+        if let Some(a) = self.ws.as_ref().and_then(|w| w.agent.as_ref()) {
+            for (label, l) in [
+                ("  accepted", &a.accepted_us),
+                ("  1st event", &a.first_event_us),
+                ("  final", &a.final_us),
+            ] {
+                let _ = writeln!(
+                    s,
+                    "  {:<13}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+                    label,
+                    fmt_us(l.p50),
+                    fmt_us(l.p90),
+                    fmt_us(l.p99),
+                    fmt_us(l.p999),
+                    fmt_us(l.max),
+                    fmt_us(l.mean)
+                );
+            }
+            let _ = writeln!(
+                s,
+                "  {:<13}{} accepted, {} with events ({} events), {} without an event before the final answer",
+                "runs", a.accepted, a.first_event, a.events, a.runs_without_event
+            );
+        }
         let e = &self.errors;
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "  {:<13}{} (connect {}, read {}, write {}, timeout {}, parse {}, status {}, body {})",
+            "  {:<13}{} (connect {}, read {}, write {}, timeout {}, parse {}, status {}, body {}",
             "errors",
             e.total(),
             e.connect,
@@ -331,21 +453,45 @@ impl Report {
             e.status,
             e.body
         );
+        if self.ws.is_some() {
+            let _ = write!(s, ", handshake {}, protocol {}", e.handshake, e.protocol);
+        }
+        let _ = writeln!(s, ")");
+        if let Some(ws) = &self.ws {
+            let outcomes: Vec<String> = ws
+                .outcomes
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  {:<13}{} ({} handshakes)",
+                "answers",
+                if outcomes.is_empty() {
+                    "-".to_string()
+                } else {
+                    outcomes.join(", ")
+                },
+                ws.handshakes
+            );
+        }
         let status: Vec<String> = self
             .status
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
             .collect();
-        let _ = writeln!(
-            s,
-            "  {:<13}{}",
-            "status",
-            if status.is_empty() {
-                "-".to_string()
-            } else {
-                status.join(", ")
-            }
-        );
+        if self.ws.is_none() {
+            let _ = writeln!(
+                s,
+                "  {:<13}{}",
+                "status",
+                if status.is_empty() {
+                    "-".to_string()
+                } else {
+                    status.join(", ")
+                }
+            );
+        }
         let mut workers: Vec<(&String, &u64)> = self.per_worker.iter().collect();
         workers.sort_by_key(|(name, _)| natural_key(name));
         if workers.is_empty() {

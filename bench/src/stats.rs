@@ -37,8 +37,14 @@ pub enum ErrorKind {
     Parse,
     /// The status is not 200.
     Status,
-    /// A 200 answer whose body is not what was sent.
+    /// A 200 answer whose body is not what was sent (WebSocket: an `ok` answer whose payload
+    /// is not the one the method promises).
     Body,
+    /// WebSocket: the upgrade or the `connect` handshake failed.
+    Handshake,
+    /// WebSocket: a frame that breaks the protocol (not JSON, an answer to no request, an
+    /// event `seq` out of order, a binary frame, an unexpected close).
+    Protocol,
 }
 
 impl ErrorCounts {
@@ -52,6 +58,8 @@ impl ErrorCounts {
             ErrorKind::Parse => &mut self.parse,
             ErrorKind::Status => &mut self.status,
             ErrorKind::Body => &mut self.body,
+            ErrorKind::Handshake => &mut self.handshake,
+            ErrorKind::Protocol => &mut self.protocol,
         };
         *c += 1;
     }
@@ -65,6 +73,8 @@ impl ErrorCounts {
         self.parse += o.parse;
         self.status += o.status;
         self.body += o.body;
+        self.handshake += o.handshake;
+        self.protocol += o.protocol;
     }
 }
 
@@ -177,6 +187,63 @@ impl WorkerTally {
     }
 }
 
+/// What only a WebSocket run counts.
+#[derive(Debug)]
+pub struct WsStats {
+    /// Handshakes completed (`hello-ok` received), warm-up included.
+    pub handshakes: u64,
+    /// Measured final answers by outcome: `ok`, or the error's `code`.
+    pub outcomes: BTreeMap<String, u64>,
+    /// Measured `agent`: from sending the request to its `accepted` answer (ns).
+    pub accepted: Histogram<u64>,
+    /// Measured `agent`: from sending the request to the first `agent` or `chat` event of
+    /// its run (ns).
+    pub first_event: Histogram<u64>,
+    /// Events of this connection's measured runs received before their final answer.
+    pub run_events: u64,
+    /// Measured runs answered finally with no event of theirs seen before.
+    pub runs_without_event: u64,
+}
+
+impl WsStats {
+    fn new() -> WsStats {
+        WsStats {
+            handshakes: 0,
+            outcomes: BTreeMap::new(),
+            accepted: new_histogram(),
+            first_event: new_histogram(),
+            run_events: 0,
+            runs_without_event: 0,
+        }
+    }
+
+    fn merge(&mut self, o: &WsStats) {
+        self.handshakes += o.handshakes;
+        for (k, &n) in &o.outcomes {
+            *self.outcomes.entry(k.clone()).or_insert(0) += n;
+        }
+        add_histogram(&mut self.accepted, &o.accepted);
+        add_histogram(&mut self.first_event, &o.first_event);
+        self.run_events += o.run_events;
+        self.runs_without_event += o.runs_without_event;
+    }
+}
+
+/// Records a duration in ns (at least 1, saturating at the histogram's top).
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
+    h.saturating_record(ns);
+}
+
+/// Adds `from` into `into`; both share bounds, and an addition that does not fit saturates.
+fn add_histogram(into: &mut Histogram<u64>, from: &Histogram<u64>) {
+    if into.add(from).is_err() {
+        for v in from.iter_recorded() {
+            into.saturating_record_n(v.value_iterated_to(), v.count_at_value());
+        }
+    }
+}
+
 /// One load thread's counts.
 #[derive(Debug)]
 pub struct ThreadStats {
@@ -199,6 +266,8 @@ pub struct ThreadStats {
     /// Open loop: measured requests due before the end but never sent (the connection was
     /// still waiting for earlier answers).
     pub unsent: u64,
+    /// WebSocket runs only.
+    pub ws: WsStats,
 }
 
 impl ThreadStats {
@@ -214,15 +283,30 @@ impl ThreadStats {
             problems: Vec::new(),
             last_done: None,
             unsent: 0,
+            ws: WsStats::new(),
         }
     }
 
     /// Records one measured answer.
     pub fn answered(&mut self, status: u16, latency: Duration, at: Instant) {
-        self.requests += 1;
-        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
-        self.hist.saturating_record(ns);
         *self.status.entry(status).or_insert(0) += 1;
+        self.done(latency, at);
+    }
+
+    /// Records one measured final WebSocket answer: `outcome` is `ok` or the error code.
+    pub fn rpc_answered(&mut self, outcome: &str, latency: Duration, at: Instant) {
+        match self.ws.outcomes.get_mut(outcome) {
+            Some(n) => *n += 1,
+            None => {
+                self.ws.outcomes.insert(outcome.to_string(), 1);
+            }
+        }
+        self.done(latency, at);
+    }
+
+    fn done(&mut self, latency: Duration, at: Instant) {
+        self.requests += 1;
+        record(&mut self.hist, latency);
         self.last_done = Some(self.last_done.map_or(at, |l| l.max(at)));
     }
 
@@ -261,6 +345,8 @@ pub struct Merged {
     pub last_done: Option<Instant>,
     /// Open loop: requests due but never sent.
     pub unsent: u64,
+    /// WebSocket runs only.
+    pub ws: WsStats,
 }
 
 /// Merges the threads' counts; stickiness is checked across threads (a user answered by
@@ -280,14 +366,11 @@ pub fn merge(threads: &[ThreadStats]) -> Merged {
         problems: Vec::new(),
         last_done: None,
         unsent: 0,
+        ws: WsStats::new(),
     };
     for t in threads {
-        // Both histograms share bounds; an addition that does not fit saturates instead.
-        if hist.add(&t.hist).is_err() {
-            for v in t.hist.iter_recorded() {
-                hist.saturating_record_n(v.value_iterated_to(), v.count_at_value());
-            }
-        }
+        add_histogram(&mut hist, &t.hist);
+        m.ws.merge(&t.ws);
         m.requests += t.requests;
         m.errors.merge(&t.errors);
         for (&s, &n) in &t.status {

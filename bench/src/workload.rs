@@ -127,7 +127,7 @@ fn decimal_len(mut v: u64) -> usize {
 }
 
 /// Exactly `len` JSON-safe bytes: `u{user}s{seq}.` then the alphabet, cut to `len`.
-fn fill(out: &mut Vec<u8>, user: u32, seq: u64, len: usize) {
+pub(crate) fn fill(out: &mut Vec<u8>, user: u32, seq: u64, len: usize) {
     let start = out.len();
     out.push(b'u');
     write_u64(out, u64::from(user));

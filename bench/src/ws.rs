@@ -1,0 +1,843 @@
+//! The WebSocket side of the engine: load connections that speak the OpenClaw gateway
+//! protocol (`--protocol ws`).
+//!
+//! Each connection, on the same edge-triggered epoll loop as the HTTP engine: a non-blocking
+//! TCP connect; the HTTP upgrade to `ws://HOST/?user=user-N` (tungstenite's client
+//! handshake, resumed on each readiness edge); the server's `connect.challenge`; our
+//! `connect` request (protocol 4, a `test` client, `auth.token` when a token is set);
+//! `hello-ok`. Then it keeps `depth` requests in flight (closed loop: each final answer is
+//! followed by a new request), matching answers to requests by id.
+//!
+//! A connection acts for one user (the protocol ties a connection to the user its credential
+//! or URL names), drawn with the run's user distribution each time it connects.
+//!
+//! RFC 6455 framing — masked client frames, ping answered by pong, the close frame,
+//! fragmented messages — is tungstenite's; here only the protocol's frames are handled.
+//!
+//! `agent` runs are two-stage: the `accepted` answer, `agent`/`chat` events naming the run
+//! (its `runId` is our `idempotencyKey`), the final answer with the request's id. The time
+//! from sending the request to each stage is recorded. Events reach every connection of the
+//! user, so events of runs this connection did not start are ignored.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::rngs::SmallRng;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::time::Timespec;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tungstenite::handshake::client::ClientHandshake;
+use tungstenite::handshake::{HandshakeError, MidHandshake};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
+
+use crate::BenchError;
+use crate::config::{Config, WsMethod};
+use crate::engine::{
+    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, Shared, connect, os_error,
+};
+use crate::rpc::{self, Inbound};
+use crate::stats::{ErrorKind, ThreadStats, record};
+use crate::users::{UserPicker, thread_rng};
+use crate::workload::fill;
+
+/// `{"message":"","idempotencyKey":""}` and a typical run id: the agent params' bytes besides
+/// the message, so that `--body-size` is about the params' size as for HTTP.
+const AGENT_OVERHEAD: usize = 60;
+/// Read chunk per connection: the protocol's frames are small (`hello-ok` is about 1 KiB),
+/// and thousands of connections must stay cheap.
+const READ_BUFFER: usize = 16 << 10;
+
+type Ws = WebSocket<TcpStream>;
+
+/// Where a connection is.
+enum Phase {
+    /// No socket; reconnect at `wake_at`.
+    Down,
+    /// Non-blocking TCP connect in progress.
+    Connecting(TcpStream),
+    /// The upgrade request sent, its answer not complete.
+    Upgrading(MidHandshake<ClientHandshake<TcpStream>>),
+    /// Upgraded: waiting for `connect.challenge`.
+    Challenge(Ws),
+    /// `connect` sent: waiting for `hello-ok`.
+    Hello(Ws),
+    /// Connected: requests flow.
+    Ready(Ws),
+    /// Finished for good.
+    Done,
+}
+
+/// A request sent and not finally answered.
+struct Pending {
+    /// When it was written (the latency origin).
+    sent: Instant,
+    /// Its timeout.
+    deadline: Instant,
+    /// Whether it is measured (sent after the warm-up).
+    measured: bool,
+    /// `agent`: its `accepted` answer came.
+    accepted: bool,
+    /// `agent`: an event of its run came.
+    first_event: bool,
+    /// `agent`: the message sent (the reply must echo it).
+    message: String,
+}
+
+struct Conn {
+    phase: Phase,
+    /// The user this connection acts for.
+    user: u32,
+    /// This connection's run ids are this prefix and the request id: unique per run (random
+    /// part), thread and connection, so events of other connections' runs are recognised.
+    run_prefix: String,
+    next_id: u64,
+    pending: HashMap<u64, Pending>,
+    /// The last event `seq` (numbered events are contiguous per connection).
+    last_seq: u64,
+    /// Handshake timeout.
+    deadline: Instant,
+    wake_at: Instant,
+    /// No more requests will be sent: the run's end or its request count was reached.
+    draining: bool,
+}
+
+impl Conn {
+    fn ws(&mut self) -> Option<&mut Ws> {
+        match &mut self.phase {
+            Phase::Challenge(ws) | Phase::Hello(ws) | Phase::Ready(ws) => Some(ws),
+            _ => None,
+        }
+    }
+}
+
+/// One load thread of a WebSocket run.
+pub(crate) struct WsThread<'a> {
+    cfg: &'a Config,
+    plan: &'a Plan,
+    shared: &'a Shared,
+    picker: &'a UserPicker,
+    counters: &'a Counters,
+    epoll: OwnedFd,
+    conns: Vec<Conn>,
+    /// Reconnect wake-ups: (when, connection).
+    heap: BinaryHeap<Reverse<(Instant, usize)>>,
+    rng: SmallRng,
+    stats: ThreadStats,
+    /// Numbers agent messages (unique per thread, as HTTP bodies are).
+    seq: u64,
+    live: usize,
+    /// When to look for timed-out requests next.
+    scan_at: Instant,
+    /// The `connect` request (the same for every connection).
+    connect_frame: String,
+}
+
+impl<'a> WsThread<'a> {
+    pub(crate) fn new(
+        cfg: &'a Config,
+        plan: &'a Plan,
+        shared: &'a Shared,
+        picker: &'a UserPicker,
+        tid: usize,
+    ) -> Result<WsThread<'a>, BenchError> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
+        let (count, first) = cfg.connections_of(tid);
+        // Run ids must not collide with those of another bench run against the same gateway
+        // (its users' histories keep them): a random part per run and thread.
+        let run_tag: u64 = rand::rng().random();
+        let conns = (0..count)
+            .map(|i| Conn {
+                phase: Phase::Down,
+                user: 0,
+                run_prefix: format!("bench-{run_tag:016x}-{}-", first + i),
+                next_id: 0,
+                pending: HashMap::with_capacity(cfg.depth),
+                last_seq: 0,
+                deadline: plan.t0,
+                wake_at: plan.t0,
+                draining: false,
+            })
+            .collect();
+        Ok(WsThread {
+            cfg,
+            plan,
+            shared,
+            picker,
+            counters: &shared.counters[tid],
+            epoll,
+            conns,
+            heap: BinaryHeap::new(),
+            rng: thread_rng(cfg.seed, tid),
+            stats: ThreadStats::new(cfg.users),
+            seq: 0,
+            live: count,
+            scan_at: plan.t0 + cfg.timeout,
+            connect_frame: rpc::connect_frame(cfg.token.as_deref()),
+        })
+    }
+
+    pub(crate) fn run(mut self) -> Result<ThreadStats, BenchError> {
+        let now = Instant::now();
+        for i in 0..self.conns.len() {
+            self.open(i, now);
+        }
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
+        while self.live > 0 {
+            let now = Instant::now();
+            let mut wake = (now + MAX_WAIT).min(self.scan_at);
+            if let Some(&Reverse((due, _))) = self.heap.peek() {
+                wake = wake.min(due);
+            }
+            let timeout =
+                Timespec::try_from(wake.saturating_duration_since(now)).unwrap_or(Timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                });
+            events.clear();
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                Some(&timeout),
+            ) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => {
+                    return Err(BenchError::Os {
+                        what: "epoll_wait",
+                        source: e.into(),
+                    });
+                }
+            }
+            for ev in &events {
+                if let Ok(i) = usize::try_from(ev.data.u64())
+                    && i < self.conns.len()
+                {
+                    self.on_event(i, ev.flags);
+                }
+            }
+            let now = Instant::now();
+            while let Some(&Reverse((due, i))) = self.heap.peek() {
+                if due > now {
+                    break;
+                }
+                self.heap.pop();
+                let c = &self.conns[i];
+                // A stale entry (a later one exists) or a connection already back up.
+                if c.wake_at <= now && matches!(c.phase, Phase::Down) {
+                    self.open(i, now);
+                }
+            }
+            if now >= self.scan_at {
+                self.scan_timeouts(now);
+            }
+        }
+        Ok(self.stats)
+    }
+
+    fn measuring(&self, now: Instant) -> bool {
+        now >= self.plan.measure_start
+    }
+
+    /// Counts `n` errors of `kind`, describing the first.
+    fn errors(&mut self, kind: ErrorKind, n: u64, describe: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        for _ in 0..n {
+            self.stats.errors.add(kind);
+        }
+        self.stats.problem(describe);
+        self.counters.errors.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Starts connecting connection `i` as a freshly drawn user.
+    fn open(&mut self, i: usize, now: Instant) {
+        if self.plan.past_stop(now) || self.shared.claims_exhausted(self.plan) {
+            return self.finish(i);
+        }
+        match connect(self.cfg.target.addr) {
+            Ok((stream, connected)) => {
+                let added = epoll::add(
+                    &self.epoll,
+                    &stream,
+                    epoll::EventData::new_u64(i as u64),
+                    epoll::EventFlags::IN
+                        | epoll::EventFlags::OUT
+                        | epoll::EventFlags::RDHUP
+                        | epoll::EventFlags::ET,
+                );
+                if let Err(e) = added {
+                    let why = format!("epoll_ctl: {e}");
+                    return self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
+                }
+                let user = self.picker.pick(&mut self.rng);
+                let deadline = now + self.cfg.timeout;
+                let c = &mut self.conns[i];
+                c.user = user;
+                c.last_seq = 0;
+                c.draining = false;
+                c.deadline = deadline;
+                c.phase = Phase::Connecting(stream);
+                self.scan_at = self.scan_at.min(deadline);
+                if connected {
+                    self.upgrade(i, now);
+                }
+            }
+            Err(e) => {
+                let addr = self.cfg.target.addr;
+                let why = format!("connect to {addr}: {e}");
+                self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, flags: epoll::EventFlags) {
+        let now = Instant::now();
+        match &self.conns[i].phase {
+            Phase::Connecting(stream) => {
+                if !flags.intersects(
+                    epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
+                ) {
+                    return;
+                }
+                match rustix::net::sockopt::socket_error(stream) {
+                    Ok(Ok(())) => self.upgrade(i, now),
+                    Ok(Err(e)) | Err(e) => {
+                        let addr = self.cfg.target.addr;
+                        let why = format!("connect to {addr}: {}", io::Error::from(e));
+                        self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
+                    }
+                }
+            }
+            Phase::Upgrading(_) => {
+                if flags.intersects(READABLE | epoll::EventFlags::OUT) {
+                    self.upgrade(i, now);
+                }
+            }
+            Phase::Challenge(_) | Phase::Hello(_) | Phase::Ready(_) => self.drive(i, now),
+            Phase::Down | Phase::Done => {}
+        }
+    }
+
+    /// Starts or resumes the HTTP upgrade.
+    fn upgrade(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        let result = match std::mem::replace(&mut c.phase, Phase::Down) {
+            Phase::Connecting(stream) => {
+                let t = &self.cfg.target;
+                // The gateway serves WebSocket on `/` (below the URL's prefix, for a proxy
+                // that forwards one); a connection without credentials names its user here.
+                let url = format!("ws://{}{}/?user=user-{}", t.host_header, t.prefix, c.user);
+                let mut config = WebSocketConfig::default();
+                config.read_buffer_size = READ_BUFFER;
+                tungstenite::client::client_with_config(url, stream, Some(config))
+            }
+            Phase::Upgrading(mid) => mid.handshake(),
+            other => {
+                c.phase = other;
+                return;
+            }
+        };
+        match result {
+            Ok((ws, _response)) => {
+                self.conns[i].phase = Phase::Challenge(ws);
+                // Bytes after the 101 answer (the challenge, often in the same segment) are
+                // in tungstenite's buffer already: no new edge will announce them.
+                self.drive(i, now);
+            }
+            Err(HandshakeError::Interrupted(mid)) => self.conns[i].phase = Phase::Upgrading(mid),
+            Err(HandshakeError::Failure(e)) => {
+                let why = match e {
+                    tungstenite::Error::Http(r) => {
+                        let body = r
+                            .body()
+                            .as_deref()
+                            .map(|b| String::from_utf8_lossy(&b[..b.len().min(160)]).into_owned())
+                            .unwrap_or_default();
+                        format!("upgrade refused: status {}: {body}", r.status())
+                    }
+                    e => format!("upgrade failed: {e}"),
+                };
+                self.broken(i, now, ErrorKind::Handshake, why, RECONNECT_DELAY);
+            }
+        }
+    }
+
+    /// Reads every frame available, then flushes what was queued (requests, pongs).
+    fn drive(&mut self, i: usize, now: Instant) {
+        loop {
+            let Some(ws) = self.conns[i].ws() else {
+                return;
+            };
+            match ws.read() {
+                Ok(Message::Text(t)) => {
+                    if !self.on_text(i, t.as_str(), now) {
+                        return;
+                    }
+                }
+                Ok(Message::Binary(_)) => {
+                    let why = "a binary frame (the protocol sends text)".to_string();
+                    return self.broken(i, now, ErrorKind::Protocol, why, Duration::ZERO);
+                }
+                Ok(Message::Close(f)) => {
+                    let why = match f {
+                        Some(f) => format!("closed by the server: {} {}", f.code, f.reason),
+                        None => "closed by the server".to_string(),
+                    };
+                    return self.broken(i, now, ErrorKind::Protocol, why, Duration::ZERO);
+                }
+                // Pings are answered by tungstenite (the pong goes out with the next flush).
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let why = format!("read: {e}");
+                    return self.broken(i, now, ErrorKind::Read, why, Duration::ZERO);
+                }
+            }
+        }
+        self.flush(i, now);
+    }
+
+    /// Writes out what tungstenite has queued; the rest goes with the next writable edge.
+    fn flush(&mut self, i: usize, now: Instant) {
+        let Some(ws) = self.conns[i].ws() else {
+            return;
+        };
+        match ws.flush() {
+            Ok(()) => {}
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                let why = format!("write: {e}");
+                self.broken(i, now, ErrorKind::Write, why, Duration::ZERO);
+            }
+        }
+    }
+
+    /// One text frame. False when the connection was dropped.
+    fn on_text(&mut self, i: usize, text: &str, now: Instant) -> bool {
+        let frame = match rpc::parse(text) {
+            Ok(f) => f,
+            Err(why) => {
+                self.broken(i, now, ErrorKind::Protocol, why, Duration::ZERO);
+                return false;
+            }
+        };
+        match (&self.conns[i].phase, frame) {
+            (Phase::Challenge(_), Inbound::Event { event, .. }) if event == "connect.challenge" => {
+                let c = &mut self.conns[i];
+                let Phase::Challenge(mut ws) = std::mem::replace(&mut c.phase, Phase::Down) else {
+                    return false;
+                };
+                match ws.write(Message::text(self.connect_frame.clone())) {
+                    Ok(()) => {}
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => {
+                        let why = format!("write: {e}");
+                        self.broken(i, now, ErrorKind::Write, why, Duration::ZERO);
+                        return false;
+                    }
+                }
+                self.conns[i].phase = Phase::Hello(ws);
+                true
+            }
+            (
+                Phase::Hello(_),
+                Inbound::Res {
+                    id,
+                    ok: true,
+                    payload,
+                    ..
+                },
+            ) if id == rpc::CONNECT_ID => {
+                if !is_hello_ok(payload) {
+                    let why = "connect answered without a hello-ok payload".to_string();
+                    self.broken(i, now, ErrorKind::Handshake, why, RECONNECT_DELAY);
+                    return false;
+                }
+                let c = &mut self.conns[i];
+                let Phase::Hello(ws) = std::mem::replace(&mut c.phase, Phase::Down) else {
+                    return false;
+                };
+                c.phase = Phase::Ready(ws);
+                self.stats.ws.handshakes += 1;
+                self.fill(i)
+            }
+            (
+                Phase::Hello(_),
+                Inbound::Res {
+                    ok: false,
+                    code,
+                    message,
+                    ..
+                },
+            ) => {
+                let why = format!("connect refused: {code}: {message}");
+                self.broken(i, now, ErrorKind::Handshake, why, RECONNECT_DELAY);
+                false
+            }
+            (Phase::Challenge(_) | Phase::Hello(_), f) => {
+                let why = format!("unexpected frame during the handshake: {f:?}");
+                self.broken(i, now, ErrorKind::Handshake, why, RECONNECT_DELAY);
+                false
+            }
+            (
+                Phase::Ready(_),
+                Inbound::Res {
+                    id,
+                    ok,
+                    payload,
+                    code,
+                    message,
+                },
+            ) => self.answer(i, &id, ok, payload, &code, &message, now),
+            (
+                Phase::Ready(_),
+                Inbound::Event {
+                    event,
+                    seq,
+                    payload,
+                },
+            ) => {
+                self.event(i, &event, seq, payload);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An answer on a connected connection.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &mut self,
+        i: usize,
+        id: &str,
+        ok: bool,
+        payload: Option<&RawValue>,
+        code: &str,
+        message: &str,
+        now: Instant,
+    ) -> bool {
+        let at = Instant::now();
+        let method = self.cfg.ws_method;
+        let c = &mut self.conns[i];
+        let Some(n) = id.parse::<u64>().ok().filter(|n| c.pending.contains_key(n)) else {
+            let why = format!("an answer to id {id:?}, which is not in flight");
+            self.broken(i, now, ErrorKind::Protocol, why, Duration::ZERO);
+            return false;
+        };
+        let run_id = format!("{}{n}", c.run_prefix);
+        if method == WsMethod::Agent && ok {
+            let p = c.pending.get_mut(&n).filter(|p| !p.accepted);
+            if let Some(p) = p {
+                match rpc::is_accepted(payload, &run_id) {
+                    Ok(true) => {
+                        p.accepted = true;
+                        if p.measured {
+                            record(&mut self.stats.ws.accepted, at - p.sent);
+                        }
+                        return true;
+                    }
+                    // Not an `accepted` answer: checked below as the final one.
+                    Ok(false) => {}
+                    Err(why) => {
+                        let user = c.user;
+                        let why = format!("user-{user}: {why}");
+                        self.broken(i, now, ErrorKind::Protocol, why, Duration::ZERO);
+                        return false;
+                    }
+                }
+            }
+        }
+        let Some(p) = c.pending.remove(&n) else {
+            return false;
+        };
+        let user = c.user;
+        let mut bad: Option<(ErrorKind, String)> = None;
+        if !ok {
+            bad = Some((
+                ErrorKind::Status,
+                format!(
+                    "user-{user}: {} answered {code}: {}",
+                    method.name(),
+                    message.chars().take(160).collect::<String>()
+                ),
+            ));
+        } else {
+            match method {
+                WsMethod::Health => {
+                    match rpc::verify_health(payload) {
+                        Ok(Some(worker)) => {
+                            let measured = p.measured;
+                            if let Some(before) =
+                                self.stats
+                                    .workers
+                                    .observe(user, worker.as_bytes(), measured)
+                            {
+                                let before = String::from_utf8_lossy(before).into_owned();
+                                self.stats.problem(|| {
+                                format!("user-{user} answered by {worker} after {before}: not sticky")
+                            });
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(why) => bad = Some((ErrorKind::Body, format!("user-{user}: {why}"))),
+                    }
+                }
+                WsMethod::Agent => {
+                    let checked = if p.accepted {
+                        rpc::verify_agent_final(payload, &run_id, &p.message)
+                    } else {
+                        Err("final answer without the accepted stage before it".to_string())
+                    };
+                    if let Err(why) = checked {
+                        bad = Some((ErrorKind::Body, format!("user-{user}: {why}")));
+                    }
+                }
+            }
+        }
+        if p.measured {
+            let outcome = if ok { "ok" } else { code };
+            self.stats.rpc_answered(outcome, at - p.sent, at);
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            if method == WsMethod::Agent && ok && !p.first_event {
+                self.stats.ws.runs_without_event += 1;
+            }
+            if let Some((kind, why)) = bad {
+                self.errors(kind, 1, || why);
+            }
+        }
+        self.fill(i)
+    }
+
+    /// An event on a connected connection: its `seq` is checked; one of a run of this
+    /// connection marks the run's first event.
+    fn event(&mut self, i: usize, name: &str, seq: Option<u64>, payload: Option<&RawValue>) {
+        let at = Instant::now();
+        let c = &mut self.conns[i];
+        if let Some(s) = seq {
+            let expected = c.last_seq + 1;
+            c.last_seq = s;
+            if s != expected && self.measuring(at) {
+                let user = self.conns[i].user;
+                self.errors(ErrorKind::Protocol, 1, || {
+                    format!("user-{user}: event seq {s} where {expected} was due")
+                });
+            }
+        }
+        if self.cfg.ws_method != WsMethod::Agent || !matches!(name, "agent" | "chat") {
+            return;
+        }
+        let c = &mut self.conns[i];
+        let Some(run) = rpc::run_id(payload) else {
+            return;
+        };
+        let n = run
+            .strip_prefix(c.run_prefix.as_str())
+            .and_then(|n| n.parse::<u64>().ok());
+        let Some(p) = n.and_then(|n| c.pending.get_mut(&n)) else {
+            return;
+        };
+        if p.measured {
+            self.stats.ws.run_events += 1;
+            if !p.first_event {
+                record(&mut self.stats.ws.first_event, at - p.sent);
+            }
+        }
+        p.first_event = true;
+    }
+
+    /// Tops connection `i` up to `depth` requests in flight; closes it once the run is over
+    /// and nothing is in flight. False when the connection was dropped or finished.
+    fn fill(&mut self, i: usize) -> bool {
+        let method = self.cfg.ws_method;
+        let message_len = self.cfg.body_size.saturating_sub(AGENT_OVERHEAD).max(1);
+        loop {
+            let c = &self.conns[i];
+            if c.draining || c.pending.len() >= self.cfg.depth {
+                break;
+            }
+            let now = Instant::now();
+            let measured = now >= self.plan.measure_start;
+            if self.plan.past_stop(now) || (measured && !self.shared.claim(self.plan)) {
+                self.conns[i].draining = true;
+                break;
+            }
+            self.seq += 1;
+            let seq = self.seq;
+            let timeout = self.cfg.timeout;
+            let c = &mut self.conns[i];
+            let n = c.next_id;
+            c.next_id += 1;
+            let mut message = String::new();
+            let text = match method {
+                WsMethod::Health => rpc::health_frame(n),
+                WsMethod::Agent => {
+                    let mut m = Vec::with_capacity(message_len);
+                    fill(&mut m, c.user, seq, message_len);
+                    // `fill` writes ASCII letters and digits only.
+                    message = String::from_utf8_lossy(&m).into_owned();
+                    let run_id = format!("{}{n}", c.run_prefix);
+                    rpc::agent_frame(n, &message, &run_id)
+                }
+            };
+            let Some(ws) = c.ws() else {
+                return false;
+            };
+            match ws.write(Message::text(text)) {
+                Ok(()) => {}
+                // Queued: it goes out with the next flush.
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    let why = format!("write: {e}");
+                    self.broken(i, now, ErrorKind::Write, why, Duration::ZERO);
+                    return false;
+                }
+            }
+            let sent = Instant::now();
+            c.pending.insert(
+                n,
+                Pending {
+                    sent,
+                    deadline: sent + timeout,
+                    measured,
+                    accepted: false,
+                    first_event: false,
+                    message,
+                },
+            );
+            self.scan_at = self.scan_at.min(sent + timeout);
+        }
+        let c = &mut self.conns[i];
+        if c.draining && c.pending.is_empty() {
+            if let Some(ws) = c.ws() {
+                // The close frame goes into the socket buffer; the server ends its side when
+                // it reads it. Waiting for its answer would only delay the end of the run.
+                let _ = ws.close(None);
+                let _ = ws.flush();
+            }
+            self.finish(i);
+            return false;
+        }
+        true
+    }
+
+    /// The connection failed: its measured requests in flight fail with it (or, with none in
+    /// flight, the failure itself counts once when measuring); it reconnects after `delay`.
+    fn broken(&mut self, i: usize, now: Instant, kind: ErrorKind, why: String, delay: Duration) {
+        let c = &mut self.conns[i];
+        let user = c.user;
+        let in_flight = c.pending.values().filter(|p| p.measured).count() as u64;
+        c.pending.clear();
+        if in_flight > 0 {
+            self.errors(kind, in_flight, || format!("user-{user}: {why}"));
+        } else if self.measuring(now) {
+            // In request-count mode a failure uses up a request: the run stays bounded even
+            // when every connection fails.
+            if !self.shared.claim(self.plan) {
+                return self.finish(i);
+            }
+            self.errors(kind, 1, || format!("user-{user}: {why}"));
+        }
+        self.reconnect(i, now, delay);
+    }
+
+    /// Drops connection `i` (its requests in flight forgotten) and connects again after
+    /// `delay`, from the main loop: a server that fails every connection at once must not turn
+    /// into unbounded recursion.
+    fn reconnect(&mut self, i: usize, now: Instant, delay: Duration) {
+        let c = &mut self.conns[i];
+        if matches!(c.phase, Phase::Done) {
+            return;
+        }
+        c.pending.clear();
+        c.phase = Phase::Down;
+        c.wake_at = now + delay;
+        self.heap.push(Reverse((c.wake_at, i)));
+    }
+
+    fn finish(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if !matches!(c.phase, Phase::Done) {
+            c.phase = Phase::Done;
+            c.pending.clear();
+            self.live -= 1;
+        }
+    }
+
+    /// Fails handshakes and requests past their deadline; sets the next scan time.
+    fn scan_timeouts(&mut self, now: Instant) {
+        self.scan_at = now + MAX_WAIT;
+        let timeout = self.cfg.timeout;
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            match &c.phase {
+                Phase::Connecting(_)
+                | Phase::Upgrading(_)
+                | Phase::Challenge(_)
+                | Phase::Hello(_) => {
+                    if now < c.deadline {
+                        self.scan_at = self.scan_at.min(c.deadline);
+                        continue;
+                    }
+                    let kind = if matches!(c.phase, Phase::Connecting(_)) {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Handshake
+                    };
+                    let why = format!("no connection within {timeout:?}");
+                    self.broken(i, now, kind, why, RECONNECT_DELAY);
+                }
+                Phase::Ready(_) => {
+                    let expired = c
+                        .pending
+                        .values()
+                        .filter(|p| p.measured && p.deadline <= now)
+                        .count() as u64;
+                    let first = c.pending.values().map(|p| p.deadline).min();
+                    match first {
+                        Some(d) if d <= now => {
+                            let user = c.user;
+                            let lost =
+                                c.pending.values().filter(|p| p.measured).count() as u64 - expired;
+                            // The timed-out requests count as timeouts; the others in flight
+                            // are lost with the connection, dropped so that `depth` stays
+                            // the number of requests the gateway is working on.
+                            self.errors(ErrorKind::Timeout, expired, || {
+                                format!("user-{user}: no answer within {timeout:?}")
+                            });
+                            self.errors(ErrorKind::Read, lost, || {
+                                format!("user-{user}: connection dropped after a request timed out")
+                            });
+                            self.reconnect(i, now, Duration::ZERO);
+                        }
+                        Some(d) => self.scan_at = self.scan_at.min(d),
+                        None => {}
+                    }
+                }
+                Phase::Down | Phase::Done => {}
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HelloOk<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+}
+
+/// Whether the `connect` answer's payload is a `hello-ok`.
+fn is_hello_ok(payload: Option<&RawValue>) -> bool {
+    payload
+        .and_then(|p| serde_json::from_str::<HelloOk<'_>>(p.get()).ok())
+        .is_some_and(|h| h.kind == "hello-ok")
+}
