@@ -403,14 +403,18 @@ fn pipelined_requests_are_all_answered_once() {
     // refused with a retryable UNAVAILABLE, which is backpressure, not a lost answer.
     const N: usize = 100;
     for i in 0..N {
-        let method = if i % 5 == 0 { "nope" } else { "health" };
+        let method = if i.is_multiple_of(5) {
+            "nope"
+        } else {
+            "health"
+        };
         ws.write(tungstenite::Message::text(
             req(&format!("r{i}"), method, None).to_string(),
         ))
         .expect("write");
     }
     ws.flush().expect("flush");
-    let mut seen = vec![false; N];
+    let mut seen = [false; N];
     for _ in 0..N {
         let f = recv(&mut ws);
         assert_eq!(f["type"], "res", "{f}");
@@ -420,7 +424,7 @@ fn pipelined_requests_are_all_answered_once() {
             .expect("id");
         assert!(!seen[i], "answered twice: {f}");
         seen[i] = true;
-        assert_eq!(f["ok"], i % 5 != 0, "{f}");
+        assert_eq!(f["ok"], !i.is_multiple_of(5), "{f}");
     }
     assert!(seen.iter().all(|s| *s));
 }
