@@ -53,6 +53,11 @@ pub const PRE_AUTH_FRAME: usize = 64 * 1024;
 /// How often a draining connection checks whether the drain timeout passed.
 const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
+/// Requests of one connection in flight at once; beyond, its next frames wait (as HTTP
+/// pipelining does), so that one connection cannot fill its worker's admission queue and
+/// starve the other users of that worker.
+pub const MAX_IN_FLIGHT: usize = 32;
+
 /// The methods the built-in worker serves (announced in `hello-ok`).
 pub const METHODS: &[&str] = &[
     "health",
@@ -132,6 +137,11 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
     ws_config.write_buffer_size = 0;
     ws_config.max_message_size = Some(cfg.max_body_bytes);
     ws_config.max_frame_size = Some(cfg.max_body_bytes);
+    // The codec queues a pong for each ping while the client does not read them; unbounded,
+    // a ping flood grew the gateway by every pong it could not send. Beyond this bound the
+    // latest pong replaces the unsent one, and a frame that does not fit ends the connection.
+    // Room for the largest frame sent (the outbox refuses larger), with its header.
+    ws_config.max_write_buffer_size = cfg.ws_max_buffered_bytes.saturating_add(PRE_AUTH_FRAME);
     let budget = Rc::new(Cell::new(Some(PRE_AUTH_BYTES.saturating_sub(early.len()))));
     let metered = Metered::new(stream, budget.clone());
     let ws =
@@ -462,8 +472,15 @@ impl Conn {
                 }
                 Woke::Wake
             };
+            let reading = s.in_flight.get() < MAX_IN_FLIGHT;
             let woke = futures_lite::future::or(
-                async { Woke::Frame(self.ws.next().await) },
+                async {
+                    if !reading {
+                        // A run ending wakes the connection, which then reads again.
+                        std::future::pending::<()>().await;
+                    }
+                    Woke::Frame(self.ws.next().await)
+                },
                 futures_lite::future::or(
                     async {
                         s.wake.notified().await;
@@ -524,25 +541,50 @@ impl Conn {
                 }
             };
             // A client that does not read blocks the send; meanwhile the outbox fills, and
-            // once it passes its limit the client is closed.
+            // once it passes its limit the client is closed. Nothing may fill it (no events,
+            // and no requests are read meanwhile): a send whose socket takes no byte for two
+            // tick intervals (the time after which a client deems a silent gateway dead)
+            // closes the client too, which would otherwise hold its connection forever.
             let overflow = async {
                 loop {
                     s.wake.notified().await;
                     if s.outbox.overflowed() {
-                        return false;
+                        return Some(End::Close(close::POLICY, "slow consumer"));
                     }
                 }
             };
-            let sent = futures_lite::future::or(
-                async { self.ws.send(Message::text(text)).await.is_ok() },
-                overflow,
+            let written = self.ws.get_ref().written();
+            let stall = self
+                .reactor
+                .shared
+                .config
+                .ws_tick_interval
+                .saturating_mul(2);
+            let stalled = async {
+                let mut seen = written.get();
+                loop {
+                    glommio::timer::sleep(stall).await;
+                    if written.get() == seen {
+                        return Some(End::Close(close::POLICY, "slow consumer"));
+                    }
+                    seen = written.get();
+                }
+            };
+            let failed = futures_lite::future::or(
+                async {
+                    match self.ws.send(Message::text(text)).await {
+                        Ok(()) => None,
+                        Err(_) if s.outbox.overflowed() => {
+                            Some(End::Close(close::POLICY, "slow consumer"))
+                        }
+                        Err(_) => Some(End::Gone),
+                    }
+                },
+                futures_lite::future::or(overflow, stalled),
             )
             .await;
-            if !sent {
-                if s.outbox.overflowed() {
-                    return Err(End::Close(close::POLICY, "slow consumer"));
-                }
-                return Err(End::Gone);
+            if let Some(end) = failed {
+                return Err(end);
             }
         }
     }

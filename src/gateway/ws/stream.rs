@@ -16,12 +16,23 @@ use glommio::net::TcpStream;
 pub struct Metered {
     inner: TcpStream,
     budget: Rc<Cell<Option<usize>>>,
+    /// Bytes the socket accepted so far: whether a blocked send makes progress.
+    written: Rc<Cell<u64>>,
 }
 
 impl Metered {
     /// `inner`, read within `budget`.
     pub fn new(inner: TcpStream, budget: Rc<Cell<Option<usize>>>) -> Metered {
-        Metered { inner, budget }
+        Metered {
+            inner,
+            budget,
+            written: Rc::default(),
+        }
+    }
+
+    /// The count of bytes written so far, shared (it keeps counting).
+    pub fn written(&self) -> Rc<Cell<u64>> {
+        self.written.clone()
     }
 }
 
@@ -55,7 +66,11 @@ impl AsyncWrite for Metered {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &polled {
+            self.written.set(self.written.get() + *n as u64);
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
