@@ -89,7 +89,7 @@ fn spec(root: &Path) -> CellSpec {
 /// Starts a cell and waits until it serves; prints how long that took and its memory.
 fn started(spec: &CellSpec) -> Cell {
     let t0 = Instant::now();
-    let mut cell = Cell::start(spec).expect("start the cell");
+    let cell = Cell::start(spec).expect("start the cell");
     if let Err(e) = cell.wait_ready(Instant::now() + READY) {
         let log = std::fs::read_to_string(cell.log_path()).unwrap_or_default();
         panic!("{e}\n--- cell.log ---\n{log}");
@@ -369,17 +369,24 @@ fn a_real_cell_serves_a_backend_client_and_stops_cleanly() {
     );
 
     client.close(ANSWER).expect("close");
-    let members = cell.processes();
-    assert!(members.contains(&(cell.pid() as i32)), "{members:?}");
-    assert_eq!(
-        processes_with_env(&root),
-        {
-            let mut m: Vec<u32> = members.iter().map(|&p| p as u32).collect();
-            m.sort_unstable();
-            m
+    // The cell's processes as Cell sees them (its group) and as found by their environment
+    // agree, once no helper is starting or ending between the two reads.
+    let mut members = Vec::new();
+    common::wait_until(
+        ANSWER,
+        "the same processes by group and by environment",
+        || {
+            members = cell.processes();
+            let mut by_env: Vec<i32> = processes_with_env(&root)
+                .into_iter()
+                .map(|p| p as i32)
+                .collect();
+            by_env.sort_unstable();
+            members.sort_unstable();
+            members == by_env
         },
-        "the cell's processes, by group and by environment"
     );
+    assert!(members.contains(&(cell.pid() as i32)), "{members:?}");
 
     let stopped = cell.stop(GRACE).expect("stop");
     println!("stopped: {stopped:?}");

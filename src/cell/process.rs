@@ -255,7 +255,7 @@ impl Cell {
     /// Not `/healthz`: that one only says the HTTP server is live, 2–3 s before the gateway
     /// admits clients; until `/readyz` (startup done, agent databases admitted) a `connect`
     /// is refused with `UNAVAILABLE` "gateway starting; retry shortly".
-    pub fn wait_ready(&mut self, deadline: Instant) -> Result<(), CellError> {
+    pub fn wait_ready(&self, deadline: Instant) -> Result<(), CellError> {
         let started = Instant::now();
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
