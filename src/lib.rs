@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cell;
 pub mod cli;
 pub mod command;
 pub mod config;
