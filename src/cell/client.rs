@@ -246,6 +246,13 @@ impl BackendClient {
         &self.hello
     }
 
+    /// The socket, for a caller that waits for it to become readable (with `poll`) before
+    /// calling [`BackendClient::next_frame`], so that one thread can also wait for frames to
+    /// send. Reading or writing it directly would corrupt the WebSocket stream.
+    pub fn socket(&self) -> &TcpStream {
+        self.ws.get_ref()
+    }
+
     /// Sends `{"type":"req","id":ID,"method":METHOD,"params":PARAMS}`, `params` (JSON text)
     /// copied as is; `None` leaves `params` out, as some clients do.
     pub fn send_request(

@@ -1,0 +1,1045 @@
+//! Cell mode: the worker relays its lanes' OpenClaw RPCs to a real OpenClaw gateway (a
+//! "cell", [`crate::cell`]) that it starts on demand and stops when idle.
+//!
+//! Two threads. An IO thread owns the [`BackendClient`]: it connects (retrying while the cell
+//! starts), then waits with `poll` on the socket and on a wake socket, sends the frames the
+//! serving loop queued and hands every frame of the cell to the serving loop (channel + futex
+//! unpark of the worker's park word, as the bridge's reader does). Only that thread touches
+//! the WebSocket, so no two writers can interleave bytes. The serving loop (this thread) reads
+//! the rings, runs the cell's lifecycle and writes the answers.
+//!
+//! Toward the cell a request gets an id of ours, `"{lane}:{ring request id}"`, unique in this
+//! worker (clients of different connections may reuse ids; the gateway restores each client's
+//! own id from its side). Its params go byte for byte, `idempotencyKey` included. From the cell:
+//! - a `res` whose payload has `"status":"accepted"` → [`Part::Accepted`] (first answer of a
+//!   two-stage method such as `agent`); the next `res` with that id → the final answer: 200
+//!   and the payload, or the error object (`message`, `details`, `retryable`, `retryAfterMs`)
+//!   with the cell's `code` as error code (`UNAVAILABLE` if it is not `[A-Za-z0-9_:.-]{1,64}`);
+//! - an event whose `payload.runId` is the run of a pending request (its `idempotencyKey`, or
+//!   the `runId` of its accepted answer) → [`Part::Event`] of that request, if it streams;
+//! - every other event is dropped: `tick` (the gateway ticks its own clients), and the cell-wide
+//!   ones (`health`, `presence`, `cron`, `sessions.changed`, a run's events after its request
+//!   was answered, …), which have no request to travel with.
+//!
+//! Lifecycle: Stopped → (a request) Starting: the cell is spawned from this thread (its
+//! `PR_SET_PDEATHSIG` is tied to the spawning thread), the IO thread retries connecting until
+//! the cell admits it; requests wait in a queue and are answered `UNAVAILABLE` with
+//! `retryAfterMs` when their deadline passes or the start fails → Ready → after `idle_timeout`
+//! with no request pending: Stopping (on a helper thread, so the heartbeat goes on) → Stopped;
+//! the next request starts it again from the same state directory. A ready cell that dies
+//! fails its pending requests (`UNAVAILABLE`, `details.code` `CELL_DOWN`) and ends the loop
+//! with an error, so that the monitor's restart policy applies to the slot. A ready cell that
+//! leaves a `health` probe unanswered for `stall` stops the heartbeat: the monitor replaces
+//! the slot.
+//!
+//! Other request kinds: `echo` and `health:check` are answered here; the REST ones
+//! (`agent:message`, `agent:command`, `session`) are answered 501
+//! `NOT_SUPPORTED_IN_CELL_MODE`: a cell speaks the WebSocket protocol only.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use crossbeam::channel::{Receiver, Sender};
+use moltbot_ipc::clock::monotonic_us;
+use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, futex_unpark, wake_needed};
+use moltbot_ipc::{Kind, Part, Response, Segment, WakeReceiver, WakeSender};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::cell::{BackendClient, Cell, CellSpec, ClientError, Frame};
+use crate::worker::lane::{Lane, write_response};
+
+/// How the worker runs its cell.
+pub(crate) struct RelaySettings {
+    /// The cell: its program, directory, port and token.
+    pub(crate) spec: CellSpec,
+    /// A ready cell with no request pending for this long is stopped.
+    pub(crate) idle_timeout: Duration,
+    /// How long a start may take, until the cell admits its backend client.
+    pub(crate) start_timeout: Duration,
+    /// Heartbeat interval: also the period of the `health` probe of a ready cell.
+    pub(crate) heartbeat: Duration,
+    /// A probe unanswered for this long is a stalled cell: the heartbeat stops.
+    pub(crate) stall: Duration,
+    /// The largest body of a ring frame.
+    pub(crate) max_reply: usize,
+    /// Time the cell gets to exit after SIGTERM (at idle, and when the worker leaves).
+    pub(crate) grace: Duration,
+}
+
+/// Serves the lanes through a cell until SIGTERM (`Ok`) or a cell that died (`Err`).
+pub(crate) fn run(
+    seg: Segment,
+    lanes: Vec<Lane>,
+    settings: RelaySettings,
+    term: &AtomicBool,
+) -> anyhow::Result<()> {
+    let spec = settings.spec.clone();
+    let mut launch = move || -> anyhow::Result<Box<dyn CellProcess>> {
+        let cell = Cell::start(&spec).context("starting the cell")?;
+        tracing::info!(pid = cell.pid(), port = cell.port(), "cell started");
+        Ok(Box::new(cell))
+    };
+    serve(seg, lanes, &settings, term, &mut launch)
+}
+
+/// The process side of a cell, as the loop needs it (a fake in the tests).
+trait CellProcess: Send {
+    fn port(&self) -> u16;
+    fn alive(&self) -> bool;
+    /// SIGTERM, then SIGKILL after `grace`; returns how it went, for the log.
+    fn stop(&mut self, grace: Duration) -> String;
+}
+
+impl CellProcess for Cell {
+    fn port(&self) -> u16 {
+        Cell::port(self)
+    }
+    fn alive(&self) -> bool {
+        self.is_alive()
+    }
+    fn stop(&mut self, grace: Duration) -> String {
+        match Cell::stop(self, grace) {
+            Ok(s) => format!("graceful {} in {:?}: {}", s.graceful, s.took, s.status),
+            Err(e) => format!("stop failed: {e}"),
+        }
+    }
+}
+
+/// What the IO thread tells the serving loop.
+#[derive(Debug)]
+enum FromCell {
+    /// The backend client is connected: the cell serves.
+    Connected,
+    Frame(Frame),
+    /// The connection could not be made or broke; the reason. The IO thread has ended.
+    Down(String),
+}
+
+/// The serving loop's handle on the IO thread.
+struct Io {
+    out: Sender<String>,
+    wake: WakeSender,
+    stop: Arc<AtomicBool>,
+    from: Receiver<FromCell>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Io {
+    fn spawn(port: u16, token: String, deadline: Instant, seg: Segment) -> anyhow::Result<Io> {
+        let (out, out_rx) = crossbeam::channel::unbounded();
+        let (tx, from) = crossbeam::channel::unbounded();
+        let (wake, wake_rx) = moltbot_ipc::wake_pair().context("IO wake socket")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("cell-io".into())
+            .spawn(move || {
+                let why = io_thread(port, &token, deadline, &stop2, &out_rx, &wake_rx, &tx, &seg);
+                let _ = tx.send(FromCell::Down(why));
+                unpark(&seg);
+            })
+            .context("cell IO thread")?;
+        Ok(Io {
+            out,
+            wake,
+            stop,
+            from,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, frame: String) {
+        // A closed channel means the IO thread ended; its `Down` is then on the way.
+        let _ = self.out.send(frame);
+        self.wake.notify();
+    }
+
+    /// Asks the IO thread to close the connection and waits for it (at most about a second:
+    /// the close handshake's bound).
+    fn shut(mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake.notify();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn unpark(seg: &Segment) {
+    let parked = seg.worker_parked();
+    if wake_needed(parked) {
+        futex_unpark(parked);
+    }
+}
+
+/// Connects (retrying while the cell starts), then relays until the connection breaks or
+/// `stop`. Returns why it ended.
+#[allow(clippy::too_many_arguments)]
+fn io_thread(
+    port: u16,
+    token: &str,
+    deadline: Instant,
+    stop: &AtomicBool,
+    out: &Receiver<String>,
+    wake: &WakeReceiver,
+    tx: &Sender<FromCell>,
+    seg: &Segment,
+) -> String {
+    // A starting cell refuses the port, then refuses `connect` with "gateway starting" until
+    // it admits clients: both are retried until the start deadline.
+    let mut client = loop {
+        if stop.load(Ordering::Acquire) {
+            return "stopped".into();
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return "the cell did not admit its client within the start timeout".into();
+        }
+        match BackendClient::connect(port, token, left.min(Duration::from_secs(10))) {
+            Ok(c) => break c,
+            Err(e @ (ClientError::Connect { .. } | ClientError::Rejected { .. })) => {
+                tracing::debug!("cell not admitting yet: {e}");
+                std::thread::sleep(Duration::from_millis(250).min(left));
+            }
+            Err(e) => {
+                tracing::debug!("cell handshake failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(250).min(left));
+            }
+        }
+    };
+    if tx.send(FromCell::Connected).is_err() {
+        return "the serving loop is gone".into();
+    }
+    unpark(seg);
+    loop {
+        if stop.load(Ordering::Acquire) {
+            let _ = client.close(Duration::from_secs(1));
+            return "stopped".into();
+        }
+        let (readable, woken) = {
+            use rustix::event::{PollFd, PollFlags};
+            let mut fds = [
+                PollFd::new(client.socket(), PollFlags::IN),
+                PollFd::new(wake, PollFlags::IN),
+            ];
+            // A bounded wait, so that `stop` is seen even if a wake-up were lost.
+            let t = rustix::time::Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            match rustix::event::poll(&mut fds, Some(&t)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return format!("poll: {e}"),
+            }
+            (!fds[0].revents().is_empty(), !fds[1].revents().is_empty())
+        };
+        if woken {
+            wake.drain();
+        }
+        // Always drain the queue: a frame queued just after a drain has its wake-up pending.
+        while let Ok(frame) = out.try_recv() {
+            if let Err(e) = client.send_raw(&frame) {
+                return format!("sending to the cell: {e}");
+            }
+        }
+        if readable {
+            // The socket is readable (or closed): read every frame that arrived; the short
+            // timeout ends the burst once the socket and tungstenite's buffer are empty.
+            let mut got = false;
+            loop {
+                match client.next_frame(Duration::from_millis(1)) {
+                    Ok(Some(f)) => {
+                        if tx.send(FromCell::Frame(f)).is_err() {
+                            return "the serving loop is gone".into();
+                        }
+                        got = true;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        if got {
+                            unpark(seg);
+                        }
+                        return format!("connection to the cell: {e}");
+                    }
+                }
+            }
+            if got {
+                unpark(seg);
+            }
+        }
+    }
+}
+
+/// A request taken from a ring, waiting for the cell.
+struct Queued {
+    lane: usize,
+    id: u64,
+    deadline_us: u64,
+    stream: bool,
+    method: String,
+    body: Vec<u8>,
+    taken: Instant,
+}
+
+/// A request forwarded to the cell, by our id.
+struct Pending {
+    lane: usize,
+    id: u64,
+    stream: bool,
+    /// Its `accepted` answer came: the next `res` is the final one.
+    accepted: bool,
+    /// The run ids whose events are this request's.
+    runs: Vec<String>,
+    taken: Instant,
+}
+
+enum State {
+    /// No cell. `retry_at`: a start failed; requests before then are refused at once.
+    Stopped {
+        retry_at: Option<Instant>,
+    },
+    Starting {
+        cell: Box<dyn CellProcess>,
+        io: Io,
+        since: Instant,
+    },
+    Ready {
+        cell: Box<dyn CellProcess>,
+        io: Io,
+        last_busy: Instant,
+        next_probe: Instant,
+        /// The outstanding `health` probe: its id and when it was sent.
+        probe: Option<(String, Instant)>,
+    },
+    Stopping(JoinHandle<()>),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Stopped { .. } => "stopped",
+            State::Starting { .. } => "starting",
+            State::Ready { .. } => "ready",
+            State::Stopping(_) => "stopping",
+        }
+    }
+}
+
+/// How long a client is told to wait after a failed start.
+const START_RETRY: Duration = Duration::from_secs(5);
+
+struct Relay<'a> {
+    seg: Segment,
+    lanes: Vec<Lane>,
+    s: &'a RelaySettings,
+    queue: VecDeque<Queued>,
+    pending: HashMap<String, Pending>,
+    /// Run id → our id of the request the run belongs to.
+    runs: HashMap<String, String>,
+    probes: u64,
+    launch: &'a mut dyn FnMut() -> anyhow::Result<Box<dyn CellProcess>>,
+}
+
+fn serve(
+    seg: Segment,
+    lanes: Vec<Lane>,
+    s: &RelaySettings,
+    term: &AtomicBool,
+    launch: &mut dyn FnMut() -> anyhow::Result<Box<dyn CellProcess>>,
+) -> anyhow::Result<()> {
+    let h = seg.header();
+    h.worker_state
+        .store(worker_state::SERVING, Ordering::Release);
+    let mut r = Relay {
+        seg: seg.clone(),
+        lanes,
+        s,
+        queue: VecDeque::new(),
+        pending: HashMap::new(),
+        runs: HashMap::new(),
+        probes: 0,
+        launch,
+    };
+    let mut state = State::Stopped { retry_at: None };
+    let park_for = (s.heartbeat / 2).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let mut leaving: Option<Instant> = None;
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            let now = Instant::now();
+            // 1. The rings (not once leaving: what is unread goes to the successor).
+            if leaving.is_none() {
+                r.take_requests(state.name())?;
+            }
+            // 2. The cell's lifecycle and frames.
+            state = r.step(state, now)?;
+            // 3. Requests that waited too long for a start.
+            r.expire_queue(&state)?;
+            // 4. Heartbeat, unless a ready cell leaves its probe unanswered.
+            let stalled = matches!(&state, State::Ready { probe: Some((_, at)), .. } if now.duration_since(*at) > s.stall);
+            if !stalled {
+                h.heartbeat.fetch_add(1, Ordering::Relaxed);
+            }
+            // 5. SIGTERM: wait for the pending answers up to the grace period, then leave.
+            if term.load(Ordering::Relaxed) && leaving.is_none() {
+                h.worker_state
+                    .store(worker_state::EXITING, Ordering::Release);
+                leaving = Some(now + s.grace);
+            }
+            if let Some(until) = leaving
+                && ((r.pending.is_empty() && r.queue.is_empty()) || now >= until)
+            {
+                r.fail_all("the worker is leaving", "CELL_DOWN", START_RETRY)?;
+                stop_now(state, s.grace);
+                return Ok(());
+            }
+            // 6. Sleep until a request, a frame, or the next check.
+            let parked = seg.worker_parked();
+            announce_park(parked);
+            let mut work = match &state {
+                State::Starting { io, .. } | State::Ready { io, .. } => !io.from.is_empty(),
+                _ => false,
+            };
+            if leaving.is_none() {
+                for l in &mut r.lanes {
+                    work |= l.req.has_data().context("request ring")?;
+                }
+            }
+            if !work {
+                futex_park(parked, park_for);
+            }
+            cancel_park(parked);
+        }
+    })();
+    if let Err(e) = &result {
+        tracing::error!("cell relay: {e:#}");
+    }
+    result
+}
+
+/// Stops whatever cell there is, waiting for it (the worker leaves).
+fn stop_now(state: State, grace: Duration) {
+    match state {
+        State::Starting { mut cell, io, .. } | State::Ready { mut cell, io, .. } => {
+            io.shut();
+            tracing::info!("cell stopped: {}", cell.stop(grace));
+        }
+        State::Stopping(t) => {
+            let _ = t.join();
+        }
+        State::Stopped { .. } => {}
+    }
+}
+
+impl Relay<'_> {
+    fn write(&mut self, lane: usize, resp: &Response<'_>) -> anyhow::Result<()> {
+        let l = &mut self.lanes[lane];
+        write_response(&mut l.resp, &l.wake, resp, self.seg.header())
+    }
+
+    /// Writes a request's final answer, replacing a body too large for a ring frame.
+    fn finish(
+        &mut self,
+        lane: usize,
+        id: u64,
+        taken: Instant,
+        status: u16,
+        code: &str,
+        body: &[u8],
+    ) -> anyhow::Result<()> {
+        let (status, code, body) = if body.len() > self.s.max_reply {
+            (
+                502,
+                "UNAVAILABLE",
+                &br#"{"message":"the cell's answer does not fit in a ring frame"}"#[..],
+            )
+        } else {
+            (status, code, body)
+        };
+        self.write(
+            lane,
+            &Response {
+                request_id: id,
+                duration_us: taken.elapsed().as_micros() as u64,
+                status,
+                part: Part::Final,
+                body,
+                error_code: code,
+                event: "",
+            },
+        )?;
+        let h = self.seg.header();
+        h.requests_served.fetch_add(1, Ordering::Relaxed);
+        h.in_flight.store(
+            (self.pending.len() + self.queue.len()) as u64,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    fn unavailable(
+        &mut self,
+        lane: usize,
+        id: u64,
+        taken: Instant,
+        message: &str,
+        why: &str,
+        retry: Duration,
+    ) -> anyhow::Result<()> {
+        let body = unavailable_body(message, why, retry);
+        self.finish(lane, id, taken, 503, "UNAVAILABLE", &body)
+    }
+
+    /// Takes every request of the rings: RPCs into the queue, the rest answered at once.
+    fn take_requests(&mut self, cell_state: &str) -> anyhow::Result<()> {
+        for i in 0..self.lanes.len() {
+            loop {
+                let Some(frame) = self.lanes[i].req.peek().context("request ring")? else {
+                    break;
+                };
+                frame.claim();
+                let req = moltbot_ipc::access_request(frame.bytes())
+                    .map_err(|e| anyhow::anyhow!("undecodable request frame: {e}"))?;
+                let id = req.request_id.to_native();
+                let kind = req.kind.to_native();
+                let taken = Instant::now();
+                let queued = Queued {
+                    lane: i,
+                    id,
+                    deadline_us: req.deadline_us.to_native(),
+                    stream: req.stream,
+                    method: req.path.to_string(),
+                    body: req.body.to_vec(),
+                    taken,
+                };
+                frame.release();
+                match kind {
+                    Kind::Rpc => self.queue.push_back(queued),
+                    Kind::Echo => self.finish(i, id, taken, 200, "", &queued.body)?,
+                    Kind::HealthCheck => {
+                        let body = serde_json::json!({"healthy": true, "cell": cell_state});
+                        self.finish(i, id, taken, 200, "", body.to_string().as_bytes())?
+                    }
+                    _ => self.finish(
+                        i,
+                        id,
+                        taken,
+                        501,
+                        "NOT_SUPPORTED_IN_CELL_MODE",
+                        format!(
+                            r#"{{"message":"{} is not served in cell mode: use the OpenClaw WebSocket protocol"}}"#,
+                            kind.as_str()
+                        )
+                        .as_bytes(),
+                    )?,
+                }
+            }
+        }
+        self.seg.header().in_flight.store(
+            (self.pending.len() + self.queue.len()) as u64,
+            Ordering::Relaxed,
+        );
+        Ok(())
+    }
+
+    /// Answers queued requests whose deadline passed while the cell starts.
+    fn expire_queue(&mut self, state: &State) -> anyhow::Result<()> {
+        let now_us = monotonic_us();
+        let retry = match state {
+            State::Starting { since, .. } => self
+                .s
+                .start_timeout
+                .saturating_sub(since.elapsed())
+                .max(Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        };
+        let mut i = 0;
+        while i < self.queue.len() {
+            let q = &self.queue[i];
+            if q.deadline_us != 0 && now_us > q.deadline_us {
+                let q = self.queue.remove(i).expect("index in range");
+                self.unavailable(
+                    q.lane,
+                    q.id,
+                    q.taken,
+                    "the user's cell is starting; retry shortly",
+                    "CELL_STARTING",
+                    retry,
+                )?;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers every queued and pending request `UNAVAILABLE`.
+    fn fail_all(&mut self, message: &str, why: &str, retry: Duration) -> anyhow::Result<()> {
+        while let Some(q) = self.queue.pop_front() {
+            self.unavailable(q.lane, q.id, q.taken, message, why, retry)?;
+        }
+        let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
+        self.runs.clear();
+        for p in pending {
+            self.unavailable(p.lane, p.id, p.taken, message, why, retry)?;
+        }
+        Ok(())
+    }
+
+    /// Advances the cell's lifecycle and handles its frames.
+    fn step(&mut self, state: State, now: Instant) -> anyhow::Result<State> {
+        Ok(match state {
+            State::Stopped { retry_at } => {
+                if self.queue.is_empty() {
+                    return Ok(State::Stopped { retry_at });
+                }
+                if let Some(at) = retry_at
+                    && now < at
+                {
+                    self.fail_all(
+                        "the user's cell failed to start; retry later",
+                        "CELL_START_FAILED",
+                        at - now,
+                    )?;
+                    return Ok(State::Stopped { retry_at });
+                }
+                match self.start(now) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!("cell start failed: {e:#}");
+                        self.fail_all(
+                            "the user's cell failed to start; retry later",
+                            "CELL_START_FAILED",
+                            START_RETRY,
+                        )?;
+                        State::Stopped {
+                            retry_at: Some(now + START_RETRY),
+                        }
+                    }
+                }
+            }
+            State::Starting {
+                mut cell,
+                io,
+                since,
+            } => {
+                let msg = io.from.try_recv().ok();
+                match msg {
+                    Some(FromCell::Connected) => {
+                        tracing::info!(took = ?since.elapsed(), "cell ready");
+                        let mut state = State::Ready {
+                            cell,
+                            io,
+                            last_busy: now,
+                            next_probe: now + self.s.heartbeat,
+                            probe: None,
+                        };
+                        self.dispatch(&mut state);
+                        state
+                    }
+                    Some(FromCell::Down(why)) => {
+                        tracing::error!("cell did not start: {why}");
+                        tracing::info!("cell stopped: {}", cell.stop(self.s.grace));
+                        self.fail_all(
+                            "the user's cell failed to start; retry later",
+                            "CELL_START_FAILED",
+                            START_RETRY,
+                        )?;
+                        State::Stopped {
+                            retry_at: Some(now + START_RETRY),
+                        }
+                    }
+                    // Nothing else comes before `Connected`.
+                    Some(FromCell::Frame(_)) | None => {
+                        if !cell.alive() {
+                            io.shut();
+                            tracing::error!("cell exited while starting");
+                            tracing::info!("cell stopped: {}", cell.stop(self.s.grace));
+                            self.fail_all(
+                                "the user's cell failed to start; retry later",
+                                "CELL_START_FAILED",
+                                START_RETRY,
+                            )?;
+                            State::Stopped {
+                                retry_at: Some(now + START_RETRY),
+                            }
+                        } else {
+                            State::Starting { cell, io, since }
+                        }
+                    }
+                }
+            }
+            State::Ready { .. } => self.step_ready(state, now)?,
+            State::Stopping(t) => {
+                if t.is_finished() {
+                    let _ = t.join();
+                    State::Stopped { retry_at: None }
+                } else {
+                    State::Stopping(t)
+                }
+            }
+        })
+    }
+
+    fn start(&mut self, now: Instant) -> anyhow::Result<State> {
+        let cell = (self.launch)()?;
+        let io = Io::spawn(
+            cell.port(),
+            self.s.spec.token.clone(),
+            now + self.s.start_timeout,
+            self.seg.clone(),
+        )?;
+        Ok(State::Starting {
+            cell,
+            io,
+            since: now,
+        })
+    }
+}
+
+impl Relay<'_> {
+    fn step_ready(&mut self, state: State, now: Instant) -> anyhow::Result<State> {
+        let State::Ready {
+            mut cell,
+            io,
+            mut last_busy,
+            mut next_probe,
+            mut probe,
+        } = state
+        else {
+            return Ok(state);
+        };
+        let mut down: Option<String> = None;
+        while let Ok(msg) = io.from.try_recv() {
+            match msg {
+                FromCell::Frame(f) => {
+                    if let Frame::Res { id, .. } = &f
+                        && probe.as_ref().is_some_and(|(p, _)| p == id)
+                    {
+                        probe = None;
+                        continue;
+                    }
+                    self.on_frame(f)?;
+                }
+                FromCell::Connected => {}
+                FromCell::Down(why) => {
+                    down = Some(why);
+                    break;
+                }
+            }
+        }
+        if down.is_none() && !cell.alive() {
+            down = Some("the cell process exited".into());
+        }
+        if let Some(why) = down {
+            io.shut();
+            tracing::error!("cell down: {why}; {}", cell.stop(self.s.grace));
+            self.fail_all(
+                "the user's cell went down; retry shortly",
+                "CELL_DOWN",
+                START_RETRY,
+            )?;
+            anyhow::bail!("the cell went down: {why}");
+        }
+        let mut state = State::Ready {
+            cell,
+            io,
+            last_busy,
+            next_probe,
+            probe: probe.take(),
+        };
+        self.dispatch(&mut state);
+        let State::Ready {
+            cell,
+            io,
+            probe: ref mut p,
+            ..
+        } = state
+        else {
+            unreachable!("dispatch keeps the state");
+        };
+        if !self.pending.is_empty() || !self.queue.is_empty() {
+            last_busy = now;
+        }
+        if now >= next_probe {
+            next_probe = now + self.s.heartbeat;
+            if p.is_none() {
+                self.probes += 1;
+                let id = format!("relay-health:{}", self.probes);
+                io.send(format!(r#"{{"type":"req","id":"{id}","method":"health"}}"#));
+                *p = Some((id, now));
+            }
+        }
+        let probe = p.take();
+        if now.duration_since(last_busy) >= self.s.idle_timeout {
+            tracing::info!("cell idle for {:?}: stopping it", self.s.idle_timeout);
+            io.shut();
+            let grace = self.s.grace;
+            let mut cell = cell;
+            let t = std::thread::Builder::new()
+                .name("cell-stop".into())
+                .spawn(move || tracing::info!("cell stopped: {}", cell.stop(grace)))
+                .context("cell stop thread")?;
+            return Ok(State::Stopping(t));
+        }
+        Ok(State::Ready {
+            cell,
+            io,
+            last_busy,
+            next_probe,
+            probe,
+        })
+    }
+
+    /// Sends the queued requests to a ready cell.
+    fn dispatch(&mut self, state: &mut State) {
+        let State::Ready { io, .. } = state else {
+            return;
+        };
+        while let Some(q) = self.queue.pop_front() {
+            let key = format!("{}:{}", q.lane, q.id);
+            let params = params_of(&q.body);
+            let runs = params
+                .and_then(|p| serde_json::from_str::<RunKey>(p.get()).ok())
+                .and_then(|k| k.idempotency_key)
+                .into_iter()
+                .collect::<Vec<_>>();
+            let text = serde_json::to_string(&ReqOut {
+                kind: "req",
+                id: &key,
+                method: &q.method,
+                params,
+            })
+            .expect("a request of strings and raw JSON serializes");
+            io.send(text);
+            for run in &runs {
+                self.runs.insert(run.clone(), key.clone());
+            }
+            self.pending.insert(
+                key,
+                Pending {
+                    lane: q.lane,
+                    id: q.id,
+                    stream: q.stream,
+                    accepted: false,
+                    runs,
+                    taken: q.taken,
+                },
+            );
+        }
+    }
+
+    /// Maps one frame of the cell onto the rings (see the module's documentation).
+    fn on_frame(&mut self, f: Frame) -> anyhow::Result<()> {
+        match f {
+            Frame::Res {
+                id,
+                ok,
+                payload_raw,
+                error_raw,
+                ..
+            } => {
+                let Some(p) = self.pending.get_mut(&id) else {
+                    tracing::debug!(id, "an answer for no pending request: dropped");
+                    return Ok(());
+                };
+                let accepted = payload_raw
+                    .as_ref()
+                    .filter(|_| ok && !p.accepted)
+                    .and_then(|r| serde_json::from_str::<Accepted>(r.get()).ok())
+                    .filter(|a| a.status.as_deref() == Some("accepted"));
+                if let Some(a) = accepted {
+                    p.accepted = true;
+                    if let Some(run) = a.run_id
+                        && !p.runs.contains(&run)
+                    {
+                        p.runs.push(run.clone());
+                        self.runs.insert(run, id.clone());
+                    }
+                    let (lane, rid, stream) = (p.lane, p.id, p.stream);
+                    let body = payload_raw.as_ref().map_or("null", |r| r.get());
+                    if stream && body.len() <= self.s.max_reply {
+                        self.write(
+                            lane,
+                            &Response {
+                                request_id: rid,
+                                duration_us: 0,
+                                status: 200,
+                                part: Part::Accepted,
+                                body: body.as_bytes(),
+                                error_code: "",
+                                event: "",
+                            },
+                        )?;
+                    }
+                    return Ok(());
+                }
+                let p = self.pending.remove(&id).expect("looked up above");
+                for run in &p.runs {
+                    self.runs.remove(run);
+                }
+                if ok {
+                    let body = payload_raw.as_ref().map_or("null", |r| r.get());
+                    self.finish(p.lane, p.id, p.taken, 200, "", body.as_bytes())
+                } else {
+                    let (status, code, body) = error_answer(error_raw.as_deref());
+                    self.finish(p.lane, p.id, p.taken, status, &code, &body)
+                }
+            }
+            Frame::Event {
+                name, payload_raw, ..
+            } => {
+                if name == "tick" {
+                    return Ok(());
+                }
+                let Some(run) = payload_raw
+                    .as_ref()
+                    .and_then(|r| serde_json::from_str::<RunOf>(r.get()).ok())
+                    .and_then(|r| r.run_id)
+                else {
+                    return Ok(());
+                };
+                let Some(p) = self.runs.get(&run).and_then(|k| self.pending.get(k)) else {
+                    return Ok(());
+                };
+                let body = payload_raw.as_ref().map_or("null", |r| r.get());
+                if !p.stream || !valid_code(&name) {
+                    return Ok(());
+                }
+                if body.len() > self.s.max_reply {
+                    tracing::warn!(
+                        event = name,
+                        bytes = body.len(),
+                        "a cell event too large for a ring frame: dropped"
+                    );
+                    return Ok(());
+                }
+                let (lane, rid) = (p.lane, p.id);
+                self.write(
+                    lane,
+                    &Response {
+                        request_id: rid,
+                        duration_us: 0,
+                        status: 200,
+                        part: Part::Event,
+                        body: body.as_bytes(),
+                        error_code: "",
+                        event: &name,
+                    },
+                )
+            }
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ReqOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    id: &'a str,
+    method: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    params: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RunKey {
+    #[serde(default, rename = "idempotencyKey")]
+    idempotency_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default, rename = "runId")]
+    run_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RunOf {
+    #[serde(default, rename = "runId")]
+    run_id: Option<String>,
+}
+
+/// A request's params as the client sent them; `None` (left out toward the cell) when the
+/// client sent none: the gateway writes `null` then, and some methods refuse a `null` params.
+fn params_of(body: &[u8]) -> Option<&RawValue> {
+    let text = std::str::from_utf8(body).ok()?;
+    let raw: &RawValue = serde_json::from_str(text).ok()?;
+    (raw.get().trim() != "null").then_some(raw)
+}
+
+/// The final answer for the cell's error object: status, error code and body.
+fn error_answer(error: Option<&RawValue>) -> (u16, String, Vec<u8>) {
+    #[derive(Deserialize)]
+    struct E<'a> {
+        #[serde(default)]
+        code: Option<String>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default, borrow)]
+        details: Option<&'a RawValue>,
+        #[serde(default)]
+        retryable: Option<bool>,
+        #[serde(default, rename = "retryAfterMs")]
+        retry_after_ms: Option<u64>,
+    }
+    let e = error.and_then(|r| serde_json::from_str::<E<'_>>(r.get()).ok());
+    let Some(e) = e else {
+        let body = br#"{"message":"the cell answered with an unreadable error"}"#.to_vec();
+        return (502, "UNAVAILABLE".into(), body);
+    };
+    let code = e
+        .code
+        .filter(|c| valid_code(c))
+        .unwrap_or_else(|| "UNAVAILABLE".into());
+    let mut body = serde_json::json!({
+        "message": e.message.unwrap_or_else(|| "the cell failed".into()),
+    });
+    if let Some(d) = e
+        .details
+        .and_then(|d| serde_json::from_str::<serde_json::Value>(d.get()).ok())
+    {
+        body["details"] = d;
+    }
+    if let Some(r) = e.retryable {
+        body["retryable"] = r.into();
+    }
+    if let Some(ms) = e.retry_after_ms {
+        body["retryAfterMs"] = ms.into();
+    }
+    // The status only tells the gateway whose fault it was; the code is what the client sees.
+    let status = match code.as_str() {
+        "INVALID_REQUEST" => 400,
+        "FORBIDDEN" => 403,
+        "NOT_FOUND" => 404,
+        "UNAVAILABLE" => 503,
+        _ => 500,
+    };
+    (status, code, body.to_string().into_bytes())
+}
+
+fn unavailable_body(message: &str, why: &str, retry: Duration) -> Vec<u8> {
+    serde_json::json!({
+        "message": message,
+        "details": {"code": why},
+        "retryable": true,
+        "retryAfterMs": retry.as_millis() as u64,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// An error code or event name the gateway accepts.
+fn valid_code(c: &str) -> bool {
+    !c.is_empty()
+        && c.len() <= 64
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
+}
