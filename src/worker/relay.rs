@@ -427,7 +427,8 @@ fn stop_now(state: State, grace: Duration) {
     match state {
         State::Starting { mut cell, io, .. } | State::Ready { mut cell, io, .. } => {
             io.shut();
-            tracing::info!("cell stopped: {}", cell.stop(grace));
+            let how = cell.stop(grace);
+            tracing::info!("cell stopped: {how}");
         }
         State::Stopping(t) => {
             let _ = t.join();
@@ -644,7 +645,8 @@ impl Relay<'_> {
                     }
                     Some(FromCell::Down(why)) => {
                         tracing::error!("cell did not start: {why}");
-                        tracing::info!("cell stopped: {}", cell.stop(self.s.grace));
+                        let how = cell.stop(self.s.grace);
+                        tracing::info!("cell stopped: {how}");
                         self.fail_all(
                             "the user's cell failed to start; retry later",
                             "CELL_START_FAILED",
@@ -659,7 +661,8 @@ impl Relay<'_> {
                         if !cell.alive() {
                             io.shut();
                             tracing::error!("cell exited while starting");
-                            tracing::info!("cell stopped: {}", cell.stop(self.s.grace));
+                            let how = cell.stop(self.s.grace);
+                            tracing::info!("cell stopped: {how}");
                             self.fail_all(
                                 "the user's cell failed to start; retry later",
                                 "CELL_START_FAILED",
@@ -738,7 +741,8 @@ impl Relay<'_> {
         }
         if let Some(why) = down {
             io.shut();
-            tracing::error!("cell down: {why}; {}", cell.stop(self.s.grace));
+            let how = cell.stop(self.s.grace);
+            tracing::error!("cell down: {why}; {how}");
             self.fail_all(
                 "the user's cell went down; retry shortly",
                 "CELL_DOWN",
@@ -783,7 +787,10 @@ impl Relay<'_> {
             let mut cell = cell;
             let t = std::thread::Builder::new()
                 .name("cell-stop".into())
-                .spawn(move || tracing::info!("cell stopped: {}", cell.stop(grace)))
+                .spawn(move || {
+                    let how = cell.stop(grace);
+                    tracing::info!("cell stopped: {how}");
+                })
                 .context("cell stop thread")?;
             return Ok(State::Stopping(t));
         }
@@ -1042,4 +1049,533 @@ fn valid_code(c: &str) -> bool {
         && c.len() <= 64
         && c.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_:.-".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moltbot_ipc::{GatewayLane, Method, Request, SegmentLayout};
+    use std::net::TcpListener;
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+    use tungstenite::Message;
+
+    /// What the fake cell does: how many `connect`s it refuses first ("gateway starting"), and
+    /// whether it ignores every request (a hung cell).
+    #[derive(Default)]
+    struct FakeState {
+        refuse: AtomicUsize,
+        mute: AtomicBool,
+        /// The request frames it received, as they came.
+        seen: Mutex<Vec<String>>,
+    }
+
+    /// A fake cell: a WebSocket server on a thread speaking the cell's side of the protocol.
+    struct Fake {
+        port: u16,
+        alive: Arc<AtomicBool>,
+    }
+
+    impl CellProcess for Fake {
+        fn port(&self) -> u16 {
+            self.port
+        }
+        fn alive(&self) -> bool {
+            self.alive.load(Ordering::Acquire)
+        }
+        fn stop(&mut self, _: Duration) -> String {
+            self.alive.store(false, Ordering::Release);
+            "fake stopped".into()
+        }
+    }
+
+    fn text(s: String) -> Message {
+        Message::text(s)
+    }
+
+    fn fake_cell(st: Arc<FakeState>) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let alive = Arc::new(AtomicBool::new(true));
+        let alive2 = alive.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                if !alive2.load(Ordering::Acquire) {
+                    return;
+                }
+                let (st, alive) = (st.clone(), alive2.clone());
+                std::thread::spawn(move || fake_conn(stream, &st, &alive));
+            }
+        });
+        Fake { port, alive }
+    }
+
+    fn fake_conn(stream: std::net::TcpStream, st: &FakeState, alive: &AtomicBool) {
+        let Ok(mut ws) = tungstenite::accept(stream) else {
+            return;
+        };
+        let challenge = r#"{"type":"event","event":"connect.challenge","payload":{"nonce":"n"}}"#;
+        ws.send(text(challenge.into())).unwrap();
+        let read = |ws: &mut tungstenite::WebSocket<std::net::TcpStream>| loop {
+            match ws.read() {
+                Ok(Message::Text(t)) => return Some(t.to_string()),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        };
+        let Some(connect) = read(&mut ws) else { return };
+        let v: serde_json::Value = serde_json::from_str(&connect).unwrap();
+        let cid = v["id"].as_str().unwrap().to_string();
+        if st
+            .refuse
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let r = format!(
+                r#"{{"type":"res","id":"{cid}","ok":false,"error":{{"code":"UNAVAILABLE","message":"gateway starting; retry shortly"}}}}"#
+            );
+            let _ = ws.send(text(r));
+            let _ = ws.close(None);
+            return;
+        }
+        let hello = format!(
+            r#"{{"type":"res","id":"{cid}","ok":true,"payload":{{"type":"hello-ok","protocol":4}}}}"#
+        );
+        ws.send(text(hello)).unwrap();
+        while let Some(t) = read(&mut ws) {
+            st.seen.lock().unwrap().push(t.clone());
+            if st.mute.load(Ordering::Acquire) {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            let id = v["id"].as_str().unwrap().to_string();
+            let res = |payload: &str| {
+                format!(r#"{{"type":"res","id":"{id}","ok":true,"payload":{payload}}}"#)
+            };
+            let out: Vec<String> = match v["method"].as_str().unwrap() {
+                "agent" => {
+                    let run = v["params"]["idempotencyKey"].as_str().unwrap();
+                    vec![
+                        res(&format!(r#"{{"runId":"{run}","status":"accepted","acceptedAt":1}}"#)),
+                        r#"{"type":"event","event":"tick","payload":{"ts":1},"seq":1}"#.into(),
+                        format!(r#"{{"type":"event","event":"agent","payload":{{"runId":"{run}","stream":"assistant","data":{{"text":"hi"}}}},"seq":2}}"#),
+                        r#"{"type":"event","event":"agent","payload":{"runId":"someone-else"},"seq":3}"#.into(),
+                        r#"{"type":"event","event":"health","payload":{"ok":true},"seq":4}"#.into(),
+                        res(&format!(r#"{{"runId":"{run}","status":"ok","summary":"done"}}"#)),
+                    ]
+                }
+                "boom" => vec![format!(
+                    r#"{{"type":"res","id":"{id}","ok":false,"error":{{"code":"NOT_FOUND","message":"nope","details":{{"x":1}},"retryable":false}}}}"#
+                )],
+                "badcode" => vec![format!(
+                    r#"{{"type":"res","id":"{id}","ok":false,"error":{{"code":"bad code!","message":"m"}}}}"#
+                )],
+                "die" => {
+                    alive.store(false, Ordering::Release);
+                    return;
+                }
+                "mute" => {
+                    st.mute.store(true, Ordering::Release);
+                    vec![]
+                }
+                _ => vec![res(v
+                    .get("params")
+                    .map_or("null".into(), |p| p.to_string())
+                    .as_str())],
+            };
+            for m in out {
+                if ws.send(text(m)).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Got {
+        id: u64,
+        status: u16,
+        part: Part,
+        code: String,
+        event: String,
+        body: String,
+    }
+
+    struct Harness {
+        seg: Segment,
+        gw: GatewayLane,
+        term: Arc<AtomicBool>,
+        thread: Option<JoinHandle<anyhow::Result<()>>>,
+        _wake: moltbot_ipc::WakeReceiver,
+    }
+
+    fn settings() -> RelaySettings {
+        RelaySettings {
+            spec: CellSpec {
+                node: "/nonexistent/node".into(),
+                openclaw: "/nonexistent/openclaw.mjs".into(),
+                root: "/nonexistent/cell".into(),
+                port: 1,
+                token: "t".into(),
+                env_allow: vec![],
+            },
+            idle_timeout: Duration::from_secs(30),
+            start_timeout: Duration::from_secs(5),
+            heartbeat: Duration::from_millis(50),
+            stall: Duration::from_millis(300),
+            max_reply: 16 << 10,
+            grace: Duration::from_millis(200),
+        }
+    }
+
+    fn harness(
+        s: RelaySettings,
+        mut launch: impl FnMut() -> anyhow::Result<Box<dyn CellProcess>> + Send + 'static,
+    ) -> Harness {
+        let name = format!(
+            "/moltbot-test-relay-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        );
+        let seg = Segment::create(&name, SegmentLayout::new(1, 1 << 16).unwrap(), 0).unwrap();
+        let _ = Segment::unlink(&name);
+        let w = seg.take_worker_lane(0).unwrap();
+        let gw = seg.take_gateway_lane(0).unwrap();
+        let (wake, wake_rx) = moltbot_ipc::wake_pair().unwrap();
+        let lane = Lane {
+            req: w.requests,
+            resp: w.responses,
+            wake,
+        };
+        let term = Arc::new(AtomicBool::new(false));
+        let (seg2, term2) = (seg.clone(), term.clone());
+        let thread = std::thread::spawn(move || serve(seg2, vec![lane], &s, &term2, &mut launch));
+        Harness {
+            seg,
+            gw,
+            term,
+            thread: Some(thread),
+            _wake: wake_rx,
+        }
+    }
+
+    impl Harness {
+        fn send(
+            &mut self,
+            id: u64,
+            kind: Kind,
+            method: &str,
+            stream: bool,
+            body: &str,
+            deadline: Option<Duration>,
+        ) {
+            let req = Request {
+                request_id: id,
+                deadline_us: deadline.map_or(0, |d| monotonic_us() + d.as_micros() as u64),
+                kind,
+                method: Method::Post,
+                user_id: "u1",
+                stream,
+                path: method,
+                call_id: "client-id",
+                body: body.as_bytes(),
+            };
+            self.gw
+                .requests
+                .push_with(req.encoded_len_bound(), |slot| req.encode_into(slot))
+                .unwrap()
+                .unwrap();
+            unpark(&self.seg);
+        }
+
+        /// The next response frame, within 10 s.
+        fn recv(&mut self) -> Got {
+            let until = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(frame) = self.gw.responses.peek().unwrap() {
+                    frame.claim();
+                    let a = moltbot_ipc::access_response(frame.bytes()).unwrap();
+                    let got = Got {
+                        id: a.request_id.to_native(),
+                        status: a.status.to_native(),
+                        part: a.part.to_native(),
+                        code: a.error_code.to_string(),
+                        event: a.event.to_string(),
+                        body: String::from_utf8(a.body.to_vec()).unwrap(),
+                    };
+                    frame.release();
+                    return got;
+                }
+                assert!(Instant::now() < until, "no response within 10 s");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
+        fn finish(mut self) -> anyhow::Result<()> {
+            self.term.store(true, Ordering::Release);
+            unpark(&self.seg);
+            self.thread.take().unwrap().join().unwrap()
+        }
+    }
+
+    fn json(s: &str) -> serde_json::Value {
+        serde_json::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn runs_are_relayed_with_their_parts_and_errors_mapped() {
+        let st = Arc::new(FakeState::default());
+        // The first connect is refused as by a starting gateway: the IO thread retries.
+        st.refuse.store(1, Ordering::Release);
+        let st2 = st.clone();
+        let mut h = harness(settings(), move || Ok(Box::new(fake_cell(st2.clone()))));
+        let params = r#"{"message": "hi",  "idempotencyKey":"run-1"}"#;
+        h.send(
+            7,
+            Kind::Rpc,
+            "agent",
+            true,
+            params,
+            Some(Duration::from_secs(8)),
+        );
+        let a = h.recv();
+        assert_eq!((a.id, a.part, a.status), (7, Part::Accepted, 200), "{a:?}");
+        assert_eq!(json(&a.body)["runId"], "run-1");
+        // Of tick, the run's event, another run's and a cell-wide one, only the run's comes.
+        let e = h.recv();
+        assert_eq!(
+            (e.id, e.part, e.event.as_str()),
+            (7, Part::Event, "agent"),
+            "{e:?}"
+        );
+        assert_eq!(json(&e.body)["data"]["text"], "hi");
+        let f = h.recv();
+        assert_eq!((f.id, f.part, f.status), (7, Part::Final, 200), "{f:?}");
+        assert_eq!(json(&f.body)["summary"], "done");
+        // Toward the cell: our id, the params byte for byte.
+        let seen = st.seen.lock().unwrap()[0].clone();
+        assert_eq!(
+            seen,
+            format!(r#"{{"type":"req","id":"0:7","method":"agent","params":{params}}}"#)
+        );
+
+        // A request that does not stream gets only its final answer.
+        h.send(
+            8,
+            Kind::Rpc,
+            "agent",
+            false,
+            r#"{"idempotencyKey":"run-2"}"#,
+            None,
+        );
+        let f = h.recv();
+        assert_eq!((f.id, f.part, f.status), (8, Part::Final, 200), "{f:?}");
+
+        h.send(9, Kind::Rpc, "boom", false, "{}", None);
+        let f = h.recv();
+        assert_eq!(
+            (f.id, f.status, f.code.as_str()),
+            (9, 404, "NOT_FOUND"),
+            "{f:?}"
+        );
+        assert_eq!(
+            json(&f.body),
+            json(r#"{"message":"nope","details":{"x":1},"retryable":false}"#)
+        );
+        h.send(10, Kind::Rpc, "badcode", false, "{}", None);
+        let f = h.recv();
+        assert_eq!((f.id, f.code.as_str()), (10, "UNAVAILABLE"), "{f:?}");
+        assert_eq!(json(&f.body)["message"], "m");
+
+        // Absent params (`null`) are left out toward the cell.
+        h.send(11, Kind::Rpc, "status", false, "null", None);
+        let f = h.recv();
+        assert_eq!(
+            (f.id, f.status, f.body.as_str()),
+            (11, 200, "null"),
+            "{f:?}"
+        );
+        let seen = st.seen.lock().unwrap().last().unwrap().clone();
+        assert_eq!(seen, r#"{"type":"req","id":"0:11","method":"status"}"#);
+
+        // Kinds other than RPC.
+        h.send(12, Kind::Echo, "", false, "plain text", None);
+        let f = h.recv();
+        assert_eq!((f.id, f.status, f.body.as_str()), (12, 200, "plain text"));
+        h.send(13, Kind::HealthCheck, "", false, "", None);
+        let f = h.recv();
+        assert_eq!((f.id, f.status), (13, 200));
+        assert_eq!(json(&f.body)["cell"], "ready");
+        h.send(
+            14,
+            Kind::AgentMessage,
+            "",
+            false,
+            r#"{"message":"hi"}"#,
+            None,
+        );
+        let f = h.recv();
+        assert_eq!(
+            (f.id, f.status, f.code.as_str()),
+            (14, 501, "NOT_SUPPORTED_IN_CELL_MODE")
+        );
+        h.finish().unwrap();
+    }
+
+    #[test]
+    fn a_cell_that_dies_fails_its_requests_and_ends_the_loop() {
+        let st = Arc::new(FakeState::default());
+        let st2 = st.clone();
+        let mut h = harness(settings(), move || Ok(Box::new(fake_cell(st2.clone()))));
+        h.send(1, Kind::Rpc, "health", false, "{}", None);
+        assert_eq!(h.recv().status, 200);
+        // Pending when the cell goes: answered too.
+        h.send(2, Kind::Rpc, "slow", false, "{}", None);
+        st.mute.store(true, Ordering::Release);
+        let mut h2 = h;
+        // The fake ignores `slow` now; unmute for `die`, which it acts on.
+        std::thread::sleep(Duration::from_millis(100));
+        st.mute.store(false, Ordering::Release);
+        h2.send(3, Kind::Rpc, "die", false, "{}", None);
+        let mut ids = vec![];
+        for _ in 0..2 {
+            let f = h2.recv();
+            assert_eq!((f.status, f.code.as_str()), (503, "UNAVAILABLE"), "{f:?}");
+            let b = json(&f.body);
+            assert_eq!(b["details"]["code"], "CELL_DOWN");
+            assert!(b["retryAfterMs"].as_u64().unwrap() > 0);
+            ids.push(f.id);
+        }
+        ids.sort();
+        assert_eq!(ids, [2, 3]);
+        let err = h2.thread.take().unwrap().join().unwrap().unwrap_err();
+        assert!(err.to_string().contains("went down"), "{err:#}");
+    }
+
+    #[test]
+    fn an_idle_cell_stops_and_starts_again_on_demand() {
+        let st = Arc::new(FakeState::default());
+        let launches = Arc::new(AtomicUsize::new(0));
+        let cells: Arc<Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
+        let (st2, l2, c2) = (st.clone(), launches.clone(), cells.clone());
+        let mut s = settings();
+        s.idle_timeout = Duration::from_millis(300);
+        let mut h = harness(s, move || {
+            l2.fetch_add(1, Ordering::AcqRel);
+            let f = fake_cell(st2.clone());
+            c2.lock().unwrap().push(f.alive.clone());
+            Ok(Box::new(f))
+        });
+        h.send(1, Kind::Rpc, "health", false, "{}", None);
+        assert_eq!(h.recv().status, 200);
+        let until = Instant::now() + Duration::from_secs(5);
+        while cells.lock().unwrap()[0].load(Ordering::Acquire) {
+            assert!(Instant::now() < until, "the idle cell was not stopped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h.send(2, Kind::HealthCheck, "", false, "", None);
+        // The stop thread may still be finishing.
+        let state = json(&h.recv().body)["cell"].clone();
+        assert!(state == "stopped" || state == "stopping", "{state}");
+        h.send(3, Kind::Rpc, "health", false, "{}", None);
+        let f = h.recv();
+        assert_eq!((f.id, f.status), (3, 200));
+        assert_eq!(launches.load(Ordering::Acquire), 2);
+        h.finish().unwrap();
+    }
+
+    #[test]
+    fn a_start_that_fails_or_is_slow_answers_unavailable_with_a_retry_time() {
+        let mut s = settings();
+        s.start_timeout = Duration::from_millis(1500);
+        // A cell that never listens: its port was free a moment ago.
+        let mut h = harness(s, || {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            Ok(Box::new(Fake {
+                port,
+                alive: Arc::new(AtomicBool::new(true)),
+            }))
+        });
+        h.send(
+            1,
+            Kind::Rpc,
+            "health",
+            false,
+            "{}",
+            Some(Duration::from_millis(200)),
+        );
+        h.send(2, Kind::Rpc, "health", false, "{}", None);
+        let f = h.recv();
+        assert_eq!(
+            (f.id, f.status, f.code.as_str()),
+            (1, 503, "UNAVAILABLE"),
+            "{f:?}"
+        );
+        let b = json(&f.body);
+        assert_eq!(b["details"]["code"], "CELL_STARTING");
+        assert!(b["retryAfterMs"].as_u64().unwrap() >= 1000);
+        let f = h.recv();
+        assert_eq!((f.id, f.code.as_str()), (2, "UNAVAILABLE"), "{f:?}");
+        assert_eq!(json(&f.body)["details"]["code"], "CELL_START_FAILED");
+        // Within the back-off, a request is refused at once.
+        h.send(3, Kind::Rpc, "health", false, "{}", None);
+        let f = h.recv();
+        assert_eq!(json(&f.body)["details"]["code"], "CELL_START_FAILED");
+        h.finish().unwrap();
+    }
+
+    #[test]
+    fn a_hung_cell_stops_the_heartbeat() {
+        let st = Arc::new(FakeState::default());
+        let st2 = st.clone();
+        let mut h = harness(settings(), move || Ok(Box::new(fake_cell(st2.clone()))));
+        h.send(1, Kind::Rpc, "health", false, "{}", None);
+        assert_eq!(h.recv().status, 200);
+        let beat = || h.seg.header().heartbeat.load(Ordering::Relaxed);
+        let b0 = beat();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(beat() > b0, "a healthy cell keeps the heartbeat going");
+        h.send(2, Kind::Rpc, "mute", false, "{}", None);
+        // Probe every 50 ms, stall after 300 ms unanswered.
+        std::thread::sleep(Duration::from_millis(600));
+        let b1 = h.seg.header().heartbeat.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(h.seg.header().heartbeat.load(Ordering::Relaxed), b1);
+        // Leaving: the request the hung cell holds is answered.
+        h.term.store(true, Ordering::Release);
+        let f = h.recv();
+        assert_eq!((f.id, f.code.as_str()), (2, "UNAVAILABLE"), "{f:?}");
+        h.finish().unwrap();
+    }
+
+    #[test]
+    fn error_objects_and_params_map() {
+        let e = RawValue::from_string(
+            r#"{"code":"INVALID_REQUEST","message":"bad","retryAfterMs":5}"#.into(),
+        )
+        .unwrap();
+        let (status, code, body) = error_answer(Some(&e));
+        assert_eq!((status, code.as_str()), (400, "INVALID_REQUEST"));
+        assert_eq!(
+            json(std::str::from_utf8(&body).unwrap()),
+            json(r#"{"message":"bad","retryAfterMs":5}"#)
+        );
+        let (status, code, _) = error_answer(None);
+        assert_eq!((status, code.as_str()), (502, "UNAVAILABLE"));
+        let long =
+            RawValue::from_string(format!(r#"{{"code":"{}","message":"x"}}"#, "A".repeat(65)))
+                .unwrap();
+        assert_eq!(error_answer(Some(&long)).1, "UNAVAILABLE");
+        assert!(params_of(b"null").is_none());
+        assert!(params_of(b"").is_none());
+        assert_eq!(
+            params_of(br#"{ "a" : 1 }"#).unwrap().get(),
+            r#"{ "a" : 1 }"#
+        );
+    }
 }
