@@ -16,7 +16,10 @@
 //!   and the payload, or the error object (`message`, `details`, `retryable`, `retryAfterMs`)
 //!   with the cell's `code` as error code (`UNAVAILABLE` if it is not `[A-Za-z0-9_:.-]{1,64}`);
 //! - an event whose `payload.runId` is the run of a pending request (its `idempotencyKey`, or
-//!   the `runId` of its accepted answer) → [`Part::Event`] of that request, if it streams;
+//!   the `runId` of its accepted answer) → [`Part::Event`] of that request, if it streams. The
+//!   real gateway sends a run's last events after the run's final `res`; since nothing may
+//!   follow a request's final ring frame, that answer is held until the run is quiet
+//!   ([`RUN_QUIET`], at most [`RUN_LINGER`]), so those events reach the client first;
 //! - every other event is dropped: `tick` (the gateway ticks its own clients), and the cell-wide
 //!   ones (`health`, `presence`, `cron`, `sessions.changed`, a run's events after its request
 //!   was answered, …), which have no request to travel with.
@@ -302,7 +305,28 @@ struct Pending {
     /// The run ids whose events are this request's.
     runs: Vec<String>,
     taken: Instant,
+    /// The final answer of a streaming two-stage request, held back while its run's trailing
+    /// events come (see [`RUN_QUIET`]).
+    held: Option<Held>,
 }
+
+struct Held {
+    /// Written at this time, unless another event of the run comes first.
+    until: Instant,
+    /// Written at this time at the latest.
+    cap: Instant,
+    status: u16,
+    code: String,
+    body: Vec<u8>,
+}
+
+/// The real gateway answers an `agent` run's final `res` before the run's last events (the
+/// lifecycle `end`/`error`, the `chat` `final`/`error`), but nothing of a request may follow
+/// its final ring frame. So the final answer of a streaming two-stage request waits until the
+/// run has been quiet for this long…
+const RUN_QUIET: Duration = Duration::from_millis(300);
+/// …and at most this long after it came.
+const RUN_LINGER: Duration = Duration::from_secs(2);
 
 enum State {
     /// No cell. `retry_at`: a start failed; requests before then are refused at once.
@@ -416,7 +440,13 @@ fn serve(
                 }
             }
             if !work {
-                futex_park(parked, park_for);
+                // A held final answer is due within RUN_QUIET: look again soon.
+                let park = if r.holds() {
+                    park_for.min(Duration::from_millis(10))
+                } else {
+                    park_for
+                };
+                futex_park(parked, park);
             }
             cancel_park(parked);
         }
@@ -592,7 +622,11 @@ impl Relay<'_> {
         let pending: Vec<Pending> = self.pending.drain().map(|(_, p)| p).collect();
         self.runs.clear();
         for p in pending {
-            self.unavailable(p.lane, p.id, p.taken, message, why, retry)?;
+            match p.held {
+                // The cell answered it: that answer stands.
+                Some(h) => self.finish(p.lane, p.id, p.taken, h.status, &h.code, &h.body)?,
+                None => self.unavailable(p.lane, p.id, p.taken, message, why, retry)?,
+            }
         }
         Ok(())
     }
@@ -741,6 +775,7 @@ impl Relay<'_> {
                 }
             }
         }
+        self.release_held(now)?;
         if down.is_none() && !cell.alive() {
             down = Some("the cell process exited".into());
         }
@@ -841,6 +876,7 @@ impl Relay<'_> {
                     accepted: false,
                     runs,
                     taken: q.taken,
+                    held: None,
                 },
             );
         }
@@ -891,17 +927,28 @@ impl Relay<'_> {
                     }
                     return Ok(());
                 }
-                let p = self.pending.remove(&id).expect("looked up above");
-                for run in &p.runs {
-                    self.runs.remove(run);
+                if p.held.is_some() {
+                    tracing::debug!(id, "a second final answer from the cell: dropped");
+                    return Ok(());
                 }
-                if ok {
+                let (status, code, body) = if ok {
                     let body = payload_raw.as_ref().map_or("null", |r| r.get());
-                    self.finish(p.lane, p.id, p.taken, 200, "", body.as_bytes())
+                    (200, String::new(), body.as_bytes().to_vec())
                 } else {
-                    let (status, code, body) = error_answer(error_raw.as_deref());
-                    self.finish(p.lane, p.id, p.taken, status, &code, &body)
+                    error_answer(error_raw.as_deref())
+                };
+                if p.stream && p.accepted {
+                    let now = Instant::now();
+                    p.held = Some(Held {
+                        until: now + RUN_QUIET,
+                        cap: now + RUN_LINGER,
+                        status,
+                        code,
+                        body,
+                    });
+                    return Ok(());
                 }
+                self.complete(&id, status, &code, &body)
             }
             Frame::Event {
                 name, payload_raw, ..
@@ -916,9 +963,12 @@ impl Relay<'_> {
                 else {
                     return Ok(());
                 };
-                let Some(p) = self.runs.get(&run).and_then(|k| self.pending.get(k)) else {
+                let Some(p) = self.runs.get(&run).and_then(|k| self.pending.get_mut(k)) else {
                     return Ok(());
                 };
+                if let Some(held) = &mut p.held {
+                    held.until = (Instant::now() + RUN_QUIET).min(held.cap);
+                }
                 let body = payload_raw.as_ref().map_or("null", |r| r.get());
                 if !p.stream || !valid_code(&name) {
                     return Ok(());
@@ -946,6 +996,42 @@ impl Relay<'_> {
                 )
             }
         }
+    }
+}
+
+impl Relay<'_> {
+    /// Writes the final answer of pending request `key` and forgets it.
+    fn complete(&mut self, key: &str, status: u16, code: &str, body: &[u8]) -> anyhow::Result<()> {
+        let Some(p) = self.pending.remove(key) else {
+            return Ok(());
+        };
+        for run in &p.runs {
+            self.runs.remove(run);
+        }
+        self.finish(p.lane, p.id, p.taken, status, code, body)
+    }
+
+    /// Writes the held final answers that are due.
+    fn release_held(&mut self, now: Instant) -> anyhow::Result<()> {
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.held.as_ref().is_some_and(|h| now >= h.until))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            let held = self
+                .pending
+                .get_mut(&key)
+                .and_then(|p| p.held.take())
+                .expect("selected above");
+            self.complete(&key, held.status, &held.code, &held.body)?;
+        }
+        Ok(())
+    }
+
+    fn holds(&self) -> bool {
+        self.pending.values().any(|p| p.held.is_some())
     }
 }
 
@@ -1168,6 +1254,8 @@ mod tests {
                         r#"{"type":"event","event":"agent","payload":{"runId":"someone-else"},"seq":3}"#.into(),
                         r#"{"type":"event","event":"health","payload":{"ok":true},"seq":4}"#.into(),
                         res(&format!(r#"{{"runId":"{run}","status":"ok","summary":"done"}}"#)),
+                        // As the real gateway does: the run's last event after its answer.
+                        format!(r#"{{"type":"event","event":"agent","payload":{{"runId":"{run}","stream":"lifecycle","data":{{"phase":"end"}}}},"seq":5}}"#),
                     ]
                 }
                 "boom" => vec![format!(
@@ -1360,6 +1448,10 @@ mod tests {
             "{e:?}"
         );
         assert_eq!(json(&e.body)["data"]["text"], "hi");
+        // The event that came after the cell's final answer comes before ours.
+        let e = h.recv();
+        assert_eq!((e.id, e.part), (7, Part::Event), "{e:?}");
+        assert_eq!(json(&e.body)["data"]["phase"], "end");
         let f = h.recv();
         assert_eq!((f.id, f.part, f.status), (7, Part::Final, 200), "{f:?}");
         assert_eq!(json(&f.body)["summary"], "done");
@@ -1720,7 +1812,8 @@ mod tests {
         // the environment is not passed (env_allow is empty).
         println!("agent final after {events} events: {f:?}");
         assert!(events > 0, "the run's lifecycle events were relayed");
-        assert!(f.status == 200 || f.code == "UNAVAILABLE", "{f:?}");
+        assert_eq!((f.status, f.code.as_str()), (503, "UNAVAILABLE"), "{f:?}");
+        assert!(f.body.contains("authentication source"), "{f:?}");
 
         // Idle: the cell stops; the next request starts it again.
         let until = Instant::now() + Duration::from_secs(90);
