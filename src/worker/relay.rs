@@ -558,7 +558,12 @@ impl Relay<'_> {
                     Kind::Rpc => self.queue.push_back(queued),
                     Kind::Echo => self.finish(i, id, taken, 200, "", &queued.body)?,
                     Kind::HealthCheck => {
-                        let body = serde_json::json!({"healthy": true, "cell": cell_state});
+                        // The built-in worker's fields, and the cell's state.
+                        let body = serde_json::json!({
+                            "status": "ok",
+                            "pid": std::process::id(),
+                            "cell": cell_state,
+                        });
                         self.finish(i, id, taken, 200, "", body.to_string().as_bytes())?
                     }
                     _ => self.finish(
