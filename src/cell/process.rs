@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 const EXTRA_PORTS: [std::ops::RangeInclusive<u16>; 2] = [2..=2, 11..=110];
 
 /// The highest offset from the cell's port that it may use.
-const LAST_OFFSET: u16 = 110;
+pub(crate) const LAST_OFFSET: u16 = 110;
 
 /// Variables the cell's environment is made of; the allow-list may not override them.
 const OWN_VARS: [&str; 6] = [

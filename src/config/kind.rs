@@ -327,6 +327,77 @@ impl Kind<Vec<String>> for CommandLine {
     }
 }
 
+/// A list of names (environment variable names): a TOML array of strings, or a string with
+/// `,` between the names (`MOLTBOT_CELL_ENV=OPENAI_API_KEY,ANTHROPIC_API_KEY`). Blank items are
+/// dropped; an empty list is left out when written.
+#[derive(Debug)]
+pub struct NameList;
+
+impl Kind<Vec<String>> for NameList {
+    const NAME: &'static str = "list of names";
+    const VALUE_NAME: &'static str = "NAMES";
+    const EXPECTED: &'static str = "a list of names: an array of strings or \"A,B\"";
+
+    fn parse(s: &str) -> Result<Vec<String>, String> {
+        Ok(s.split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
+    fn from_toml(v: &Value) -> Result<Vec<String>, String> {
+        match v {
+            Value::Array(items) => strings(items, <Self as Kind<Vec<String>>>::EXPECTED),
+            Value::String(s) => <Self as Kind<Vec<String>>>::parse(s),
+            other => Err(wrong_type(<Self as Kind<Vec<String>>>::EXPECTED, other)),
+        }
+    }
+
+    fn to_toml(v: &Vec<String>) -> Option<Value> {
+        (!v.is_empty()).then(|| Value::Array(v.iter().cloned().map(Value::String).collect()))
+    }
+}
+
+/// What serves the workers' requests: the built-in handlers (or `worker_command`), or one
+/// real OpenClaw gateway per slot (a "cell").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CellMode {
+    /// No cells.
+    #[default]
+    None,
+    /// `openclaw gateway run`, one per worker, relayed by the worker.
+    OpenClaw,
+}
+
+/// The cell mode: `none` or `openclaw`.
+#[derive(Debug)]
+pub struct CellKind;
+
+impl Kind<CellMode> for CellKind {
+    const NAME: &'static str = "none | openclaw";
+    const VALUE_NAME: &'static str = "none|openclaw";
+    const EXPECTED: &'static str = "\"none\" or \"openclaw\"";
+
+    fn parse(s: &str) -> Result<CellMode, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "none" | "" => Ok(CellMode::None),
+            "openclaw" => Ok(CellMode::OpenClaw),
+            other => Err(format!("{other:?}: expected \"none\" or \"openclaw\"")),
+        }
+    }
+
+    fn to_toml(v: &CellMode) -> Option<Value> {
+        Some(Value::String(
+            match v {
+                CellMode::None => "none",
+                CellMode::OpenClaw => "openclaw",
+            }
+            .into(),
+        ))
+    }
+}
+
 /// An IP address (`127.0.0.1`, `::1`).
 #[derive(Debug)]
 pub struct Address;

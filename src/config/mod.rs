@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub use declare::{Flag, FlagGroup, Key, KindInfo, Source, Sources};
 use declare::{at_least, config_keys, gateway, pool, positive, when_set, within};
-pub use kind::{Cores, format_size, parse_command, parse_duration, parse_size};
+pub use kind::{CellMode, Cores, format_size, parse_command, parse_duration, parse_size};
 
 /// 1 KiB.
 const KIB: u64 = 1 << 10;
@@ -78,6 +78,12 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 /// Largest accepted `jwt_leeway`.
 pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(5 * 60);
+
+/// Ports between two slots' cells: a cell binds its port and the [`CELL_PORT_SPAN`] above it.
+pub const CELL_PORT_STRIDE: u16 = 120;
+
+/// The highest offset from its port that a cell binds (see `crate::cell::port_range_free`).
+pub const CELL_PORT_SPAN: u16 = crate::cell::process::LAST_OFFSET;
 
 /// Environment variable naming a config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "MOLTBOT_CONFIG";
@@ -293,6 +299,52 @@ config_keys! {
     worker_read_paths: Vec<PathBuf> as PathList {
         default: Vec::new(),
         aliases: ["workerReadPaths"],
+    }
+
+    /// `openclaw`: every worker relays its user's WebSocket frames to a real OpenClaw gateway
+    /// (a "cell") of its own, started on demand under `<sandbox>/cell`; one user per cell, so
+    /// at most `worker_count` users. `none`: the built-in handlers or `worker_command`.
+    cell: CellMode as CellKind {
+        default: CellMode::None,
+        flag: pool("cell"),
+    }
+
+    /// The Node binary (24 or later) that runs the cells.
+    cell_node: Option<PathBuf> as Path {
+        default: None,
+        shown: "node on PATH",
+        flag: pool("cell-node").value_name("FILE"),
+        check: when_set(|p: &PathBuf| not_empty(p)),
+    }
+
+    /// The OpenClaw package's `openclaw.mjs`; required with `cell = openclaw`.
+    cell_openclaw: Option<PathBuf> as Path {
+        default: None,
+        flag: pool("cell-openclaw").value_name("FILE"),
+        check: when_set(|p: &PathBuf| not_empty(p)),
+    }
+
+    /// Port of slot 0's cell on 127.0.0.1; slot N's is `cell_port_base + 120 × N` (a cell
+    /// binds its port and the 110 above it).
+    cell_port_base: u16 as Count {
+        default: 19_000,
+        flag: pool("cell-port-base").value_name("PORT"),
+        check: |&p| at_least(p as usize, 1),
+    }
+
+    /// A cell with no request for this long is stopped; the next request starts it again.
+    cell_idle_timeout: Duration as Duration {
+        default: Duration::from_secs(10 * 60),
+        flag: pool("cell-idle-timeout"),
+        check: positive,
+    }
+
+    /// Names of the gateway's environment variables passed to the cells (model API keys);
+    /// nothing else of the environment reaches them.
+    cell_env: Vec<String> as NameList {
+        default: Vec::new(),
+        flag: pool("cell-env"),
+        check: |names: &Vec<String>| env_names(names),
     }
 
     /// Address the gateway listens on; an address other than loopback needs a credential (the
@@ -552,6 +604,19 @@ fn core_selection(cores: &Cores) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Environment variable names as the shell writes them: letters, digits and `_`, not starting
+/// with a digit.
+fn env_names(names: &[String]) -> Result<(), String> {
+    for n in names {
+        let ok = n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && n.chars().next().is_some_and(|c| !c.is_ascii_digit());
+        if !ok {
+            return Err(format!("{n:?} is not an environment variable name"));
+        }
+    }
+    Ok(())
 }
 
 fn not_blank(s: &str) -> Result<(), String> {
@@ -977,6 +1042,34 @@ impl Config {
                     humantime::format_duration(self.heartbeat_interval)
                 ),
             );
+        }
+        if self.cell == CellMode::OpenClaw {
+            if self.worker_command.is_some() {
+                return bad(
+                    "worker_command",
+                    "cell = openclaw relays every request to an OpenClaw cell: a worker runs \
+                     either a cell or an agent program, so unset worker_command",
+                );
+            }
+            if self.cell_openclaw.is_none() {
+                return bad(
+                    "cell_openclaw",
+                    "cell = openclaw needs the path of the package's openclaw.mjs \
+                     (--cell-openclaw FILE)",
+                );
+            }
+            let last = self.cell_port_base as usize
+                + CELL_PORT_STRIDE as usize * (self.worker_count - 1)
+                + CELL_PORT_SPAN as usize;
+            if last > u16::MAX as usize {
+                return bad(
+                    "cell_port_base",
+                    format!(
+                        "{}: the cells of {} workers would use ports up to {last}, beyond 65535",
+                        self.cell_port_base, self.worker_count
+                    ),
+                );
+            }
         }
         if self.max_restart_delay < self.restart_delay {
             return bad(

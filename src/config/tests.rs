@@ -433,6 +433,20 @@ mod layers {
             ("worker_read_paths", "/opt/a:/opt/b", |c| {
                 c.worker_read_paths == [PathBuf::from("/opt/a"), PathBuf::from("/opt/b")]
             }),
+            ("cell", "openclaw", |c| c.cell == CellMode::OpenClaw),
+            ("cell_node", "/opt/node/bin/node", |c| {
+                c.cell_node.as_deref() == Some(Path::new("/opt/node/bin/node"))
+            }),
+            ("cell_openclaw", "/opt/oc/openclaw.mjs", |c| {
+                c.cell_openclaw.as_deref() == Some(Path::new("/opt/oc/openclaw.mjs"))
+            }),
+            ("cell_port_base", "20000", |c| c.cell_port_base == 20000),
+            ("cell_idle_timeout", "90s", |c| {
+                c.cell_idle_timeout == Duration::from_secs(90)
+            }),
+            ("cell_env", "OPENAI_API_KEY, ANTHROPIC_API_KEY", |c| {
+                c.cell_env == ["OPENAI_API_KEY", "ANTHROPIC_API_KEY"]
+            }),
             ("bind", "0.0.0.0", |c| {
                 c.bind == IpAddr::V4(Ipv4Addr::UNSPECIFIED)
             }),
@@ -513,6 +527,9 @@ mod layers {
             "worker_program",
             "worker_command",
             "worker_read_paths",
+            "cell_node",
+            "cell_openclaw",
+            "cell_env",
             "cores",
             "jwt_secret",
             "jwt_secret_file",
@@ -534,6 +551,7 @@ mod layers {
             let value = match key {
                 "worker_command" => "[\"python3\", \"agent.py\"]",
                 "worker_read_paths" => "[\"/opt/a\"]",
+                "cell_env" => "[\"OPENAI_API_KEY\"]",
                 "stall_timeout" => "\"20s\"",
                 "worker_address_space" => "\"4GiB\"",
                 "cores" => "2",
@@ -1606,5 +1624,43 @@ mod declaration {
              {}\n\nReplace the table with this (`cargo run -- workers info --format markdown`):\n\n{expected_table}",
             problems.join("\n")
         );
+    }
+}
+
+mod cell_mode {
+    use super::*;
+
+    #[test]
+    fn cell_mode_needs_openclaw_and_forbids_an_agent_program() {
+        let no_package = Config::from_toml_str("cell = \"openclaw\"").unwrap();
+        let e = no_package.validate().unwrap_err().to_string();
+        assert!(e.contains("cell_openclaw"), "{e}");
+
+        let both = Config::from_toml_str(
+            "cell = \"openclaw\"\ncell_openclaw = \"/o/openclaw.mjs\"\nworker_command = \"python3 a.py\"",
+        )
+        .unwrap();
+        let e = both.validate().unwrap_err().to_string();
+        assert!(e.contains("worker_command"), "{e}");
+
+        let ok = Config::from_toml_str("cell = \"openclaw\"\ncell_openclaw = \"/o/openclaw.mjs\"")
+            .unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.cell, CellMode::OpenClaw);
+    }
+
+    #[test]
+    fn cell_ports_must_fit_below_65536_and_names_be_variable_names() {
+        let c = Config::from_toml_str(
+            "cell = \"openclaw\"\ncell_openclaw = \"/o/openclaw.mjs\"\nworker_count = 4\ncell_port_base = 65300",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("cell_port_base"), "{e}");
+        assert!(Config::from_toml_str("cell = \"lobster\"").is_err());
+        let bad_name = Config::from_toml_str("cell_env = \"A-B\"").and_then(|c| c.validate());
+        assert!(bad_name.is_err());
+        let names = Config::from_toml_str("cell_env = [\"OPENAI_API_KEY\", \"X_1\"]").unwrap();
+        names.validate().unwrap();
     }
 }
