@@ -70,6 +70,11 @@ pub enum RouteError {
     /// A new user while the routing table holds `max_users` users.
     #[error("no new user can be assigned: the routing table holds its limit of {0} users")]
     UserLimit(usize),
+    /// A new user while each of the `n` OpenClaw cells serves a user (`cell = openclaw`).
+    #[error(
+        "no new user can be assigned: every OpenClaw cell is taken: a cell serves one user ({0} cells)"
+    )]
+    CellsTaken(usize),
     /// A fault of the gateway itself (e.g. the routing table could not be written).
     #[error("internal error: {0}")]
     Internal(String),
@@ -79,6 +84,8 @@ impl From<crate::router::RouterError> for RouteError {
     fn from(e: crate::router::RouterError) -> Self {
         match e {
             crate::router::RouterError::Full(max) => RouteError::UserLimit(max),
+            // Only the cell mode limits the router to one user per slot.
+            crate::router::RouterError::SlotsTaken(n) => RouteError::CellsTaken(n),
             crate::router::RouterError::EmptyUser => RouteError::InvalidUser(e.to_string()),
             // The path of the table is the server's business: the client gets the cause only.
             crate::router::RouterError::Io { source, .. } => {
@@ -100,7 +107,7 @@ impl RouteError {
             RouteError::BadWorkerResponse { .. } => "BAD_WORKER_RESPONSE",
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => "UNAVAILABLE",
             RouteError::Timeout(_) => "TIMEOUT",
-            RouteError::UserLimit(_) => "USER_LIMIT",
+            RouteError::UserLimit(_) | RouteError::CellsTaken(_) => "USER_LIMIT",
             RouteError::TableUnavailable(_) => "ROUTING_TABLE_UNAVAILABLE",
             RouteError::Internal(_) => "INTERNAL",
         }
@@ -113,7 +120,9 @@ impl RouteError {
             RouteError::TooLarge { .. } => 413,
             RouteError::WorkerCrashed { .. } | RouteError::BadWorkerResponse { .. } => 502,
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => 503,
-            RouteError::UserLimit(_) | RouteError::TableUnavailable(_) => 503,
+            RouteError::UserLimit(_)
+            | RouteError::CellsTaken(_)
+            | RouteError::TableUnavailable(_) => 503,
             RouteError::Timeout(_) => 504,
             RouteError::Internal(_) => 500,
         }
@@ -163,6 +172,7 @@ mod tests {
                 false,
             ),
             (RouteError::UserLimit(5), "USER_LIMIT", 503, false),
+            (RouteError::CellsTaken(2), "USER_LIMIT", 503, false),
             (
                 RouteError::WorkerCrashed { slot: 1 },
                 "WORKER_CRASHED",

@@ -54,6 +54,9 @@ pub enum RouterError {
     /// The table holds `max_users` users: no new user is assigned.
     #[error("the routing table holds its limit of {0} users; no new user can be assigned")]
     Full(usize),
+    /// One user per slot ([`StickyRouter::one_user_per_slot`]) and every slot has its user.
+    #[error("all {0} slots have their user; no new user can be assigned")]
+    SlotsTaken(usize),
     /// Reading, writing or syncing the routing table failed.
     #[error("routing table {path}: {source}")]
     Io {
@@ -281,6 +284,8 @@ pub struct StickyRouter {
     len: AtomicUsize,
     /// Most users the table takes (each costs memory and a line on disk for good).
     max_users: usize,
+    /// The limit is one user per slot: a full table is [`RouterError::SlotsTaken`].
+    per_slot: bool,
     state: Mutex<AssignState>,
 }
 
@@ -388,6 +393,7 @@ impl StickyRouter {
             table,
             len: AtomicUsize::new(len),
             max_users: usize::MAX,
+            per_slot: false,
             state: Mutex::new(AssignState {
                 counts,
                 stale,
@@ -400,6 +406,16 @@ impl StickyRouter {
     /// already assigned (also those loaded over the limit) keep their slot.
     pub fn with_max_users(mut self, max: usize) -> StickyRouter {
         self.max_users = max;
+        self
+    }
+
+    /// At most one user per slot (OpenClaw cells: a cell serves one user): `max_users` is the
+    /// slot count and a new user beyond gets [`RouterError::SlotsTaken`]. Which slot a new
+    /// user takes is left to the bounded load: with a balance factor of 1 a slot takes a
+    /// second user only when all have one, which this limit never lets happen.
+    pub fn one_user_per_slot(mut self) -> StickyRouter {
+        self.max_users = self.ring.workers();
+        self.per_slot = true;
         self
     }
 
@@ -446,7 +462,11 @@ impl StickyRouter {
             // A user whose slot no longer exists was counted before: it is not a new one.
             let stale = state.stale.contains_key(user);
             if !stale && self.len.load(Ordering::Acquire) + fresh_new >= self.max_users {
-                results.push(Err(RouterError::Full(self.max_users)));
+                results.push(Err(if self.per_slot {
+                    RouterError::SlotsTaken(self.max_users)
+                } else {
+                    RouterError::Full(self.max_users)
+                }));
                 continue;
             }
             let slot = self.choose(user, &state.counts);
@@ -822,6 +842,21 @@ mod tests {
         assert!(matches!(r.route(""), Err(RouterError::EmptyUser)));
         assert!(r.is_empty());
         assert_eq!(r.lookup(""), None);
+    }
+
+    #[test]
+    fn one_user_per_slot_fills_every_slot_once_then_refuses() {
+        let r = StickyRouter::in_memory(4, 1.0)
+            .expect("router")
+            .one_user_per_slot();
+        let mut slots: Vec<usize> = (0..4)
+            .map(|i| r.route(&format!("user-{i}")).unwrap())
+            .collect();
+        slots.sort();
+        assert_eq!(slots, vec![0, 1, 2, 3], "each user has a slot of its own");
+        assert!(matches!(r.route("user-4"), Err(RouterError::SlotsTaken(4))));
+        // A known user keeps its slot.
+        assert_eq!(r.route("user-2").unwrap(), r.lookup("user-2").unwrap());
     }
 
     #[test]

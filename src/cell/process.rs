@@ -556,7 +556,7 @@ fn cell_path(node: &Path, git_dir: &Path) -> std::ffi::OsString {
 
 /// The directory of openclaw's lifecycle locks: a hard-coded `/tmp`, not TMPDIR
 /// (src/infra/state-database-coordinator.ts in openclaw 2026.9.6).
-fn shared_lock_dir() -> PathBuf {
+pub(crate) fn shared_lock_dir() -> PathBuf {
     PathBuf::from(format!(
         "/tmp/openclaw-state-locks-{}",
         rustix::process::getuid().as_raw()

@@ -548,7 +548,7 @@ config_keys! {
     /// Unset, it is derived: see [`Config::worker_address_space_limit`].
     worker_address_space: Option<u64> as Size {
         default: None,
-        shown: "4 × max_memory + 1GiB + rings",
+        shown: "4 × max_memory + 1GiB + rings; none with a cell",
         aliases: ["workerAddressSpace"],
     }
 
@@ -969,6 +969,9 @@ impl Config {
         match self.worker_address_space {
             Some(0) => None,
             Some(v) => Some(v),
+            // A cell inherits the worker's limits, and Node reserves far more address space
+            // than it uses (V8's pointer cage, WebAssembly guard regions): no derived limit.
+            None if self.cell == CellMode::OpenClaw => None,
             None => {
                 let rings = (self.ring_capacity as u64)
                     .saturating_mul(2)

@@ -65,8 +65,12 @@ impl FirstSight {
                 if let Err(e) = &result {
                     // A full table is the configured limit at work (and any client can provoke
                     // it): not logged. A failure to persist is, once per batch.
-                    if !matches!(e, RouteError::UserLimit(_) | RouteError::InvalidUser(_))
-                        && !logged
+                    if !matches!(
+                        e,
+                        RouteError::UserLimit(_)
+                            | RouteError::CellsTaken(_)
+                            | RouteError::InvalidUser(_)
+                    ) && !logged
                     {
                         tracing::error!(user, "routing table: {e}");
                         logged = true;

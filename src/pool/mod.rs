@@ -189,10 +189,18 @@ impl Pool {
         create_base(&base)?;
         let lock = lock_base(&base)?;
         remove_stale_segments(&base);
-        let router = Arc::new(
-            StickyRouter::open(&base, config.worker_count, config.balance_factor)?
-                .with_max_users(config.max_users),
-        );
+        let router = match config.cell {
+            // A cell serves one user: bounded load at factor 1 fills every slot before any
+            // takes a second user, and the limit stops there.
+            crate::config::CellMode::OpenClaw => {
+                StickyRouter::open(&base, config.worker_count, 1.0)?.one_user_per_slot()
+            }
+            crate::config::CellMode::None => {
+                StickyRouter::open(&base, config.worker_count, config.balance_factor)?
+                    .with_max_users(config.max_users)
+            }
+        };
+        let router = Arc::new(router);
 
         let (monitor_wake, monitor_rx) =
             wake_pair().map_err(|e| PoolError::Io("wake socket", e))?;
@@ -250,6 +258,13 @@ impl Pool {
             ),
             None => None,
         };
+        let cell = match config.cell {
+            crate::config::CellMode::OpenClaw => Some(
+                crate::pool::monitor::CellCommand::resolve(&config)
+                    .map_err(|e| PoolError::Io("cell", std::io::Error::other(e)))?,
+            ),
+            crate::config::CellMode::None => None,
+        };
         let (monitor_tx, commands) = crossbeam::channel::unbounded();
         let monitor = Monitor::new(
             config.clone(),
@@ -257,6 +272,7 @@ impl Pool {
                 program,
                 lanes,
                 agent,
+                cell,
             },
             slots.iter().cloned().zip(sandboxes).collect(),
             lane_wakers.clone(),

@@ -40,6 +40,76 @@ pub struct SpawnSpec {
     pub lanes: usize,
     /// The agent program each worker bridges to (resolved), and the paths it may read.
     pub agent: Option<AgentCommand>,
+    /// The OpenClaw cell each worker relays to (`cell = openclaw`), resolved.
+    pub cell: Option<CellCommand>,
+}
+
+/// The cell mode's programs, resolved at start so that a missing node or package is said
+/// once, by the gateway, rather than by every worker at its first request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellCommand {
+    /// The node binary (absolute).
+    pub node: std::path::PathBuf,
+    /// The package's `openclaw.mjs` (absolute).
+    pub openclaw: std::path::PathBuf,
+    /// What the worker's Landlock domain must let the cell read and execute: node's
+    /// installation prefix, the openclaw package and git's prefix (the gateway runs git).
+    pub read_paths: Vec<std::path::PathBuf>,
+}
+
+impl CellCommand {
+    /// Resolves `cell_node` (default `node` on `PATH`), `cell_openclaw` and git.
+    pub fn resolve(config: &Config) -> Result<CellCommand, String> {
+        use std::path::{Path, PathBuf};
+        let on_path = |name: &str| -> Option<PathBuf> {
+            std::env::split_paths(&std::env::var_os("PATH")?)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        };
+        let node = match &config.cell_node {
+            Some(p) => p
+                .canonicalize()
+                .map_err(|e| format!("cell_node {}: {e}", p.display()))?,
+            None => on_path("node")
+                .and_then(|p| p.canonicalize().ok())
+                .ok_or("cell_node is not set and there is no `node` on PATH")?,
+        };
+        let openclaw = config
+            .cell_openclaw
+            .as_ref()
+            .ok_or("cell = openclaw needs cell_openclaw (the package's openclaw.mjs)")?;
+        let openclaw = openclaw
+            .canonicalize()
+            .ok()
+            .filter(|p| p.is_file())
+            .ok_or_else(|| format!("cell_openclaw {}: no such file", openclaw.display()))?;
+        let git = on_path("git")
+            .and_then(|p| p.canonicalize().ok())
+            .ok_or("no `git` on PATH: the OpenClaw gateway needs it")?;
+        // `<prefix>/bin/tool`: the whole prefix (libraries, git's helpers in libexec/).
+        let prefix = |exe: &Path| -> PathBuf {
+            let dir = exe.parent().unwrap_or(exe);
+            match dir.file_name() {
+                Some(n) if n == "bin" => dir.parent().unwrap_or(dir).to_path_buf(),
+                _ => dir.to_path_buf(),
+            }
+        };
+        let package = openclaw.parent().unwrap_or(&openclaw);
+        // The package's dependencies live beside it (`node_modules/openclaw` within
+        // `node_modules`): read the enclosing node_modules when there is one.
+        let package = match package.parent() {
+            Some(nm) if nm.file_name().is_some_and(|n| n == "node_modules") => nm,
+            _ => package,
+        };
+        let mut read_paths = vec![prefix(&node), package.to_path_buf(), prefix(&git)];
+        read_paths.sort();
+        read_paths.dedup();
+        Ok(CellCommand {
+            node,
+            openclaw,
+            read_paths,
+        })
+    }
 }
 
 /// A `worker_command` resolved against the gateway's working directory and `PATH`.
@@ -681,8 +751,36 @@ fn worker_command(
             cmd.arg("--read-path").arg(p);
         }
     }
+    if let Some(cell) = &spec.cell {
+        let port =
+            crate::config::CELL_PORT_STRIDE as usize * slot.id + config.cell_port_base as usize;
+        cmd.arg("--cell-node")
+            .arg(&cell.node)
+            .arg("--cell-openclaw")
+            .arg(&cell.openclaw)
+            .arg("--cell-port")
+            .arg(port.to_string())
+            .arg("--cell-idle-ms")
+            .arg(config.cell_idle_timeout.as_millis().to_string())
+            .arg("--grace-ms")
+            .arg(config.drain_timeout.as_millis().to_string());
+        for p in &cell.read_paths {
+            cmd.arg("--read-path").arg(p);
+        }
+        for name in &config.cell_env {
+            cmd.arg("--cell-env").arg(name);
+        }
+    }
     cmd.env_clear()
         .envs(sandbox.worker_env(std::env::vars_os()))
+        // The variables named in `cell_env` (model API keys, which the scrubbed worker
+        // environment drops as secrets): the worker hands exactly these to its cell.
+        .envs(spec.cell.iter().flat_map(|_| {
+            config
+                .cell_env
+                .iter()
+                .filter_map(|n| std::env::var_os(n).map(|v| (n.clone(), v)))
+        }))
         .current_dir(sandbox.root())
         .stdin(Stdio::from(wake_channel))
         .stdout(Stdio::from(log))
@@ -734,6 +832,7 @@ mod tests {
                 program,
                 lanes: 1,
                 agent: None,
+                cell: None,
             },
             vec![(slot, sandbox)],
             Vec::new(),

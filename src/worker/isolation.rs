@@ -89,6 +89,9 @@ pub struct IsolationPolicy {
     pub address_space: Option<u64>,
     /// Further hierarchies the worker may read (and execute), e.g. a tool directory.
     pub extra_read_only: Vec<PathBuf>,
+    /// Further hierarchies the worker may read and write: the one directory outside the
+    /// sandbox that an OpenClaw cell writes to (its lock files, see `crate::cell::process`).
+    pub extra_read_write: Vec<PathBuf>,
 }
 
 /// How much of the Landlock ruleset the kernel enforces.
@@ -278,6 +281,9 @@ pub fn apply_landlock(p: &IsolationPolicy) -> Result<LandlockStatus, IsolationEr
     for path in read_only_paths {
         ruleset = add_optional_rule(ruleset, &path, read_only)?;
     }
+    for path in &p.extra_read_write {
+        ruleset = add_optional_rule(ruleset, path, AccessFs::from_all(TARGET_ABI))?;
+    }
     for dev in READABLE_DEVICES {
         ruleset = add_optional_rule(ruleset, Path::new(dev), AccessFs::ReadFile.into())?;
     }
@@ -449,6 +455,7 @@ mod tests {
                 nofile: 1024,
                 address_space: None,
                 extra_read_only: Vec::new(),
+                extra_read_write: Vec::new(),
             }
         }
     }
@@ -726,6 +733,26 @@ mod tests {
     }
 
     #[test]
+    fn extra_read_write_paths_are_writable_and_their_siblings_not() {
+        if !landlock_supported() {
+            return;
+        }
+        let f = Fixture::new();
+        let locks = f.base.join("locks");
+        let beside = f.base.join("beside");
+        fs::create_dir(&locks).unwrap();
+        fs::create_dir(&beside).unwrap();
+        let mut policy = f.policy();
+        policy.extra_read_write = vec![locks.clone()];
+        in_thread(move || {
+            apply_landlock(&policy).unwrap();
+            fs::write(locks.join("a.lock"), b"").unwrap();
+            fs::remove_file(locks.join("a.lock")).unwrap();
+            assert_denied("write beside", fs::File::create(beside.join("a.lock")));
+        });
+    }
+
+    #[test]
     fn disabled_policy_restricts_nothing() {
         let f = Fixture::new();
         let mut policy = f.policy();
@@ -840,6 +867,7 @@ mod tests {
             nofile: 64,
             address_space: Some(1 << 40),
             extra_read_only: Vec::new(),
+            extra_read_write: Vec::new(),
         };
         apply_rlimits(&p).unwrap();
         let both = |v| Rlimit {

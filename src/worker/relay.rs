@@ -90,6 +90,14 @@ pub(crate) fn run(
 /// is then tied to.
 fn cell_launcher(spec: CellSpec) -> impl FnMut() -> anyhow::Result<Box<dyn CellProcess>> {
     move || {
+        // A taken port would have the cell fail after seconds of start-up, or worse, the
+        // client reach someone else's server: say so before starting.
+        if !crate::cell::port_range_free(spec.port) {
+            anyhow::bail!(
+                "port {} (or one of the 110 above it, which a cell binds) is in use",
+                spec.port
+            );
+        }
         let cell = Cell::start(&spec).context("starting the cell")?;
         tracing::info!(pid = cell.pid(), port = cell.port(), "cell started");
         Ok(Box::new(cell))

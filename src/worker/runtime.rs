@@ -4,6 +4,7 @@
 //! ([`crate::worker::bridge`]).
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -12,10 +13,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use moltbot_ipc::{Segment, WakeSender};
 
+use crate::cell::CellSpec;
 use crate::worker::handlers::Handlers;
 use crate::worker::isolation::{self, IsolationPolicy};
 use crate::worker::lane::Lane;
-use crate::worker::{bridge, serve};
+use crate::worker::{bridge, relay, serve};
 
 /// Command-line arguments of `moltbot worker` (set by the gateway, not by people).
 #[derive(clap::Args, Debug, Clone)]
@@ -65,7 +67,27 @@ pub struct WorkerArgs {
     /// Longest line a bridged program may write, in bytes.
     #[arg(long, default_value_t = 4 << 20)]
     pub max_line: usize,
+    /// Relay the lanes to an OpenClaw cell: the package's `openclaw.mjs` (with `--cell-node`
+    /// and `--cell-port`).
+    #[arg(long, requires_all = ["cell_node", "cell_port"], conflicts_with = "command")]
+    pub cell_openclaw: Option<PathBuf>,
+    /// The node binary that runs the cell.
+    #[arg(long)]
+    pub cell_node: Option<PathBuf>,
+    /// The cell's port on 127.0.0.1.
+    #[arg(long)]
+    pub cell_port: Option<u16>,
+    /// An idle cell is stopped after this many milliseconds.
+    #[arg(long, default_value_t = 600_000)]
+    pub cell_idle_ms: u64,
+    /// Names of environment variables of this process handed to the cell.
+    #[arg(long = "cell-env")]
+    pub cell_env: Vec<String>,
 }
+
+/// How long a cell may take to admit its client after its start: cold starts took 12–30 s in
+/// the tests on an idle machine; a loaded one needs more.
+const CELL_START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs the worker until SIGTERM (finish the current request, exit 0) or a fatal error.
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -76,6 +98,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         nofile: args.nofile,
         address_space: args.address_space,
         extra_read_only: args.read_paths.clone(),
+        extra_read_write: Vec::new(),
     };
     isolation::apply_rlimits(&policy).context("rlimits")?;
 
@@ -101,6 +124,20 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         });
     }
 
+    let mut policy = policy;
+    if args.cell_openclaw.is_some() {
+        // The cell writes its lifecycle locks under a hard-coded /tmp directory (see
+        // crate::cell::process): it must exist before Landlock, which only grants access
+        // beneath paths that exist.
+        let locks = crate::cell::process::shared_lock_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&locks)
+            .with_context(|| format!("creating {}", locks.display()))?;
+        policy.extra_read_write.push(locks);
+    }
+
     // From here on no new files outside the sandbox: the segment is mapped, the fds are open.
     let landlock = isolation::apply_landlock(&policy).context("landlock")?;
     tracing::info!(
@@ -114,6 +151,30 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .first()
         .map(|l| l.resp.max_payload().saturating_sub(1024))
         .unwrap_or(0);
+    if let (Some(openclaw), Some(node), Some(port)) =
+        (&args.cell_openclaw, &args.cell_node, args.cell_port)
+    {
+        let heartbeat = Duration::from_millis(args.heartbeat_ms.max(1));
+        let settings = relay::RelaySettings {
+            spec: CellSpec {
+                node: node.clone(),
+                openclaw: openclaw.clone(),
+                root: args.sandbox.join("cell"),
+                port,
+                token: cell_token(),
+                env_allow: args.cell_env.clone(),
+            },
+            idle_timeout: Duration::from_millis(args.cell_idle_ms.max(1)),
+            start_timeout: CELL_START_TIMEOUT,
+            heartbeat,
+            // The gateway's default stall timeout: the monitor replaces a worker whose
+            // heartbeat stopped, so a stalled cell costs one stall, not two.
+            stall: heartbeat.saturating_mul(3),
+            max_reply,
+            grace: Duration::from_millis(args.grace_ms),
+        };
+        return relay::run(seg, lanes, settings, &term);
+    }
     if let Some(command) = &args.command {
         let argv: Vec<String> =
             serde_json::from_str(command).context("--command must be a JSON array")?;
@@ -143,6 +204,15 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         &term,
         park_for,
     )
+}
+
+/// A fresh random token for the cell's `connect`: made here, given only to the cell (in its
+/// environment) and its backend client, so no other process can talk to the cell.
+fn cell_token() -> String {
+    rand::random::<[u8; 24]>()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// How long a worker waits at start for its wake sockets.
