@@ -136,6 +136,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             .create(&locks)
             .with_context(|| format!("creating {}", locks.display()))?;
         policy.extra_read_write.push(locks);
+        // Node and openclaw read their own /proc entries (`/proc/self/stat` for the resident
+        // size, `/proc/self/mounts`); the cell's processes do not exist yet, so only the whole
+        // of /proc can be granted. What it shows of other processes stays guarded: Landlock
+        // denies the ptrace-checked entries (environ, mem, maps, fd) of every process outside
+        // this domain, the gateway and the other workers included, and no secret is on a
+        // command line.
+        policy.extra_read_only.push(PathBuf::from("/proc"));
     }
 
     // From here on no new files outside the sandbox: the segment is mapped, the fds are open.
