@@ -762,6 +762,8 @@ fn worker_command(
             .arg(port.to_string())
             .arg("--cell-idle-ms")
             .arg(config.cell_idle_timeout.as_millis().to_string())
+            .arg("--cell-stall-ms")
+            .arg(config.stall_timeout().as_millis().to_string())
             .arg("--grace-ms")
             .arg(config.drain_timeout.as_millis().to_string());
         for p in &cell.read_paths {

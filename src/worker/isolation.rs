@@ -172,6 +172,9 @@ pub enum IsolationError {
     #[error("the sandbox root {} is not a directory", .0.display())]
     SandboxRootNotDir(PathBuf),
     /// Building or applying the Landlock ruleset failed.
+    /// Dropping the capabilities failed, or some were left.
+    #[error("cannot drop capabilities: {0}")]
+    Capabilities(std::io::Error),
     #[error("cannot apply the Landlock ruleset: {0}")]
     Landlock(#[from] landlock::RulesetError),
 }
@@ -236,6 +239,39 @@ fn set_limit(resource: Resource, name: &'static str, want: u64) -> Result<(), Is
         resource: name,
         source: e.into(),
     })
+}
+
+/// Drops every capability of the calling thread, for good: the bounding set (so that a
+/// program it runs as root does not regain them at exec), the ambient, effective, permitted
+/// and inheritable sets. Threads and processes created later inherit the loss.
+///
+/// Why: Landlock lets a task with `CAP_SYS_PTRACE` (any root process) read the
+/// ptrace-guarded `/proc` entries (`environ`, `mem`) of processes outside its domain. Without
+/// the capability those stay closed, which is what makes granting `/proc` (the cell mode)
+/// safe for a worker running as root.
+pub fn drop_capabilities() -> Result<(), IsolationError> {
+    use rustix::thread::{self as t, CapabilitySet, CapabilitySets};
+    for bit in CapabilitySet::all().iter() {
+        // Removing needs CAP_SETPCAP: a process without it has nothing to drop anyway (the
+        // check below says if something is left). Unknown capabilities give EINVAL.
+        if t::capability_is_in_bounding_set(bit).unwrap_or(false) {
+            let _ = t::remove_capability_from_bounding_set(bit);
+        }
+    }
+    let _ = t::clear_ambient_capability_set();
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
+    };
+    t::set_capabilities(None, none).map_err(|e| IsolationError::Capabilities(e.into()))?;
+    let left = t::capabilities(None).map_err(|e| IsolationError::Capabilities(e.into()))?;
+    if left != none {
+        return Err(IsolationError::Capabilities(std::io::Error::other(
+            format!("left after the drop: {left:?}"),
+        )));
+    }
+    Ok(())
 }
 
 /// Confines the calling thread (and every thread and process it creates later) to the sandbox:
@@ -750,6 +786,37 @@ mod tests {
             fs::remove_file(locks.join("a.lock")).unwrap();
             assert_denied("write beside", fs::File::create(beside.join("a.lock")));
         });
+    }
+
+    /// The cell mode grants all of /proc and drops the capabilities (see
+    /// `crate::worker::runtime`): what holds secrets there must still be closed to the domain,
+    /// for processes outside it, also when the tests run as root.
+    #[test]
+    fn a_readable_proc_still_hides_the_environment_of_processes_outside_the_domain() {
+        if !landlock_supported() {
+            return;
+        }
+        let f = Fixture::new();
+        let mut outside = std::process::Command::new("sleep")
+            .arg("30")
+            .env("MOLTBOT_TEST_SECRET", "hunter2")
+            .spawn()
+            .unwrap();
+        let pid = outside.id();
+        let mut policy = f.policy();
+        policy.extra_read_only = vec![PathBuf::from("/proc")];
+        let result = in_thread(move || {
+            drop_capabilities().unwrap();
+            apply_landlock(&policy).unwrap();
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat"));
+            let environ = fs::read(format!("/proc/{pid}/environ"));
+            (stat, environ)
+        });
+        let _ = outside.kill();
+        let _ = outside.wait();
+        let (stat, environ) = result;
+        assert!(stat.unwrap().contains("(sleep)"), "/proc is readable");
+        assert_denied("another process's environ", environ);
     }
 
     #[test]

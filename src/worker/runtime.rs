@@ -80,6 +80,10 @@ pub struct WorkerArgs {
     /// An idle cell is stopped after this many milliseconds.
     #[arg(long, default_value_t = 600_000)]
     pub cell_idle_ms: u64,
+    /// A ready cell leaving its health probe unanswered this long (milliseconds) stops the
+    /// heartbeat: the gateway's stall timeout.
+    #[arg(long, default_value_t = 15_000)]
+    pub cell_stall_ms: u64,
     /// Names of environment variables of this process handed to the cell.
     #[arg(long = "cell-env")]
     pub cell_env: Vec<String>,
@@ -139,10 +143,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
         // Node and openclaw read their own /proc entries (`/proc/self/stat` for the resident
         // size, `/proc/self/mounts`); the cell's processes do not exist yet, so only the whole
         // of /proc can be granted. What it shows of other processes stays guarded: Landlock
-        // denies the ptrace-checked entries (environ, mem, maps, fd) of every process outside
-        // this domain, the gateway and the other workers included, and no secret is on a
-        // command line.
+        // denies the ptrace-checked entries (environ, mem) of every process outside this
+        // domain, the gateway and the other workers included, to a task without
+        // CAP_SYS_PTRACE, hence the drop; no secret is on a command line.
         policy.extra_read_only.push(PathBuf::from("/proc"));
+        isolation::drop_capabilities().context("capabilities")?;
     }
 
     // From here on no new files outside the sandbox: the segment is mapped, the fds are open.
@@ -174,9 +179,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             idle_timeout: Duration::from_millis(args.cell_idle_ms.max(1)),
             start_timeout: CELL_START_TIMEOUT,
             heartbeat,
-            // The gateway's default stall timeout: the monitor replaces a worker whose
-            // heartbeat stopped, so a stalled cell costs one stall, not two.
-            stall: heartbeat.saturating_mul(3),
+            // The gateway's stall timeout: a cell that busy is as stalled as a worker would be.
+            stall: Duration::from_millis(args.cell_stall_ms.max(1)),
             max_reply,
             grace: Duration::from_millis(args.grace_ms),
         };
