@@ -773,16 +773,23 @@ fn worker_command(
             cmd.arg("--cell-env").arg(name);
         }
     }
-    cmd.env_clear()
-        .envs(sandbox.worker_env(std::env::vars_os()))
+    let mut env = sandbox.worker_env(std::env::vars_os());
+    if spec.cell.is_some() {
         // The variables named in `cell_env` (model API keys, which the scrubbed worker
-        // environment drops as secrets): the worker hands exactly these to its cell.
-        .envs(spec.cell.iter().flat_map(|_| {
-            config
-                .cell_env
-                .iter()
-                .filter_map(|n| std::env::var_os(n).map(|v| (n.clone(), v)))
-        }))
+        // environment drops as secrets): the worker hands exactly these to its cell. Never
+        // one the worker environment sets itself (HOME, TMPDIR...): those stay the sandbox's.
+        let own: Vec<std::ffi::OsString> = env.iter().map(|(k, _)| k.clone()).collect();
+        for name in &config.cell_env {
+            let name = std::ffi::OsString::from(name);
+            if !own.contains(&name)
+                && let Some(v) = std::env::var_os(&name)
+            {
+                env.push((name, v));
+            }
+        }
+    }
+    cmd.env_clear()
+        .envs(env)
         .current_dir(sandbox.root())
         .stdin(Stdio::from(wake_channel))
         .stdout(Stdio::from(log))
@@ -872,6 +879,99 @@ mod tests {
             "the new worker was killed as stalled before it could heartbeat"
         );
         assert_eq!(m.slots[0].slot.stats.crashes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_cell_worker_gets_its_port_programs_and_only_the_named_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let (m, name) = monitor(dir.path());
+        let _ = Segment::unlink(&name);
+        let config = Config {
+            cell: crate::config::CellMode::OpenClaw,
+            cell_port_base: 21_000,
+            // Set by cargo for the test process, dropped by the worker environment; HOME is
+            // the worker's own and must stay the sandbox's.
+            cell_env: vec!["CARGO_PKG_NAME".into(), "HOME".into()],
+            ..(*m.config).clone()
+        };
+        let cell = CellCommand {
+            node: "/opt/node/bin/node".into(),
+            openclaw: "/opt/oc/openclaw.mjs".into(),
+            read_paths: vec!["/opt/node".into(), "/opt/oc".into()],
+        };
+        let rt = &m.slots[0];
+        let build = |cell: Option<CellCommand>| {
+            let spec = SpawnSpec {
+                program: "/bin/true".into(),
+                lanes: 1,
+                agent: None,
+                cell,
+            };
+            let null = std::fs::File::open("/dev/null").unwrap();
+            worker_command(&config, &spec, &rt.slot, &rt.sandbox, 1, null.into()).unwrap()
+        };
+        let cmd = build(Some(cell));
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let after = |flag: &str| -> Vec<&str> {
+            args.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].as_str())
+                .collect()
+        };
+        assert_eq!(after("--cell-port"), ["21000"], "{args:?}");
+        assert_eq!(after("--cell-node"), ["/opt/node/bin/node"]);
+        assert_eq!(after("--cell-openclaw"), ["/opt/oc/openclaw.mjs"]);
+        assert_eq!(after("--read-path"), ["/opt/node", "/opt/oc"]);
+        assert_eq!(after("--cell-env"), ["CARGO_PKG_NAME", "HOME"]);
+        let env: Vec<(String, String)> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| {
+                Some((
+                    k.to_string_lossy().into_owned(),
+                    v?.to_string_lossy().into_owned(),
+                ))
+            })
+            .collect();
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("CARGO_PKG_NAME"), Some(env!("CARGO_PKG_NAME")));
+        assert_eq!(get("HOME"), rt.sandbox.root().to_str());
+
+        let plain = build(None);
+        assert!(plain.get_envs().all(|(k, _)| k != "CARGO_PKG_NAME"));
+        assert!(plain.get_args().all(|a| a != "--cell-port"));
+    }
+
+    #[test]
+    fn cell_command_resolution_reads_the_prefixes_and_names_a_missing_package() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let node = dir.join("node/bin/node");
+        let package = dir.join("oc/node_modules/openclaw");
+        std::fs::create_dir_all(node.parent().unwrap()).unwrap();
+        std::fs::create_dir_all(&package).unwrap();
+        std::fs::write(&node, "").unwrap();
+        std::fs::write(package.join("openclaw.mjs"), "").unwrap();
+        let config = |openclaw: &std::path::Path| Config {
+            cell: crate::config::CellMode::OpenClaw,
+            cell_node: Some(node.clone()),
+            cell_openclaw: Some(openclaw.to_path_buf()),
+            ..Config::default()
+        };
+        match CellCommand::resolve(&config(&package.join("openclaw.mjs"))) {
+            Ok(c) => {
+                assert_eq!(c.node, node);
+                // node's prefix and the whole node_modules (the package's dependencies).
+                assert!(c.read_paths.contains(&dir.join("node")), "{c:?}");
+                assert!(c.read_paths.contains(&dir.join("oc/node_modules")), "{c:?}");
+            }
+            // A machine without git: the error says so.
+            Err(e) => assert!(e.contains("git"), "{e}"),
+        }
+        let e = CellCommand::resolve(&config(&package.join("missing.mjs"))).unwrap_err();
+        assert!(e.contains("missing.mjs"), "{e}");
     }
 
     #[test]
