@@ -156,3 +156,31 @@ fn each_user_gets_a_cell_of_their_own_and_a_third_finds_them_taken() {
     // Known users keep their cells.
     assert_eq!(health(&g, &alice, "again")["ok"], true);
 }
+
+#[test]
+fn a_gateway_in_cell_mode_refuses_to_start_without_a_usable_package() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().join("w");
+    let base = base.to_str().unwrap();
+    let start = |more: &[&str]| {
+        let mut args = vec!["gateway", "-s", base, "-p", "0", "--cell", "openclaw"];
+        args.extend_from_slice(more);
+        let (status, stderr) = gw::run_moltbot(&args, &[]);
+        assert!(!status.success(), "{args:?} started: {stderr}");
+        stderr
+    };
+    let e = start(&[]);
+    assert!(
+        e.contains("cell_openclaw") && e.contains("--cell-openclaw"),
+        "{e}"
+    );
+    let e = start(&["--cell-openclaw", "/nonexistent/openclaw.mjs"]);
+    assert!(e.contains("/nonexistent/openclaw.mjs: no such file"), "{e}");
+    let e = start(&[
+        "--cell-openclaw",
+        "/nonexistent/openclaw.mjs",
+        "--worker-command",
+        "python3 agent.py",
+    ]);
+    assert!(e.contains("unset worker_command"), "{e}");
+}
