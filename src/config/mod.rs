@@ -303,7 +303,8 @@ config_keys! {
 
     /// `openclaw`: every worker relays its user's WebSocket frames to a real OpenClaw gateway
     /// (a "cell") of its own, started on demand under `<sandbox>/cell`; one user per cell, so
-    /// at most `worker_count` users. `none`: the built-in handlers or `worker_command`.
+    /// at most `worker_count` users (`balance_factor` and `max_users` do not apply). `none`:
+    /// the built-in handlers or `worker_command`.
     cell: CellMode as CellKind {
         default: CellMode::None,
         flag: pool("cell"),
@@ -1060,6 +1061,17 @@ impl Config {
                     "cell = openclaw needs the path of the package's openclaw.mjs \
                      (--cell-openclaw FILE)",
                 );
+            }
+            // The cell mode routes one user per cell (bounded load at factor 1, as many users
+            // as cells): a setting of these would be silently overridden, so it is refused.
+            for name in ["balance_factor", "max_users"] {
+                if key(name).is_some_and(|k| !k.is_default(self)) {
+                    return bad(
+                        name,
+                        "does not apply with cell = openclaw, which routes one user per cell \
+                         (at most worker_count users); unset it",
+                    );
+                }
             }
             let last = self.cell_port_base as usize
                 + CELL_PORT_STRIDE as usize * (self.worker_count - 1)

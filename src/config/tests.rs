@@ -1643,6 +1643,15 @@ mod cell_mode {
         let e = both.validate().unwrap_err().to_string();
         assert!(e.contains("worker_command"), "{e}");
 
+        for other in ["balance_factor = 2.0", "max_users = 5"] {
+            let c = Config::from_toml_str(&format!(
+                "cell = \"openclaw\"\ncell_openclaw = \"/o/openclaw.mjs\"\n{other}"
+            ))
+            .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("one user per cell"), "{other}: {e}");
+        }
+
         let ok = Config::from_toml_str("cell = \"openclaw\"\ncell_openclaw = \"/o/openclaw.mjs\"")
             .unwrap();
         ok.validate().unwrap();
