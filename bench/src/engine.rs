@@ -380,25 +380,11 @@ impl<'a> LoadThread<'a> {
             let now = Instant::now();
             let wake = self.next_wake(now);
             self.arm_timer(now);
-            let timeout =
-                Timespec::try_from(wake.saturating_duration_since(now)).unwrap_or(Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                });
-            events.clear();
-            match epoll::wait(
+            wait_events(
                 &self.epoll,
-                rustix::buffer::spare_capacity(&mut events),
-                Some(&timeout),
-            ) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(BenchError::Os {
-                        what: "epoll_wait",
-                        source: e.into(),
-                    });
-                }
-            }
+                &mut events,
+                wake.saturating_duration_since(now),
+            )?;
             let now = Instant::now();
             for ev in &events {
                 let token = ev.data.u64();
@@ -939,6 +925,31 @@ pub fn raise_nofile_limit(connections: usize) -> Option<u64> {
 }
 
 /// Maps an errno from setting up the engine.
+/// Waits up to `timeout` for events of `epoll` into `events` (cleared first); an interrupted
+/// wait returns with none.
+pub(crate) fn wait_events(
+    epoll: &OwnedFd,
+    events: &mut Vec<epoll::Event>,
+    timeout: Duration,
+) -> Result<(), BenchError> {
+    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    });
+    events.clear();
+    match epoll::wait(
+        epoll,
+        rustix::buffer::spare_capacity(events),
+        Some(&timeout),
+    ) {
+        Ok(_) | Err(Errno::INTR) => Ok(()),
+        Err(e) => Err(BenchError::Os {
+            what: "epoll_wait",
+            source: e.into(),
+        }),
+    }
+}
+
 pub(crate) fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
     move |e| BenchError::Os {
         what,

@@ -30,8 +30,6 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rand::rngs::SmallRng;
 use rustix::event::epoll;
-use rustix::io::Errno;
-use rustix::time::Timespec;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tungstenite::handshake::client::ClientHandshake;
@@ -42,7 +40,7 @@ use tungstenite::{Message, WebSocket};
 use crate::BenchError;
 use crate::config::{Config, WsMethod};
 use crate::engine::{
-    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, Shared, connect, os_error,
+    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, Shared, connect, os_error, wait_events,
 };
 use crate::rpc::{self, Inbound};
 use crate::stats::{ErrorKind, ThreadStats, record};
@@ -197,25 +195,11 @@ impl<'a> WsThread<'a> {
             if let Some(&Reverse((due, _))) = self.heap.peek() {
                 wake = wake.min(due);
             }
-            let timeout =
-                Timespec::try_from(wake.saturating_duration_since(now)).unwrap_or(Timespec {
-                    tv_sec: 1,
-                    tv_nsec: 0,
-                });
-            events.clear();
-            match epoll::wait(
+            wait_events(
                 &self.epoll,
-                rustix::buffer::spare_capacity(&mut events),
-                Some(&timeout),
-            ) {
-                Ok(_) | Err(Errno::INTR) => {}
-                Err(e) => {
-                    return Err(BenchError::Os {
-                        what: "epoll_wait",
-                        source: e.into(),
-                    });
-                }
-            }
+                &mut events,
+                wake.saturating_duration_since(now),
+            )?;
             for ev in &events {
                 if let Ok(i) = usize::try_from(ev.data.u64())
                     && i < self.conns.len()

@@ -24,7 +24,7 @@ const READ_CHUNK: usize = 16 * 1024;
 const SMALL_READ: usize = 4 * 1024;
 
 /// Answers 503 and closes: the core is at its connection limit.
-pub async fn reject(mut stream: TcpStream) {
+pub async fn reject(stream: TcpStream) {
     let a = Answer::error(
         Endpoint::Other,
         503,
@@ -33,8 +33,13 @@ pub async fn reject(mut stream: TcpStream) {
         true,
         Some(Duration::from_secs(1)),
     );
+    answer_and_close(stream, &a).await;
+}
+
+/// Writes `a` (giving up after a second: the client may not read) and closes the connection.
+pub async fn answer_and_close(mut stream: TcpStream, a: &Answer) {
     let mut out = Vec::with_capacity(256);
-    write_answer(&mut out, &a, false);
+    write_answer(&mut out, a, false);
     let write = stream.write_all(&out);
     let _ = glommio::timer::timeout(Duration::from_secs(1), async {
         write.await.map_err(Into::into)

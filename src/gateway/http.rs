@@ -970,6 +970,11 @@ pub fn write_response_head(
         push_decimal(out, content_length as u64);
         out.extend_from_slice(b"\r\n");
     }
+    end_head(out, keep_alive, extra_headers);
+}
+
+/// The end of a response head: `connection`, the extra headers, the blank line.
+fn end_head(out: &mut Vec<u8>, keep_alive: bool, extra_headers: &[(&str, &str)]) {
     out.extend_from_slice(if keep_alive {
         b"connection: keep-alive\r\n".as_slice()
     } else {
@@ -995,18 +1000,7 @@ pub fn write_stream_head(
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: ");
     out.extend_from_slice(content_type.as_bytes());
     out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n");
-    out.extend_from_slice(if keep_alive {
-        b"connection: keep-alive\r\n".as_slice()
-    } else {
-        b"connection: close\r\n".as_slice()
-    });
-    for (name, value) in extra_headers {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_head(out, keep_alive, extra_headers);
 }
 
 /// Writes one chunk of a chunked body (nothing for an empty `data`, which would end it).

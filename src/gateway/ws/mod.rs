@@ -36,7 +36,7 @@ use futures_lite::{AsyncWriteExt, StreamExt};
 use glommio::net::TcpStream;
 
 use crate::auth::{Principal, Refusal};
-use crate::gateway::answer::{Answer, write_answer};
+use crate::gateway::answer::Answer;
 use crate::gateway::http::{Method, RequestHead};
 use crate::gateway::notify::Notify;
 use crate::gateway::reactor::Reactor;
@@ -77,19 +77,12 @@ pub fn is_upgrade(head: &RequestHead) -> bool {
 }
 
 /// A WebSocket upgrade that cannot be served: the HTTP answer, then close.
-async fn refuse_upgrade(mut stream: TcpStream, status: u16, code: &str, message: &str) {
+async fn refuse_upgrade(stream: TcpStream, status: u16, code: &str, message: &str) {
     let mut a = Answer::error(Endpoint::Other, status, code, message, false, None);
     if status == 426 {
         a.headers.push(("sec-websocket-version", "13".into()));
     }
-    let mut out = Vec::with_capacity(256);
-    write_answer(&mut out, &a, false);
-    let write = stream.write_all(&out);
-    let _ = glommio::timer::timeout(Duration::from_secs(1), async {
-        write.await.map_err(Into::into)
-    })
-    .await;
-    let _ = stream.close().await;
+    crate::gateway::conn::answer_and_close(stream, &a).await;
 }
 
 /// Serves a WebSocket connection whose upgrade request is `head`; `early` holds bytes the

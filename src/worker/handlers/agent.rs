@@ -98,8 +98,19 @@ impl Handlers {
         } else {
             req.call_id.to_string()
         };
+        self.stream_turn(user, turn, Run::new(&run_id, None), emit)
+    }
+
+    /// Streams `turn`'s reply as the events of `run`, records the turn, then ends the run
+    /// (with an error event if the turn could not be recorded).
+    pub(super) fn stream_turn(
+        &mut self,
+        user: &str,
+        turn: PendingTurn,
+        mut run: Run<'_>,
+        emit: &mut dyn Emit,
+    ) -> Outcome {
         let reply = turn.reply.clone();
-        let mut run = Run::new(&run_id, None);
         run.start(emit);
         run.reply(emit, &reply);
         match self.commit_turn(user, turn) {

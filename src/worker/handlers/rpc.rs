@@ -163,20 +163,7 @@ impl Handlers {
         })) {
             emit.accepted(&accepted);
         }
-        let reply = turn.reply.clone();
-        let mut run = Run::new(run_id, Some(session_key));
-        run.start(emit);
-        run.reply(emit, &reply);
-        match self.commit_turn(user, turn) {
-            Ok(answer) => {
-                run.end(emit, &reply);
-                Ok(answer)
-            }
-            Err(f) => {
-                run.fail(emit, &f.message);
-                Err(f)
-            }
-        }
+        self.stream_turn(user, turn, Run::new(run_id, Some(session_key)), emit)
     }
 
     /// `sessions.list`: the user's conversation, once it has a session log.
