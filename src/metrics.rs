@@ -707,6 +707,7 @@ mod tests {
             crashes: id as u64 + 1,
             error_count: id as u64 + 7,
             generation: 1,
+            cell: None,
         }
     }
 

@@ -36,7 +36,7 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"MOLTSHM\0");
 /// Version of this layout and of the messages its rings carry ([`crate::message`]); bumped on
 /// any change of either, so that a worker built from other sources (`worker_program`) fails
 /// to attach with a clear error instead of misreading frames.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Most lanes a segment may have.
 pub const MAX_LANES: u32 = 256;
 pub use crate::ring::MAX_CAPACITY;
@@ -49,6 +49,20 @@ pub mod worker_state {
     pub const SERVING: u32 = 1;
     /// Finishing its current request before exiting (graceful recycle or shutdown).
     pub const EXITING: u32 = 2;
+}
+
+/// Cell states as published in [`SegmentHeader::cell_state`] by a worker in cell mode.
+pub mod cell_state {
+    /// Not in cell mode.
+    pub const NONE: u32 = 0;
+    /// No cell process.
+    pub const STOPPED: u32 = 1;
+    /// Spawned, not yet admitting the worker's client.
+    pub const STARTING: u32 = 2;
+    /// Serving.
+    pub const READY: u32 = 3;
+    /// Stopping (idle, or the worker leaves).
+    pub const STOPPING: u32 = 4;
 }
 
 /// The segment header. All fields are atomics because two processes share them.
@@ -74,8 +88,9 @@ pub struct SegmentHeader {
     pub start_time_ms: AtomicU64,
     /// One of [`worker_state`] (written by the worker; informative only).
     pub worker_state: AtomicU32,
-    /// Reserved.
-    pub _reserved: AtomicU32,
+    /// One of [`cell_state`]: the state of the slot's OpenClaw cell in cell mode, else
+    /// [`cell_state::NONE`] (written by the worker; informative only).
+    pub cell_state: AtomicU32,
     /// Bumped by the worker from its serving loop; a counter that stops means a stuck worker.
     pub heartbeat: AtomicU64,
     /// Requests answered by the current generation (written by the worker).
@@ -84,6 +99,12 @@ pub struct SegmentHeader {
     pub in_flight: AtomicU64,
     /// Resident set size in bytes, as measured by the worker itself.
     pub rss_bytes: AtomicU64,
+    /// Pid of the slot's cell process, 0 when there is none (written by the worker;
+    /// informative only: the gateway checks it is a descendant of the worker before use).
+    pub cell_pid: AtomicU32,
+    /// How long the cell's last start took, from spawn to admitting the worker's client, in
+    /// ms; 0 before the first (written by the worker; informative only).
+    pub cell_startup_ms: AtomicU64,
 }
 
 /// The worker's park word, alone on its cache line.

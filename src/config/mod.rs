@@ -81,6 +81,9 @@ pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(5 * 60);
 
 /// Ports between two slots' cells: a cell binds its port and the [`CELL_PORT_SPAN`] above it.
 pub const CELL_PORT_STRIDE: u16 = 120;
+/// The default `max_memory` with a cell: a worker and its OpenClaw gateway, which is
+/// 650–850 MB resident when ready and grows past 1 GB with use.
+pub const CELL_MAX_MEMORY: u64 = 2 * GIB;
 
 /// The highest offset from its port that a cell binds (see `crate::cell::port_range_free`).
 pub const CELL_PORT_SPAN: u16 = crate::cell::process::LAST_OFFSET;
@@ -156,9 +159,14 @@ config_keys! {
         flag: pool("stall-timeout"),
     }
 
-    /// Resident memory above which a worker is recycled gracefully (at least 16MiB).
+    /// Resident memory above which a worker is recycled gracefully (at least 16MiB). With a
+    /// cell it counts the cell's processes too, and the default is 2GiB (a real OpenClaw
+    /// gateway is 650–850 MB resident when ready, over 1 GB once used).
+    ///
+    /// Read it through [`Config::worker_memory_limit`], which applies the cell default.
     max_memory: u64 as Size {
         default: 512 * MIB,
+        shown: "512MiB; 2GiB with a cell",
         aliases: ["maxMemory"],
         flag: pool("max-memory"),
         check: |&m| worker_memory(m),
@@ -960,6 +968,16 @@ impl Config {
         };
         let cut = (self.max_requests as f64 * jitter * unit).floor() as u64;
         self.max_requests.saturating_sub(cut).max(1)
+    }
+
+    /// The resident memory above which a worker is recycled: `max_memory`, or
+    /// [`CELL_MAX_MEMORY`] when a cell runs in each slot and `max_memory` was not chosen.
+    pub fn worker_memory_limit(&self) -> u64 {
+        if self.cell == CellMode::OpenClaw && !self.explicit("max_memory") {
+            CELL_MAX_MEMORY
+        } else {
+            self.max_memory
+        }
     }
 
     /// RLIMIT_AS for workers, or `None` for no limit. Unless configured, derived as

@@ -367,6 +367,8 @@ impl Pool {
                     crashes: st.crashes.load(Ordering::Relaxed),
                     error_count: st.errors.load(Ordering::Relaxed),
                     generation: s.segment.header().generation.load(Ordering::Relaxed),
+                    cell: (self.config.cell != crate::config::CellMode::None)
+                        .then(|| CellStatus::of(s, pid != 0)),
                 }
             })
             .collect();
@@ -470,4 +472,50 @@ pub struct WorkerStatus {
     pub error_count: u64,
     /// Generation of the current process.
     pub generation: u64,
+    /// Cell mode: the slot's OpenClaw cell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cell: Option<CellStatus>,
+}
+
+/// A slot's OpenClaw cell in the status (cell mode).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CellStatus {
+    /// `stopped | starting | ready | stopping`, as the worker reports it.
+    pub state: &'static str,
+    /// The cell's main process, once found among the worker's descendants.
+    pub pid: Option<u32>,
+    /// How long its last start took, from spawn to admitting the worker (ms); none before
+    /// the first start.
+    pub startup_ms: Option<u64>,
+    /// Resident memory of the cell's processes in bytes (also counted in the slot's
+    /// `memoryUsage`, which `max_memory` limits).
+    pub memory_usage: u64,
+}
+
+impl CellStatus {
+    fn of(slot: &Slot, worker_alive: bool) -> CellStatus {
+        use moltbot_ipc::segment::cell_state;
+        let h = slot.segment.header();
+        // The worker writes the state; with no worker there is no cell, whatever it last wrote.
+        let state = match h.cell_state.load(Ordering::Relaxed) {
+            _ if !worker_alive => "stopped",
+            cell_state::STARTING => "starting",
+            cell_state::READY => "ready",
+            cell_state::STOPPING => "stopping",
+            _ => "stopped",
+        };
+        let pid = slot.stats.cell_pid.load(Ordering::Relaxed);
+        let startup = h.cell_startup_ms.load(Ordering::Relaxed);
+        CellStatus {
+            state,
+            pid: (pid != 0 && worker_alive).then_some(pid),
+            startup_ms: (startup != 0).then_some(startup),
+            memory_usage: if worker_alive {
+                slot.stats.cell_rss_bytes.load(Ordering::Relaxed)
+            } else {
+                0
+            },
+        }
+    }
 }

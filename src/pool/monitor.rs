@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::segment::{cell_state, worker_state};
 use moltbot_ipc::wake::wake_handoff;
 use moltbot_ipc::{WakeReceiver, WakeSender, wake_pair};
 use rustix::event::{PollFd, PollFlags};
@@ -340,8 +340,9 @@ impl Monitor {
 
     fn step(&mut self, i: usize, now: Instant) {
         let stall = self.config.stall_timeout();
-        let max_memory = self.config.max_memory;
+        let max_memory = self.config.worker_memory_limit();
         let drain = self.config.drain_timeout;
+        let cell_mode = self.spec.cell.is_some();
         let rt = &mut self.slots[i];
         let slot = rt.slot.clone();
         let h = slot.segment.header();
@@ -391,7 +392,12 @@ impl Monitor {
                     signal(proc.pid, rustix::process::Signal::KILL);
                     *ending = Some((ExitKind::Stalled, RestartReason::Stalled));
                 }
-                if let Some(rss) = crate::pool::proc::rss_bytes(proc.pid) {
+                if let Some(own) = crate::pool::proc::rss_bytes(proc.pid) {
+                    let rss = if cell_mode {
+                        own + measure_cell(&slot, proc.pid)
+                    } else {
+                        own
+                    };
                     slot.stats.rss_bytes.store(rss, Ordering::Relaxed);
                     if rss > max_memory && ending.is_none() && *ready {
                         tracing::warn!(worker = %slot.worker_id, rss, max_memory, "over max_memory: recycling");
@@ -482,6 +488,8 @@ impl Monitor {
             tracing::info!(worker = %slot.worker_id, pid = proc.pid, "worker recycled: {reason}");
         }
         slot.stats.pid.store(0, Ordering::Relaxed);
+        slot.stats.cell_pid.store(0, Ordering::Relaxed);
+        slot.stats.cell_rss_bytes.store(0, Ordering::Relaxed);
         slot.segment.header().worker_pid.store(0, Ordering::Relaxed);
         let decision = self.policy.on_exit(&mut rt.restart, &kind, ran, now);
         // The state is set before the epoch is bumped: lanes read it while recovering.
@@ -543,6 +551,18 @@ impl Monitor {
             .store(worker_state::STARTING, Ordering::Release);
         h.requests_served.store(0, Ordering::Relaxed);
         h.start_time_ms.store(now_ms(), Ordering::Relaxed);
+        // A fresh worker has no cell yet (its predecessor's died with it).
+        h.cell_state.store(
+            if self.spec.cell.is_some() {
+                cell_state::STOPPED
+            } else {
+                cell_state::NONE
+            },
+            Ordering::Relaxed,
+        );
+        h.cell_pid.store(0, Ordering::Relaxed);
+        slot.stats.cell_pid.store(0, Ordering::Relaxed);
+        slot.stats.cell_rss_bytes.store(0, Ordering::Relaxed);
         slot.set_state(SlotState::Starting);
         rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
 
@@ -796,6 +816,23 @@ fn worker_command(
         .stderr(Stdio::from(log2));
     moltbot_ipc::process::inherit_only(&mut cmd, &[]);
     Ok(cmd)
+}
+
+/// Cell mode: the resident memory of the worker's descendants (its cell's processes, helpers
+/// included), published in the slot's stats with the cell's pid. The pid the worker writes in
+/// the segment is shown only when it is one of those descendants: a worker cannot make the
+/// status name someone else's process.
+fn measure_cell(slot: &Slot, worker: u32) -> u64 {
+    let below = crate::pool::proc::descendants(worker);
+    let rss: u64 = below
+        .iter()
+        .filter_map(|&p| crate::pool::proc::rss_bytes(p))
+        .sum();
+    let claimed = slot.segment.header().cell_pid.load(Ordering::Relaxed);
+    let pid = if below.contains(&claimed) { claimed } else { 0 };
+    slot.stats.cell_pid.store(pid, Ordering::Relaxed);
+    slot.stats.cell_rss_bytes.store(rss, Ordering::Relaxed);
+    rss
 }
 
 #[cfg(test)]

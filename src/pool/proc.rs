@@ -8,6 +8,39 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages.saturating_mul(rustix::param::page_size() as u64))
 }
 
+/// The most descendants [`descendants`] visits: a worker that forks without end must not make
+/// the monitor read /proc without end.
+pub const MAX_DESCENDANTS: usize = 1024;
+
+/// The live descendants of `pid` (children, their children, …), at most [`MAX_DESCENDANTS`],
+/// from `/proc/PID/task/TID/children`: the kernel's own parent links, so a process cannot
+/// claim to be someone's descendant, and one that double-forks away is not counted.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(Result::ok) {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in children.split_ascii_whitespace() {
+                let Ok(child) = child.parse::<u32>() else {
+                    continue;
+                };
+                if found.len() >= MAX_DESCENDANTS || child == pid || found.contains(&child) {
+                    continue;
+                }
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
+}
+
 /// True if a process with this pid exists (it may be a zombie).
 pub fn alive(pid: u32) -> bool {
     pid != 0 && std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -15,6 +48,34 @@ pub fn alive(pid: u32) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn descendants_are_found_through_a_grandchild() {
+        // sh → sleep: both are descendants of this process; gone after the kill.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let below = loop {
+            let d = super::descendants(child.id());
+            if !d.is_empty() || std::time::Instant::now() > deadline {
+                break d;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(below.len(), 1, "{below:?}");
+        let grandchild = below[0];
+        // Other tests of this process may have children too: only inclusion is certain.
+        let mine = super::descendants(std::process::id());
+        assert!(mine.contains(&child.id()) && mine.contains(&grandchild), "{mine:?}");
+        assert!(super::descendants(grandchild).is_empty());
+        let _ = std::process::Command::new("kill")
+            .arg(grandchild.to_string())
+            .status();
+        child.wait().unwrap();
+        assert!(super::descendants(u32::MAX).is_empty());
+    }
+
     #[test]
     fn own_rss_is_positive() {
         assert!(super::rss_bytes(std::process::id()).unwrap() > 0);

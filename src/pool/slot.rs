@@ -76,8 +76,15 @@ pub struct SlotStats {
     pub started_at_ms: AtomicU64,
     /// When the heartbeat last advanced, ms since the epoch.
     pub last_heartbeat_ms: AtomicU64,
-    /// Resident set size of the current process in bytes (measured by the monitor).
+    /// Resident set size of the current process in bytes (measured by the monitor); in cell
+    /// mode, of the process and its descendants.
     pub rss_bytes: AtomicU64,
+    /// Cell mode: resident set size of the worker's descendants (the cell's processes) in
+    /// bytes, measured by the monitor; included in `rss_bytes`.
+    pub cell_rss_bytes: AtomicU64,
+    /// Cell mode: the cell's pid the worker published, once the monitor found it among the
+    /// worker's descendants (0 otherwise).
+    pub cell_pid: AtomicU32,
     /// Restarts (every spawn after the first).
     pub restarts: AtomicU64,
     /// Requests answered by the worker (any status).

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use crossbeam::channel::{Receiver, Sender};
 use moltbot_ipc::clock::monotonic_us;
-use moltbot_ipc::segment::worker_state;
+use moltbot_ipc::segment::{cell_state, worker_state};
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, futex_unpark, wake_needed};
 use moltbot_ipc::{Kind, Part, Response, Segment, WakeReceiver, WakeSender};
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,8 @@ fn cell_launcher(spec: CellSpec) -> impl FnMut() -> anyhow::Result<Box<dyn CellP
 
 /// The process side of a cell, as the loop needs it (a fake in the tests).
 trait CellProcess: Send {
+    /// The main process (0 for a fake).
+    fn pid(&self) -> u32;
     fn port(&self) -> u16;
     fn alive(&self) -> bool;
     /// SIGTERM, then SIGKILL after `grace`; returns how it went, for the log.
@@ -113,6 +115,9 @@ trait CellProcess: Send {
 }
 
 impl CellProcess for Cell {
+    fn pid(&self) -> u32 {
+        Cell::pid(self)
+    }
     fn port(&self) -> u16 {
         Cell::port(self)
     }
@@ -358,6 +363,19 @@ enum State {
 }
 
 impl State {
+    /// Writes the state and the cell's pid into the segment header, for the gateway's status.
+    fn publish(&self, seg: &Segment) {
+        let h = seg.header();
+        let (code, pid) = match self {
+            State::Stopped { .. } => (cell_state::STOPPED, 0),
+            State::Starting { cell, .. } => (cell_state::STARTING, cell.pid()),
+            State::Ready { cell, .. } => (cell_state::READY, cell.pid()),
+            State::Stopping(_) => (cell_state::STOPPING, 0),
+        };
+        h.cell_state.store(code, Ordering::Relaxed);
+        h.cell_pid.store(pid, Ordering::Relaxed);
+    }
+
     fn name(&self) -> &'static str {
         match self {
             State::Stopped { .. } => "stopped",
@@ -415,6 +433,7 @@ fn serve(
             }
             // 2. The cell's lifecycle and frames.
             state = r.step(state, now)?;
+            state.publish(&seg);
             // 3. Requests that waited too long for a start.
             r.expire_queue(&state)?;
             // 4. Heartbeat, unless a ready cell leaves its probe unanswered.
@@ -432,7 +451,10 @@ fn serve(
                 && ((r.pending.is_empty() && r.queue.is_empty()) || now >= until)
             {
                 r.fail_all("the worker is leaving", "CELL_DOWN", START_RETRY)?;
+                h.cell_state.store(cell_state::STOPPING, Ordering::Relaxed);
                 stop_now(state, s.grace);
+                h.cell_state.store(cell_state::STOPPED, Ordering::Relaxed);
+                h.cell_pid.store(0, Ordering::Relaxed);
                 return Ok(());
             }
             // 6. Sleep until a request, a frame, or the next check.
@@ -685,6 +707,10 @@ impl Relay<'_> {
                 match msg {
                     Some(FromCell::Connected) => {
                         tracing::info!(took = ?since.elapsed(), "cell ready");
+                        self.seg.header().cell_startup_ms.store(
+                            (since.elapsed().as_millis() as u64).max(1),
+                            Ordering::Relaxed,
+                        );
                         let mut state = State::Ready {
                             cell,
                             io,
@@ -1181,6 +1207,9 @@ mod tests {
     }
 
     impl CellProcess for Fake {
+        fn pid(&self) -> u32 {
+            0
+        }
         fn port(&self) -> u16 {
             self.port
         }
