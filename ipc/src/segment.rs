@@ -102,6 +102,9 @@ pub struct SegmentHeader {
     /// Pid of the slot's cell process, 0 when there is none (written by the worker;
     /// informative only: the gateway checks it is a descendant of the worker before use).
     pub cell_pid: AtomicU32,
+    /// Open client connections (WebSocket) of the slot's users that sent it a request, or
+    /// with a request still going (written by the gateway; the cell mode's idle rule).
+    pub clients: AtomicU32,
     /// How long the cell's last start took, from spawn to admitting the worker's client, in
     /// ms; 0 before the first (written by the worker; informative only).
     pub cell_startup_ms: AtomicU64,

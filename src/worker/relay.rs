@@ -28,7 +28,8 @@
 //! `PR_SET_PDEATHSIG` is tied to the spawning thread), the IO thread retries connecting until
 //! the cell admits it; requests wait in a queue and are answered `UNAVAILABLE` with
 //! `retryAfterMs` when their deadline passes or the start fails → Ready → after `idle_timeout`
-//! with no request pending: Stopping (on a helper thread, so the heartbeat goes on) → Stopped;
+//! with no request pending and no client connection open (the gateway counts them in the
+//! segment header's `clients`): Stopping (on a helper thread, so the heartbeat goes on) → Stopped;
 //! the next request starts it again from the same state directory. A ready cell that dies
 //! fails its pending requests (`UNAVAILABLE`, `details.code` `CELL_DOWN`) and ends the loop
 //! with an error, so that the monitor's restart policy applies to the slot. A ready cell that
@@ -846,7 +847,11 @@ impl Relay<'_> {
         else {
             unreachable!("dispatch keeps the state");
         };
-        if !self.pending.is_empty() || !self.queue.is_empty() {
+        // Idle means no request, no run, and no client connection of the user left open.
+        if !self.pending.is_empty()
+            || !self.queue.is_empty()
+            || self.seg.header().clients.load(Ordering::Relaxed) > 0
+        {
             last_busy = now;
         }
         if now >= next_probe {
@@ -1615,8 +1620,25 @@ mod tests {
             c2.lock().unwrap().push(f.alive.clone());
             Ok(Box::new(f))
         });
+        // A client connection the gateway counts keeps the cell: idle means nobody is there.
+        h.seg.header().clients.store(1, Ordering::Relaxed);
         h.send(1, Kind::Rpc, "health", false, "{}", None);
         assert_eq!(h.recv().status, 200);
+        let hdr = h.seg.header();
+        assert_eq!(hdr.cell_state.load(Ordering::Relaxed), cell_state::READY);
+        assert!(hdr.cell_startup_ms.load(Ordering::Relaxed) > 0);
+        let since = Instant::now();
+        let beats = hdr.heartbeat.load(Ordering::Relaxed);
+        while since.elapsed() < 4 * Duration::from_millis(300)
+            || hdr.heartbeat.load(Ordering::Relaxed) < beats + 4
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            cells.lock().unwrap()[0].load(Ordering::Acquire),
+            "stopped while a client was connected"
+        );
+        hdr.clients.store(0, Ordering::Relaxed);
         let until = Instant::now() + Duration::from_secs(5);
         while cells.lock().unwrap()[0].load(Ordering::Acquire) {
             assert!(Instant::now() < until, "the idle cell was not stopped");
@@ -1626,6 +1648,11 @@ mod tests {
         // The stop thread may still be finishing.
         let state = json(&h.recv().body)["cell"].clone();
         assert!(state == "stopped" || state == "stopping", "{state}");
+        let published = h.seg.header().cell_state.load(Ordering::Relaxed);
+        assert!(
+            [cell_state::STOPPED, cell_state::STOPPING].contains(&published),
+            "{published}"
+        );
         h.send(3, Kind::Rpc, "health", false, "{}", None);
         let f = h.recv();
         assert_eq!((f.id, f.status), (3, 200));

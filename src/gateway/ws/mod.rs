@@ -20,6 +20,7 @@
 
 pub mod frames;
 pub mod hub;
+mod presence;
 mod run;
 mod stream;
 
@@ -181,6 +182,8 @@ struct Session {
     wake: Rc<Notify>,
     /// Requests of this connection not yet finally answered.
     in_flight: Rc<Cell<usize>>,
+    /// Counted at the user's slot while the connection or one of its requests lives.
+    presence: Rc<presence::Presence>,
 }
 
 struct Conn {
@@ -341,6 +344,7 @@ impl Conn {
             outbox,
             wake,
             in_flight: Rc::new(Cell::new(0)),
+            presence: Rc::new(presence::Presence::new(shared.pool.clone())),
         };
         if !self.send_text(frames::ok_frame(&id, &hello)).await {
             shared.hub.leave(&session.user, &session.outbox);
@@ -622,6 +626,7 @@ impl Conn {
             outbox: s.outbox.clone(),
             wake: s.wake.clone(),
             in_flight: s.in_flight.clone(),
+            presence: s.presence.clone(),
             id: req.id.into_owned(),
             method: req.method.into_owned(),
             params: req

@@ -10,6 +10,7 @@ use crate::gateway::notify::Notify;
 use crate::gateway::reactor::Reactor;
 use crate::gateway::ws::frames::{self, ErrorShape};
 use crate::gateway::ws::hub::{Outbox, Outgoing};
+use crate::gateway::ws::presence::Presence;
 use crate::pool::call::{Call, Kind, Method};
 use crate::pool::reply::{Delivery, Reply};
 use moltbot_ipc::Part;
@@ -24,6 +25,8 @@ pub(super) struct Run {
     pub(super) outbox: Arc<Outbox>,
     pub(super) wake: Rc<Notify>,
     pub(super) in_flight: Rc<Cell<usize>>,
+    /// The connection's presence at the user's slot (marked when the request is routed).
+    pub(super) presence: Rc<Presence>,
     /// The client's request id, untouched.
     pub(super) id: String,
     pub(super) method: String,
@@ -54,7 +57,10 @@ impl Run {
             body: self.params.as_bytes(),
         };
         let mut replies = match self.reactor.dispatch(&call).await {
-            Ok((_, replies)) => replies,
+            Ok((slot, replies)) => {
+                self.presence.at(slot);
+                replies
+            }
             Err((_, e)) => return self.answer(frames::error_frame(&self.id, &route_error(&e))),
         };
         loop {
