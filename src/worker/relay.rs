@@ -271,28 +271,26 @@ fn io_thread(
             }
         }
         if readable {
-            // The socket is readable (or closed): read every frame that arrived; the short
-            // timeout ends the burst once the socket and tungstenite's buffer are empty.
+            // The socket is readable (or closed): hand over every frame that arrived, then
+            // wake the serving loop once for the burst.
             let mut got = false;
-            loop {
-                match client.next_frame(Duration::from_millis(1)) {
+            let end = loop {
+                match client.try_next_frame() {
                     Ok(Some(f)) => {
                         if tx.send(FromCell::Frame(f)).is_err() {
-                            return "the serving loop is gone".into();
+                            break Some("the serving loop is gone".to_string());
                         }
                         got = true;
                     }
-                    Ok(None) => break,
-                    Err(e) => {
-                        if got {
-                            unpark(seg);
-                        }
-                        return format!("connection to the cell: {e}");
-                    }
+                    Ok(None) => break None,
+                    Err(e) => break Some(format!("connection to the cell: {e}")),
                 }
-            }
+            };
             if got {
                 unpark(seg);
+            }
+            if let Some(why) = end {
+                return why;
             }
         }
     }
@@ -453,7 +451,8 @@ fn serve(
             {
                 r.fail_all("the worker is leaving", "CELL_DOWN", START_RETRY)?;
                 h.cell_state.store(cell_state::STOPPING, Ordering::Relaxed);
-                stop_now(state, s.grace);
+                // What is left of the grace period: the gateway kills the worker at its end.
+                stop_now(state, until.saturating_duration_since(now));
                 h.cell_state.store(cell_state::STOPPED, Ordering::Relaxed);
                 h.cell_pid.store(0, Ordering::Relaxed);
                 return Ok(());

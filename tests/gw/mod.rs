@@ -248,8 +248,13 @@ impl GatewayProc {
 
     /// Waits for the gateway to exit.
     pub fn wait(&mut self) -> ExitStatus {
+        self.wait_within(DEADLINE)
+    }
+
+    /// Waits for the gateway to exit; kills it and panics after `within`.
+    pub fn wait_within(&mut self, within: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
