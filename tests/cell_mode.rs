@@ -109,8 +109,12 @@ fn descendants(pid: u32) -> Vec<Proc> {
             continue;
         };
         for task in tasks.filter_map(Result::ok) {
-            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for c in children.split_ascii_whitespace().filter_map(|c| c.parse().ok()) {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children
+                .split_ascii_whitespace()
+                .filter_map(|c| c.parse().ok())
+            {
                 if let Some(t) = started(c)
                     && !found.iter().any(|&(q, _)| q == c)
                 {
@@ -160,7 +164,11 @@ fn wait_gone(procs: &[Proc], within: Duration) -> Result<Duration, Vec<Proc>> {
 
 fn keys(v: &Value) -> Vec<String> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -175,29 +183,64 @@ fn two_users_on_their_own_cells_through_the_reference_client() {
     let r = node::run_js(
         "cell.mjs",
         &[
-            "--url", &url, "--http", &g.url(), "--operator", OPERATOR, "--alice", &alice,
-            "--bob", &bob, "--carol", &carol,
+            "--url",
+            &url,
+            "--http",
+            &g.url(),
+            "--operator",
+            OPERATOR,
+            "--alice",
+            &alice,
+            "--bob",
+            &bob,
+            "--carol",
+            &carol,
         ],
         SCENARIO,
     );
-    let show = || format!("{}\n{}", serde_json::to_string_pretty(&r).unwrap(), logs(&g, 2));
+    let show = || {
+        format!(
+            "{}\n{}",
+            serde_json::to_string_pretty(&r).unwrap(),
+            logs(&g, 2)
+        )
+    };
     assert_eq!(r["problems"], serde_json::json!([]), "{}", show());
     assert_eq!(r["violations"], serde_json::json!([]), "{}", show());
-    assert_eq!(r["steps"], serde_json::json!(["started", "agent", "killed", "idle", "carol"]));
-    eprintln!("fields of the cell's payloads beyond the schema: {}", r["cellExtensions"]);
+    assert_eq!(
+        r["steps"],
+        serde_json::json!(["started", "agent", "killed", "idle", "carol"])
+    );
+    eprintln!(
+        "fields of the cell's payloads beyond the schema: {}",
+        r["cellExtensions"]
+    );
 
     // Answered by real OpenClaw (fields of its own health snapshot and session list), each
     // user by a cell in a slot of their own.
     for user in ["alice", "bob"] {
         let h = &r["health"][user];
-        assert!(h.get("defaultAgentId").is_some() || h.get("plugins").is_some(), "{user}: {h}");
-        assert!(r["sessionsBefore"][user]["defaults"].is_object(), "{user}: {}", show());
+        assert!(
+            h.get("defaultAgentId").is_some() || h.get("plugins").is_some(),
+            "{user}: {h}"
+        );
+        assert!(
+            r["sessionsBefore"][user]["defaults"].is_object(),
+            "{user}: {}",
+            show()
+        );
         let cell = &r["cells"][user]["cell"];
         assert_eq!(cell["state"], "ready", "{user}: {cell}");
         assert!(cell["pid"].as_u64().unwrap_or(0) > 0, "{user}: {cell}");
-        assert!(cell["startupMs"].as_u64().unwrap_or(0) > 0, "{user}: {cell}");
+        assert!(
+            cell["startupMs"].as_u64().unwrap_or(0) > 0,
+            "{user}: {cell}"
+        );
         // A real cell is hundreds of MB; the figure is the cell's processes, not the worker.
-        assert!(cell["memoryUsage"].as_u64().unwrap_or(0) > 100 << 20, "{user}: {cell}");
+        assert!(
+            cell["memoryUsage"].as_u64().unwrap_or(0) > 100 << 20,
+            "{user}: {cell}"
+        );
     }
     assert_ne!(r["cells"]["alice"]["slot"], r["cells"]["bob"]["slot"]);
 
@@ -207,27 +250,48 @@ fn two_users_on_their_own_cells_through_the_reference_client() {
     assert_eq!(agent["ok"], false, "{agent}");
     assert_eq!(agent["error"]["code"], "UNAVAILABLE", "{agent}");
     let message = agent["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("No route-compatible authentication source"), "{agent}");
+    assert!(
+        message.contains("No route-compatible authentication source"),
+        "{agent}"
+    );
     assert_eq!(agent["runEvents"]["bob"], 0, "{agent}");
 
     // alice's session is hers: bob's cell has no such session or history.
     let session = "agent:main:alice-private";
-    assert!(keys(&r["sessionsAfterRun"]["alice"]).contains(&session.to_owned()), "{}", show());
-    assert!(!keys(&r["sessionsAfterRun"]["bob"]).contains(&session.to_owned()), "{}", show());
+    assert!(
+        keys(&r["sessionsAfterRun"]["alice"]).contains(&session.to_owned()),
+        "{}",
+        show()
+    );
+    assert!(
+        !keys(&r["sessionsAfterRun"]["bob"]).contains(&session.to_owned()),
+        "{}",
+        show()
+    );
     let history = &r["bobReadsAliceHistory"];
-    assert!(history["ok"] == false || history["messages"] == 0, "{history}");
+    assert!(
+        history["ok"] == false || history["messages"] == 0,
+        "{history}"
+    );
 
     // Her cell killed: what she waited for fails UNAVAILABLE; a fresh cell has her sessions.
     let killed = &r["killed"];
     assert_eq!(killed["wait"]["ok"], false, "{killed}");
     assert_eq!(killed["wait"]["error"]["code"], "UNAVAILABLE", "{killed}");
-    assert!(keys(&r["afterKill"]["sessions"]).contains(&session.to_owned()), "{}", show());
+    assert!(
+        keys(&r["afterKill"]["sessions"]).contains(&session.to_owned()),
+        "{}",
+        show()
+    );
     let fresh = &r["afterKill"]["cell"]["cell"];
     assert_ne!(fresh["pid"], killed["pid"], "{}", show());
     // bob noticed nothing: same cell, no refusal, no close.
     let bob_side = &r["bobDuringKill"];
     assert_eq!(bob_side["health"], serde_json::json!([]), "{bob_side}");
-    assert_eq!(bob_side["before"]["pid"], bob_side["after"]["pid"], "{bob_side}");
+    assert_eq!(
+        bob_side["before"]["pid"], bob_side["after"]["pid"],
+        "{bob_side}"
+    );
     assert_eq!(bob_side["closes"], serde_json::json!([]), "{bob_side}");
 
     // Idle: alice's cell stopped once she left; bob's, with bob connected, did not; hers came
@@ -236,25 +300,37 @@ fn two_users_on_their_own_cells_through_the_reference_client() {
     assert_eq!(idle["stopped"]["state"], "stopped", "{idle}");
     assert_eq!(idle["bob"]["state"], "ready", "{idle}");
     assert_eq!(idle["bob"]["pid"], bob_side["before"]["pid"], "{idle}");
-    assert!(keys(&idle["sessions"]).contains(&session.to_owned()), "{idle}");
+    assert!(
+        keys(&idle["sessions"]).contains(&session.to_owned()),
+        "{idle}"
+    );
     assert_ne!(idle["cell"]["cell"]["pid"], fresh["pid"], "{idle}");
 
     let carol_side = &r["carol"];
     assert_eq!(carol_side["ok"], false, "{carol_side}");
     assert_eq!(carol_side["error"]["code"], "UNAVAILABLE", "{carol_side}");
-    assert_eq!(carol_side["error"]["details"]["code"], "USER_LIMIT", "{carol_side}");
+    assert_eq!(
+        carol_side["error"]["details"]["code"], "USER_LIMIT",
+        "{carol_side}"
+    );
     let why = carol_side["error"]["message"].as_str().unwrap_or_default();
     assert!(why.contains("every OpenClaw cell is taken"), "{carol_side}");
 
     // SIGTERM: the gateway stops within its drain timeout, every cell with it.
     let tree = descendants(g.pid());
     let cells = openclaw_processes(&tree);
-    assert!(cells.len() >= 2, "no cell processes under the gateway: {tree:?}");
+    assert!(
+        cells.len() >= 2,
+        "no cell processes under the gateway: {tree:?}"
+    );
     g.signal(rustix::process::Signal::TERM);
     let status = g.wait_within(DRAIN + Duration::from_secs(60));
     assert!(status.success(), "{status}\n{}", logs(&g, 2));
     if let Err(left) = wait_gone(&tree, Duration::from_secs(60)) {
-        panic!("processes survived the gateway's SIGTERM: {left:?}\n{}", logs(&g, 2));
+        panic!(
+            "processes survived the gateway's SIGTERM: {left:?}\n{}",
+            logs(&g, 2)
+        );
     }
 }
 

@@ -586,7 +586,10 @@ mod tests {
             // Readable with half a frame: wait for the rest.
             readable(&c);
         };
-        assert!(raw_of(&got).contains(r#""id":"h","method":"health""#), "{got:?}");
+        assert!(
+            raw_of(&got).contains(r#""id":"h","method":"health""#),
+            "{got:?}"
+        );
         assert!(c.try_next_frame().unwrap().is_none());
         assert!(matches!(
             c.send_request("x", "agent", Some("{oops")),

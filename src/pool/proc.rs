@@ -67,7 +67,10 @@ mod tests {
         let grandchild = below[0];
         // Other tests of this process may have children too: only inclusion is certain.
         let mine = super::descendants(std::process::id());
-        assert!(mine.contains(&child.id()) && mine.contains(&grandchild), "{mine:?}");
+        assert!(
+            mine.contains(&child.id()) && mine.contains(&grandchild),
+            "{mine:?}"
+        );
         assert!(super::descendants(grandchild).is_empty());
         let _ = std::process::Command::new("kill")
             .arg(grandchild.to_string())
