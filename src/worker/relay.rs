@@ -41,8 +41,8 @@
 //! `NOT_SUPPORTED_IN_CELL_MODE`: a cell speaks the WebSocket protocol only.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -143,9 +143,26 @@ enum FromCell {
     Down(String),
 }
 
+/// The connection to the cell, shared by the two threads: the serving loop writes requests
+/// straight to it (no thread hop on the way out), the IO thread reads what arrived after
+/// `poll` says so. Each holds the lock only for one write or one burst of reads.
+#[derive(Default)]
+struct Link {
+    /// The connected client; `None` before the connection and after it ended.
+    client: Mutex<Option<BackendClient>>,
+    /// Why a write failed: the IO thread ends with it.
+    broken: Mutex<Option<String>>,
+}
+
+impl Link {
+    fn client(&self) -> MutexGuard<'_, Option<BackendClient>> {
+        self.client.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// The serving loop's handle on the IO thread.
 struct Io {
-    out: Sender<String>,
+    link: Arc<Link>,
     wake: WakeSender,
     stop: Arc<AtomicBool>,
     from: Receiver<FromCell>,
@@ -154,21 +171,23 @@ struct Io {
 
 impl Io {
     fn spawn(port: u16, token: String, deadline: Instant, seg: Segment) -> anyhow::Result<Io> {
-        let (out, out_rx) = crossbeam::channel::unbounded();
+        let link = Arc::new(Link::default());
         let (tx, from) = crossbeam::channel::unbounded();
         let (wake, wake_rx) = moltbot_ipc::wake_pair().context("IO wake socket")?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let (stop2, link2) = (stop.clone(), link.clone());
         let thread = std::thread::Builder::new()
             .name("cell-io".into())
             .spawn(move || {
-                let why = io_thread(port, &token, deadline, &stop2, &out_rx, &wake_rx, &tx, &seg);
+                let why = io_thread(port, &token, deadline, &stop2, &link2, &wake_rx, &tx, &seg);
+                // Whatever ended it, the connection is closed (dropped) before `Down` is told.
+                link2.client().take();
                 let _ = tx.send(FromCell::Down(why));
                 unpark(&seg);
             })
             .context("cell IO thread")?;
         Ok(Io {
-            out,
+            link,
             wake,
             stop,
             from,
@@ -176,10 +195,21 @@ impl Io {
         })
     }
 
+    /// Writes `frame` to the cell. Frames are sent only once the IO thread said `Connected`;
+    /// with no connection (it ended: its `Down` is on the way) the frame is dropped, and its
+    /// request fails with the others at `Down`.
     fn send(&self, frame: String) {
-        // A closed channel means the IO thread ended; its `Down` is then on the way.
-        let _ = self.out.send(frame);
-        self.wake.notify();
+        let mut client = self.link.client();
+        let Some(c) = client.as_mut() else {
+            return;
+        };
+        if let Err(e) = c.send_raw(&frame) {
+            client.take();
+            drop(client);
+            *self.link.broken.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(format!("sending to the cell: {e}"));
+            self.wake.notify();
+        }
     }
 
     /// Asks the IO thread to close the connection and waits for it (at most about a second:
@@ -208,14 +238,14 @@ fn io_thread(
     token: &str,
     deadline: Instant,
     stop: &AtomicBool,
-    out: &Receiver<String>,
+    link: &Link,
     wake: &WakeReceiver,
     tx: &Sender<FromCell>,
     seg: &Segment,
 ) -> String {
     // A starting cell refuses the port, then refuses `connect` with "gateway starting" until
     // it admits clients: both are retried until the start deadline.
-    let mut client = loop {
+    let client = loop {
         if stop.load(Ordering::Acquire) {
             return "stopped".into();
         }
@@ -235,19 +265,27 @@ fn io_thread(
             }
         }
     };
+    // Polled without the lock: a descriptor of the same socket.
+    let watch = match client.socket().try_clone() {
+        Ok(w) => w,
+        Err(e) => return format!("socket: {e}"),
+    };
+    *link.client() = Some(client);
     if tx.send(FromCell::Connected).is_err() {
         return "the serving loop is gone".into();
     }
     unpark(seg);
     loop {
         if stop.load(Ordering::Acquire) {
-            let _ = client.close(Duration::from_secs(1));
+            if let Some(c) = link.client().take() {
+                let _ = c.close(Duration::from_secs(1));
+            }
             return "stopped".into();
         }
         let (readable, woken) = {
             use rustix::event::{PollFd, PollFlags};
             let mut fds = [
-                PollFd::new(client.socket(), PollFlags::IN),
+                PollFd::new(&watch, PollFlags::IN),
                 PollFd::new(wake, PollFlags::IN),
             ];
             // A bounded wait, so that `stop` is seen even if a wake-up were lost.
@@ -264,18 +302,19 @@ fn io_thread(
         if woken {
             wake.drain();
         }
-        // Always drain the queue: a frame queued just after a drain has its wake-up pending.
-        while let Ok(frame) = out.try_recv() {
-            if let Err(e) = client.send_raw(&frame) {
-                return format!("sending to the cell: {e}");
-            }
+        if let Some(why) = link.broken.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return why;
         }
         if readable {
             // The socket is readable (or closed): hand over every frame that arrived, then
             // wake the serving loop once for the burst.
             let mut got = false;
+            let mut client = link.client();
+            let Some(c) = client.as_mut() else {
+                return "the connection was closed".into();
+            };
             let end = loop {
-                match client.try_next_frame() {
+                match c.try_next_frame() {
                     Ok(Some(f)) => {
                         if tx.send(FromCell::Frame(f)).is_err() {
                             break Some("the serving loop is gone".to_string());
@@ -286,6 +325,7 @@ fn io_thread(
                     Err(e) => break Some(format!("connection to the cell: {e}")),
                 }
             };
+            drop(client);
             if got {
                 unpark(seg);
             }
