@@ -370,9 +370,10 @@ config_keys! {
     }
 
     /// Gateway cores, one pinned executor each: a count (`2`) or a list of core ids (`0,1`).
+    /// By default half the available CPUs (at least one): the rest is left to the workers.
     cores: Option<Cores> as CoreSet {
         default: None,
-        shown: "all available",
+        shown: "half the CPUs, at least 1",
         flag: gateway("cores"),
         check: when_set(core_selection),
     }

@@ -23,6 +23,7 @@
 use std::time::SystemTime;
 
 use moltbot_ipc::ArchivedRequest;
+use moltbot_ipc::clock::monotonic_us;
 use serde_json::{Map, Value, json};
 
 use super::agent::scan_turns;
@@ -302,7 +303,13 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn agent(&mut self, emit: &mut dyn Emit, stream: &str, data: Value) -> u64 {
+    /// An `agent` event. Its `data` carries `emittedUs`: the worker's monotonic clock when it
+    /// emitted the event (one clock for every process on the host), so that a load generator
+    /// on the host can tell what the gateway adds to each event (`moltbot-bench`).
+    fn agent(&mut self, emit: &mut dyn Emit, stream: &str, mut data: Value) -> u64 {
+        if let Some(fields) = data.as_object_mut() {
+            fields.insert("emittedUs".into(), monotonic_us().into());
+        }
         self.seq += 1;
         send(
             emit,
@@ -735,6 +742,12 @@ mod tests {
         let last = agent.last().unwrap();
         assert_eq!(last["stream"], "lifecycle");
         assert_eq!(last["data"]["phase"], "end");
+        // Every event is stamped with the worker's monotonic clock, in emission order.
+        let stamps: Vec<u64> = agent
+            .iter()
+            .map(|e| e["data"]["emittedUs"].as_u64().expect("emittedUs"))
+            .collect();
+        assert!(stamps[0] > 0 && stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
         let assistant = &agent[1..agent.len() - 1];
         assert_eq!(assistant.len(), 5, "one delta per word: {assistant:?}");
         let mut text = String::new();
