@@ -346,7 +346,12 @@ mod tests {
     #[test]
     fn parses_urls() {
         let t = Target::parse("http://127.0.0.1:18789").expect("url");
-        assert_eq!(t.addr, "127.0.0.1:18789".parse().expect("addr"));
+        assert_eq!(
+            t.addr,
+            "127.0.0.1:18789"
+                .parse::<std::net::SocketAddr>()
+                .expect("addr")
+        );
         assert_eq!(t.host_header, "127.0.0.1:18789");
         assert_eq!(t.prefix, "");
         let t = Target::parse("http://127.0.0.1:8080/gw/").expect("url");
@@ -354,7 +359,10 @@ mod tests {
         let t = Target::parse("http://127.0.0.1").expect("url");
         assert_eq!(t.addr.port(), 80);
         let t = Target::parse("http://[::1]:9000/").expect("url");
-        assert_eq!(t.addr, "[::1]:9000".parse().expect("addr"));
+        assert_eq!(
+            t.addr,
+            "[::1]:9000".parse::<std::net::SocketAddr>().expect("addr")
+        );
         assert_eq!(t.prefix, "");
         let t = Target::parse("http://localhost:1234").expect("url");
         assert_eq!(t.addr.port(), 1234);

@@ -183,6 +183,11 @@ pub struct AgentStages {
     pub first_event_us: LatencySummary,
     /// To the final answer (the same figures as the report's `latency_us`).
     pub final_us: LatencySummary,
+    /// `agent` events stamped by the worker (`data.emittedUs`): from the worker emitting each
+    /// to this client reading it, i.e. what the gateway (and the client's own reading) adds.
+    pub event_delay: u64,
+    /// Those events' delays.
+    pub event_delay_us: LatencySummary,
     /// Events of the runs received before their final answers.
     pub events: u64,
     /// Runs whose final answer came with no event of theirs before it.
@@ -215,6 +220,8 @@ impl WsSummary {
                 first_event: ws.first_event.len(),
                 first_event_us: LatencySummary::from_histogram(&ws.first_event),
                 final_us,
+                event_delay: ws.event_delay.len(),
+                event_delay_us: LatencySummary::from_histogram(&ws.event_delay),
                 events: ws.run_events,
                 runs_without_event: ws.runs_without_event,
             }),
@@ -420,6 +427,7 @@ impl Report {
                 ("  accepted", &a.accepted_us),
                 ("  1st event", &a.first_event_us),
                 ("  final", &a.final_us),
+                ("  event delay", &a.event_delay_us),
             ] {
                 let _ = writeln!(
                     s,

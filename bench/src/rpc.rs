@@ -160,6 +160,27 @@ struct RunRef<'a> {
     run_id: Option<Cow<'a, str>>,
 }
 
+#[derive(Deserialize)]
+struct Stamped {
+    #[serde(default)]
+    data: Option<Stamp>,
+}
+
+#[derive(Deserialize)]
+struct Stamp {
+    #[serde(rename = "emittedUs", default)]
+    emitted_us: Option<u64>,
+}
+
+/// When the worker emitted an `agent` event: `data.emittedUs`, its monotonic clock in µs (the
+/// built-in handlers stamp their events; other agents do not).
+pub fn emitted_us(payload: Option<&RawValue>) -> Option<u64> {
+    serde_json::from_str::<Stamped>(payload?.get())
+        .ok()?
+        .data?
+        .emitted_us
+}
+
 /// The `runId` of an `agent`/`chat` event's (or a run answer's) payload.
 pub fn run_id(payload: Option<&RawValue>) -> Option<Cow<'_, str>> {
     serde_json::from_str::<RunRef<'_>>(payload?.get())
@@ -270,6 +291,20 @@ pub fn verify_agent_final(
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn the_workers_emission_stamp_is_read_from_an_agent_events_data() {
+        let raw = |s: &str| serde_json::from_str::<Box<RawValue>>(s).unwrap();
+        let stamped = raw(r#"{"runId":"r","seq":1,"data":{"phase":"start","emittedUs":123456}}"#);
+        assert_eq!(emitted_us(Some(&stamped)), Some(123_456));
+        let plain = raw(r#"{"runId":"r","seq":1,"data":{"phase":"start"}}"#);
+        assert_eq!(emitted_us(Some(&plain)), None);
+        let chat = raw(r#"{"runId":"r","state":"delta"}"#);
+        assert_eq!(emitted_us(Some(&chat)), None);
+        let odd = raw(r#"{"data":{"emittedUs":"soon"}}"#);
+        assert_eq!(emitted_us(Some(&odd)), None);
+        assert_eq!(emitted_us(None), None);
+    }
 
     #[test]
     fn outbound_frames_are_the_schema_fields_only() {

@@ -199,6 +199,9 @@ pub struct WsStats {
     /// Measured `agent`: from sending the request to the first `agent` or `chat` event of
     /// its run (ns).
     pub first_event: Histogram<u64>,
+    /// Measured `agent` events stamped by the worker (`data.emittedUs`): from the worker
+    /// emitting the event to this client reading it (ns), on the host's monotonic clock.
+    pub event_delay: Histogram<u64>,
     /// Events of this connection's measured runs received before their final answer.
     pub run_events: u64,
     /// Measured runs answered finally with no event of theirs seen before.
@@ -212,6 +215,7 @@ impl WsStats {
             outcomes: BTreeMap::new(),
             accepted: new_histogram(),
             first_event: new_histogram(),
+            event_delay: new_histogram(),
             run_events: 0,
             runs_without_event: 0,
         }
@@ -224,6 +228,7 @@ impl WsStats {
         }
         add_histogram(&mut self.accepted, &o.accepted);
         add_histogram(&mut self.first_event, &o.first_event);
+        add_histogram(&mut self.event_delay, &o.event_delay);
         self.run_events += o.run_events;
         self.runs_without_event += o.runs_without_event;
     }

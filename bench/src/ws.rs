@@ -632,6 +632,15 @@ impl<'a> WsThread<'a> {
         };
         if p.measured {
             self.stats.ws.run_events += 1;
+            if name == "agent"
+                && let Some(emitted) = rpc::emitted_us(payload)
+            {
+                let delay_us = moltbot_ipc::clock::monotonic_us().saturating_sub(emitted);
+                record(
+                    &mut self.stats.ws.event_delay,
+                    Duration::from_micros(delay_us),
+                );
+            }
             if !p.first_event {
                 record(&mut self.stats.ws.first_event, at - p.sent);
             }

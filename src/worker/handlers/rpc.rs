@@ -747,7 +747,10 @@ mod tests {
             .iter()
             .map(|e| e["data"]["emittedUs"].as_u64().expect("emittedUs"))
             .collect();
-        assert!(stamps[0] > 0 && stamps.windows(2).all(|w| w[0] <= w[1]), "{stamps:?}");
+        assert!(
+            stamps[0] > 0 && stamps.windows(2).all(|w| w[0] <= w[1]),
+            "{stamps:?}"
+        );
         let assistant = &agent[1..agent.len() - 1];
         assert_eq!(assistant.len(), 5, "one delta per word: {assistant:?}");
         let mut text = String::new();
