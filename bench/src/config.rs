@@ -236,6 +236,11 @@ pub struct Config {
     pub timeout: Duration,
     /// Seed of the user draws (each thread derives its own stream from it).
     pub seed: u64,
+    /// Server processes whose CPU time (with their live descendants') is measured over the
+    /// measured period; see [`crate::server_cpu`].
+    pub server_pids: Vec<u32>,
+    /// Gateway `/status` URLs whose `workers[].pid` are measured too (asked with `token`).
+    pub server_status: Vec<String>,
 }
 
 /// Most requests in flight per connection: far beyond what one WebSocket connection is
@@ -269,6 +274,8 @@ impl Config {
             rate: None,
             timeout: Duration::from_secs(10),
             seed: 1,
+            server_pids: Vec::new(),
+            server_status: Vec::new(),
         }
     }
 
@@ -319,7 +326,18 @@ impl Config {
         {
             return bad("the token contains control characters".into());
         }
+        if self.server_pids.contains(&0) {
+            return bad("a server pid must be positive".into());
+        }
+        for url in &self.server_status {
+            crate::server_cpu::StatusSource::parse(url)?;
+        }
         Ok(())
+    }
+
+    /// Whether the server's CPU time is measured.
+    pub fn measures_server_cpu(&self) -> bool {
+        !self.server_pids.is_empty() || !self.server_status.is_empty()
     }
 
     /// Threads actually used: never more than connections.
@@ -423,6 +441,8 @@ mod tests {
             Box::new(|c| c.body_size = MAX_BODY_SIZE + 1),
             Box::new(|c| c.token = Some("a\nb".into())),
             Box::new(|c| c.depth = 0),
+            Box::new(|c| c.server_pids = vec![0]),
+            Box::new(|c| c.server_status = vec!["https://127.0.0.1:1/status".into()]),
             Box::new(|c| c.depth = 2),
             Box::new(|c| {
                 c.protocol = Protocol::Ws;

@@ -22,6 +22,7 @@ use crate::config::{Config, Protocol, Stop};
 use crate::report::Report;
 use crate::response::{ParseError, ResponseReader};
 use crate::schedule::{Schedule, latency};
+use crate::server_cpu::{CpuMeter, StatusSource};
 use crate::stats::{ErrorKind, ThreadStats, merge};
 use crate::users::{UserPicker, thread_rng};
 use crate::workload::{RequestTemplate, verify};
@@ -64,6 +65,21 @@ pub fn run_with_progress(
 ) -> Result<Report, BenchError> {
     cfg.validate()?;
     let picker = UserPicker::new(cfg.users, cfg.dist, cfg.zipf_s)?;
+    // Before any load: a wrong pid or an unreachable /status stops the run here.
+    let mut meter = if cfg.measures_server_cpu() {
+        let status = cfg
+            .server_status
+            .iter()
+            .map(|u| StatusSource::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        Some(CpuMeter::new(
+            &cfg.server_pids,
+            &status,
+            cfg.token.as_deref(),
+        )?)
+    } else {
+        None
+    };
     let template = RequestTemplate::new(cfg);
     let threads = cfg.effective_threads();
     let t0 = Instant::now();
@@ -118,12 +134,33 @@ pub fn run_with_progress(
         drop(tx);
         let mut finished = 0;
         let mut next_tick = Instant::now() + Duration::from_secs(1);
-        while finished < handles.len() {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(wait) {
+        loop {
+            let now = Instant::now();
+            // The server's CPU is first read when measuring starts (this loop wakes for it).
+            if let Some(m) = meter.as_mut()
+                && !m.is_started()
+                && now >= measure_start
+            {
+                m.start();
+            }
+            if finished >= handles.len() {
+                break;
+            }
+            let mut wake = next_tick;
+            if meter.as_ref().is_some_and(|m| !m.is_started()) {
+                wake = wake.min(measure_start);
+            }
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
                 Ok(()) => finished += 1,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if Instant::now() < next_tick {
+                        continue;
+                    }
                     next_tick += Duration::from_secs(1);
+                    // A reading a second keeps what a process that ends early had used.
+                    if let Some(m) = meter.as_mut() {
+                        m.sample();
+                    }
                     on_progress(&Progress {
                         elapsed: t0.elapsed(),
                         measuring: Instant::now() >= measure_start,
@@ -153,7 +190,9 @@ pub fn run_with_progress(
         (None, None) => Instant::now(),
     };
     let measured = end.saturating_duration_since(measure_start);
-    Ok(Report::new(cfg, merged, measured))
+    let mut report = Report::new(cfg, merged, measured);
+    report.server_cpu = meter.map(|m| m.finish(report.requests));
+    Ok(report)
 }
 
 /// Sends on drop.

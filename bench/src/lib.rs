@@ -25,10 +25,12 @@
 
 pub mod config;
 pub mod engine;
+pub mod plot;
 pub mod report;
 pub mod response;
 pub mod rpc;
 pub mod schedule;
+pub mod server_cpu;
 pub mod stats;
 pub mod users;
 pub mod workload;
@@ -37,6 +39,7 @@ pub mod ws;
 pub use config::{Config, Dist, Endpoint, Protocol, Stop, Target, WsMethod};
 pub use engine::{Progress, raise_nofile_limit, run, run_with_progress};
 pub use report::{AgentStages, ErrorCounts, LatencySummary, Report, StickyExample, WsSummary};
+pub use server_cpu::ServerCpu;
 
 /// Why a run could not be started or finished.
 #[derive(Debug, thiserror::Error)]

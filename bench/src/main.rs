@@ -9,17 +9,26 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
+use moltbot_bench::plot::{self, Series};
 use moltbot_bench::{Config, Dist, Endpoint, Progress, Protocol, Report, Stop, Target, WsMethod};
 
 /// HTTP/1.1 keep-alive and WebSocket RPC load generator for the moltbot gateway. Verifies every
 /// answer (status 200, echoed body, sticky worker per user; over WebSocket the answer to each
 /// request id and the stages of agent runs) and exits non-zero on any error or violation.
 #[derive(Debug, Parser)]
-#[command(name = "moltbot-bench", version)]
+#[command(
+    name = "moltbot-bench",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Target, e.g. http://127.0.0.1:18789 (a path is used as a prefix).
-    url: String,
+    #[arg(required = true)]
+    url: Option<String>,
     /// Load threads [default: number of cores].
     #[arg(short, long)]
     threads: Option<usize>,
@@ -81,6 +90,48 @@ struct Cli {
     /// Report errors and violations but exit 0.
     #[arg(long)]
     allow_errors: bool,
+    /// Measure the CPU time (user + system, all threads) of this server process and of its
+    /// live descendants over the measured period, and report requests per server CPU-second.
+    /// Repeatable.
+    #[arg(long, value_name = "PID")]
+    server_pid: Vec<u32>,
+    /// Measure the worker processes a moltbot gateway's `GET /status` lists too (`/status`
+    /// when the URL has no path; asked with --token). The gateway's own pid is not in it: add
+    /// --server-pid for it. Repeatable.
+    #[arg(long, value_name = "URL")]
+    server_status: Vec<String>,
+    /// Write the latency by percentile of this run (and of --plot-add reports) as an SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<String>,
+    /// Another line on the --plot: a name and the --json report of an earlier run. Repeatable.
+    #[arg(long, value_name = "NAME=REPORT.json", requires = "plot")]
+    plot_add: Vec<String>,
+    /// The name of this run's line on the --plot [default: the URL].
+    #[arg(long, value_name = "NAME", requires = "plot")]
+    plot_name: Option<String>,
+    /// The title of the --plot.
+    #[arg(long, value_name = "TEXT", requires = "plot", default_value = DEFAULT_TITLE)]
+    plot_title: String,
+}
+
+/// The title of a plot unless one is given.
+const DEFAULT_TITLE: &str = "Latency by percentile";
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Draw the latency by percentile of earlier runs (their --json reports) into one SVG,
+    /// without running anything.
+    Plot {
+        /// The SVG to write.
+        #[arg(value_name = "OUT.svg")]
+        out: String,
+        /// One line each: a name and a --json report.
+        #[arg(value_name = "NAME=REPORT.json", required = true)]
+        series: Vec<String>,
+        /// The title.
+        #[arg(long, default_value = DEFAULT_TITLE)]
+        title: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -117,7 +168,8 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn config(cli: &Cli) -> Result<Config, moltbot_bench::BenchError> {
-    let mut cfg = Config::new(Target::parse(&cli.url)?);
+    let url = cli.url.as_deref().unwrap_or_default();
+    let mut cfg = Config::new(Target::parse(url)?);
     if let Some(t) = cli.threads {
         cfg.threads = t;
     }
@@ -153,6 +205,8 @@ fn config(cli: &Cli) -> Result<Config, moltbot_bench::BenchError> {
     cfg.rate = cli.rate;
     cfg.timeout = cli.timeout;
     cfg.seed = cli.seed;
+    cfg.server_pids = cli.server_pid.clone();
+    cfg.server_status = cli.server_status.clone();
     cfg.validate()?;
     Ok(cfg)
 }
@@ -198,8 +252,48 @@ fn write_json(report: &Report, dest: &str) -> std::io::Result<()> {
     }
 }
 
+/// The series of `NAME=REPORT.json` arguments.
+fn added_series(args: &[String]) -> Result<Vec<Series>, String> {
+    args.iter()
+        .map(|arg| {
+            let (name, file) = plot::parse_named(arg)?;
+            let text =
+                std::fs::read_to_string(&file).map_err(|e| format!("cannot read {file}: {e}"))?;
+            Series::from_report_json(&name, &text).map_err(|e| format!("{file}: {e}"))
+        })
+        .collect()
+}
+
+/// Writes the plot of `series` to `out`.
+fn write_plot(out: &str, title: &str, series: &[Series]) -> Result<(), String> {
+    std::fs::write(out, plot::render_svg(title, series))
+        .map_err(|e| format!("cannot write the plot to {out}: {e}"))
+}
+
+/// `moltbot-bench plot OUT.svg NAME=REPORT.json ...`
+fn plot_command(out: &str, series: &[String], title: &str) -> ExitCode {
+    match added_series(series).and_then(|s| write_plot(out, title, &s)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moltbot-bench: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Plot { out, series, title }) = &cli.command {
+        return plot_command(out, series, title);
+    }
+    // Read before the run, so that a wrong name or file costs no benchmark.
+    let mut plot_series = match added_series(&cli.plot_add) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("moltbot-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let cfg = match config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -246,6 +340,22 @@ fn main() -> ExitCode {
     {
         eprintln!("moltbot-bench: cannot write the JSON report to {dest}: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(out) = cli.plot.as_deref() {
+        plot_series.insert(
+            0,
+            Series {
+                name: cli
+                    .plot_name
+                    .clone()
+                    .unwrap_or_else(|| report.config.url.clone()),
+                points: report.percentiles.clone(),
+            },
+        );
+        if let Err(e) = write_plot(out, &cli.plot_title, &plot_series) {
+            eprintln!("moltbot-bench: {e}");
+            return ExitCode::from(2);
+        }
     }
     if report.unsent > 0 {
         eprintln!(
@@ -361,5 +471,86 @@ mod tests {
             .expect("flags");
         assert!(config(&cli).is_err());
         assert!(Cli::try_parse_from(["moltbot-bench", "-d", "1", "-n", "1", "http://x"]).is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        // A run needs its URL.
+        assert!(Cli::try_parse_from(["moltbot-bench"]).is_err());
+    }
+
+    #[test]
+    fn server_cpu_flags_repeat() {
+        let cli = Cli::try_parse_from([
+            "moltbot-bench",
+            "--server-pid",
+            "5",
+            "--server-pid",
+            "6",
+            "--server-status",
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:1",
+        ])
+        .expect("flags");
+        let cfg = config(&cli).expect("config");
+        assert_eq!(cfg.server_pids, vec![5, 6]);
+        assert_eq!(cfg.server_status, vec!["http://127.0.0.1:1"]);
+        assert!(cfg.measures_server_cpu());
+        let cli = Cli::try_parse_from(["moltbot-bench", "http://127.0.0.1:1"]).expect("flags");
+        assert!(!config(&cli).expect("config").measures_server_cpu());
+        for bad in [
+            vec!["moltbot-bench", "--server-pid", "x", "http://127.0.0.1:1"],
+            vec!["moltbot-bench", "--server-pid", "-1", "http://127.0.0.1:1"],
+        ] {
+            assert!(Cli::try_parse_from(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn plot_flags_and_the_plot_command() {
+        let cli = Cli::try_parse_from([
+            "moltbot-bench",
+            "--plot",
+            "out.svg",
+            "--plot-add",
+            "a=a.json",
+            "--plot-add",
+            "b=b.json",
+            "--plot-name",
+            "me",
+            "http://127.0.0.1:1",
+        ])
+        .expect("flags");
+        assert_eq!(cli.plot.as_deref(), Some("out.svg"));
+        assert_eq!(cli.plot_add, vec!["a=a.json", "b=b.json"]);
+        assert_eq!(cli.plot_name.as_deref(), Some("me"));
+        assert_eq!(cli.plot_title, DEFAULT_TITLE);
+        // The additions belong to a plot.
+        assert!(
+            Cli::try_parse_from(["moltbot-bench", "--plot-add", "a=a.json", "http://x"]).is_err()
+        );
+
+        let cli = Cli::try_parse_from([
+            "moltbot-bench",
+            "plot",
+            "both.svg",
+            "a=a.json",
+            "b=b.json",
+            "--title",
+            "T",
+        ])
+        .expect("plot command");
+        match cli.command {
+            Some(Command::Plot { out, series, title }) => {
+                assert_eq!(out, "both.svg");
+                assert_eq!(series, vec!["a=a.json", "b=b.json"]);
+                assert_eq!(title, "T");
+            }
+            None => panic!("no command"),
+        }
+        assert!(Cli::try_parse_from(["moltbot-bench", "plot", "x.svg"]).is_err());
+        assert!(Cli::try_parse_from(["moltbot-bench", "-c", "2", "plot", "x.svg", "a=b"]).is_err());
     }
 }

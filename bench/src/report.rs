@@ -8,6 +8,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::config::{Config, Protocol, Stop, WsMethod};
+use crate::server_cpu::ServerCpu;
 use crate::stats::{Merged, WsStats};
 
 /// Errors by kind (measured requests only).
@@ -82,6 +83,37 @@ impl LatencySummary {
             mean: h.mean() / 1000.0,
         }
     }
+}
+
+/// The percentiles of [`Report::percentiles`]: 0 to 90 in steps of 1, then 20 points a decade
+/// of 1/(1-p) up to 99.999 (90, 91.09, …, 99, …, 99.9, …, 99.999), then 100 (the maximum).
+pub fn curve_percentiles() -> Vec<f64> {
+    let mut ps: Vec<f64> = (0..=90).map(f64::from).collect();
+    for k in 21..=100 {
+        let p = 100.0 - 100.0 * 10f64.powf(-f64::from(k) / 20.0);
+        // Rounded so that 99, 99.9, … are exact in the JSON document.
+        ps.push((p * 1e6).round() / 1e6);
+    }
+    ps.push(100.0);
+    ps
+}
+
+/// `[percentile, latency µs]` at each of [`curve_percentiles`] (empty for no samples).
+pub fn percentile_curve(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    curve_percentiles()
+        .into_iter()
+        .map(|p| {
+            let ns = if p >= 100.0 {
+                h.max()
+            } else {
+                h.value_at_quantile(p / 100.0)
+            };
+            [p, ns as f64 / 1000.0]
+        })
+        .collect()
 }
 
 /// A user answered by more than one worker.
@@ -241,6 +273,9 @@ pub struct Report {
     pub rps: f64,
     /// Latency (µs); in open loop from the intended send time.
     pub latency_us: LatencySummary,
+    /// The latency curve: `[percentile, latency µs]` pairs (see [`curve_percentiles`]), what
+    /// `moltbot-bench plot` draws.
+    pub percentiles: Vec<[f64; 2]>,
     /// Errors by kind.
     pub errors: ErrorCounts,
     /// Answers by status code.
@@ -263,6 +298,9 @@ pub struct Report {
     /// WebSocket runs: handshakes, outcomes and (for `agent`) the stages of a run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ws: Option<WsSummary>,
+    /// The server's CPU over the measured period (with `--server-pid`/`--server-status`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_cpu: Option<ServerCpu>,
     /// The settings.
     pub config: ConfigSummary,
     /// The merged latency histogram (ns); not serialized.
@@ -286,6 +324,7 @@ impl Report {
                 0.0
             },
             latency_us,
+            percentiles: percentile_curve(&m.hist),
             errors: m.errors,
             status: m.status,
             per_worker: m.per_worker,
@@ -296,6 +335,7 @@ impl Report {
             users_seen: m.users_seen,
             problems: m.problems,
             ws,
+            server_cpu: None,
             config: ConfigSummary::of(cfg),
             histogram: m.hist,
         }
@@ -398,6 +438,9 @@ impl Report {
         let _ = writeln!(s, "  {:<13}{}", "requests", self.requests);
         let _ = writeln!(s, "  {:<13}{:.2} s", "duration", self.duration_s);
         let _ = writeln!(s, "  {:<13}{:.1} req/s", "throughput", self.rps);
+        if let Some(cpu) = &self.server_cpu {
+            render_server_cpu(&mut s, cpu);
+        }
         if c.rate.is_some() {
             let _ = writeln!(
                 s,
@@ -533,6 +576,44 @@ impl Report {
     }
 }
 
+/// The server CPU lines of the table.
+fn render_server_cpu(s: &mut String, cpu: &ServerCpu) {
+    let per = match cpu.requests_per_cpu_second {
+        Some(r) => format!("{r:.1} requests per server CPU-second"),
+        None => "no server CPU time seen".to_string(),
+    };
+    let _ = writeln!(
+        s,
+        "  {:<13}{:.2} CPU-seconds ({:.2} cores busy, {} processes), {per}",
+        "server CPU",
+        cpu.seconds,
+        cpu.cores,
+        cpu.processes.len()
+    );
+    for p in &cpu.processes {
+        let mut tags = Vec::new();
+        if p.born {
+            tags.push("started during the run");
+        }
+        if p.ended {
+            tags.push("ended during the run");
+        }
+        let tags = if tags.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", tags.join(", "))
+        };
+        let _ = writeln!(
+            s,
+            "  {:<13}pid {:<8}{:<16}{:>8.2} s{tags}",
+            "", p.pid, p.command, p.seconds
+        );
+    }
+    for n in &cpu.notes {
+        let _ = writeln!(s, "  {:<13}note: {n}", "");
+    }
+}
+
 /// `worker-10` after `worker-9`.
 fn natural_key(name: &str) -> (String, u64) {
     let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
@@ -625,6 +706,72 @@ mod tests {
         assert!(f.contains("1×503"), "{f}");
         assert!(f.contains("user-3 on worker-0 and worker-1"), "{f}");
         assert!(!r.is_clean());
+    }
+
+    #[test]
+    fn the_percentile_curve_follows_the_histogram() {
+        let ps = curve_percentiles();
+        assert_eq!(ps.len(), 91 + 80 + 1);
+        assert!(ps.windows(2).all(|w| w[0] < w[1]), "{ps:?}");
+        for p in [0.0, 1.0, 50.0, 90.0, 99.0, 99.9, 99.99, 99.999, 100.0] {
+            assert!(ps.contains(&p), "{p} missing");
+        }
+        // 1..=100,000 µs once each: the value at p percent is p × 1,000 µs.
+        let mut t = ThreadStats::new(1);
+        for us in 1..=100_000u64 {
+            t.answered(200, Duration::from_micros(us), Instant::now());
+        }
+        let cfg = Config::new(Target::parse("http://127.0.0.1:1").expect("url"));
+        let r = Report::new(&cfg, merge(&[t]), Duration::from_secs(1));
+        assert_eq!(r.percentiles.len(), ps.len());
+        for &[p, us] in &r.percentiles {
+            let want = (p * 1000.0).max(1.0);
+            assert!(
+                (us - want).abs() <= want * 0.002 + 1.0,
+                "p{p}: {us} µs, want {want}"
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(v["percentiles"][50][0], 50.0);
+        assert_eq!(v["percentiles"].as_array().map(Vec::len), Some(ps.len()));
+        assert!(report(|_| {}).percentiles.is_empty());
+    }
+
+    #[test]
+    fn server_cpu_is_in_the_table_and_the_json_when_measured() {
+        let mut r = report(|t| {
+            t.answered(200, Duration::from_micros(100), Instant::now());
+        });
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert!(v.get("server_cpu").is_none());
+        assert!(!r.render_table().contains("server CPU"));
+        let p = |pid, ticks, ended| crate::server_cpu::ProcessTicks {
+            pid,
+            command: "moltbot".into(),
+            ticks,
+            born: false,
+            ended,
+        };
+        r.server_cpu = Some(ServerCpu::from_ticks(
+            3000,
+            100,
+            Duration::from_secs(2),
+            vec![p(41, 100, false), p(42, 50, true)],
+            vec![],
+        ));
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(v["server_cpu"]["seconds"], 1.5);
+        assert_eq!(v["server_cpu"]["requests_per_cpu_second"], 2000.0);
+        assert_eq!(v["server_cpu"]["pids"], serde_json::json!([41, 42]));
+        assert_eq!(v["server_cpu"]["processes"][1]["ended"], true);
+        let table = r.render_table();
+        assert!(
+            table.contains("1.50 CPU-seconds (0.75 cores busy, 2 processes), 2000.0 requests per server CPU-second"),
+            "{table}"
+        );
+        assert!(table.contains("pid 42"), "{table}");
+        assert!(table.contains("ended during the run"), "{table}");
+        assert!(table.contains("note: 1 process(es) ended"), "{table}");
     }
 
     #[test]

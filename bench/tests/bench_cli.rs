@@ -570,3 +570,179 @@ fn bad_usage_exits_2() {
         assert_eq!(run.status.code(), Some(2), "{args:?}: {}", run.stderr);
     }
 }
+
+/// A server answering every connection with a `/status` document that lists `pid` as the only
+/// worker; returns its URL. The accept thread ends with the test process.
+fn status_server(pid: u32) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!(r#"{{"workers":[{{"workerId":"worker-0","pid":{pid}}}]}}"#);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn server_cpu_covers_the_given_pid_and_the_workers_of_status() {
+    let gw = FakeGateway::start(Behaviour::default());
+    // A stand-in worker: a process that /status names.
+    let mut worker = Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("spawn sleep");
+    let status = status_server(worker.id());
+    // The fake gateway serves from this test process.
+    let me = std::process::id().to_string();
+    let run = bench(
+        &[
+            "-c",
+            "4",
+            "-n",
+            "2000",
+            "--warmup",
+            "0",
+            "--server-pid",
+            &me,
+            "--server-status",
+            &status,
+            "--json",
+            "-",
+            &gw.url(),
+        ],
+        &[],
+    );
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(run.status.success(), "{}", run.stderr);
+    let j = run.json();
+    let cpu = &j["server_cpu"];
+    let pids: Vec<u64> = cpu["pids"]
+        .as_array()
+        .expect("pids")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(pids.contains(&u64::from(std::process::id())), "{cpu}");
+    assert!(pids.contains(&u64::from(worker.id())), "{cpu}");
+    let seconds = cpu["seconds"].as_f64().expect("seconds");
+    assert!(seconds >= 0.0);
+    match cpu["requests_per_cpu_second"].as_f64() {
+        Some(r) => assert!((r - 2000.0 / seconds).abs() <= r * 1e-9, "{cpu}"),
+        None => assert_eq!(seconds, 0.0, "{cpu}"),
+    }
+    assert!(run.stderr.contains("server CPU"), "{}", run.stderr);
+}
+
+#[test]
+fn a_missing_server_pid_or_status_stops_before_any_load() {
+    let gw = FakeGateway::start(Behaviour::default());
+    let url = gw.url();
+    let run = bench(&["-n", "10", "--server-pid", "4294967295", &url], &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("no such process"), "{}", run.stderr);
+    // Nothing listens on port 1.
+    let run = bench(
+        &["-n", "10", "--server-status", "http://127.0.0.1:1", &url],
+        &[],
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("/status"), "{}", run.stderr);
+    assert_eq!(gw.served(), 0);
+}
+
+#[test]
+fn the_plot_holds_this_run_and_earlier_reports() {
+    let gw = FakeGateway::start(Behaviour::default());
+    let url = gw.url();
+    let dir = std::env::temp_dir().join(format!("moltbot-bench-plot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let (first, run_svg, both_svg) = (path("first.json"), path("run.svg"), path("both.svg"));
+
+    let run = bench(
+        &[
+            "-c", "2", "-n", "300", "--warmup", "0", "--json", &first, &url,
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let j: Value =
+        serde_json::from_str(&std::fs::read_to_string(&first).expect("report")).expect("json");
+    let curve = j["percentiles"].as_array().expect("percentiles");
+    assert!(curve.len() > 150, "{}", curve.len());
+    assert_eq!(curve.last().expect("max")[0], 100.0);
+
+    let add = format!("first={first}");
+    let run = bench(
+        &[
+            "-c",
+            "2",
+            "-n",
+            "300",
+            "--warmup",
+            "0",
+            "--plot",
+            &run_svg,
+            "--plot-add",
+            &add,
+            "--plot-name",
+            "second",
+            &url,
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", run.stderr);
+    let svg = std::fs::read_to_string(&run_svg).expect("svg");
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains("<title>second</title>") && svg.contains("<title>first</title>"));
+
+    // The plot command: earlier reports only, nothing run.
+    let served = gw.served();
+    let a = format!("a={first}");
+    let b = format!("b={first}");
+    let run = bench(&["plot", &both_svg, &a, &b, "--title", "T & U"], &[]);
+    assert!(run.status.success(), "{}", run.stderr);
+    let svg = std::fs::read_to_string(&both_svg).expect("svg");
+    assert_eq!(svg.matches("<polyline").count(), 2);
+    assert!(svg.contains(">T &amp; U</text>"));
+
+    // A report that cannot be read is refused before any load or output.
+    let missing = format!("m={}", path("missing.json"));
+    let run = bench(&["plot", &path("x.svg"), &missing], &[]);
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert!(run.stderr.contains("missing.json"), "{}", run.stderr);
+    assert!(!dir.join("x.svg").exists());
+    let run = bench(
+        &[
+            "-n",
+            "10",
+            "--plot",
+            &path("y.svg"),
+            "--plot-add",
+            &missing,
+            &url,
+        ],
+        &[],
+    );
+    assert_eq!(run.status.code(), Some(2), "{}", run.stderr);
+    assert_eq!(gw.served(), served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
