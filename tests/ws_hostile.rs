@@ -236,7 +236,10 @@ fn ten_thousand_idle_connections_with_ticks_leave_the_gateway_responsive() {
     if count < 10_000 {
         eprintln!("open-files limit {soft}: {count} idle connections instead of 10000");
     }
-    let g = open_gateway(&["--ws-tick-interval", "1s"]);
+    // The connection limit is per gateway core, and the default may run one core: room for
+    // every idle connection plus the fresh clients below.
+    let limit = (count + 64).to_string();
+    let g = open_gateway(&["--ws-tick-interval", "1s", "--max-connections", &limit]);
     // Each connection's upgrade and connect in one write; the gateway answers 101,
     // challenge and hello-ok, then ticks every second, all unread until the end.
     let mut bytes = upgrade_request("/?user=idle", &[]);
