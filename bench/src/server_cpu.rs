@@ -20,9 +20,7 @@ use crate::BenchError;
 use crate::config::Target;
 use crate::response::ResponseReader;
 
-/// The most descendants one root contributes: a server that forks without end must not make
-/// every sample read `/proc` without end.
-pub const MAX_DESCENDANTS: usize = 1024;
+use moltbot_ipc::process::descendants;
 
 /// Longest wait for a `/status` answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -64,35 +62,6 @@ pub fn parse_stat(line: &str) -> Option<Stat> {
 /// `/proc/PID/stat` of a live (or zombie) process; None once it is gone.
 pub fn read_stat(pid: u32) -> Option<Stat> {
     parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// The live descendants of `pid` (children, their children, …), at most [`MAX_DESCENDANTS`],
-/// from `/proc/PID/task/TID/children`: the kernel's parent links of every thread, so a child
-/// forked by any thread is found.
-pub fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut next = vec![pid];
-    while let Some(p) = next.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for task in tasks.filter_map(Result::ok) {
-            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-                continue;
-            };
-            for child in children.split_ascii_whitespace() {
-                let Ok(child) = child.parse::<u32>() else {
-                    continue;
-                };
-                if found.len() >= MAX_DESCENDANTS || child == pid || found.contains(&child) {
-                    continue;
-                }
-                found.push(child);
-                next.push(child);
-            }
-        }
-    }
-    found
 }
 
 /// Clock ticks since boot now (the unit of [`Stat::start_ticks`]).

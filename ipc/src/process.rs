@@ -1,4 +1,5 @@
-//! Child processes that must not outlive their parent, and that inherit nothing by accident.
+//! Child processes that must not outlive their parent, and that inherit nothing by accident;
+//! and finding a process's descendants.
 
 use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
@@ -101,6 +102,40 @@ pub fn die_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// The most descendants [`descendants`] visits: a process that forks without end must not make
+/// its observer read `/proc` without end.
+pub const MAX_DESCENDANTS: usize = 1024;
+
+/// The live descendants of `pid` (children, their children, …), at most [`MAX_DESCENDANTS`],
+/// from `/proc/PID/task/TID/children`: the kernel's own parent links of every thread, so a
+/// child forked by any thread is found, a process cannot claim to be someone's descendant, and
+/// one that double-forks away is not counted.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(Result::ok) {
+            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in children.split_ascii_whitespace() {
+                let Ok(child) = child.parse::<u32>() else {
+                    continue;
+                };
+                if found.len() >= MAX_DESCENDANTS || child == pid || found.contains(&child) {
+                    continue;
+                }
+                found.push(child);
+                next.push(child);
+            }
+        }
+    }
+    found
 }
 
 #[cfg(test)]

@@ -8,38 +8,7 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages.saturating_mul(rustix::param::page_size() as u64))
 }
 
-/// The most descendants [`descendants`] visits: a worker that forks without end must not make
-/// the monitor read /proc without end.
-pub const MAX_DESCENDANTS: usize = 1024;
-
-/// The live descendants of `pid` (children, their children, …), at most [`MAX_DESCENDANTS`],
-/// from `/proc/PID/task/TID/children`: the kernel's own parent links, so a process cannot
-/// claim to be someone's descendant, and one that double-forks away is not counted.
-pub fn descendants(pid: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    let mut next = vec![pid];
-    while let Some(p) = next.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-            continue;
-        };
-        for task in tasks.filter_map(Result::ok) {
-            let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
-                continue;
-            };
-            for child in children.split_ascii_whitespace() {
-                let Ok(child) = child.parse::<u32>() else {
-                    continue;
-                };
-                if found.len() >= MAX_DESCENDANTS || child == pid || found.contains(&child) {
-                    continue;
-                }
-                found.push(child);
-                next.push(child);
-            }
-        }
-    }
-    found
-}
+pub use moltbot_ipc::process::descendants;
 
 /// True if a process with this pid exists (it may be a zombie).
 pub fn alive(pid: u32) -> bool {

@@ -738,11 +738,7 @@ impl Relay<'_> {
                     }
                 }
             }
-            State::Starting {
-                mut cell,
-                io,
-                since,
-            } => {
+            State::Starting { cell, io, since } => {
                 let msg = io.from.try_recv().ok();
                 match msg {
                     Some(FromCell::Connected) => {
@@ -763,32 +759,14 @@ impl Relay<'_> {
                     }
                     Some(FromCell::Down(why)) => {
                         tracing::error!("cell did not start: {why}");
-                        let how = cell.stop(self.s.grace);
-                        tracing::info!("cell stopped: {how}");
-                        self.fail_all(
-                            "the user's cell failed to start; retry later",
-                            "CELL_START_FAILED",
-                            START_RETRY,
-                        )?;
-                        State::Stopped {
-                            retry_at: Some(now + START_RETRY),
-                        }
+                        self.start_failed(cell, now)?
                     }
                     // Nothing else comes before `Connected`.
                     Some(FromCell::Frame(_)) | None => {
                         if !cell.alive() {
                             io.shut();
                             tracing::error!("cell exited while starting");
-                            let how = cell.stop(self.s.grace);
-                            tracing::info!("cell stopped: {how}");
-                            self.fail_all(
-                                "the user's cell failed to start; retry later",
-                                "CELL_START_FAILED",
-                                START_RETRY,
-                            )?;
-                            State::Stopped {
-                                retry_at: Some(now + START_RETRY),
-                            }
+                            self.start_failed(cell, now)?
                         } else {
                             State::Starting { cell, io, since }
                         }
@@ -804,6 +782,25 @@ impl Relay<'_> {
                     State::Stopping(t)
                 }
             }
+        })
+    }
+
+    /// A start that failed: the cell is stopped, the waiting requests are answered, and
+    /// requests are refused until [`START_RETRY`] has passed.
+    fn start_failed(
+        &mut self,
+        mut cell: Box<dyn CellProcess>,
+        now: Instant,
+    ) -> anyhow::Result<State> {
+        let how = cell.stop(self.s.grace);
+        tracing::info!("cell stopped: {how}");
+        self.fail_all(
+            "the user's cell failed to start; retry later",
+            "CELL_START_FAILED",
+            START_RETRY,
+        )?;
+        Ok(State::Stopped {
+            retry_at: Some(now + START_RETRY),
         })
     }
 
