@@ -123,6 +123,26 @@ struct Incoming<'a> {
     seq: Option<u64>,
 }
 
+/// A request frame's text, `{"type":"req","id":…,"method":…,"params":…}`, made once by the
+/// caller and sent as it is.
+#[derive(Debug)]
+pub struct RequestText(String);
+
+impl RequestText {
+    /// The frame of request `id` for `method`, `params` copied as is (`None` leaves it out).
+    pub fn new(id: &str, method: &str, params: Option<&RawValue>) -> RequestText {
+        RequestText(
+            serde_json::to_string(&Request {
+                kind: "req",
+                id,
+                method,
+                params,
+            })
+            .expect("strings and raw JSON always serialize"),
+        )
+    }
+}
+
 #[derive(Serialize)]
 struct Request<'a> {
     #[serde(rename = "type")]
@@ -265,14 +285,13 @@ impl BackendClient {
             .map(serde_json::from_str)
             .transpose()
             .map_err(ClientError::InvalidParams)?;
-        let text = serde_json::to_string(&Request {
-            kind: "req",
-            id,
-            method,
-            params,
-        })
-        .map_err(ClientError::InvalidParams)?;
-        self.send_text(text)
+        self.send_text(RequestText::new(id, method, params).0)
+    }
+
+    /// Sends a request made with [`RequestText::new`] (no second parse: it is valid JSON by
+    /// construction).
+    pub fn send_request_text(&mut self, request: RequestText) -> Result<(), ClientError> {
+        self.send_text(request.0)
     }
 
     /// Sends a frame the caller made (a client's request relayed as it came, `traceparent`

@@ -11,5 +11,5 @@
 pub mod client;
 pub mod process;
 
-pub use client::{BackendClient, ClientError, Frame};
+pub use client::{BackendClient, ClientError, Frame, RequestText};
 pub use process::{Cell, CellError, CellSpec, Stopped, port_range_free};

@@ -52,10 +52,10 @@ use moltbot_ipc::clock::monotonic_us;
 use moltbot_ipc::segment::{cell_state, worker_state};
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_park, futex_unpark, wake_needed};
 use moltbot_ipc::{Kind, Part, Response, Segment, WakeReceiver, WakeSender};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::cell::{BackendClient, Cell, CellSpec, ClientError, Frame};
+use crate::cell::{BackendClient, Cell, CellSpec, ClientError, Frame, RequestText};
 use crate::worker::lane::{Lane, write_response};
 
 /// How the worker runs its cell.
@@ -198,12 +198,12 @@ impl Io {
     /// Writes `frame` to the cell. Frames are sent only once the IO thread said `Connected`;
     /// with no connection (it ended: its `Down` is on the way) the frame is dropped, and its
     /// request fails with the others at `Down`.
-    fn send(&self, frame: String) {
+    fn send(&self, frame: RequestText) {
         let mut client = self.link.client();
         let Some(c) = client.as_mut() else {
             return;
         };
-        if let Err(e) = c.send_raw(&frame) {
+        if let Err(e) = c.send_request_text(frame) {
             client.take();
             drop(client);
             *self.link.broken.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -895,7 +895,7 @@ impl Relay<'_> {
             if p.is_none() {
                 self.probes += 1;
                 let id = format!("relay-health:{}", self.probes);
-                io.send(format!(r#"{{"type":"req","id":"{id}","method":"health"}}"#));
+                io.send(RequestText::new(&id, "health", None));
                 *p = Some((id, now));
             }
         }
@@ -936,14 +936,7 @@ impl Relay<'_> {
                 .and_then(|k| k.idempotency_key)
                 .into_iter()
                 .collect::<Vec<_>>();
-            let text = serde_json::to_string(&ReqOut {
-                kind: "req",
-                id: &key,
-                method: &q.method,
-                params,
-            })
-            .expect("a request of strings and raw JSON serializes");
-            io.send(text);
+            io.send(RequestText::new(&key, &q.method, params));
             for run in &runs {
                 self.runs.insert(run.clone(), key.clone());
             }
@@ -1113,16 +1106,6 @@ impl Relay<'_> {
     fn holds(&self) -> bool {
         self.pending.values().any(|p| p.held.is_some())
     }
-}
-
-#[derive(Serialize)]
-struct ReqOut<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    id: &'a str,
-    method: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    params: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
