@@ -29,7 +29,7 @@ pub enum Command {
     Users(users::UsersCommand),
     /// One worker process (started by the gateway, not by hand).
     #[command(hide = true)]
-    Worker(worker::WorkerArgs),
+    Worker(Box<worker::WorkerArgs>),
 }
 
 /// `moltbot workers ...`
@@ -49,7 +49,7 @@ pub enum WorkersCommand {
 /// the name of the command that failed.
 pub fn run(cli: Cli) -> i32 {
     match cli.command {
-        Command::Worker(args) => worker::run(args),
+        Command::Worker(args) => worker::run(*args),
         Command::Gateway(args) => {
             command::init_logging("info");
             gateway::run(args).unwrap_or_else(|e| {
@@ -92,7 +92,7 @@ pub fn run_worker_if_requested() {
         let code = match Cli::try_parse() {
             Ok(Cli {
                 command: Command::Worker(w),
-            }) => worker::run(w),
+            }) => worker::run(*w),
             Ok(_) => 2,
             Err(e) => {
                 let _ = e.print();

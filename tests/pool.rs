@@ -773,3 +773,38 @@ fn a_new_user_beyond_max_users_gets_user_limit() {
     assert!(echo(&router, "first").success);
     assert_eq!(router.status().expect("status").routing_table_size, 1);
 }
+
+#[test]
+fn a_spinning_worker_serves_then_parks_without_burning_a_cpu() {
+    let mut env = TestEnv::new(1);
+    env.config.worker_spin = Some(Duration::from_millis(10));
+    let router = env.start();
+    let pid = pid_of(&router, 0);
+    let args = cmdline(pid);
+    let at = args
+        .iter()
+        .position(|a| a == "--spin-us")
+        .expect("--spin-us");
+    assert_eq!(
+        args.get(at + 1).map(String::as_str),
+        Some("10000"),
+        "{args:?}"
+    );
+
+    for i in 0..50 {
+        let r = echo(&router, &format!("user-{i}"));
+        assert!(r.success, "{r:?}");
+    }
+    // Idle now: the worker spins 10ms after its last request, then parks, and after a park
+    // that only the timeout (25ms here) ended it parks again without spinning. A worker that
+    // kept spinning, or spun after every park (40% of a CPU), would keep adding CPU time.
+    wait_until(DEADLINE, "the idle worker uses no CPU for 400ms", || {
+        let before = cpu_ticks(pid).expect("the worker runs");
+        std::thread::sleep(Duration::from_millis(400));
+        cpu_ticks(pid) == Some(before)
+    });
+    // Parked, it still answers (the wake-up path).
+    let r = echo(&router, "user-after");
+    assert!(r.success, "{r:?}");
+    router.stop();
+}

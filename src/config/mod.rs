@@ -69,6 +69,12 @@ pub const MIN_RING_CAPACITY: u64 = 64 * KIB;
 /// Largest accepted ring capacity.
 pub const MAX_RING_CAPACITY: u64 = GIB;
 
+/// Longest accepted `worker_spin`.
+pub const MAX_WORKER_SPIN: Duration = Duration::from_millis(10);
+
+/// `worker_spin` when it is not set and every lane and worker can have a CPU of its own.
+pub const DEFAULT_WORKER_SPIN: Duration = Duration::from_micros(50);
+
 /// Largest accepted worker count.
 pub const MAX_WORKERS: usize = 1024;
 
@@ -157,6 +163,21 @@ config_keys! {
         shown: "3 × heartbeat_interval",
         aliases: ["stallTimeout"],
         flag: pool("stall-timeout"),
+    }
+
+    /// How long an idle worker spins on its rings before it parks on its futex: a request
+    /// arriving within that window is taken without a wake-up. By default 50µs when the CPUs
+    /// outnumber the gateway's lanes and the workers together, else 0: where they share CPUs
+    /// (and with the clients), a spinning worker takes the CPU from the gateway core or the
+    /// client that would produce its next request. At most 10ms.
+    ///
+    /// Read it through [`Config::worker_spin`], which applies the default.
+    worker_spin: Option<Duration> as Duration {
+        default: None,
+        shown: "50µs if CPUs > lanes + workers, else 0",
+        aliases: ["workerSpin"],
+        flag: pool("worker-spin"),
+        check: when_set(spin_limit),
     }
 
     /// Resident memory above which a worker is recycled gracefully (at least 16MiB). With a
@@ -589,6 +610,17 @@ fn worker_memory(m: u64) -> Result<(), String> {
     }
 }
 
+fn spin_limit(d: &Duration) -> Result<(), String> {
+    if *d <= MAX_WORKER_SPIN {
+        Ok(())
+    } else {
+        Err(format!(
+            "at most {}: a longer spin is a busy loop",
+            humantime::format_duration(MAX_WORKER_SPIN)
+        ))
+    }
+}
+
 fn ring_size(rc: u64) -> Result<(), String> {
     if rc.is_power_of_two() && (MIN_RING_CAPACITY..=MAX_RING_CAPACITY).contains(&rc) {
         Ok(())
@@ -978,6 +1010,17 @@ impl Config {
             CELL_MAX_MEMORY
         } else {
             self.max_memory
+        }
+    }
+
+    /// How long an idle worker with `lanes` lanes spins before it parks, on a machine with
+    /// `cpus` CPUs available: `worker_spin`, or by default [`DEFAULT_WORKER_SPIN`] when the
+    /// CPUs outnumber the lanes (gateway cores) and workers together, else zero.
+    pub fn worker_spin(&self, lanes: usize, cpus: usize) -> Duration {
+        match self.worker_spin {
+            Some(d) => d,
+            None if cpus > lanes.saturating_add(self.worker_count) => DEFAULT_WORKER_SPIN,
+            None => Duration::ZERO,
         }
     }
 

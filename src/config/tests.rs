@@ -1263,6 +1263,44 @@ mod layers {
     }
 
     #[test]
+    fn worker_spin_defaults_to_zero_unless_every_lane_and_worker_has_a_cpu() {
+        let c = Config {
+            worker_count: 2,
+            ..Config::default()
+        };
+        // 1 lane + 2 workers on 2 CPUs (this machine) or 3: they share.
+        assert_eq!(c.worker_spin(1, 2), Duration::ZERO);
+        assert_eq!(c.worker_spin(1, 3), Duration::ZERO);
+        assert_eq!(c.worker_spin(1, 4), DEFAULT_WORKER_SPIN);
+        assert_eq!(c.worker_spin(8, 16), DEFAULT_WORKER_SPIN);
+        let c = Config {
+            worker_spin: Some(Duration::ZERO),
+            ..c
+        };
+        assert_eq!(c.worker_spin(1, 64), Duration::ZERO);
+        let c = Config {
+            worker_spin: Some(Duration::from_micros(200)),
+            ..c
+        };
+        assert_eq!(c.worker_spin(1, 2), Duration::from_micros(200));
+    }
+
+    #[test]
+    fn worker_spin_is_at_most_ten_milliseconds() {
+        let ok = Config {
+            worker_spin: Some(MAX_WORKER_SPIN),
+            ..Config::default()
+        };
+        ok.validate().unwrap();
+        let long = Config {
+            worker_spin: Some(Duration::from_millis(11)),
+            ..Config::default()
+        };
+        let e = long.validate().unwrap_err().to_string();
+        assert!(e.contains("worker_spin") && e.contains("busy loop"), "{e}");
+    }
+
+    #[test]
     fn users_path_defaults_to_users_json_in_the_sandbox_dir() {
         let c = Config {
             sandbox_dir: PathBuf::from("/srv/m"),

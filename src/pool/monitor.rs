@@ -753,7 +753,14 @@ fn worker_command(
         .arg("--nofile")
         .arg(config.worker_nofile.to_string())
         .arg("--max-requests")
-        .arg(max_requests.to_string());
+        .arg(max_requests.to_string())
+        .arg("--spin-us")
+        .arg(
+            config
+                .worker_spin(lanes, available_cpus())
+                .as_micros()
+                .to_string(),
+        );
     if let Some(limit) = config.worker_address_space_limit(lanes) {
         cmd.arg("--address-space").arg(limit.to_string());
     }
@@ -833,6 +840,11 @@ fn measure_cell(slot: &Slot, worker: u32) -> u64 {
     slot.stats.cell_pid.store(pid, Ordering::Relaxed);
     slot.stats.cell_rss_bytes.store(rss, Ordering::Relaxed);
     rss
+}
+
+/// CPUs this process may run on (its affinity mask), which its workers inherit.
+fn available_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 #[cfg(test)]

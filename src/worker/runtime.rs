@@ -41,6 +41,9 @@ pub struct WorkerArgs {
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub heartbeat_ms: u64,
+    /// Microseconds an idle serving loop spins before it parks (0: parks at once).
+    #[arg(long, default_value_t = 0)]
+    pub spin_us: u64,
     /// RLIMIT_NOFILE.
     #[arg(long, default_value_t = 1024)]
     pub nofile: u64,
@@ -205,16 +208,11 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     );
     handlers.set_max_reply_bytes(max_reply);
     let max_requests = args.max_requests.unwrap_or(u64::MAX);
-    let park_for = Duration::from_millis((args.heartbeat_ms / 2).clamp(1, 1000));
-    serve::run(
-        seg,
-        lanes,
-        handlers,
-        max_reply,
-        max_requests,
-        &term,
-        park_for,
-    )
+    let idle = serve::Idle {
+        park_for: Duration::from_millis((args.heartbeat_ms / 2).clamp(1, 1000)),
+        spin: Duration::from_micros(args.spin_us),
+    };
+    serve::run(seg, lanes, handlers, max_reply, max_requests, &term, idle)
 }
 
 /// A fresh random token for the cell's `connect`: made here, given only to the cell (in its

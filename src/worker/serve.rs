@@ -1,8 +1,9 @@
 //! The built-in serving loop: one thread serves every lane, one request at a time,
 //! round-robin across lanes so that no gateway core starves. The heartbeat is bumped by this
 //! same loop, so a handler that hangs stops the heartbeat and the monitor replaces the process.
-//! When idle the loop spins briefly, then parks on the futex in its segment with a timeout of
-//! half the heartbeat interval, which keeps the heartbeat going while using no CPU.
+//! When idle the loop spins for [`Idle::spin`] (the `worker_spin` setting; zero where the
+//! workers share their CPUs), then parks on the futex in its segment with a timeout of half
+//! the heartbeat interval, which keeps the heartbeat going while using no CPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,19 +17,25 @@ use moltbot_ipc::{Kind, Part, Response, Segment};
 use crate::worker::handlers::{HandlerReply, Handlers};
 use crate::worker::lane::{Lane, RingEmit, write_response};
 
-/// Spins this many empty rounds before parking, when the worker has a CPU to itself: a
-/// request arriving within that window is taken without a futex round trip. With a single CPU
-/// for the gateway and its workers, spinning only delays the gateway, so the worker parks at
-/// once.
-const SPIN_ROUNDS: u32 = 200;
+/// While spinning, the clock is read once per this many empty rounds: a round is a few
+/// nanoseconds, a clock read several times that.
+const SPIN_CLOCK_EVERY: u32 = 64;
 
 /// The RSS in the segment header is refreshed at most this often (it costs an open and a read
 /// of `/proc/self/statm`).
 const RSS_EVERY: Duration = Duration::from_millis(500);
 
+/// What an idle serving loop does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Idle {
+    /// The longest park on the futex (the heartbeat goes on between parks).
+    pub park_for: Duration,
+    /// How long to spin over the lanes before parking; zero parks at once.
+    pub spin: Duration,
+}
+
 /// Serves `lanes` with `handlers` until SIGTERM (`term`; the current request is finished) or
-/// `max_requests` served (a recycle). `max_reply` bounds a reply body; an idle loop parks for
-/// `park_for` at most.
+/// `max_requests` served (a recycle). `max_reply` bounds a reply body.
 pub(crate) fn run(
     seg: Segment,
     lanes: Vec<Lane>,
@@ -36,20 +43,17 @@ pub(crate) fn run(
     max_reply: usize,
     max_requests: u64,
     term: &AtomicBool,
-    park_for: Duration,
+    idle: Idle,
 ) -> anyhow::Result<()> {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let spin_rounds = if cpus > 1 { SPIN_ROUNDS } else { 0 };
     let mut w = Worker {
         seg,
         lanes,
         handlers,
         max_reply,
-        spin_rounds,
         rss_at: Instant::now(),
         max_requests,
     };
-    w.serve(term, park_for)
+    w.serve(term, idle)
 }
 
 struct Worker {
@@ -57,8 +61,6 @@ struct Worker {
     lanes: Vec<Lane>,
     handlers: Handlers,
     max_reply: usize,
-    /// Empty rounds to spin before parking (0 on a single CPU).
-    spin_rounds: u32,
     /// When the RSS was last published.
     rss_at: Instant,
     /// Requests after which this process leaves (recycle).
@@ -70,13 +72,18 @@ impl Worker {
         self.seg.header().heartbeat.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn serve(&mut self, term: &AtomicBool, park_for: Duration) -> anyhow::Result<()> {
+    fn serve(&mut self, term: &AtomicBool, pace: Idle) -> anyhow::Result<()> {
         let seg = self.seg.clone();
         let h = seg.header();
         h.worker_state
             .store(worker_state::SERVING, Ordering::Release);
         self.update_rss();
         let mut idle = 0u32;
+        // When the current spin ends (set at its first empty round). A spin follows served
+        // requests only: after a park that nothing ended but the timeout, the loop parks
+        // again at once instead of spinning at every heartbeat.
+        let mut spin_until: Option<Instant> = None;
+        let mut may_spin = false;
         loop {
             self.heartbeat();
             if term.load(Ordering::Relaxed) {
@@ -99,12 +106,17 @@ impl Worker {
             }
             if served {
                 idle = 0;
+                spin_until = None;
+                may_spin = true;
                 continue;
             }
-            idle += 1;
-            if idle < self.spin_rounds {
-                std::hint::spin_loop();
-                continue;
+            idle = idle.wrapping_add(1);
+            if may_spin && !pace.spin.is_zero() {
+                let until = *spin_until.get_or_insert_with(|| Instant::now() + pace.spin);
+                if !idle.is_multiple_of(SPIN_CLOCK_EVERY) || Instant::now() < until {
+                    std::hint::spin_loop();
+                    continue;
+                }
             }
 
             let parked = seg.worker_parked();
@@ -117,10 +129,12 @@ impl Worker {
                 if self.rss_at.elapsed() >= RSS_EVERY {
                     self.update_rss();
                 }
-                futex_park(parked, park_for);
+                futex_park(parked, pace.park_for);
             }
             cancel_park(parked);
             idle = 0;
+            spin_until = None;
+            may_spin = false;
         }
     }
 
@@ -135,11 +149,13 @@ impl Worker {
     fn serve_next(&mut self, lane: usize) -> anyhow::Result<bool> {
         let seg = self.seg.clone();
         let h = seg.header();
-        let started = Instant::now();
         let Lane { req, resp, wake } = &mut self.lanes[lane];
         let Some(frame) = req.peek().context("request ring")? else {
             return Ok(false);
         };
+        // Read the clock only for a request: an idle loop spinning over the lanes would
+        // otherwise spend most of its time in clock_gettime.
+        let started = Instant::now();
         frame.claim();
         h.in_flight.store(1, Ordering::Relaxed);
         let bytes = frame.bytes();
