@@ -213,12 +213,28 @@ fn config(cli: &Cli) -> Result<Config, moltbot_bench::BenchError> {
 
 /// One progress line on a terminal, rewritten in place.
 struct ProgressLine {
+    /// What ends the run, for the "of" part of the line.
+    stop: Stop,
+    /// The warm-up before measuring, part of a timed run's total.
+    warmup: Duration,
     last_requests: u64,
     last_elapsed: Duration,
 }
 
 impl ProgressLine {
-    fn show(&mut self, p: &Progress) {
+    fn new(cfg: &Config) -> ProgressLine {
+        ProgressLine {
+            stop: cfg.stop,
+            warmup: cfg.warmup,
+            last_requests: 0,
+            last_elapsed: Duration::ZERO,
+        }
+    }
+
+    /// The line for `p`: elapsed time of the whole run (of the planned total when the run is
+    /// timed), phase, measured requests (of the planned count when counted), the rate since
+    /// the last line, errors.
+    fn text(&mut self, p: &Progress) -> String {
         let dt = (p.elapsed - self.last_elapsed.min(p.elapsed)).as_secs_f64();
         let rps = if dt > 0.0 {
             p.requests.saturating_sub(self.last_requests) as f64 / dt
@@ -228,14 +244,24 @@ impl ProgressLine {
         self.last_requests = p.requests;
         self.last_elapsed = p.elapsed;
         let phase = if p.measuring { "measuring" } else { "warm-up" };
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r\x1b[K[{:>4.0}s] {phase}: {} requests, {rps:.0} req/s, {} errors",
-            p.elapsed.as_secs_f64(),
-            p.requests,
+        let elapsed = p.elapsed.as_secs_f64();
+        let (clock, requests) = match self.stop {
+            Stop::Duration(d) => (
+                format!("{elapsed:>4.0}s of {:.0}s", (self.warmup + d).as_secs_f64()),
+                p.requests.to_string(),
+            ),
+            Stop::Requests(n) => (format!("{elapsed:>4.0}s"), format!("{} of {n}", p.requests)),
+        };
+        format!(
+            "[{clock}] {phase}: {requests} requests, {rps:.0} req/s, {} errors",
             p.errors
-        );
+        )
+    }
+
+    fn show(&mut self, p: &Progress) {
+        let text = self.text(p);
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[K{text}");
         let _ = err.flush();
     }
 }
@@ -310,11 +336,9 @@ fn main() -> ExitCode {
             cfg.connections
         );
     }
-    let tty = std::io::stderr().is_terminal();
-    let mut line = ProgressLine {
-        last_requests: 0,
-        last_elapsed: Duration::ZERO,
-    };
+    // Only for someone watching: not when the output goes to a file or a pipe.
+    let tty = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
+    let mut line = ProgressLine::new(&cfg);
     let result = moltbot_bench::run_with_progress(&cfg, |p| {
         if tty {
             line.show(p);
@@ -390,6 +414,42 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn progress(secs: u64, measuring: bool, requests: u64) -> Progress {
+        Progress {
+            elapsed: Duration::from_secs(secs),
+            measuring,
+            requests,
+            errors: 2,
+        }
+    }
+
+    #[test]
+    fn the_progress_line_shows_the_planned_total() {
+        let cfg = Config {
+            stop: Stop::Duration(Duration::from_secs(30)),
+            warmup: Duration::from_secs(2),
+            ..Config::new(Target::parse("http://127.0.0.1:1").unwrap())
+        };
+        let mut line = ProgressLine::new(&cfg);
+        assert_eq!(
+            line.text(&progress(1, false, 0)),
+            "[   1s of 32s] warm-up: 0 requests, 0 req/s, 2 errors"
+        );
+        assert_eq!(
+            line.text(&progress(3, true, 5000)),
+            "[   3s of 32s] measuring: 5000 requests, 2500 req/s, 2 errors"
+        );
+        let cfg = Config {
+            stop: Stop::Requests(100_000),
+            ..cfg
+        };
+        let mut line = ProgressLine::new(&cfg);
+        assert_eq!(
+            line.text(&progress(4, true, 40_000)),
+            "[   4s] measuring: 40000 of 100000 requests, 10000 req/s, 2 errors"
+        );
+    }
 
     #[test]
     fn durations_are_seconds_or_humantime() {
