@@ -32,6 +32,7 @@
 //! deadline), sockets time out. Sleeps only pace the faults (the kill cadence, a SIGSTOP's
 //! hold, the watcher's poll interval); nothing asserts an absolute duration.
 
+mod common;
 mod gw;
 
 use std::collections::BTreeMap;
@@ -41,6 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::cmdline;
 use gw::{Client, GatewayProc, Options, Resp, wait_until};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -499,17 +501,6 @@ fn stat_fields(pid: u32) -> Option<Vec<String>> {
 
 fn process_alive(pid: u32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| {
-            b.split(|c| *c == 0)
-                .filter(|a| !a.is_empty())
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn all_pids() -> Vec<u32> {
