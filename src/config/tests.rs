@@ -396,6 +396,9 @@ mod layers {
             ("stall_timeout", "1s", |c| {
                 c.stall_timeout == Some(Duration::from_secs(1))
             }),
+            ("worker_spin", "20us", |c| {
+                c.worker_spin == Some(Duration::from_micros(20))
+            }),
             ("max_memory", "64MiB", |c| c.max_memory == 64 * MIB),
             ("max_requests", "9", |c| c.max_requests == 9),
             ("max_requests_jitter", "0.5", |c| {
@@ -524,6 +527,7 @@ mod layers {
         let ser = Config::default().to_toml_string().unwrap();
         let optional = [
             "stall_timeout",
+            "worker_spin",
             "worker_program",
             "worker_command",
             "worker_read_paths",
@@ -553,6 +557,7 @@ mod layers {
                 "worker_read_paths" => "[\"/opt/a\"]",
                 "cell_env" => "[\"OPENAI_API_KEY\"]",
                 "stall_timeout" => "\"20s\"",
+                "worker_spin" => "\"20us\"",
                 "worker_address_space" => "\"4GiB\"",
                 "cores" => "2",
                 _ => "\"x\"",
