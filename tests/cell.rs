@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use moltbot::cell::{BackendClient, Cell, CellError, CellSpec, Frame, port_range_free};
+use moltbot::cell::{BackendClient, Cell, CellError, CellSpec, Frame};
 use rand::Rng;
 
 /// How long a cell may take to be ready (`/readyz`) on a loaded 2-core machine (it takes 15–30 s
@@ -32,19 +32,6 @@ fn installed() -> (PathBuf, PathBuf) {
     node::openclaw()
 }
 
-/// A base port whose whole range (port..=port+110) is free, below the kernel's ephemeral
-/// range (32768 and up) so that outgoing connections of other tests do not land in it.
-fn free_port_range() -> u16 {
-    let mut rng = rand::rng();
-    for _ in 0..200 {
-        let port = rng.random_range(20_000..32_000 - 111);
-        if port_range_free(port) {
-            return port;
-        }
-    }
-    panic!("no free port range of 111 ports between 20000 and 32000");
-}
-
 fn spec(root: &Path) -> CellSpec {
     let (node, openclaw) = installed();
     let token: String = rand::rng()
@@ -56,7 +43,7 @@ fn spec(root: &Path) -> CellSpec {
         node,
         openclaw,
         root: root.to_path_buf(),
-        port: free_port_range(),
+        port: node::free_cell_port_base(1),
         token,
         env_allow: Vec::new(),
     }

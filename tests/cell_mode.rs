@@ -29,18 +29,20 @@ const DRAIN: Duration = Duration::from_secs(60);
 /// with its own deadline).
 const SCENARIO: Duration = Duration::from_secs(1200);
 
-/// A free base port for `n` cells (each binds its port and the 110 above it, 120 apart).
-fn free_port_base(n: u16) -> u16 {
-    (0..400)
-        .map(|_| 20_000 + (rand::random::<u16>() % 40_000))
-        .find(|&p| (0..n).all(|i| moltbot::cell::port_range_free(p + 120 * i)))
-        .expect("no free port range for the cells")
-}
-
 /// A gateway in cell mode with `workers` slots and the given extra arguments.
 fn cell_gateway(workers: usize, users: &Users, more: &[&str]) -> GatewayProc {
+    cell_gateway_at(
+        workers,
+        node::free_cell_port_base(workers as u16),
+        users,
+        more,
+    )
+}
+
+/// A gateway in cell mode whose cells use ports from `base` on.
+fn cell_gateway_at(workers: usize, base: u16, users: &Users, more: &[&str]) -> GatewayProc {
     let (node, openclaw) = node::openclaw();
-    let base = free_port_base(workers as u16).to_string();
+    let base = base.to_string();
     let opts = Options::new(workers)
         .env("MOLTBOT_GATEWAY_TOKEN", OPERATOR)
         .args(&["--users-file", users.file.to_str().unwrap()])
@@ -205,7 +207,14 @@ fn two_users_on_their_own_cells_through_the_reference_client() {
             logs(&g, 2)
         )
     };
-    assert_eq!(r["problems"], serde_json::json!([]), "{}", show());
+    // The problems first: the whole report and the logs are long.
+    assert_eq!(
+        r["problems"],
+        serde_json::json!([]),
+        "problems: {}\n{}",
+        r["problems"],
+        show()
+    );
     assert_eq!(r["violations"], serde_json::json!([]), "{}", show());
     assert_eq!(
         r["steps"],
@@ -384,4 +393,31 @@ fn a_gateway_in_cell_mode_refuses_to_start_without_a_usable_package() {
         "python3 agent.py",
     ]);
     assert!(e.contains("unset worker_command"), "{e}");
+}
+
+/// Cell ports inside the kernel's ephemeral range draw a warning at start (anyone's outgoing
+/// connection may take one and keep a cell from starting); ports below it do not.
+#[test]
+fn a_gateway_warns_when_its_cell_ports_are_ephemeral() {
+    const WARNING: &str = "in the kernel's ephemeral port range";
+    let ephemeral = moltbot::cell::ephemeral_ports().expect("Linux has ip_local_port_range");
+    let users = Users::new();
+    users.add("alice");
+    let inside = (0..400)
+        .map(|_| rand::random_range(*ephemeral.start()..=ephemeral.end() - 110))
+        .find(|&p| moltbot::cell::port_range_free(p))
+        .expect("a free port range in the ephemeral ports");
+    let g = cell_gateway_at(1, inside, &users, &[]);
+    let log = g.log();
+    let line = log.lines().find(|l| l.contains(WARNING));
+    let line = line.unwrap_or_else(|| panic!("no warning for cell ports from {inside}:\n{log}"));
+    assert!(
+        line.contains(&format!("cells' ports {inside}-{}", inside + 110)),
+        "{line}"
+    );
+    drop(g);
+
+    let g = cell_gateway(1, &users, &[]);
+    let log = g.log();
+    assert!(!log.contains(WARNING), "{log}");
 }

@@ -9,7 +9,9 @@
 //! frames to it, keeping request ids and payloads byte for byte.
 
 pub mod client;
+pub mod ports;
 pub mod process;
 
 pub use client::{BackendClient, ClientError, Frame, RequestText};
+pub use ports::{ephemeral_overlap, ephemeral_ports};
 pub use process::{Cell, CellError, CellSpec, Stopped, port_range_free};

@@ -177,6 +177,27 @@ fn write_segments(base: &Path, names: &[String]) -> Result<(), PoolError> {
         .map_err(|source| PoolError::Base { path, source })
 }
 
+/// Warns when the cells' ports lie in the kernel's ephemeral range: any outgoing connection
+/// on the machine may take one and keep that slot's cell from starting until it closes.
+fn warn_of_ephemeral_cell_ports(config: &Config) {
+    let first = config.cell_port_base;
+    let last = first as usize
+        + crate::config::CELL_PORT_STRIDE as usize * config.worker_count.saturating_sub(1)
+        + crate::config::CELL_PORT_SPAN as usize;
+    let last = last.min(u16::MAX as usize) as u16;
+    if let Some((n, range)) = crate::cell::ephemeral_overlap(first..=last) {
+        tracing::warn!(
+            "{n} of the cells' ports {first}-{last} are in the kernel's ephemeral port range \
+             {}-{} (net.ipv4.ip_local_port_range): an outgoing connection can take one and \
+             keep a cell from starting; keep them below {} (cell_port_base) or reserve the ports in \
+             net.ipv4.ip_local_reserved_ports",
+            range.start(),
+            range.end(),
+            range.start()
+        );
+    }
+}
+
 impl Pool {
     /// Starts the pool with `lanes` lane owners and waits until every worker is ready.
     /// Returns the pool and one endpoint per lane.
@@ -265,6 +286,9 @@ impl Pool {
             ),
             crate::config::CellMode::None => None,
         };
+        if cell.is_some() {
+            warn_of_ephemeral_cell_ports(&config);
+        }
         let (monitor_tx, commands) = crossbeam::channel::unbounded();
         let monitor = Monitor::new(
             config.clone(),

@@ -109,3 +109,20 @@ pub fn run_js(script: &str, args: &[&str], timeout: Duration) -> Value {
         panic!("{script} {args:?} ({status}) printed no JSON line ({e}):\n{out}\n{err}")
     })
 }
+
+/// A base port for `n` cells (each binds its port and the 110 above it, 120 apart) whose
+/// ports are all free and below the kernel's ephemeral range: an outgoing connection of this
+/// or another test takes its local port from that range and would keep a cell there from
+/// binding.
+pub fn free_cell_port_base(n: u16) -> u16 {
+    let below = moltbot::cell::ephemeral_ports().map_or(32_768, |r| *r.start());
+    let span = 120 * n.max(1) - 9;
+    assert!(
+        below > 10_000 + span,
+        "the ephemeral port range starts at {below}: no room for {n} cells below it"
+    );
+    (0..400)
+        .map(|_| rand::random_range(10_000..below - span))
+        .find(|&p| (0..n).all(|i| moltbot::cell::port_range_free(p + 120 * i)))
+        .expect("no free port range for the cells below the ephemeral ports")
+}
