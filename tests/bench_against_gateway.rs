@@ -231,3 +231,31 @@ fn websocket_agent_runs_report_their_stages() {
     }
     assert_eq!(v["config"]["ws_method"], "agent");
 }
+
+#[test]
+fn websocket_agent_runs_in_open_loop_follow_the_schedule() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    let mut cfg = config(&gw);
+    cfg.protocol = Protocol::Ws;
+    cfg.ws_method = WsMethod::Agent;
+    cfg.threads = 1;
+    cfg.connections = 4;
+    cfg.depth = 2;
+    cfg.users = 20;
+    // 50 runs a second, measured for 1 s after 200 ms: 50 runs were due in that second (one
+    // either side for the rounding of the schedule's boundaries). A closed loop would send
+    // thousands.
+    cfg.rate = Some(50.0);
+    let r = moltbot_bench::run(&cfg).expect("open-loop ws agent run");
+    assert_ws_clean(&r, &gw);
+    assert_eq!(r.config.mode, "open");
+    let due = r.requests + r.unsent + r.errors.total();
+    assert!((49..=51).contains(&due), "{due} due\n{}", r.render_table());
+    let a =
+        r.ws.as_ref()
+            .and_then(|w| w.agent)
+            .expect("agent stages in the report");
+    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
+    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    assert!(a.first_event_us.p50 <= a.final_us.p50);
+}

@@ -312,9 +312,6 @@ impl Config {
                 "depth above 1 needs --protocol ws (HTTP requests are not pipelined)".into(),
             );
         }
-        if self.protocol == Protocol::Ws && self.rate.is_some() {
-            return bad("--rate is not supported with --protocol ws (closed loop only)".into());
-        }
         if self.timeout.is_zero() {
             return bad("timeout must be positive".into());
         }
@@ -447,10 +444,6 @@ mod tests {
             Box::new(|c| {
                 c.protocol = Protocol::Ws;
                 c.depth = MAX_DEPTH + 1;
-            }),
-            Box::new(|c| {
-                c.protocol = Protocol::Ws;
-                c.rate = Some(10.0);
             }),
         ];
         for (i, f) in variants.iter().enumerate() {

@@ -31,7 +31,7 @@ use crate::ws::WsThread;
 /// Wait before reconnecting after a failed connect.
 pub(crate) const RECONNECT_DELAY: Duration = Duration::from_millis(50);
 /// The epoll token of the timerfd (connections use their index).
-const TIMER_TOKEN: u64 = u64::MAX;
+pub(crate) const TIMER_TOKEN: u64 = u64::MAX;
 /// Longest single wait (a safety net: every wait has a reason to end sooner).
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Events that mean bytes (or an end) can be read.
@@ -204,6 +204,72 @@ impl Drop for DoneSignal {
     }
 }
 
+/// Open loop: a timerfd on the thread's epoll that fires at the next scheduled send, with
+/// sub-millisecond precision (epoll's own timeout has millisecond granularity). Its epoll
+/// token is [`TIMER_TOKEN`].
+pub(crate) struct SendTimer {
+    fd: OwnedFd,
+    /// The expiry set last (`None`: disarmed), to skip a syscall when it is unchanged.
+    armed: Option<Instant>,
+}
+
+impl SendTimer {
+    pub(crate) fn new(epoll: &OwnedFd) -> Result<SendTimer, BenchError> {
+        let fd = rustix::time::timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
+        )
+        .map_err(os_error("timerfd_create"))?;
+        epoll::add(
+            epoll,
+            &fd,
+            epoll::EventData::new_u64(TIMER_TOKEN),
+            epoll::EventFlags::IN,
+        )
+        .map_err(os_error("epoll_ctl(timerfd)"))?;
+        Ok(SendTimer { fd, armed: None })
+    }
+
+    /// Fires at `due` (disarmed for `None`).
+    pub(crate) fn arm(&mut self, due: Option<Instant>, now: Instant) {
+        if due == self.armed {
+            return;
+        }
+        let value = match due {
+            // A zero it_value disarms: use at least 1 ns.
+            Some(d) => Timespec::try_from(
+                d.saturating_duration_since(now)
+                    .max(Duration::from_nanos(1)),
+            )
+            .unwrap_or(Timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            }),
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        if rustix::time::timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec).is_ok() {
+            self.armed = due;
+        }
+    }
+
+    /// Consumes an expiry (its epoll event).
+    pub(crate) fn drain(&mut self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.fd, &mut buf);
+        self.armed = None;
+    }
+}
+
 /// The timeline of a run, shared by all threads.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -327,8 +393,7 @@ struct LoadThread<'a> {
     template: &'a RequestTemplate,
     counters: &'a Counters,
     epoll: OwnedFd,
-    timer: Option<OwnedFd>,
-    timer_armed: Option<Instant>,
+    timer: Option<SendTimer>,
     conns: Vec<Conn>,
     /// Reconnect and open-loop wake-ups: (when, connection).
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
@@ -352,21 +417,7 @@ impl<'a> LoadThread<'a> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
         let timer = match cfg.rate {
             None => None,
-            Some(_) => {
-                let fd = rustix::time::timerfd_create(
-                    TimerfdClockId::Monotonic,
-                    TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-                )
-                .map_err(os_error("timerfd_create"))?;
-                epoll::add(
-                    &epoll,
-                    &fd,
-                    epoll::EventData::new_u64(TIMER_TOKEN),
-                    epoll::EventFlags::IN,
-                )
-                .map_err(os_error("epoll_ctl(timerfd)"))?;
-                Some(fd)
-            }
+            Some(_) => Some(SendTimer::new(&epoll)?),
         };
         let (count, first) = cfg.connections_of(tid);
         let conns = (0..count)
@@ -398,7 +449,6 @@ impl<'a> LoadThread<'a> {
             counters: &shared.counters[tid],
             epoll,
             timer,
-            timer_armed: None,
             conns,
             heap: BinaryHeap::new(),
             rng: thread_rng(cfg.seed, tid),
@@ -418,7 +468,9 @@ impl<'a> LoadThread<'a> {
         while self.live > 0 {
             let now = Instant::now();
             let wake = self.next_wake(now);
-            self.arm_timer(now);
+            if let Some(t) = &mut self.timer {
+                t.arm(self.heap.peek().map(|&Reverse((d, _))| d), now);
+            }
             wait_events(
                 &self.epoll,
                 &mut events,
@@ -428,7 +480,9 @@ impl<'a> LoadThread<'a> {
             for ev in &events {
                 let token = ev.data.u64();
                 if token == TIMER_TOKEN {
-                    self.drain_timer();
+                    if let Some(t) = &mut self.timer {
+                        t.drain();
+                    }
                 } else if let Ok(i) = usize::try_from(token)
                     && i < self.conns.len()
                 {
@@ -457,51 +511,6 @@ impl<'a> LoadThread<'a> {
             wake = wake.min(due);
         }
         wake
-    }
-
-    /// Open loop: the timerfd fires at the next scheduled send with sub-millisecond precision
-    /// (epoll's own timeout has millisecond granularity).
-    fn arm_timer(&mut self, now: Instant) {
-        let Some(timer) = &self.timer else {
-            return;
-        };
-        let due = self.heap.peek().map(|&Reverse((d, _))| d);
-        if due == self.timer_armed {
-            return;
-        }
-        let value = match due {
-            // A zero it_value disarms: use at least 1 ns.
-            Some(d) => Timespec::try_from(
-                d.saturating_duration_since(now)
-                    .max(Duration::from_nanos(1)),
-            )
-            .unwrap_or(Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            }),
-            None => Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-        };
-        let spec = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        if rustix::time::timerfd_settime(timer, TimerfdTimerFlags::empty(), &spec).is_ok() {
-            self.timer_armed = due;
-        }
-    }
-
-    fn drain_timer(&mut self) {
-        if let Some(timer) = &self.timer {
-            let mut buf = [0u8; 8];
-            let _ = rustix::io::read(timer, &mut buf);
-            self.timer_armed = None;
-        }
     }
 
     fn measuring(&self, now: Instant) -> bool {
@@ -672,13 +681,7 @@ impl<'a> LoadThread<'a> {
                     // Behind schedule at the end: the run stops on time; the requests that
                     // were due and never sent are reported, not hidden.
                     if let Some(stop) = self.plan.stop_at {
-                        let measure_start = self.plan.measure_start;
-                        let unsent = (k..)
-                            .map(|k| s.at(k))
-                            .take_while(|&t| t < stop)
-                            .filter(|&t| t >= measure_start)
-                            .count();
-                        self.stats.unsent += unsent as u64;
+                        self.stats.unsent += s.unsent(k, self.plan.measure_start, stop);
                     }
                     self.finish(i);
                     return;

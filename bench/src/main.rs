@@ -74,7 +74,8 @@ struct Cli {
     #[arg(long, value_parser = parse_secs, default_value = "1")]
     warmup: Duration,
     /// Open loop: total requests per second, on a fixed schedule; latency is measured from
-    /// the intended send time (coordinated omission corrected). Default: closed loop.
+    /// the intended send time (coordinated omission corrected). With --protocol ws a
+    /// connection has at most --depth requests in flight. Default: closed loop.
     #[arg(long)]
     rate: Option<f64>,
     /// A request not answered within this is a timeout error.

@@ -37,6 +37,16 @@ impl Schedule {
         self.start + Duration::from_secs_f64(secs)
     }
 
+    /// Requests from the `k`-th on that were due in the measured period (from
+    /// `measure_start`, before `stop`): those a run behind schedule never sent.
+    pub fn unsent(&self, k: u64, measure_start: Instant, stop: Instant) -> u64 {
+        (k..)
+            .map(|k| self.at(k))
+            .take_while(|&t| t < stop)
+            .filter(|&t| t >= measure_start)
+            .count() as u64
+    }
+
     /// Time between two requests of this connection.
     pub fn interval(&self) -> Duration {
         Duration::from_secs_f64((self.connections as f64 / self.rate).min(1.0e10))
@@ -97,5 +107,19 @@ mod tests {
         assert!(l.abs_diff(Duration::from_millis(30)) < Duration::from_nanos(10));
         // Never negative.
         assert_eq!(latency(done, t0), Duration::ZERO);
+    }
+
+    #[test]
+    fn unsent_requests_are_those_due_in_the_measured_period() {
+        let t0 = Instant::now();
+        // Every 10 ms; measured from 25 ms; stop at 100 ms: due at 30, 40, ..., 90.
+        let s = Schedule::new(t0, 100.0, 1, 0);
+        let (from, stop) = (
+            t0 + Duration::from_millis(25),
+            t0 + Duration::from_millis(100),
+        );
+        assert_eq!(s.unsent(0, from, stop), 7);
+        assert_eq!(s.unsent(5, from, stop), 5);
+        assert_eq!(s.unsent(10, from, stop), 0);
     }
 }

@@ -6,7 +6,9 @@
 //! handshake, resumed on each readiness edge); the server's `connect.challenge`; our
 //! `connect` request (protocol 4, a `test` client, `auth.token` when a token is set);
 //! `hello-ok`. Then it keeps `depth` requests in flight (closed loop: each final answer is
-//! followed by a new request), matching answers to requests by id.
+//! followed by a new request), matching answers to requests by id. With `--rate` (open
+//! loop) each connection sends on the run's [`Schedule`] instead, at most `depth` in flight,
+//! and every stage's latency counts from when the request was due.
 //!
 //! A connection acts for one user (the protocol ties a connection to the user its credential
 //! or URL names), drawn with the run's user distribution each time it connects.
@@ -40,9 +42,11 @@ use tungstenite::{Message, WebSocket};
 use crate::BenchError;
 use crate::config::{Config, WsMethod};
 use crate::engine::{
-    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, Shared, connect, os_error, wait_events,
+    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, SendTimer, Shared, TIMER_TOKEN, connect,
+    os_error, wait_events,
 };
 use crate::rpc::{self, Inbound};
+use crate::schedule::Schedule;
 use crate::stats::{ErrorKind, ThreadStats, record};
 use crate::users::{UserPicker, thread_rng};
 use crate::workload::fill;
@@ -76,7 +80,7 @@ enum Phase {
 
 /// A request sent and not finally answered.
 struct Pending {
-    /// When it was written (the latency origin).
+    /// The latency origin: when it was written (closed loop) or due (open loop).
     sent: Instant,
     /// Its timeout.
     deadline: Instant,
@@ -103,7 +107,12 @@ struct Conn {
     last_seq: u64,
     /// Handshake timeout.
     deadline: Instant,
+    /// When the heap next wakes this connection: to reconnect, or (open loop) to send.
     wake_at: Instant,
+    /// Open loop: this connection's send times.
+    schedule: Option<Schedule>,
+    /// Open loop: the number of the next request in the schedule.
+    k: u64,
     /// No more requests will be sent: the run's end or its request count was reached.
     draining: bool,
 }
@@ -125,8 +134,10 @@ pub(crate) struct WsThread<'a> {
     picker: &'a UserPicker,
     counters: &'a Counters,
     epoll: OwnedFd,
+    /// Open loop: fires at the earliest entry of `heap`.
+    timer: Option<SendTimer>,
     conns: Vec<Conn>,
-    /// Reconnect wake-ups: (when, connection).
+    /// Reconnect and open-loop send wake-ups: (when, connection).
     heap: BinaryHeap<Reverse<(Instant, usize)>>,
     rng: SmallRng,
     stats: ThreadStats,
@@ -148,6 +159,10 @@ impl<'a> WsThread<'a> {
         tid: usize,
     ) -> Result<WsThread<'a>, BenchError> {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
+        let timer = match cfg.rate {
+            None => None,
+            Some(_) => Some(SendTimer::new(&epoll)?),
+        };
         let (count, first) = cfg.connections_of(tid);
         // Run ids must not collide with those of another bench run against the same gateway
         // (its users' histories keep them): a random part per run and thread.
@@ -162,6 +177,10 @@ impl<'a> WsThread<'a> {
                 last_seq: 0,
                 deadline: plan.t0,
                 wake_at: plan.t0,
+                schedule: cfg
+                    .rate
+                    .map(|r| Schedule::new(plan.t0, r, cfg.connections, first + i)),
+                k: 0,
                 draining: false,
             })
             .collect();
@@ -172,6 +191,7 @@ impl<'a> WsThread<'a> {
             picker,
             counters: &shared.counters[tid],
             epoll,
+            timer,
             conns,
             heap: BinaryHeap::new(),
             rng: thread_rng(cfg.seed, tid),
@@ -195,13 +215,21 @@ impl<'a> WsThread<'a> {
             if let Some(&Reverse((due, _))) = self.heap.peek() {
                 wake = wake.min(due);
             }
+            if let Some(t) = &mut self.timer {
+                t.arm(self.heap.peek().map(|&Reverse((d, _))| d), now);
+            }
             wait_events(
                 &self.epoll,
                 &mut events,
                 wake.saturating_duration_since(now),
             )?;
             for ev in &events {
-                if let Ok(i) = usize::try_from(ev.data.u64())
+                let token = ev.data.u64();
+                if token == TIMER_TOKEN {
+                    if let Some(t) = &mut self.timer {
+                        t.drain();
+                    }
+                } else if let Ok(i) = usize::try_from(token)
                     && i < self.conns.len()
                 {
                     self.on_event(i, ev.flags);
@@ -215,8 +243,14 @@ impl<'a> WsThread<'a> {
                 self.heap.pop();
                 let c = &self.conns[i];
                 // A stale entry (a later one exists) or a connection already back up.
-                if c.wake_at <= now && matches!(c.phase, Phase::Down) {
+                if c.wake_at > now {
+                    continue;
+                }
+                if matches!(c.phase, Phase::Down) {
                     self.open(i, now);
+                } else if matches!(c.phase, Phase::Ready(_)) && self.fill(i) {
+                    // Open loop: requests came due.
+                    self.flush(i, now);
                 }
             }
             if now >= self.scan_at {
@@ -659,11 +693,9 @@ impl<'a> WsThread<'a> {
                 break;
             }
             let now = Instant::now();
-            let measured = now >= self.plan.measure_start;
-            if self.plan.past_stop(now) || (measured && !self.shared.claim(self.plan)) {
-                self.conns[i].draining = true;
+            let Some((origin, measured)) = self.next_send(i, now) else {
                 break;
-            }
+            };
             self.seq += 1;
             let seq = self.seq;
             let timeout = self.cfg.timeout;
@@ -695,19 +727,20 @@ impl<'a> WsThread<'a> {
                     return false;
                 }
             }
-            let sent = Instant::now();
+            let written = Instant::now();
+            let sent = origin.unwrap_or(written);
             c.pending.insert(
                 n,
                 Pending {
                     sent,
-                    deadline: sent + timeout,
+                    deadline: written + timeout,
                     measured,
                     accepted: false,
                     first_event: false,
                     message,
                 },
             );
-            self.scan_at = self.scan_at.min(sent + timeout);
+            self.scan_at = self.scan_at.min(written + timeout);
         }
         let c = &mut self.conns[i];
         if c.draining && c.pending.is_empty() {
@@ -721,6 +754,51 @@ impl<'a> WsThread<'a> {
             return false;
         }
         true
+    }
+
+    /// Whether connection `i` sends a request now, and if so its intended time (open loop;
+    /// `None` in closed loop, where the latency counts from the write) and whether it is
+    /// measured. Sets `draining` when the run is over for it; in open loop, a request not yet
+    /// due is a wake-up on the heap.
+    fn next_send(&mut self, i: usize, now: Instant) -> Option<(Option<Instant>, bool)> {
+        let plan = self.plan;
+        let c = &mut self.conns[i];
+        let Some(s) = c.schedule else {
+            let measured = now >= plan.measure_start;
+            if plan.past_stop(now) || (measured && !self.shared.claim(plan)) {
+                c.draining = true;
+                return None;
+            }
+            return Some((None, measured));
+        };
+        let due = s.at(c.k);
+        if plan.past_stop(due) {
+            c.draining = true;
+            return None;
+        }
+        if plan.past_stop(now) {
+            // Behind schedule at the end: the run stops on time; the requests that were due
+            // and never sent are reported, not hidden.
+            if let Some(stop) = plan.stop_at {
+                self.stats.unsent += s.unsent(c.k, plan.measure_start, stop);
+            }
+            c.draining = true;
+            return None;
+        }
+        if due > now {
+            if c.wake_at != due {
+                c.wake_at = due;
+                self.heap.push(Reverse((due, i)));
+            }
+            return None;
+        }
+        let measured = due >= plan.measure_start;
+        if measured && !self.shared.claim(plan) {
+            c.draining = true;
+            return None;
+        }
+        c.k += 1;
+        Some((Some(due), measured))
     }
 
     /// The connection failed: its measured requests in flight fail with it (or, with none in
