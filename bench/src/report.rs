@@ -590,13 +590,26 @@ fn render_server_cpu(s: &mut String, cpu: &ServerCpu) {
         cpu.cores,
         cpu.processes.len()
     );
+    // Processes that ended inside another (recycled workers, many in a long run) are one line
+    // per process that holds them.
+    let mut held: BTreeMap<u32, usize> = BTreeMap::new();
     for p in &cpu.processes {
+        if let Some(h) = p.counted_in {
+            *held.entry(h).or_default() += 1;
+        }
+    }
+    for p in cpu.processes.iter().filter(|p| p.counted_in.is_none()) {
         let mut tags = Vec::new();
         if p.born {
             tags.push("started during the run");
         }
         if p.ended {
             tags.push("ended during the run");
+        }
+        let reaped;
+        if let Some(n) = held.get(&p.pid) {
+            reaped = format!("with {n} that ended inside it");
+            tags.push(&reaped);
         }
         let tags = if tags.is_empty() {
             String::new()
@@ -751,25 +764,37 @@ mod tests {
             ticks,
             born: false,
             ended,
+            counted_in: None,
         };
         r.server_cpu = Some(ServerCpu::from_ticks(
             3000,
             100,
             Duration::from_secs(2),
-            vec![p(41, 100, false), p(42, 50, true)],
+            vec![
+                p(41, 100, false),
+                p(42, 50, true),
+                crate::server_cpu::ProcessTicks {
+                    counted_in: Some(41),
+                    ..p(43, 0, true)
+                },
+            ],
             vec![],
         ));
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
         assert_eq!(v["server_cpu"]["seconds"], 1.5);
         assert_eq!(v["server_cpu"]["requests_per_cpu_second"], 2000.0);
-        assert_eq!(v["server_cpu"]["pids"], serde_json::json!([41, 42]));
+        assert_eq!(v["server_cpu"]["pids"], serde_json::json!([41, 42, 43]));
         assert_eq!(v["server_cpu"]["processes"][1]["ended"], true);
+        assert_eq!(v["server_cpu"]["processes"][2]["counted_in"], 41);
         let table = r.render_table();
         assert!(
-            table.contains("1.50 CPU-seconds (0.75 cores busy, 2 processes), 2000.0 requests per server CPU-second"),
+            table.contains("1.50 CPU-seconds (0.75 cores busy, 3 processes), 2000.0 requests per server CPU-second"),
             "{table}"
         );
         assert!(table.contains("pid 42"), "{table}");
+        // One that ended inside another is a count on that one's line.
+        assert!(!table.contains("pid 43"), "{table}");
+        assert!(table.contains("with 1 that ended inside it"), "{table}");
         assert!(table.contains("ended during the run"), "{table}");
         assert!(table.contains("note: 1 process(es) ended"), "{table}");
     }

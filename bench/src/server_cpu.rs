@@ -2,12 +2,19 @@
 //! their live descendants, from `/proc`, read when measuring starts, about once a second
 //! meanwhile, and at the end.
 //!
-//! Why not the processes' `cutime`/`cstime` (their children's times)? Those only grow when a
-//! child is reaped, so a worker alive for the whole run would never be counted. Instead every
-//! process of the tree is read on its own and keyed by (pid, start time), so a recycled pid is
-//! a new process. A process that appears during the run (a respawned worker) counts all its
-//! time if it was born after measuring started; one that ends before the last reading counts
-//! up to the reading before its end (at most about a second is lost, and the report says so).
+//! Every process of the tree is read on its own and keyed by (pid, start time), so a recycled
+//! pid is a new process: `cutime`/`cstime` (the times of reaped children) alone would never
+//! count a worker alive for the whole run. A process that appears during the run (a respawned
+//! worker) counts all its time if it was born after measuring started.
+//!
+//! A process that ends is not lost with its last second: its parent's `cutime`/`cstime` grow by
+//! its whole time (its own reaped children's included) when the parent reaps it, so each
+//! process is counted with the times of the children it reaped, and one that ended within a
+//! tree process that is still there is counted in that one (less what it had used before the
+//! period). A gateway that recycles its workers many times a second is measured whole, even
+//! the workers that lived between two readings. Only a process whose ancestors in the tree all
+//! ended (reparented, reaped outside) is counted up to the last reading before its end, and
+//! the report says so.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -35,6 +42,8 @@ pub struct Stat {
     /// utime + stime in clock ticks (fields 14 and 15: every thread of the process, the
     /// ended ones included, but no child process).
     pub cpu_ticks: u64,
+    /// cutime + cstime (fields 16 and 17): the times of the children it reaped, with theirs.
+    pub children_ticks: u64,
     /// When the process started, in clock ticks since boot (field 22).
     pub start_ticks: u64,
 }
@@ -55,6 +64,7 @@ pub fn parse_stat(line: &str) -> Option<Stat> {
         comm,
         ppid: u32::try_from(field(4)?).ok()?,
         cpu_ticks: field(14)?.checked_add(field(15)?)?,
+        children_ticks: field(16)?.checked_add(field(17)?)?,
         start_ticks: field(22)?,
     })
 }
@@ -82,8 +92,11 @@ pub struct ProcessCpu {
     pub seconds: f64,
     /// It started after measuring did (all its CPU time counts).
     pub born: bool,
-    /// It ended before the last reading: counted up to the reading before its end.
+    /// It ended before the last reading.
     pub ended: bool,
+    /// It ended within the process of this pid (its parent, or the nearest ancestor still
+    /// there), which reaped it: its time is counted there, not here.
+    pub counted_in: Option<u32>,
 }
 
 /// One process's CPU ticks within the period, before conversion.
@@ -93,12 +106,15 @@ pub struct ProcessTicks {
     pub pid: u32,
     /// Its command name.
     pub command: String,
-    /// utime + stime within the period.
+    /// utime + stime within the period, with those of the children it reaped (see the module
+    /// documentation).
     pub ticks: u64,
     /// Started after measuring did.
     pub born: bool,
     /// Ended before the last reading.
     pub ended: bool,
+    /// Ended and reaped within this tree process: counted there.
+    pub counted_in: Option<u32>,
 }
 
 /// The server's CPU over the measured period. Serializes as the report's `server_cpu`.
@@ -135,13 +151,13 @@ impl ServerCpu {
         let wall_seconds = wall.as_secs_f64();
         let ended: Vec<String> = processes
             .iter()
-            .filter(|p| p.ended)
+            .filter(|p| p.ended && p.counted_in.is_none())
             .map(|p| p.pid.to_string())
             .collect();
         if !ended.is_empty() {
             notes.push(format!(
-                "{} process(es) ended during the run (pid {}): counted up to the last reading \
-                 before the end (read about once a second)",
+                "{} process(es) ended during the run outside the measured tree (pid {}): \
+                 counted up to the last reading before the end (read about once a second)",
                 ended.len(),
                 ended.join(", ")
             ));
@@ -164,6 +180,7 @@ impl ServerCpu {
                     seconds: p.ticks as f64 / hz,
                     born: p.born,
                     ended: p.ended,
+                    counted_in: p.counted_in,
                 })
                 .collect(),
             notes,
@@ -259,16 +276,75 @@ pub fn worker_pids(body: &[u8]) -> Result<Vec<u32>, String> {
         .collect())
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Tracked {
     comm: String,
-    /// Ticks at the first reading within the period (0 when born within it).
+    /// Parent pid at the latest reading.
+    ppid: u32,
+    /// Own and reaped children's ticks at the first reading within the period (0 when born
+    /// within it).
     first: u64,
-    /// Ticks at the latest reading.
+    /// Own and reaped children's ticks at the latest reading.
     last: u64,
     born: bool,
     /// Read by the latest scan.
     present: bool,
+}
+
+/// Each tracked process's ticks within the period. A process that ended is counted in the
+/// nearest ancestor still present (whose reaped-children ticks hold its whole time, through
+/// the ended ancestors between them): that ancestor's figure loses what the ended one had
+/// used before the period, and the ended one shows 0. One without such an ancestor keeps its
+/// last reading.
+fn tally(procs: &BTreeMap<(u32, u64), Tracked>) -> Vec<ProcessTicks> {
+    // By pid; a pid seen twice (reused) is the one still present.
+    let mut by_pid: BTreeMap<u32, &Tracked> = BTreeMap::new();
+    for (&(pid, _), t) in procs {
+        if t.present || !by_pid.contains_key(&pid) {
+            by_pid.insert(pid, t);
+        }
+    }
+    let holder = |t: &Tracked| -> Option<u32> {
+        let mut ppid = t.ppid;
+        // The chain is at most as long as the tree; the bound guards a pid cycle of reuse.
+        for _ in 0..=procs.len() {
+            let parent = by_pid.get(&ppid)?;
+            if parent.present {
+                return Some(ppid);
+            }
+            ppid = parent.ppid;
+        }
+        None
+    };
+    let mut before: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut rows: Vec<ProcessTicks> = procs
+        .iter()
+        .map(|(&(pid, _), t)| {
+            let counted_in = if t.present { None } else { holder(t) };
+            if let Some(h) = counted_in {
+                *before.entry(h).or_default() += t.first;
+            }
+            ProcessTicks {
+                pid,
+                command: t.comm.clone(),
+                ticks: match counted_in {
+                    Some(_) => 0,
+                    None => t.last.saturating_sub(t.first),
+                },
+                born: t.born,
+                ended: !t.present,
+                counted_in,
+            }
+        })
+        .collect();
+    for r in &mut rows {
+        if !r.ended
+            && let Some(b) = before.get(&r.pid)
+        {
+            r.ticks = r.ticks.saturating_sub(*b);
+        }
+    }
+    rows
 }
 
 /// Reads the server's CPU time at the start of the measured period, during it and at its
@@ -359,17 +435,7 @@ impl CpuMeter {
         }
         self.scan();
         let wall = self.started.map(|(_, at)| at.elapsed()).unwrap_or_default();
-        let processes = self
-            .procs
-            .iter()
-            .map(|(&(pid, _), t)| ProcessTicks {
-                pid,
-                command: t.comm.clone(),
-                ticks: t.last.saturating_sub(t.first),
-                born: t.born,
-                ended: !t.present,
-            })
-            .collect();
+        let processes = tally(&self.procs);
         ServerCpu::from_ticks(requests, self.ticks_per_s, wall, processes, self.notes)
     }
 
@@ -400,10 +466,12 @@ impl CpuMeter {
             let Some(st) = read_stat(pid) else { continue };
             let key = (pid, st.start_ticks);
             seen.insert(key);
+            let total = st.cpu_ticks.saturating_add(st.children_ticks);
             match self.procs.get_mut(&key) {
                 Some(t) => {
-                    t.last = st.cpu_ticks.max(t.last);
+                    t.last = total.max(t.last);
                     t.comm = st.comm;
+                    t.ppid = st.ppid;
                 }
                 None => {
                     // Born after the first reading (its start tick is at or after it): all its
@@ -414,8 +482,9 @@ impl CpuMeter {
                         key,
                         Tracked {
                             comm: st.comm,
-                            first: if born { 0 } else { st.cpu_ticks },
-                            last: st.cpu_ticks,
+                            ppid: st.ppid,
+                            first: if born { 0 } else { total },
+                            last: total,
                             born,
                             present: true,
                         },
@@ -546,18 +615,15 @@ mod tests {
         let by_pid = |p: u32| cpu.processes.iter().find(|x| x.pid == p);
         let own = by_pid(me).expect("own process counted");
         assert!(!own.born && !own.ended, "{own:?}");
+        // sh reaped sleep, this process reaped sh: both are counted here.
         let sleep = by_pid(grandchild).expect("sleep counted");
         assert!(sleep.born && sleep.ended, "{sleep:?}");
+        assert_eq!(sleep.counted_in, Some(me));
         let sh = by_pid(child.id()).expect("sh counted");
         assert!(sh.born && sh.ended, "{sh:?}");
+        assert_eq!(sh.counted_in, Some(me));
         assert!(cpu.pids.contains(&grandchild));
-        assert!(
-            cpu.notes
-                .iter()
-                .any(|n| n.contains(&grandchild.to_string())),
-            "{:?}",
-            cpu.notes
-        );
+        assert!(cpu.notes.is_empty(), "{:?}", cpu.notes);
         assert!(cpu.seconds > 0.0, "{cpu:?}");
         assert_eq!(cpu.requests_per_cpu_second, Some(1000.0 / cpu.seconds));
     }
@@ -588,7 +654,99 @@ mod tests {
             ticks,
             born,
             ended,
+            counted_in: None,
         }
+    }
+
+    fn tracked(ppid: u32, first: u64, last: u64, present: bool) -> Tracked {
+        Tracked {
+            comm: "p".into(),
+            ppid,
+            first,
+            last,
+            born: first == 0,
+            present,
+        }
+    }
+
+    #[test]
+    fn an_ended_process_is_counted_in_the_ancestor_that_reaped_it() {
+        // 10 (a gateway) reaped 20 (a worker there at the start, 30 ticks then), which had
+        // reaped 21 (born and ended within the period); 10's reaped-children ticks grew by
+        // 20's and 21's whole time. 11 is a worker still running. 40's parent 99 is not in
+        // the tree: it keeps its last reading.
+        let procs: BTreeMap<(u32, u64), Tracked> = [
+            ((10, 1), tracked(1, 500, 500 + 100 + 70 + 20, true)),
+            ((11, 2), tracked(10, 40, 90, true)),
+            ((20, 3), tracked(10, 30, 60, false)),
+            ((21, 4), tracked(20, 0, 5, false)),
+            ((40, 5), tracked(99, 7, 12, false)),
+        ]
+        .into_iter()
+        .collect();
+        let rows = tally(&procs);
+        let row = |pid: u32| rows.iter().find(|r| r.pid == pid).expect("row");
+        // 10: its own 100, plus 20's 70 (100 in all, 30 of it before the period) and 21's 20.
+        assert_eq!(row(10).ticks, 100 + 70 - 30 + 20);
+        assert_eq!((row(10).ended, row(10).counted_in), (false, None));
+        assert_eq!(row(11).ticks, 50);
+        for pid in [20, 21] {
+            assert_eq!(
+                (row(pid).ticks, row(pid).counted_in),
+                (0, Some(10)),
+                "{pid}"
+            );
+            assert!(row(pid).ended);
+        }
+        assert_eq!((row(40).ticks, row(40).counted_in), (5, None));
+        let cpu = ServerCpu::from_ticks(1, 100, Duration::from_secs(1), rows, vec![]);
+        assert_eq!(cpu.notes.len(), 1, "{:?}", cpu.notes);
+        assert!(cpu.notes[0].contains("pid 40"), "{:?}", cpu.notes);
+    }
+
+    #[test]
+    fn a_child_that_lived_between_two_readings_is_counted() {
+        // Once told to, sh runs a CPU-bound child to its end, then sleeps: the child is born
+        // and reaped between the meter's readings, and only sh's reaped-children ticks hold
+        // its time.
+        let mut sh = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "read go; sh -c 'i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done'; sleep 30",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let mut meter = CpuMeter::new(&[sh.id()], &[], None).expect("meter");
+        meter.start();
+        sh.stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"go\n")
+            .expect("tell sh to go");
+        // The burner is done once sh's reaped-children ticks stop being 0 and `sleep` runs.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let reaped = loop {
+            let st = read_stat(sh.id()).expect("sh runs");
+            let sleeping = descendants(sh.id())
+                .iter()
+                .any(|&d| read_stat(d).is_some_and(|s| s.comm == "sleep"));
+            if sleeping && st.children_ticks > 0 {
+                break st.children_ticks;
+            }
+            assert!(Instant::now() < deadline, "the burner never ended");
+            std::thread::yield_now();
+        };
+        let cpu = meter.finish(1);
+        let _ = sh.kill();
+        let _ = sh.wait();
+        // All of the burner's time (it started after the first reading); without the reaped
+        // children's ticks none of it would count (it was never seen running).
+        let hz = rustix::param::clock_ticks_per_second() as f64;
+        assert!(
+            (cpu.seconds * hz).round() >= reaped as f64,
+            "{reaped} ticks reaped, {cpu:?}"
+        );
     }
 
     #[test]
