@@ -193,15 +193,21 @@ fn websocket_connections_authenticate_with_the_token() {
     assert_eq!(ok.requests, 40);
 }
 
-#[test]
-fn websocket_agent_runs_report_their_stages() {
-    let gw = gw::GatewayProc::start(gw::Options::new(2));
-    let mut cfg = config(&gw);
+/// Streamed `agent` runs over 4 WebSocket connections, 2 in flight each, 20 users.
+fn agent_config(gw: &gw::GatewayProc) -> Config {
+    let mut cfg = config(gw);
     cfg.protocol = Protocol::Ws;
     cfg.ws_method = WsMethod::Agent;
     cfg.depth = 2;
     cfg.connections = 4;
     cfg.users = 20;
+    cfg
+}
+
+#[test]
+fn websocket_agent_runs_report_their_stages() {
+    let gw = gw::GatewayProc::start(gw::Options::new(2));
+    let cfg = agent_config(&gw);
     let r = moltbot_bench::run(&cfg).expect("ws agent run");
     assert_ws_clean(&r, &gw);
     assert!(r.requests > 0);
@@ -235,13 +241,8 @@ fn websocket_agent_runs_report_their_stages() {
 #[test]
 fn websocket_agent_runs_in_open_loop_follow_the_schedule() {
     let gw = gw::GatewayProc::start(gw::Options::new(2));
-    let mut cfg = config(&gw);
-    cfg.protocol = Protocol::Ws;
-    cfg.ws_method = WsMethod::Agent;
+    let mut cfg = agent_config(&gw);
     cfg.threads = 1;
-    cfg.connections = 4;
-    cfg.depth = 2;
-    cfg.users = 20;
     // 50 runs a second, measured for 1 s after 200 ms: 50 runs were due in that second (one
     // either side for the rounding of the schedule's boundaries). A closed loop would send
     // thousands.
