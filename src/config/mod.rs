@@ -986,6 +986,14 @@ impl Config {
         d.min(cap)
     }
 
+    /// The highest port the cells of every slot bind (`cell_port_base` is the lowest); above
+    /// 65535 for a configuration that validation refuses.
+    pub fn last_cell_port(&self) -> usize {
+        self.cell_port_base as usize
+            + CELL_PORT_STRIDE as usize * self.worker_count.saturating_sub(1)
+            + CELL_PORT_SPAN as usize
+    }
+
     /// A slot's own request limit from a uniform draw `unit` in [0, 1]: a value in
     /// [max_requests × (1 − jitter), max_requests], at least 1.
     pub fn jittered_max_requests(&self, unit: f64) -> u64 {
@@ -1135,9 +1143,7 @@ impl Config {
                     );
                 }
             }
-            let last = self.cell_port_base as usize
-                + CELL_PORT_STRIDE as usize * (self.worker_count - 1)
-                + CELL_PORT_SPAN as usize;
+            let last = self.last_cell_port();
             if last > u16::MAX as usize {
                 return bad(
                     "cell_port_base",

@@ -181,16 +181,13 @@ fn write_segments(base: &Path, names: &[String]) -> Result<(), PoolError> {
 /// on the machine may take one and keep that slot's cell from starting until it closes.
 fn warn_of_ephemeral_cell_ports(config: &Config) {
     let first = config.cell_port_base;
-    let last = first as usize
-        + crate::config::CELL_PORT_STRIDE as usize * config.worker_count.saturating_sub(1)
-        + crate::config::CELL_PORT_SPAN as usize;
-    let last = last.min(u16::MAX as usize) as u16;
+    let last = config.last_cell_port().min(u16::MAX as usize) as u16;
     if let Some((n, range)) = crate::cell::ephemeral_overlap(first..=last) {
         tracing::warn!(
             "{n} of the cells' ports {first}-{last} are in the kernel's ephemeral port range \
              {}-{} (net.ipv4.ip_local_port_range): an outgoing connection can take one and \
-             keep a cell from starting; keep them below {} (cell_port_base) or reserve the ports in \
-             net.ipv4.ip_local_reserved_ports",
+             keep a cell from starting; keep them below {} (cell_port_base) or reserve the \
+             ports in net.ipv4.ip_local_reserved_ports",
             range.start(),
             range.end(),
             range.start()

@@ -116,13 +116,14 @@ pub fn run_js(script: &str, args: &[&str], timeout: Duration) -> Value {
 /// binding.
 pub fn free_cell_port_base(n: u16) -> u16 {
     let below = moltbot::cell::ephemeral_ports().map_or(32_768, |r| *r.start());
-    let span = 120 * n.max(1) - 9;
+    use moltbot::config::{CELL_PORT_SPAN, CELL_PORT_STRIDE};
+    let span = CELL_PORT_STRIDE * (n.max(1) - 1) + CELL_PORT_SPAN + 1;
     assert!(
         below > 10_000 + span,
         "the ephemeral port range starts at {below}: no room for {n} cells below it"
     );
     (0..400)
         .map(|_| rand::random_range(10_000..below - span))
-        .find(|&p| (0..n).all(|i| moltbot::cell::port_range_free(p + 120 * i)))
+        .find(|&p| (0..n).all(|i| moltbot::cell::port_range_free(p + CELL_PORT_STRIDE * i)))
         .expect("no free port range for the cells below the ephemeral ports")
 }
