@@ -204,6 +204,17 @@ fn agent_config(gw: &gw::GatewayProc) -> Config {
     cfg
 }
 
+/// The agent stages of a run, once every measured run was accepted and streamed an event.
+fn every_run_streamed(r: &Report) -> moltbot_bench::AgentStages {
+    let a =
+        r.ws.as_ref()
+            .and_then(|w| w.agent)
+            .expect("agent stages in the report");
+    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
+    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    a
+}
+
 #[test]
 fn websocket_agent_runs_report_their_stages() {
     let gw = gw::GatewayProc::start(gw::Options::new(2));
@@ -211,13 +222,8 @@ fn websocket_agent_runs_report_their_stages() {
     let r = moltbot_bench::run(&cfg).expect("ws agent run");
     assert_ws_clean(&r, &gw);
     assert!(r.requests > 0);
-    let a =
-        r.ws.as_ref()
-            .and_then(|w| w.agent)
-            .expect("agent stages in the report");
     // Every measured run was accepted and streamed events before its final answer.
-    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
-    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    let a = every_run_streamed(&r);
     assert_eq!(a.runs_without_event, 0);
     assert!(a.events >= 2 * r.requests, "{} events", a.events);
     // The stages in their order: accepted and first event no later than the final answer.
@@ -252,11 +258,6 @@ fn websocket_agent_runs_in_open_loop_follow_the_schedule() {
     assert_eq!(r.config.mode, "open");
     let due = r.requests + r.unsent + r.errors.total();
     assert!((49..=51).contains(&due), "{due} due\n{}", r.render_table());
-    let a =
-        r.ws.as_ref()
-            .and_then(|w| w.agent)
-            .expect("agent stages in the report");
-    assert_eq!(a.accepted, r.requests, "{}", r.render_table());
-    assert_eq!(a.first_event, r.requests, "{}", r.render_table());
+    let a = every_run_streamed(&r);
     assert!(a.first_event_us.p50 <= a.final_us.p50);
 }
