@@ -231,8 +231,31 @@ fn websocket_agent_runs_report_their_stages() {
     assert!(a.accepted_us.p50 <= a.final_us.p50);
     assert!(a.first_event_us.p50 <= a.final_us.p50);
     assert_eq!(a.final_us, r.latency_us);
+    // The loopback floor was measured after the run, and what the gateway adds is the event
+    // delay less it.
+    assert!(
+        a.event_delay > 0 && a.loopback_floor > 0,
+        "{}",
+        r.render_table()
+    );
+    assert!(a.loopback_floor_us.p50 > 0.0);
+    assert_eq!(
+        a.gateway_adds_us.p99,
+        (a.event_delay_us.p99 - a.loopback_floor_us.p99).max(0.0)
+    );
+    assert!(r.render_table().contains("gw adds"), "{}", r.render_table());
 
     let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+    assert!(
+        v["ws"]["agent"]["loopback_floor_us"]["p99"]
+            .as_f64()
+            .is_some()
+    );
+    assert!(
+        v["ws"]["agent"]["gateway_adds_us"]["p50"]
+            .as_f64()
+            .is_some()
+    );
     for stage in ["accepted_us", "first_event_us", "final_us"] {
         for q in ["p50", "p99"] {
             assert!(

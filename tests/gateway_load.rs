@@ -1,14 +1,15 @@
 //! A real gateway process under load and through its lifecycle: many keep-alive connections
 //! over two cores, kill -9 of a worker mid-load (and of a frozen one, and a crash mid-request),
 //! SIGTERM with requests in flight, SIGINT with idle connections or a request held, kill -9 of
-//! the gateway and a restart, idle CPU, the connection limit.
+//! the gateway and a restart, idle CPU (and the spin before a core sleeps), the connection limit.
 //!
 //! Requests are held in flight at a known moment by freezing a worker with SIGSTOP (with a
 //! long stall timeout so that the monitor does not replace it meanwhile), and observed to be
 //! held through `/status` (`activeRequests` + `queuedRequests`).
 //!
 //! Everything is bounded: loops have a fixed count or stop at a flag, waits go through
-//! `gw::wait_until` (generous deadline); the only timing assert is the idle CPU bound.
+//! `gw::wait_until` (generous deadline); the only timing asserts are CPU bounds: idle, and a
+//! core's spin against none, each with wide margins.
 
 mod gw;
 
@@ -1028,6 +1029,54 @@ fn an_idle_gateway_uses_almost_no_cpu() {
         cpu < 0.2 * wall,
         "gateway + 2 workers used {cpu:.2}s of CPU in {wall:.2}s idle"
     );
+}
+
+/// Gateway CPU ticks (the gateway process alone) over 30 echo requests, each followed by a
+/// 20ms pause (load shaping, not synchronisation), for a gateway started with `spin`.
+fn gateway_ticks_over_spaced_requests(spin: &str) -> (u64, Gw) {
+    let g = Gw(GatewayProc::start(Options::new(1).args(&[
+        "--cores",
+        "1",
+        "--gateway-spin",
+        spin,
+    ])));
+    let echo = |g: &Gw| {
+        let r = g.request(
+            "POST",
+            "/v1/echo",
+            &[("x-moltbot-user", "spin")],
+            Some(b"x"),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    };
+    echo(&g);
+    let before = cpu_ticks(g.pid());
+    for _ in 0..30 {
+        echo(&g);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (cpu_ticks(g.pid()) - before, g)
+}
+
+#[test]
+fn a_gateway_core_spins_after_work_for_gateway_spin_then_sleeps() {
+    // Spinning 10ms after each request holds the CPU about 300ms over the 30 requests; a core
+    // that sleeps at once uses a few ms. Generous bounds for a loaded machine.
+    let (quiet, q) = gateway_ticks_over_spaced_requests("0s");
+    drop(q);
+    let (spun, g) = gateway_ticks_over_spaced_requests("10ms");
+    let hz = rustix::param::clock_ticks_per_second();
+    eprintln!("30 spaced requests: {spun} ticks with a 10ms spin, {quiet} without ({hz} Hz)");
+    assert!(
+        spun * 10 >= hz && spun > 2 * quiet + 2,
+        "{spun} ticks spinning vs {quiet} not"
+    );
+    // The spin ends: idle, the spinning gateway sleeps.
+    wait_until("the idle gateway uses no CPU for 400ms", || {
+        let before = cpu_ticks(g.pid());
+        std::thread::sleep(Duration::from_millis(400));
+        cpu_ticks(g.pid()) == before
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

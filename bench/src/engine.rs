@@ -19,7 +19,8 @@ use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, 
 
 use crate::BenchError;
 use crate::config::{Config, Protocol, Stop};
-use crate::report::Report;
+use crate::floor::FloorShape;
+use crate::report::{LatencySummary, Report};
 use crate::response::{ParseError, ResponseReader};
 use crate::schedule::{Schedule, latency};
 use crate::server_cpu::{CpuMeter, StatusSource};
@@ -192,6 +193,16 @@ pub fn run_with_progress(
     let measured = end.saturating_duration_since(measure_start);
     let mut report = Report::new(cfg, merged, measured);
     report.server_cpu = meter.map(|m| m.finish(report.requests));
+    let runs = report.requests;
+    if let Some(a) = report.ws.as_mut().and_then(|w| w.agent.as_mut())
+        && a.event_delay > 0
+    {
+        let shape = FloorShape::of_run(a.event_delay, runs, cfg.connections, measured);
+        let floor = crate::floor::measure(&shape)?;
+        a.loopback_floor = floor.len();
+        a.loopback_floor_us = LatencySummary::from_histogram(&floor);
+        a.gateway_adds_us = a.event_delay_us.less(&a.loopback_floor_us);
+    }
     Ok(report)
 }
 

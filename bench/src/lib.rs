@@ -25,6 +25,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod floor;
 pub mod plot;
 pub mod report;
 pub mod response;

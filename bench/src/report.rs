@@ -68,6 +68,19 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
+    /// `self` less `floor`, figure by figure, none below zero.
+    pub fn less(&self, floor: &LatencySummary) -> LatencySummary {
+        let d = |a: f64, b: f64| (a - b).max(0.0);
+        LatencySummary {
+            p50: d(self.p50, floor.p50),
+            p90: d(self.p90, floor.p90),
+            p99: d(self.p99, floor.p99),
+            p999: d(self.p999, floor.p999),
+            max: d(self.max, floor.max),
+            mean: d(self.mean, floor.mean),
+        }
+    }
+
     /// From a histogram of nanoseconds (all zero when empty).
     pub fn from_histogram(h: &Histogram<u64>) -> LatencySummary {
         if h.is_empty() {
@@ -220,6 +233,14 @@ pub struct AgentStages {
     pub event_delay: u64,
     /// Those events' delays.
     pub event_delay_us: LatencySummary,
+    /// Messages of the loopback floor measured after the run (see [`crate::floor`]): stamped
+    /// bursts shaped like the run's over one loopback connection, no gateway in between.
+    pub loopback_floor: u64,
+    /// Their delays: what one loopback delivery and the client's wake-up cost.
+    pub loopback_floor_us: LatencySummary,
+    /// The event delay less the loopback floor, at each percentile (zero where the floor is
+    /// higher): what the gateway adds to an event.
+    pub gateway_adds_us: LatencySummary,
     /// Events of the runs received before their final answers.
     pub events: u64,
     /// Runs whose final answer came with no event of theirs before it.
@@ -254,6 +275,9 @@ impl WsSummary {
                 final_us,
                 event_delay: ws.event_delay.len(),
                 event_delay_us: LatencySummary::from_histogram(&ws.event_delay),
+                loopback_floor: 0,
+                loopback_floor_us: LatencySummary::default(),
+                gateway_adds_us: LatencySummary::default(),
                 events: ws.run_events,
                 runs_without_event: ws.runs_without_event,
             }),
@@ -471,7 +495,12 @@ impl Report {
                 ("  1st event", &a.first_event_us),
                 ("  final", &a.final_us),
                 ("  event delay", &a.event_delay_us),
+                ("  loopback", &a.loopback_floor_us),
+                ("  gw adds", &a.gateway_adds_us),
             ] {
+                if label == "  loopback" && a.loopback_floor == 0 {
+                    break;
+                }
                 let _ = writeln!(
                     s,
                     "  {:<13}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",

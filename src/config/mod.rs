@@ -180,6 +180,21 @@ config_keys! {
         check: when_set(spin_limit),
     }
 
+    /// How long an idle gateway core spins on its io_uring before it sleeps: a worker's answer
+    /// or event, or a client's request, arriving within that window is taken without waking a
+    /// sleeping thread. By default 50µs when the CPUs outnumber the gateway's cores and the
+    /// workers together, else 0 (a spinning core would hold the CPU the workers need). At most
+    /// 10ms.
+    ///
+    /// Read it through [`Config::gateway_spin`], which applies the default.
+    gateway_spin: Option<Duration> as Duration {
+        default: None,
+        shown: "50µs if CPUs > cores + workers, else 0",
+        aliases: ["gatewaySpin"],
+        flag: gateway("gateway-spin"),
+        check: when_set(spin_limit),
+    }
+
     /// Resident memory above which a worker is recycled gracefully (at least 16MiB). With a
     /// cell it counts the cell's processes too, and the default is 2GiB (a real OpenClaw
     /// gateway is 650–850 MB resident when ready, over 1 GB once used).
@@ -1028,6 +1043,17 @@ impl Config {
         match self.worker_spin {
             Some(d) => d,
             None if cpus > lanes.saturating_add(self.worker_count) => DEFAULT_WORKER_SPIN,
+            None => Duration::ZERO,
+        }
+    }
+
+    /// How long an idle gateway core spins before it sleeps, with `cores` cores on a machine
+    /// with `cpus` CPUs available: `gateway_spin`, or by default [`DEFAULT_WORKER_SPIN`] when
+    /// the CPUs outnumber the cores and workers together, else zero.
+    pub fn gateway_spin(&self, cores: usize, cpus: usize) -> Duration {
+        match self.gateway_spin {
+            Some(d) => d,
+            None if cpus > cores.saturating_add(self.worker_count) => DEFAULT_WORKER_SPIN,
             None => Duration::ZERO,
         }
     }

@@ -399,6 +399,9 @@ mod layers {
             ("worker_spin", "20us", |c| {
                 c.worker_spin == Some(Duration::from_micros(20))
             }),
+            ("gateway_spin", "30us", |c| {
+                c.gateway_spin == Some(Duration::from_micros(30))
+            }),
             ("max_memory", "64MiB", |c| c.max_memory == 64 * MIB),
             ("max_requests", "9", |c| c.max_requests == 9),
             ("max_requests_jitter", "0.5", |c| {
@@ -528,6 +531,7 @@ mod layers {
         let optional = [
             "stall_timeout",
             "worker_spin",
+            "gateway_spin",
             "worker_program",
             "worker_command",
             "worker_read_paths",
@@ -557,7 +561,7 @@ mod layers {
                 "worker_read_paths" => "[\"/opt/a\"]",
                 "cell_env" => "[\"OPENAI_API_KEY\"]",
                 "stall_timeout" => "\"20s\"",
-                "worker_spin" => "\"20us\"",
+                "worker_spin" | "gateway_spin" => "\"20us\"",
                 "worker_address_space" => "\"4GiB\"",
                 "cores" => "2",
                 _ => "\"x\"",
@@ -1288,6 +1292,39 @@ mod layers {
             ..c
         };
         assert_eq!(c.worker_spin(1, 2), Duration::from_micros(200));
+    }
+
+    #[test]
+    fn gateway_spin_defaults_to_zero_unless_every_core_and_worker_has_a_cpu() {
+        let c = Config {
+            worker_count: 3,
+            ..Config::default()
+        };
+        // 1 core + 3 workers on 2 CPUs (this machine) or 4: they share.
+        assert_eq!(c.gateway_spin(1, 2), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 4), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 5), DEFAULT_WORKER_SPIN);
+        assert_eq!(c.gateway_spin(2, 5), Duration::ZERO);
+        let c = Config {
+            gateway_spin: Some(Duration::from_micros(30)),
+            ..c
+        };
+        assert_eq!(c.gateway_spin(1, 2), Duration::from_micros(30));
+        let c = Config {
+            gateway_spin: Some(Duration::ZERO),
+            ..c
+        };
+        assert_eq!(c.gateway_spin(1, 64), Duration::ZERO);
+    }
+
+    #[test]
+    fn gateway_spin_is_at_most_ten_milliseconds() {
+        let long = Config {
+            gateway_spin: Some(Duration::from_millis(11)),
+            ..Config::default()
+        };
+        let e = long.validate().unwrap_err().to_string();
+        assert!(e.contains("gateway_spin") && e.contains("busy loop"), "{e}");
     }
 
     #[test]

@@ -244,6 +244,10 @@ impl Gateway {
             cpus.len(),
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
+        let spin = shared.config.gateway_spin(
+            cpus.len(),
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        );
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -256,6 +260,7 @@ impl Gateway {
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("moltbot-core-{id}"))
                 .io_memory(IO_MEMORY)
+                .spin_before_park(spin)
                 .spawn(move || server::run(setup, tx))
                 .map_err(|e| GatewayError::Executor(id, e.to_string()));
             let handle = match handle {

@@ -15,6 +15,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::frames;
+
 /// One frame waiting to be sent.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
@@ -103,6 +105,30 @@ impl Outbox {
         let f = s.frames.pop_front()?;
         s.bytes = s.bytes.saturating_sub(f.len());
         Some(f)
+    }
+
+    /// Takes queued frames, oldest first, as the text to send, into `out` until their text
+    /// reaches `max_bytes` (at least one frame when any is queued): events are numbered here,
+    /// `seq` being the connection's last number. Returns how many were taken.
+    pub fn pop_batch(&self, seq: &mut u64, max_bytes: usize, out: &mut Vec<String>) -> usize {
+        let mut bytes = 0;
+        let mut taken = 0;
+        while bytes < max_bytes {
+            let Some(next) = self.pop() else {
+                break;
+            };
+            let text = match next {
+                Outgoing::Frame(f) => f,
+                Outgoing::Event { name, payload } => {
+                    *seq += 1;
+                    frames::event_frame(&name, &payload, *seq)
+                }
+            };
+            bytes += text.len();
+            taken += 1;
+            out.push(text);
+        }
+        taken
     }
 
     /// Whether the client fell too far behind.
@@ -275,6 +301,46 @@ mod tests {
                 Outgoing::Frame(f) => f,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_batch_takes_queued_frames_in_order_numbering_the_events() {
+        let o = Outbox::new(0, 1, 1 << 20);
+        o.push(Outgoing::Frame("{\"type\":\"res\"}".into()));
+        for n in 0..3 {
+            o.push(Outgoing::Event {
+                name: Arc::from("agent"),
+                payload: Arc::from(format!("{{\"n\":{n}}}")),
+            });
+        }
+        let (mut seq, mut out) = (7, Vec::new());
+        assert_eq!(o.pop_batch(&mut seq, 1 << 20, &mut out), 4);
+        assert_eq!(seq, 10);
+        assert_eq!(out[0], "{\"type\":\"res\"}");
+        for (i, text) in out[1..].iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(v["payload"]["n"], i as u64);
+            assert_eq!(v["seq"], 8 + i as u64);
+        }
+        assert_eq!(o.bytes(), 0);
+        assert_eq!(o.pop_batch(&mut seq, 1 << 20, &mut out), 0);
+    }
+
+    #[test]
+    fn a_batch_ends_past_its_byte_limit_and_leaves_the_rest_queued() {
+        let o = Outbox::new(0, 1, 1 << 20);
+        for n in 0..10 {
+            o.push(Outgoing::Frame(format!("{n:0>100}")));
+        }
+        let (mut seq, mut out) = (0, Vec::new());
+        // The frame that reaches the limit is the last one taken.
+        assert_eq!(o.pop_batch(&mut seq, 250, &mut out), 3);
+        assert_eq!(o.bytes(), 700);
+        // A limit smaller than one frame still takes one.
+        assert_eq!(o.pop_batch(&mut seq, 1, &mut out), 1);
+        assert_eq!(out.len(), 4);
+        assert!(out[3].ends_with('3'));
+        assert_eq!(seq, 0);
     }
 
     #[test]

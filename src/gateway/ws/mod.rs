@@ -34,6 +34,7 @@ use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_lite::{AsyncWriteExt, StreamExt};
+use futures_util::SinkExt;
 use glommio::net::TcpStream;
 
 use crate::auth::{Principal, Refusal};
@@ -50,6 +51,10 @@ use stream::Metered;
 pub const PRE_AUTH_BYTES: usize = 128 * 1024;
 /// Largest frame accepted before authentication.
 pub const PRE_AUTH_FRAME: usize = 64 * 1024;
+
+/// Bytes of frames encoded before a write: a batch of queued frames goes out in one write
+/// up to this size.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
 /// How often a draining connection checks whether the drain timeout passed.
 const DRAIN_CHECK: Duration = Duration::from_millis(100);
@@ -128,14 +133,20 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
     let cfg = &reactor.shared.config;
     let mut ws_config = WebSocketConfig::default();
     ws_config.read_buffer_size = 4096;
-    ws_config.write_buffer_size = 0;
+    // Frames are encoded into the buffer and written when `flush` ends a batch; the buffer
+    // is written out early only when a batch outgrows it.
+    ws_config.write_buffer_size = WRITE_BATCH_BYTES;
     ws_config.max_message_size = Some(cfg.max_body_bytes);
     ws_config.max_frame_size = Some(cfg.max_body_bytes);
     // The codec queues a pong for each ping while the client does not read them; unbounded,
     // a ping flood grew the gateway by every pong it could not send. Beyond this bound the
     // latest pong replaces the unsent one, and a frame that does not fit ends the connection.
-    // Room for the largest frame sent (the outbox refuses larger), with its header.
-    ws_config.max_write_buffer_size = cfg.ws_max_buffered_bytes.saturating_add(PRE_AUTH_FRAME);
+    // Room for the largest frame sent (the outbox refuses larger), with its header, behind a
+    // batch's worth of frames not yet written.
+    ws_config.max_write_buffer_size = cfg
+        .ws_max_buffered_bytes
+        .saturating_add(PRE_AUTH_FRAME)
+        .saturating_add(WRITE_BATCH_BYTES);
     let budget = Rc::new(Cell::new(Some(PRE_AUTH_BYTES.saturating_sub(early.len()))));
     let metered = Metered::new(stream, budget.clone());
     let ws =
@@ -522,21 +533,22 @@ impl Conn {
     }
 
     /// Sends everything in the outbox, numbering events. A client too far behind is closed.
+    ///
+    /// Frames queued together (a run's burst of events) go out with one write: each is
+    /// encoded into the codec's buffer and the batch is flushed once, so that the last event
+    /// of a burst does not wait for a socket round trip per frame before it.
     async fn flush(&mut self, s: &Session) -> Result<(), End> {
+        let mut batch = Vec::new();
         loop {
             if s.outbox.overflowed() {
                 return Err(End::Close(close::POLICY, "slow consumer"));
             }
-            let Some(next) = s.outbox.pop() else {
+            if s.outbox
+                .pop_batch(&mut self.seq, WRITE_BATCH_BYTES, &mut batch)
+                == 0
+            {
                 return Ok(());
-            };
-            let text = match next {
-                Outgoing::Frame(f) => f,
-                Outgoing::Event { name, payload } => {
-                    self.seq += 1;
-                    frames::event_frame(&name, &payload, self.seq)
-                }
-            };
+            }
             // A client that does not read blocks the send; meanwhile the outbox fills, and
             // once it passes its limit the client is closed. Nothing may fill it (no events,
             // and no requests are read meanwhile): a send whose socket takes no byte for two
@@ -567,9 +579,21 @@ impl Conn {
                     seen = written.get();
                 }
             };
+            let ws = &mut self.ws;
+            let frames = &mut batch;
             let failed = futures_lite::future::or(
                 async {
-                    match self.ws.send(Message::text(text)).await {
+                    let mut sent = Ok(());
+                    for text in frames.drain(..) {
+                        sent = ws.feed(Message::text(text)).await;
+                        if sent.is_err() {
+                            break;
+                        }
+                    }
+                    if sent.is_ok() {
+                        sent = ws.flush().await;
+                    }
+                    match sent {
                         Ok(()) => None,
                         Err(_) if s.outbox.overflowed() => {
                             Some(End::Close(close::POLICY, "slow consumer"))
@@ -583,6 +607,7 @@ impl Conn {
             if let Some(end) = failed {
                 return Err(end);
             }
+            batch.clear();
         }
     }
 
