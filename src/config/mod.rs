@@ -69,11 +69,12 @@ pub const MIN_RING_CAPACITY: u64 = 64 * KIB;
 /// Largest accepted ring capacity.
 pub const MAX_RING_CAPACITY: u64 = GIB;
 
-/// Longest accepted `worker_spin`.
-pub const MAX_WORKER_SPIN: Duration = Duration::from_millis(10);
+/// Longest accepted `worker_spin` and `gateway_spin`.
+pub const MAX_SPIN: Duration = Duration::from_millis(10);
 
-/// `worker_spin` when it is not set and every lane and worker can have a CPU of its own.
-pub const DEFAULT_WORKER_SPIN: Duration = Duration::from_micros(50);
+/// `worker_spin` and `gateway_spin` when they are not set and every gateway core (lane) and
+/// worker can have a CPU of its own.
+pub const DEFAULT_SPIN: Duration = Duration::from_micros(50);
 
 /// Largest accepted worker count.
 pub const MAX_WORKERS: usize = 1024;
@@ -626,12 +627,12 @@ fn worker_memory(m: u64) -> Result<(), String> {
 }
 
 fn spin_limit(d: &Duration) -> Result<(), String> {
-    if *d <= MAX_WORKER_SPIN {
+    if *d <= MAX_SPIN {
         Ok(())
     } else {
         Err(format!(
             "at most {}: a longer spin is a busy loop",
-            humantime::format_duration(MAX_WORKER_SPIN)
+            humantime::format_duration(MAX_SPIN)
         ))
     }
 }
@@ -1037,23 +1038,23 @@ impl Config {
     }
 
     /// How long an idle worker with `lanes` lanes spins before it parks, on a machine with
-    /// `cpus` CPUs available: `worker_spin`, or by default [`DEFAULT_WORKER_SPIN`] when the
+    /// `cpus` CPUs available: `worker_spin`, or by default [`DEFAULT_SPIN`] when the
     /// CPUs outnumber the lanes (gateway cores) and workers together, else zero.
     pub fn worker_spin(&self, lanes: usize, cpus: usize) -> Duration {
         match self.worker_spin {
             Some(d) => d,
-            None if cpus > lanes.saturating_add(self.worker_count) => DEFAULT_WORKER_SPIN,
+            None if cpus > lanes.saturating_add(self.worker_count) => DEFAULT_SPIN,
             None => Duration::ZERO,
         }
     }
 
     /// How long an idle gateway core spins before it sleeps, with `cores` cores on a machine
-    /// with `cpus` CPUs available: `gateway_spin`, or by default [`DEFAULT_WORKER_SPIN`] when
+    /// with `cpus` CPUs available: `gateway_spin`, or by default [`DEFAULT_SPIN`] when
     /// the CPUs outnumber the cores and workers together, else zero.
     pub fn gateway_spin(&self, cores: usize, cpus: usize) -> Duration {
         match self.gateway_spin {
             Some(d) => d,
-            None if cpus > cores.saturating_add(self.worker_count) => DEFAULT_WORKER_SPIN,
+            None if cpus > cores.saturating_add(self.worker_count) => DEFAULT_SPIN,
             None => Duration::ZERO,
         }
     }

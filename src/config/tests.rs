@@ -1280,8 +1280,8 @@ mod layers {
         // 1 lane + 2 workers on 2 CPUs (this machine) or 3: they share.
         assert_eq!(c.worker_spin(1, 2), Duration::ZERO);
         assert_eq!(c.worker_spin(1, 3), Duration::ZERO);
-        assert_eq!(c.worker_spin(1, 4), DEFAULT_WORKER_SPIN);
-        assert_eq!(c.worker_spin(8, 16), DEFAULT_WORKER_SPIN);
+        assert_eq!(c.worker_spin(1, 4), DEFAULT_SPIN);
+        assert_eq!(c.worker_spin(8, 16), DEFAULT_SPIN);
         let c = Config {
             worker_spin: Some(Duration::ZERO),
             ..c
@@ -1303,7 +1303,7 @@ mod layers {
         // 1 core + 3 workers on 2 CPUs (this machine) or 4: they share.
         assert_eq!(c.gateway_spin(1, 2), Duration::ZERO);
         assert_eq!(c.gateway_spin(1, 4), Duration::ZERO);
-        assert_eq!(c.gateway_spin(1, 5), DEFAULT_WORKER_SPIN);
+        assert_eq!(c.gateway_spin(1, 5), DEFAULT_SPIN);
         assert_eq!(c.gateway_spin(2, 5), Duration::ZERO);
         let c = Config {
             gateway_spin: Some(Duration::from_micros(30)),
@@ -1330,7 +1330,7 @@ mod layers {
     #[test]
     fn worker_spin_is_at_most_ten_milliseconds() {
         let ok = Config {
-            worker_spin: Some(MAX_WORKER_SPIN),
+            worker_spin: Some(MAX_SPIN),
             ..Config::default()
         };
         ok.validate().unwrap();
