@@ -295,8 +295,9 @@ impl Monitor {
             }
             for i in 0..self.slots.len() {
                 // A fresh instant per slot: a respawn in an earlier slot's step can block for
-                // long (sandbox.json is fsync'd), and a stale `now` would skew this slot's
-                // deadlines and run times.
+                // long (it writes sandbox.json and empties the sandbox's temp and cache on a
+                // disk that may be busy), and a stale `now` would skew this slot's deadlines
+                // and run times.
                 self.step(i, Instant::now());
             }
         }
@@ -529,8 +530,8 @@ impl Monitor {
         self.notify_lanes();
     }
 
-    /// Starts a process in slot `i`. `decided` is when the monitor decided to; slow sandbox
-    /// writes (fsync'd) lie in between.
+    /// Starts a process in slot `i`. `decided` is when the monitor decided to; the sandbox's
+    /// preparation and record writes (slow on a busy disk) lie in between.
     fn spawn(&mut self, i: usize, reason: RestartReason, decided: Instant) {
         let rt = &mut self.slots[i];
         let slot = rt.slot.clone();
@@ -624,13 +625,13 @@ impl Monitor {
                 }
                 tracing::info!(worker = %slot.worker_id, pid, generation, "spawned ({reason})");
                 // The stall clock starts now, not when the spawn was decided: preparing the
-                // sandbox and recording the start (fsync'd) can take longer than the stall
-                // timeout on a busy disk, and the fresh worker was then killed as stalled
+                // sandbox and recording the start can take longer than the stall timeout on a
+                // busy disk, and the fresh worker was then killed as stalled
                 // before its first heartbeat (found by tests/chaos.rs).
                 let started = Instant::now();
                 let took = started.saturating_duration_since(decided);
                 if took >= self.config.stall_timeout() / 2 {
-                    tracing::warn!(worker = %slot.worker_id, ?took, "slow respawn: the monitor was blocked (a slow disk? sandbox.json is fsync'd)");
+                    tracing::warn!(worker = %slot.worker_id, ?took, "slow respawn: the monitor was blocked (a slow disk? the sandbox is prepared and sandbox.json written before a spawn)");
                 }
                 rt.phase = Phase::Running {
                     heartbeat: h.heartbeat.load(Ordering::Relaxed),
@@ -900,7 +901,7 @@ mod tests {
         (m, name)
     }
 
-    /// A respawn that took longer than the stall timeout (a slow fsync of sandbox.json) must
+    /// A respawn that took longer than the stall timeout (a slow disk under the sandbox) must
     /// not count against the new worker: its stall clock starts when it was spawned.
     #[test]
     fn a_slow_spawn_does_not_make_the_new_worker_look_stalled() {
