@@ -1060,15 +1060,16 @@ fn gateway_ticks_over_spaced_requests(spin: &str) -> (u64, Gw) {
 
 #[test]
 fn a_gateway_core_spins_after_work_for_gateway_spin_then_sleeps() {
-    // Spinning 10ms after each request holds the CPU about 300ms over the 30 requests; a core
-    // that sleeps at once uses a few ms. Generous bounds for a loaded machine.
+    // Spinning 10ms after each request holds the CPU about 300ms over the 30 requests (less
+    // when other threads share the CPU: the spin is measured in wall time); a core that sleeps
+    // at once uses a few ms. The bounds leave room for a machine loaded 6 to 1.
     let (quiet, q) = gateway_ticks_over_spaced_requests("0s");
     drop(q);
     let (spun, g) = gateway_ticks_over_spaced_requests("10ms");
     let hz = rustix::param::clock_ticks_per_second();
     eprintln!("30 spaced requests: {spun} ticks with a 10ms spin, {quiet} without ({hz} Hz)");
     assert!(
-        spun * 10 >= hz && spun > 2 * quiet + 2,
+        spun * 20 >= hz && spun > 2 * quiet + 2,
         "{spun} ticks spinning vs {quiet} not"
     );
     // The spin ends: idle, the spinning gateway sleeps.
