@@ -456,7 +456,7 @@ impl Exposition {
         encoder
             .encode_descriptor(
                 "workers_healthy",
-                "Workers ready or busy",
+                "Workers serving: ready, busy, or being replaced by a recycle",
                 None,
                 MetricType::Gauge,
             )?

@@ -1081,6 +1081,57 @@ fn a_gateway_core_spins_after_work_for_gateway_spin_then_sleeps() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 6b. Readiness through recycles.
+
+#[test]
+fn readyz_stays_ready_while_workers_recycle() {
+    // A worker recycled every 20 requests: its successor starts within milliseconds and the
+    // requests wait for it, so the gateway stays ready for a balancer that health-checks it.
+    // (A crashed or failed worker does make it unready: tests/gateway_http.rs.)
+    let g = Gw(GatewayProc::start(Options::new(1).args(&[
+        "--cores",
+        "1",
+        "--max-requests",
+        "20",
+    ])));
+    wait_until("the gateway is ready", || {
+        g.request("GET", "/readyz", &[], None).status == 200
+    });
+    let done = AtomicBool::new(false);
+    let codes = std::thread::scope(|s| {
+        let load = s.spawn(|| {
+            for _ in 0..600 {
+                let r = g.request(
+                    "POST",
+                    "/v1/echo",
+                    &[("x-moltbot-user", "recycled")],
+                    Some(b"x"),
+                );
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+            done.store(true, Ordering::Release);
+        });
+        let mut codes: BTreeMap<u16, (u64, String)> = BTreeMap::new();
+        while !done.load(Ordering::Acquire) && !load.is_finished() {
+            let r = g.request("GET", "/readyz", &[], None);
+            let seen = codes.entry(r.status).or_insert((0, String::new()));
+            seen.0 += 1;
+            seen.1 = r.text();
+        }
+        load.join().expect("load thread");
+        codes
+    });
+    let st = g.status();
+    let restarts = st["workers"][0]["restarts"].as_u64().unwrap_or(0);
+    // 600 requests at 20 each (less 10% jitter at most): about 30 recycles.
+    assert!(restarts >= 20, "{restarts} recycles: {st}");
+    assert!(
+        codes.keys().all(|&c| c == 200) && codes.get(&200).is_some_and(|c| c.0 > 0),
+        "/readyz answers during {restarts} recycles: {codes:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // 7. The connection limit.
 
 #[test]

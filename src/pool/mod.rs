@@ -395,10 +395,7 @@ impl Pool {
             .collect();
         PoolStatus {
             total_workers: workers.len(),
-            healthy_workers: workers
-                .iter()
-                .filter(|w| matches!(w.state, "ready" | "busy"))
-                .count(),
+            healthy_workers: self.slots.iter().filter(|s| s.serves()).count(),
             busy_workers: workers.iter().filter(|w| w.state == "busy").count(),
             queued_requests: self.slots.iter().map(|s| s.admission.queued()).sum(),
             routing_table_size: self.router.len(),
@@ -447,7 +444,8 @@ impl Drop for Pool {
 pub struct PoolStatus {
     /// Slots.
     pub total_workers: usize,
-    /// Slots ready or busy.
+    /// Slots that serve their users: ready or busy, or being replaced by a recycle (see
+    /// [`Slot::serves`]).
     pub healthy_workers: usize,
     /// Slots at their concurrency limit.
     pub busy_workers: usize,

@@ -381,6 +381,7 @@ impl Monitor {
                         if slot.state() == SlotState::Starting {
                             slot.set_state(SlotState::Ready);
                         }
+                        slot.set_replacing(false);
                         tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
                     }
                 } else if now.duration_since(*heartbeat_at) > stall && ending.is_none() {
@@ -408,6 +409,7 @@ impl Monitor {
                             RestartReason::Recycled(RecycleCause::MaxMemory),
                         ));
                         *recycle_deadline = Some(now + drain);
+                        slot.set_replacing(true);
                         slot.set_state(SlotState::Draining);
                     }
                 }
@@ -420,6 +422,7 @@ impl Monitor {
                         RestartReason::Recycled(RecycleCause::MaxRequests),
                     ));
                     *recycle_deadline = Some(now + drain);
+                    slot.set_replacing(true);
                     slot.set_state(SlotState::Draining);
                 }
                 if let Some(deadline) = recycle_deadline
@@ -492,6 +495,10 @@ impl Monitor {
         slot.stats.cell_pid.store(0, Ordering::Relaxed);
         slot.stats.cell_rss_bytes.store(0, Ordering::Relaxed);
         slot.segment.header().worker_pid.store(0, Ordering::Relaxed);
+        // Only a recycle that ended cleanly stays a planned replacement.
+        slot.set_replacing(
+            kind == ExitKind::Requested && matches!(reason, RestartReason::Recycled(_)),
+        );
         let decision = self.policy.on_exit(&mut rt.restart, &kind, ran, now);
         // The state is set before the epoch is bumped: lanes read it while recovering.
         let epoch = match decision {

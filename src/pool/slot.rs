@@ -2,7 +2,7 @@
 //! the in-process lane): the segment, the lifecycle state, the crash epoch handshake and the
 //! counters behind `/status`.
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -106,6 +106,10 @@ pub struct Slot {
     /// The slot's segment; the same for the life of the pool, whatever the generation.
     pub segment: Segment,
     state: AtomicU8,
+    /// A planned replacement is under way (a recycle at `max_requests` or `max_memory`): the
+    /// slot drains or starts the successor, and its requests wait in the rings and the
+    /// admission queue meanwhile. Cleared when the successor serves or if anything fails.
+    replacing: AtomicBool,
     /// Bumped by the monitor after the slot's process died (or the slot failed): every lane
     /// owner then recovers its lane and acknowledges in `lane_acks` before a successor starts.
     pub epoch: AtomicU64,
@@ -147,6 +151,7 @@ impl Slot {
             worker_id: crate::sandbox::worker_id(id),
             segment,
             state: AtomicU8::new(SlotState::Starting as u8),
+            replacing: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             lane_acks: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
             admission,
@@ -167,6 +172,22 @@ impl Slot {
         self.state.store(s as u8, Ordering::Release);
         if matches!(s, SlotState::Failed | SlotState::Stopped) {
             self.admission.wake_all();
+        }
+    }
+
+    /// Marks a planned replacement as begun or over (monitor only).
+    pub fn set_replacing(&self, on: bool) {
+        self.replacing.store(on, Ordering::Release);
+    }
+
+    /// Whether the slot serves its users: ready or busy, or draining or starting in a planned
+    /// replacement (a recycle takes milliseconds and loses nothing). A slot starting for the
+    /// first time or after a crash, crashed or failed does not.
+    pub fn serves(&self) -> bool {
+        match self.state() {
+            SlotState::Ready | SlotState::Busy => true,
+            SlotState::Draining | SlotState::Starting => self.replacing.load(Ordering::Acquire),
+            _ => false,
         }
     }
 
@@ -280,5 +301,24 @@ mod tests {
         // Made about the successor (even before it was spawned): it stands.
         s.request_kill(1, "successor");
         assert_eq!(s.take_kill_request().as_deref(), Some("successor"));
+    }
+
+    #[test]
+    fn a_slot_serves_when_ready_or_busy_or_in_a_planned_replacement() {
+        use SlotState::*;
+        let (s, _rx) = test_slot(Admission::new(1, 1));
+        let all = [Starting, Ready, Busy, Draining, Stopped, Crashed, Failed];
+        for replacing in [false, true] {
+            s.set_replacing(replacing);
+            for state in all {
+                s.set_state(state);
+                let expected = match state {
+                    Ready | Busy => true,
+                    Starting | Draining => replacing,
+                    _ => false,
+                };
+                assert_eq!(s.serves(), expected, "{state:?}, replacing {replacing}");
+            }
+        }
     }
 }
