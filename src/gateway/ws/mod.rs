@@ -580,11 +580,11 @@ impl Conn {
                 }
             };
             let ws = &mut self.ws;
-            let frames = &mut batch;
+            let queued = &mut batch;
             let failed = futures_lite::future::or(
                 async {
                     let mut sent = Ok(());
-                    for text in frames.drain(..) {
+                    for text in queued.drain(..) {
                         sent = ws.feed(Message::text(text)).await;
                         if sent.is_err() {
                             break;
@@ -607,7 +607,6 @@ impl Conn {
             if let Some(end) = failed {
                 return Err(end);
             }
-            batch.clear();
         }
     }
 
