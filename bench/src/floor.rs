@@ -28,6 +28,11 @@ pub const FLOOR_DURATION: Duration = Duration::from_secs(1);
 /// Longest wait for the last messages after the sender stopped.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Maps an I/O error of `what` (the floor's sockets and threads).
+fn io(what: &'static str) -> impl Fn(std::io::Error) -> BenchError {
+    move |source| BenchError::Os { what, source }
+}
+
 /// The shape of the traffic the floor is measured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FloorShape {
@@ -58,7 +63,6 @@ impl FloorShape {
 /// edge-triggered epoll set (as the load threads read) and returns the delays, in ns, from
 /// each stamp to the reader parsing that message.
 pub fn measure(shape: &FloorShape) -> Result<Histogram<u64>, BenchError> {
-    let io = |what: &'static str| move |source| BenchError::Os { what, source };
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("floor: bind"))?;
     let addr = listener.local_addr().map_err(io("floor: bind"))?;
     // Connected here, before the sender starts: the accept cannot wait for a sender that
@@ -83,7 +87,6 @@ pub fn measure(shape: &FloorShape) -> Result<Histogram<u64>, BenchError> {
 /// The sending side: bursts of `shape.burst` messages, each stamped when written, until
 /// `shape.duration` has passed; then it closes, which ends the reader.
 fn send(mut stream: TcpStream, shape: &FloorShape) -> Result<(), BenchError> {
-    let io = |what: &'static str| move |source| BenchError::Os { what, source };
     stream.set_nodelay(true).map_err(io("floor: nodelay"))?;
     let end = Instant::now() + shape.duration;
     let mut message = [0u8; MESSAGE];
@@ -101,7 +104,6 @@ fn send(mut stream: TcpStream, shape: &FloorShape) -> Result<(), BenchError> {
 /// The reading side: waits on epoll, reads what arrived and records each whole message's
 /// delay, until end-of-file (or [`DRAIN`] past `duration`, the sender's time).
 fn receive(mut stream: TcpStream, duration: Duration) -> Result<Histogram<u64>, BenchError> {
-    let io = |what: &'static str| move |source| BenchError::Os { what, source };
     stream
         .set_nonblocking(true)
         .map_err(io("floor: nonblocking"))?;

@@ -244,10 +244,9 @@ impl Gateway {
             cpus.len(),
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
-        let spin = shared.config.gateway_spin(
-            cpus.len(),
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        );
+        let spin = shared
+            .config
+            .gateway_spin(cpus.len(), crate::pool::monitor::available_cpus());
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();

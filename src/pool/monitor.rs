@@ -851,7 +851,7 @@ fn measure_cell(slot: &Slot, worker: u32) -> u64 {
 }
 
 /// CPUs this process may run on (its affinity mask), which its workers inherit.
-fn available_cpus() -> usize {
+pub(crate) fn available_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
