@@ -3,7 +3,8 @@
 //!
 //! It is a plain thread (not a glommio executor) that sleeps in `poll(2)` on one pidfd per
 //! worker plus its own wake socket, with a timeout of half a heartbeat interval: a crash is
-//! seen at once, a stall within a tick. Workers are spawned from this thread, so their
+//! seen at once, a stall within a tick, a starting worker's readiness within a quarter of the
+//! time it took to start. Workers are spawned from this thread, so their
 //! parent-death signal is tied to a thread that lives as long as the pool.
 //!
 //! After a worker is gone the monitor bumps the slot's epoch and wakes every lane owner; each
@@ -221,6 +222,17 @@ pub struct Monitor {
     commands: crossbeam::channel::Receiver<MonitorRequest>,
 }
 
+/// The shortest wait between two looks at a starting worker.
+const READY_POLL_MIN: Duration = Duration::from_millis(1);
+
+/// How long after a look the monitor looks again at a worker started `age` ago that does not
+/// serve yet: a quarter of its age, from 1 ms up to the tick. A worker is usually up within
+/// milliseconds, and until the monitor sees it the slot counts as down for `/readyz`; one that
+/// takes seconds (an agent program, a cell) costs a few dozen looks, not one per millisecond.
+fn ready_poll(age: Duration, tick: Duration) -> Duration {
+    (age / 4).clamp(READY_POLL_MIN, tick.max(READY_POLL_MIN))
+}
+
 fn describe(status: &ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -303,20 +315,30 @@ impl Monitor {
         }
     }
 
-    /// Sleeps until a worker exits, someone wakes the monitor, or the next tick.
-    fn sleep(&self) {
-        let mut timeout = self.tick();
-        let now = Instant::now();
+    /// How long the monitor may sleep from `now`: until the next tick, a restart that is due,
+    /// or the next look at a worker that has not said it serves yet.
+    fn sleep_timeout(&self, now: Instant) -> Duration {
+        let tick = self.tick();
+        let mut timeout = tick;
         for s in &self.slots {
             let due = match &s.phase {
                 Phase::Waiting { at, .. } => Some(*at),
                 Phase::Failed { until, .. } => Some(*until),
+                Phase::Running {
+                    proc, ready: false, ..
+                } => Some(now + ready_poll(now.saturating_duration_since(proc.started), tick)),
                 _ => None,
             };
             if let Some(due) = due {
                 timeout = timeout.min(due.saturating_duration_since(now));
             }
         }
+        timeout
+    }
+
+    /// Sleeps until a worker exits, someone wakes the monitor, or [`Monitor::sleep_timeout`].
+    fn sleep(&self) {
+        let timeout = self.sleep_timeout(Instant::now());
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(self.slots.len() + 1);
         fds.push(PollFd::new(&self.wake, PollFlags::IN));
         for s in &self.slots {
@@ -369,6 +391,17 @@ impl Monitor {
                     signal(proc.pid, rustix::process::Signal::KILL);
                     *ending = Some((ExitKind::Violation, RestartReason::Protocol(why)));
                 }
+                if !*ready
+                    && ending.is_none()
+                    && h.worker_state.load(Ordering::Acquire) == worker_state::SERVING
+                {
+                    *ready = true;
+                    if slot.state() == SlotState::Starting {
+                        slot.set_state(SlotState::Ready);
+                    }
+                    slot.set_replacing(false);
+                    tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
+                }
                 let hb = h.heartbeat.load(Ordering::Relaxed);
                 if hb != *heartbeat {
                     *heartbeat = hb;
@@ -376,14 +409,6 @@ impl Monitor {
                     slot.stats
                         .last_heartbeat_ms
                         .store(now_ms(), Ordering::Relaxed);
-                    if !*ready && h.worker_state.load(Ordering::Acquire) == worker_state::SERVING {
-                        *ready = true;
-                        if slot.state() == SlotState::Starting {
-                            slot.set_state(SlotState::Ready);
-                        }
-                        slot.set_replacing(false);
-                        tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
-                    }
                 } else if now.duration_since(*heartbeat_at) > stall && ending.is_none() {
                     tracing::error!(
                         worker = %slot.worker_id,
@@ -936,6 +961,75 @@ mod tests {
             "the new worker was killed as stalled before it could heartbeat"
         );
         assert_eq!(m.slots[0].slot.stats.crashes.load(Ordering::Relaxed), 0);
+    }
+
+    /// A starting worker is looked at again soon (a quarter of its age, from 1 ms, up to the
+    /// tick), so that the slot counts as up as soon as its worker serves, not a tick later.
+    #[test]
+    fn a_starting_worker_is_looked_at_again_within_a_quarter_of_its_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, name) = monitor(dir.path());
+        let tick = m.tick();
+        assert_eq!(tick, Duration::from_millis(25));
+        m.spawn(0, RestartReason::Initial, Instant::now());
+        let started = match &m.slots[0].phase {
+            Phase::Running { proc, .. } => proc.started,
+            _ => panic!("the fake worker did not start"),
+        };
+        let at = |ms| m.sleep_timeout(started + Duration::from_millis(ms));
+        let (young, older, old) = (at(0), at(40), at(10_000));
+        m.slots[0]
+            .slot
+            .segment
+            .header()
+            .worker_state
+            .store(worker_state::SERVING, Ordering::Release);
+        m.step(0, Instant::now());
+        let serving = m.sleep_timeout(started + Duration::from_millis(40));
+        m.stop_all(Duration::ZERO);
+        let _ = Segment::unlink(&name);
+        assert_eq!(young, READY_POLL_MIN);
+        assert_eq!(older, Duration::from_millis(10));
+        assert_eq!(old, tick);
+        assert_eq!(serving, tick, "a worker that serves is watched at the tick");
+    }
+
+    /// A worker is ready when it says it serves, without waiting for a heartbeat to change.
+    #[test]
+    fn a_worker_that_says_it_serves_is_ready_at_the_next_look() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, name) = monitor(dir.path());
+        m.spawn(0, RestartReason::Initial, Instant::now());
+        let slot = m.slots[0].slot.clone();
+        m.step(0, Instant::now());
+        let before = slot.state();
+        // The fake worker never heartbeats; only its state says it serves.
+        slot.segment
+            .header()
+            .worker_state
+            .store(worker_state::SERVING, Ordering::Release);
+        m.step(0, Instant::now());
+        let after = slot.state();
+        m.stop_all(Duration::ZERO);
+        let _ = Segment::unlink(&name);
+        assert_eq!(before, SlotState::Starting);
+        assert_eq!(after, SlotState::Ready);
+    }
+
+    #[test]
+    fn ready_polls_grow_with_the_age_of_the_start_up_to_the_tick() {
+        let tick = Duration::from_millis(500);
+        assert_eq!(ready_poll(Duration::ZERO, tick), READY_POLL_MIN);
+        assert_eq!(
+            ready_poll(Duration::from_millis(100), tick),
+            Duration::from_millis(25)
+        );
+        assert_eq!(ready_poll(Duration::from_secs(60), tick), tick);
+        // A tick shorter than the minimum (not configurable today) still gives a valid range.
+        assert_eq!(
+            ready_poll(Duration::from_secs(1), Duration::ZERO),
+            READY_POLL_MIN
+        );
     }
 
     #[test]
