@@ -322,8 +322,10 @@ impl Monitor {
         let mut timeout = tick;
         for s in &self.slots {
             let due = match &s.phase {
-                Phase::Waiting { at, .. } => Some(*at),
-                Phase::Failed { until, .. } => Some(*until),
+                // Until every lane has recovered, the restart waits for their acknowledgement,
+                // which wakes the monitor: no sooner look would find it due.
+                Phase::Waiting { epoch, at, .. } if s.slot.all_lanes_acked(*epoch) => Some(*at),
+                Phase::Failed { epoch, until } if s.slot.all_lanes_acked(*epoch) => Some(*until),
                 Phase::Running {
                     proc, ready: false, ..
                 } => Some(now + ready_poll(now.saturating_duration_since(proc.started), tick)),
@@ -992,6 +994,41 @@ mod tests {
         assert_eq!(older, Duration::from_millis(10));
         assert_eq!(old, tick);
         assert_eq!(serving, tick, "a worker that serves is watched at the tick");
+    }
+
+    /// A due restart waits for every lane to recover; until then the monitor sleeps (the
+    /// acknowledgement wakes it) instead of polling in a loop.
+    #[test]
+    fn a_restart_waiting_for_the_lanes_does_not_make_the_monitor_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut m, name) = monitor(dir.path());
+        let _ = Segment::unlink(&name);
+        let tick = m.tick();
+        let now = Instant::now();
+        let slot = m.slots[0].slot.clone();
+        m.slots[0].phase = Phase::Waiting {
+            epoch: 3,
+            at: now,
+            reason: RestartReason::Exited,
+        };
+        assert_eq!(m.sleep_timeout(now), tick, "not acknowledged: sleep");
+        slot.ack_epoch(0, 3);
+        assert_eq!(
+            m.sleep_timeout(now),
+            Duration::ZERO,
+            "acknowledged: due now"
+        );
+        m.slots[0].phase = Phase::Failed {
+            epoch: 4,
+            until: now,
+        };
+        assert_eq!(m.sleep_timeout(now), tick, "not acknowledged: sleep");
+        slot.ack_epoch(0, 4);
+        assert_eq!(
+            m.sleep_timeout(now),
+            Duration::ZERO,
+            "acknowledged: due now"
+        );
     }
 
     /// A worker is ready when it says it serves, without waiting for a heartbeat to change.

@@ -201,10 +201,12 @@ impl Slot {
         }
     }
 
-    /// Records that `lane` has recovered from `epoch`.
+    /// Records that `lane` has recovered from `epoch` and wakes the monitor, which waits for
+    /// every lane's acknowledgement before it starts the successor.
     pub fn ack_epoch(&self, lane: usize, epoch: u64) {
         if let Some(a) = self.lane_acks.get(lane) {
             a.store(epoch, Ordering::Release);
+            self.monitor_wake.notify();
         }
     }
 
@@ -301,6 +303,20 @@ mod tests {
         // Made about the successor (even before it was spawned): it stands.
         s.request_kill(1, "successor");
         assert_eq!(s.take_kill_request().as_deref(), Some("successor"));
+    }
+
+    #[test]
+    fn an_acknowledged_recovery_wakes_the_monitor() {
+        let (s, rx) = test_slot(Admission::new(1, 1));
+        assert_eq!(rx.drain(), 0);
+        assert!(!s.all_lanes_acked(1));
+        s.ack_epoch(0, 1);
+        assert!(s.all_lanes_acked(1));
+        assert!(rx.drain() > 0, "the monitor is woken");
+        // A lane that does not exist acknowledges nothing and wakes no one.
+        s.ack_epoch(7, 2);
+        assert_eq!(rx.drain(), 0);
+        assert!(!s.all_lanes_acked(2));
     }
 
     #[test]
