@@ -60,6 +60,10 @@ fn closed_and_open_loop_against_a_gateway_with_two_workers() {
             .all(|w| w == "worker-0" || w == "worker-1")
     );
     assert_eq!(closed.users_seen, 100);
+    // The load generator's own CPU over the measured second: two threads sending and reading.
+    let client = closed.client_cpu.as_ref().expect("client CPU measured");
+    assert!(client.seconds > 0.0, "{client:?}");
+    assert!(client.requests_per_cpu_second.is_some(), "{client:?}");
 
     // The gateway assigned exactly the users the bench drew.
     let status = gw.status();

@@ -18,6 +18,7 @@ use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
 
 use crate::BenchError;
+use crate::client_cpu::ClientMeter;
 use crate::config::{Config, Protocol, Stop};
 use crate::floor::FloorShape;
 use crate::report::{LatencySummary, Report};
@@ -81,6 +82,7 @@ pub fn run_with_progress(
     } else {
         None
     };
+    let mut client = ClientMeter::default();
     let template = RequestTemplate::new(cfg);
     let threads = cfg.effective_threads();
     let t0 = Instant::now();
@@ -137,18 +139,23 @@ pub fn run_with_progress(
         let mut next_tick = Instant::now() + Duration::from_secs(1);
         loop {
             let now = Instant::now();
-            // The server's CPU is first read when measuring starts (this loop wakes for it).
-            if let Some(m) = meter.as_mut()
-                && !m.is_started()
-                && now >= measure_start
-            {
-                m.start();
+            // The server's and the client's CPU are first read when measuring starts (this
+            // loop wakes for it).
+            if now >= measure_start {
+                if let Some(m) = meter.as_mut()
+                    && !m.is_started()
+                {
+                    m.start();
+                }
+                if !client.is_started() {
+                    client.start();
+                }
             }
             if finished >= handles.len() {
                 break;
             }
             let mut wake = next_tick;
-            if meter.as_ref().is_some_and(|m| !m.is_started()) {
+            if !client.is_started() {
                 wake = wake.min(measure_start);
             }
             match rx.recv_timeout(wake.saturating_duration_since(now)) {
@@ -193,6 +200,7 @@ pub fn run_with_progress(
     let measured = end.saturating_duration_since(measure_start);
     let mut report = Report::new(cfg, merged, measured);
     report.server_cpu = meter.map(|m| m.finish(report.requests));
+    report.client_cpu = client.finish(report.requests);
     let runs = report.requests;
     if let Some(a) = report.ws.as_mut().and_then(|w| w.agent.as_mut())
         && a.event_delay > 0

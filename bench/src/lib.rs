@@ -23,6 +23,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod client_cpu;
 pub mod config;
 pub mod engine;
 pub mod floor;
@@ -37,6 +38,7 @@ pub mod users;
 pub mod workload;
 pub mod ws;
 
+pub use client_cpu::ClientCpu;
 pub use config::{Config, Dist, Endpoint, Protocol, Stop, Target, WsMethod};
 pub use engine::{Progress, raise_nofile_limit, run, run_with_progress};
 pub use report::{AgentStages, ErrorCounts, LatencySummary, Report, StickyExample, WsSummary};

@@ -7,6 +7,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::client_cpu::ClientCpu;
 use crate::config::{Config, Protocol, Stop, WsMethod};
 use crate::server_cpu::ServerCpu;
 use crate::stats::{Merged, WsStats};
@@ -325,6 +326,10 @@ pub struct Report {
     /// The server's CPU over the measured period (with `--server-pid`/`--server-status`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_cpu: Option<ServerCpu>,
+    /// The load generator's own CPU over the measured period (absent when no measured period
+    /// began, e.g. a run that ended in its warm-up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu: Option<ClientCpu>,
     /// The settings.
     pub config: ConfigSummary,
     /// The merged latency histogram (ns); not serialized.
@@ -360,6 +365,7 @@ impl Report {
             problems: m.problems,
             ws,
             server_cpu: None,
+            client_cpu: None,
             config: ConfigSummary::of(cfg),
             histogram: m.hist,
         }
@@ -464,6 +470,16 @@ impl Report {
         let _ = writeln!(s, "  {:<13}{:.1} req/s", "throughput", self.rps);
         if let Some(cpu) = &self.server_cpu {
             render_server_cpu(&mut s, cpu);
+        }
+        if let Some(cpu) = &self.client_cpu {
+            let per = cpu.requests_per_cpu_second.map_or_else(String::new, |r| {
+                format!(", {r:.1} requests per client CPU-second")
+            });
+            let _ = writeln!(
+                s,
+                "  {:<13}{:.2} CPU-seconds ({:.2} cores busy){per}",
+                "client CPU", cpu.seconds, cpu.cores
+            );
         }
         if c.rate.is_some() {
             let _ = writeln!(
@@ -777,6 +793,30 @@ mod tests {
         assert_eq!(v["percentiles"][50][0], 50.0);
         assert_eq!(v["percentiles"].as_array().map(Vec::len), Some(ps.len()));
         assert!(report(|_| {}).percentiles.is_empty());
+    }
+
+    #[test]
+    fn client_cpu_is_in_the_table_and_the_json_when_measured() {
+        let mut r = report(|t| {
+            t.answered(200, Duration::from_micros(100), Instant::now());
+        });
+        assert!(!r.render_table().contains("client CPU"));
+        r.client_cpu = Some(ClientCpu::of(
+            3000,
+            Duration::from_millis(1500),
+            Duration::from_secs(2),
+        ));
+        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
+        assert_eq!(v["client_cpu"]["seconds"], 1.5);
+        assert_eq!(v["client_cpu"]["requests_per_cpu_second"], 2000.0);
+        assert_eq!(v["client_cpu"]["cores"], 0.75);
+        let table = r.render_table();
+        assert!(
+            table.contains(
+                "client CPU   1.50 CPU-seconds (0.75 cores busy), 2000.0 requests per client CPU-second"
+            ),
+            "{table}"
+        );
     }
 
     #[test]
