@@ -6,13 +6,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-/// CPU time of this process, every thread included.
-fn process_cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+/// The time a CPU-time clock reads (this process's, or this thread's).
+fn cpu_time(clock: rustix::time::ClockId) -> Duration {
+    let t = rustix::time::clock_gettime(clock);
     Duration::new(
         t.tv_sec.max(0) as u64,
         t.tv_nsec.clamp(0, 999_999_999) as u32,
     )
+}
+
+/// CPU time of this process, every thread included.
+fn process_cpu() -> Duration {
+    cpu_time(rustix::time::ClockId::ProcessCPUTime)
 }
 
 /// Reads this process's CPU time when measuring starts and when it ends.
@@ -92,12 +97,8 @@ mod tests {
         // Work on another thread counts too: the load threads are not the one that reads.
         // It spins until it has used 50 ms of CPU itself, however loaded the machine is.
         let spun = std::thread::spawn(|| {
-            let thread_cpu = || {
-                let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-                Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-            };
             let mut x = 0u64;
-            while thread_cpu() < Duration::from_millis(50) {
+            while cpu_time(rustix::time::ClockId::ThreadCPUTime) < Duration::from_millis(50) {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
             x

@@ -1006,29 +1006,27 @@ mod tests {
         let tick = m.tick();
         let now = Instant::now();
         let slot = m.slots[0].slot.clone();
-        m.slots[0].phase = Phase::Waiting {
-            epoch: 3,
-            at: now,
-            reason: RestartReason::Exited,
-        };
-        assert_eq!(m.sleep_timeout(now), tick, "not acknowledged: sleep");
-        slot.ack_epoch(0, 3);
-        assert_eq!(
-            m.sleep_timeout(now),
-            Duration::ZERO,
-            "acknowledged: due now"
-        );
-        m.slots[0].phase = Phase::Failed {
-            epoch: 4,
-            until: now,
-        };
-        assert_eq!(m.sleep_timeout(now), tick, "not acknowledged: sleep");
-        slot.ack_epoch(0, 4);
-        assert_eq!(
-            m.sleep_timeout(now),
-            Duration::ZERO,
-            "acknowledged: due now"
-        );
+        let phases = [
+            Phase::Waiting {
+                epoch: 3,
+                at: now,
+                reason: RestartReason::Exited,
+            },
+            Phase::Failed {
+                epoch: 4,
+                until: now,
+            },
+        ];
+        for (epoch, phase) in [3, 4].into_iter().zip(phases) {
+            m.slots[0].phase = phase;
+            assert_eq!(m.sleep_timeout(now), tick, "not acknowledged: sleep");
+            slot.ack_epoch(0, epoch);
+            assert_eq!(
+                m.sleep_timeout(now),
+                Duration::ZERO,
+                "acknowledged: due now"
+            );
+        }
     }
 
     /// A worker is ready when it says it serves, without waiting for a heartbeat to change.
