@@ -184,13 +184,16 @@ config_keys! {
     /// How long an idle gateway core spins on its io_uring before it sleeps: a worker's answer
     /// or event, or a client's request, arriving within that window is taken without waking a
     /// sleeping thread. By default 50µs when the CPUs outnumber the gateway's cores and the
-    /// workers together, else 0 (a spinning core would hold the CPU the workers need). At most
+    /// workers together; else 50µs while WebSocket requests are in flight on the core (a run's
+    /// events come back one by one) when the CPUs outnumber the cores, and 0 otherwise (a
+    /// spinning core would hold the CPU the workers need). Set, it holds at all times. At most
     /// 10ms.
     ///
-    /// Read it through [`Config::gateway_spin`], which applies the default.
+    /// Read it through [`Config::gateway_spin`] and [`Config::gateway_stream_spin`], which
+    /// apply the default.
     gateway_spin: Option<Duration> as Duration {
         default: None,
-        shown: "50µs if CPUs > cores + workers, else 0",
+        shown: "50µs if CPUs > cores + workers; else, if CPUs > cores, 50µs while WebSocket requests are in flight; else 0",
         aliases: ["gatewaySpin"],
         flag: gateway("gateway-spin"),
         check: when_set(spin_limit),
@@ -1055,6 +1058,17 @@ impl Config {
         match self.gateway_spin {
             Some(d) => d,
             None if cpus > cores.saturating_add(self.worker_count) => DEFAULT_SPIN,
+            None => Duration::ZERO,
+        }
+    }
+
+    /// How long a gateway core spins before it sleeps while WebSocket requests are in flight on
+    /// it: `gateway_spin`, or by default [`DEFAULT_SPIN`] when the CPUs outnumber the cores (a
+    /// worker then has a CPU to answer on while the core spins), else zero.
+    pub fn gateway_stream_spin(&self, cores: usize, cpus: usize) -> Duration {
+        match self.gateway_spin {
+            Some(d) => d,
+            None if cpus > cores => DEFAULT_SPIN,
             None => Duration::ZERO,
         }
     }

@@ -1318,6 +1318,27 @@ mod layers {
     }
 
     #[test]
+    fn gateway_stream_spin_defaults_to_the_spin_wherever_a_cpu_is_left_beside_the_cores() {
+        let c = Config {
+            worker_count: 3,
+            ..Config::default()
+        };
+        // 1 core on 2 CPUs (this machine): a worker answers on the other CPU.
+        assert_eq!(c.gateway_stream_spin(1, 2), DEFAULT_SPIN);
+        assert_eq!(c.gateway_stream_spin(2, 2), Duration::ZERO);
+        assert_eq!(c.gateway_stream_spin(1, 1), Duration::ZERO);
+        assert_eq!(c.gateway_stream_spin(2, 64), DEFAULT_SPIN);
+        for set in [Duration::ZERO, Duration::from_micros(30)] {
+            let c = Config {
+                gateway_spin: Some(set),
+                ..c.clone()
+            };
+            assert_eq!(c.gateway_stream_spin(1, 2), set);
+            assert_eq!(c.gateway_stream_spin(1, 64), set);
+        }
+    }
+
+    #[test]
     fn gateway_spin_is_at_most_ten_milliseconds() {
         let long = Config {
             gateway_spin: Some(Duration::from_millis(11)),

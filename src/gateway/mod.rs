@@ -16,6 +16,7 @@ pub mod notify;
 pub mod reactor;
 pub mod server;
 pub mod shared;
+pub mod spin;
 pub mod ws;
 
 use std::net::{IpAddr, SocketAddr};
@@ -244,9 +245,9 @@ impl Gateway {
             cpus.len(),
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
-        let spin = shared
-            .config
-            .gateway_spin(cpus.len(), crate::pool::monitor::available_cpus());
+        let available = crate::pool::monitor::available_cpus();
+        let idle_spin = shared.config.gateway_spin(cpus.len(), available);
+        let stream_spin = shared.config.gateway_stream_spin(cpus.len(), available);
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();
@@ -255,11 +256,12 @@ impl Gateway {
                 endpoint,
                 shared: shared.clone(),
                 addr,
+                spin: spin::Spin::new(idle_spin, stream_spin),
             };
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("moltbot-core-{id}"))
                 .io_memory(IO_MEMORY)
-                .spin_before_park(spin)
+                .spin_before_park(idle_spin)
                 .spawn(move || server::run(setup, tx))
                 .map_err(|e| GatewayError::Executor(id, e.to_string()));
             let handle = match handle {

@@ -17,6 +17,7 @@ use crate::error::RouteError;
 use crate::gateway::first_sight::FirstSight;
 use crate::gateway::notify::{Latch, Notify};
 use crate::gateway::shared::Shared;
+use crate::gateway::spin::Spin;
 use crate::metrics::CoreMetrics;
 use crate::pool::call::Call;
 use crate::pool::dispatch::{Dispatch, Step};
@@ -50,11 +51,13 @@ pub struct Reactor {
     pub ws_conns: RefCell<HashMap<u64, Rc<Notify>>>,
     /// Numbers this core's WebSocket connections.
     pub next_ws_conn: Cell<u64>,
+    /// How long the core spins before it parks; longer while streamed requests are in flight.
+    pub spin: Spin,
 }
 
 impl Reactor {
     /// The reactor of core `id`, with its lane in every slot.
-    pub fn new(id: usize, shared: Arc<Shared>, mut lanes: LaneSet) -> Reactor {
+    pub fn new(id: usize, shared: Arc<Shared>, mut lanes: LaneSet, spin: Spin) -> Reactor {
         // Workers are woken once per pump round for everything submitted in it.
         lanes.set_defer_wakes(true);
         Reactor {
@@ -75,6 +78,7 @@ impl Reactor {
             first_sight: Rc::default(),
             ws_conns: RefCell::default(),
             next_ws_conn: Cell::new(1),
+            spin,
         }
     }
 

@@ -12,6 +12,7 @@ use glommio::net::{TcpListener, UnixStream};
 use crate::error::RouteError;
 use crate::gateway::reactor::{self, Reactor};
 use crate::gateway::shared::Shared;
+use crate::gateway::spin::Spin;
 use crate::pool::LaneEndpoint;
 
 /// Accepts connections until a stop begins.
@@ -81,6 +82,8 @@ pub struct CoreSetup {
     pub shared: Arc<Shared>,
     /// Where to listen.
     pub addr: SocketAddr,
+    /// How long the core spins before it parks (the executor is built with its idle spin).
+    pub spin: Spin,
 }
 
 /// The body of a core's executor: listen, accept, serve; on a stop wait for its connections
@@ -91,6 +94,7 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
         endpoint,
         shared,
         addr,
+        spin,
     } = setup;
     let listener = match TcpListener::bind(addr) {
         Ok(l) => l,
@@ -102,7 +106,7 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
     let local = listener.local_addr().unwrap_or(addr);
     let lane = endpoint.lane;
     let control: UnixStream = moltbot_ipc::wake::adopt_fd(endpoint.wake.into_owned_fd());
-    let reactor = Rc::new(Reactor::new(id, shared.clone(), endpoint.set));
+    let reactor = Rc::new(Reactor::new(id, shared.clone(), endpoint.set, spin));
     for slot in shared.pool.slots() {
         glommio::spawn_local(reactor::wake_reader(reactor.clone(), slot.clone(), lane)).detach();
     }

@@ -36,7 +36,12 @@ pub(super) struct Run {
 
 impl Run {
     pub(super) async fn run(self) {
+        // The worker's answers and events come back while the core spins (see `Spin`): an
+        // event emitted soon after the request, or after the previous event, is taken without
+        // waking the core.
+        let streaming = self.reactor.spin.stream();
         self.serve().await;
+        drop(streaming);
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
         self.wake.notify();
     }
