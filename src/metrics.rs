@@ -194,6 +194,8 @@ pub struct CoreMetrics {
     connections_rejected: AtomicU64,
     /// Refused credentials, by [`Refusal::index`].
     auth_refusals: [AtomicU64; AUTH_REASONS],
+    /// 1 while the core spins before it sleeps, else 0.
+    spinning: AtomicI64,
 }
 
 /// Reasons a credential is refused (the label of `moltbot_auth_failures_total`).
@@ -210,6 +212,7 @@ impl Default for CoreMetrics {
             connections_accepted: AtomicU64::new(0),
             connections_rejected: AtomicU64::new(0),
             auth_refusals: zeroed(),
+            spinning: AtomicI64::new(0),
         }
     }
 }
@@ -250,6 +253,11 @@ impl CoreMetrics {
         self.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Whether the core now spins before it sleeps.
+    pub fn set_spinning(&self, spinning: bool) {
+        self.spinning.store(i64::from(spinning), Ordering::Relaxed);
+    }
+
     /// A connection was refused (too many connections on this core).
     pub fn connection_rejected(&self) {
         self.connections_rejected.fetch_add(1, Ordering::Relaxed);
@@ -271,6 +279,7 @@ impl CoreMetrics {
             *sum += a.load(Ordering::Relaxed);
         }
         t.in_flight += self.in_flight.load(Ordering::Relaxed);
+        t.spinning += self.spinning.load(Ordering::Relaxed);
         t.connections_open += self.connections_open.load(Ordering::Relaxed);
         t.connections_accepted += self.connections_accepted.load(Ordering::Relaxed);
         t.connections_rejected += self.connections_rejected.load(Ordering::Relaxed);
@@ -300,6 +309,7 @@ struct Totals {
     latency_buckets: [u64; ENDPOINTS * BUCKETS],
     latency_sum_us: [u64; ENDPOINTS],
     in_flight: i64,
+    spinning: i64,
     connections_open: i64,
     connections_accepted: u64,
     connections_rejected: u64,
@@ -313,6 +323,7 @@ impl Default for Totals {
             latency_buckets: [0; ENDPOINTS * BUCKETS],
             latency_sum_us: [0; ENDPOINTS],
             in_flight: 0,
+            spinning: 0,
             connections_open: 0,
             connections_accepted: 0,
             connections_rejected: 0,
@@ -389,6 +400,15 @@ impl Exposition {
                 MetricType::Gauge,
             )?
             .encode_gauge(&t.in_flight.max(0))?;
+        encoder
+            .encode_descriptor(
+                "gateway_spinning_cores",
+                "Gateway cores that spin on their io_uring before they sleep, now (gateway_spin; \
+                 by default where each has a CPU, or while WebSocket requests are in flight)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&t.spinning.max(0))?;
         encoder
             .encode_descriptor(
                 "connections_open",
@@ -846,6 +866,15 @@ mod tests {
         assert_eq!(value(&s, "moltbot_connections_open", &[]), 2.0);
         assert_eq!(value(&s, "moltbot_connections_accepted_total", &[]), 3.0);
         assert_eq!(value(&s, "moltbot_connections_rejected_total", &[]), 1.0);
+        assert_eq!(value(&s, "moltbot_gateway_spinning_cores", &[]), 0.0);
+        cores[0].set_spinning(true);
+        cores[1].set_spinning(true);
+        cores[1].set_spinning(true);
+        let s = parse(&encode(&cores, &pool(&[]), &INFO));
+        assert_eq!(value(&s, "moltbot_gateway_spinning_cores", &[]), 2.0);
+        cores[1].set_spinning(false);
+        let s = parse(&encode(&cores, &pool(&[]), &INFO));
+        assert_eq!(value(&s, "moltbot_gateway_spinning_cores", &[]), 1.0);
 
         // A core that finished more than it started never shows a negative gauge.
         let unbalanced = Arc::new(CoreMetrics::new());

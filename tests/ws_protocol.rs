@@ -516,3 +516,50 @@ fn upgrades_that_cannot_be_served_get_an_http_answer() {
     assert_eq!(gw::status_of(&raw), 400, "no key");
     serves_fresh_client(&g, None, "up");
 }
+
+/// The `moltbot_gateway_spinning_cores` gauge of `g`.
+fn spinning_cores(g: &GatewayProc) -> f64 {
+    let text = g.request("GET", "/metrics", &[], None).text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("moltbot_gateway_spinning_cores "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no moltbot_gateway_spinning_cores in\n{text}"))
+}
+
+#[test]
+fn a_core_spins_while_a_websocket_request_is_in_flight_and_sleeps_after() {
+    // One core and as many workers as CPUs: no CPU for a core of its own, so it does not spin
+    // when idle; it spins while a request is in flight wherever a CPU is left beside it.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let agent = format!(
+        "/usr/bin/python3 {}/tests/agents/faulty_agent.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    // The agent answers no health check while it sleeps: a stall timeout far beyond the sleep.
+    let g = GatewayProc::start_overriding(
+        Options::new(cpus).args(&["--cores", "1", "--worker-command", &agent]),
+        &[("--stall-timeout", "60s")],
+    );
+    let while_in_flight = if cpus > 1 { 1.0 } else { 0.0 };
+    assert_eq!(spinning_cores(&g), 0.0);
+
+    let mut ws = open(&g, "/?user=alice", &[]);
+    hello(&mut ws, None);
+    // The agent answers after 5 s: long enough to scrape while it is in flight.
+    send(
+        &mut ws,
+        &req("slow", "echo", Some(json!({"fault": "slow", "ms": 5000}))),
+    );
+    gw::wait_until("the core to spin while the request is in flight", || {
+        spinning_cores(&g) == while_in_flight
+    });
+    let res = next_res(&mut ws, "slow");
+    assert_eq!(res["ok"], true, "{res}");
+    gw::wait_until("the core to stop spinning after the answer", || {
+        spinning_cores(&g) == 0.0
+    });
+    // After a request answered at once it sleeps again too.
+    send(&mut ws, &req("h", "health", None));
+    assert_eq!(next_res(&mut ws, "h")["ok"], true);
+    assert_eq!(spinning_cores(&g), 0.0);
+}

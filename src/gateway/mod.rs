@@ -256,7 +256,7 @@ impl Gateway {
                 endpoint,
                 shared: shared.clone(),
                 addr,
-                spin: spin::Spin::new(idle_spin, stream_spin),
+                spin: spin::Spin::new(idle_spin, stream_spin, shared.metrics[id].clone()),
             };
             let handle = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("moltbot-core-{id}"))

@@ -14,7 +14,10 @@
 //! first event is emitted, and adds 49–65 µs at p99 instead of 34–43.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::metrics::CoreMetrics;
 
 /// One core's spin before it parks. Lives on the core's executor thread, which it changes.
 #[derive(Debug)]
@@ -25,17 +28,26 @@ pub struct Spin {
     streaming: Duration,
     /// WebSocket requests in flight on this core.
     streams: Cell<usize>,
+    /// The core's metrics, which show whether it spins.
+    metrics: Arc<CoreMetrics>,
 }
 
 impl Spin {
     /// A core that spins `idle` before it parks, `streaming` while WebSocket requests are in
     /// flight. The executor starts with `idle`.
-    pub fn new(idle: Duration, streaming: Duration) -> Spin {
+    pub fn new(idle: Duration, streaming: Duration, metrics: Arc<CoreMetrics>) -> Spin {
+        metrics.set_spinning(!idle.is_zero());
         Spin {
             idle,
             streaming,
             streams: Cell::new(0),
+            metrics,
         }
+    }
+
+    fn set(&self, d: Duration) {
+        glommio::executor().set_spin_before_park((!d.is_zero()).then_some(d));
+        self.metrics.set_spinning(!d.is_zero());
     }
 
     /// Counts a WebSocket request as in flight on this core until the guard is dropped; the
@@ -44,7 +56,7 @@ impl Spin {
         let n = self.streams.get();
         self.streams.set(n + 1);
         if n == 0 && self.streaming != self.idle {
-            set_executor_spin(self.streaming);
+            self.set(self.streaming);
         }
         Streaming(self)
     }
@@ -60,13 +72,9 @@ impl Drop for Streaming<'_> {
         let n = spin.streams.get().saturating_sub(1);
         spin.streams.set(n);
         if n == 0 && spin.streaming != spin.idle {
-            set_executor_spin(spin.idle);
+            spin.set(spin.idle);
         }
     }
-}
-
-fn set_executor_spin(d: Duration) {
-    glommio::executor().set_spin_before_park((!d.is_zero()).then_some(d));
 }
 
 #[cfg(test)]
@@ -108,7 +116,7 @@ mod tests {
         let parks = bound_executor()
             .spawn(|| async {
                 // A spin far longer than each wait: while streaming the core never parks.
-                let spin = Spin::new(Duration::ZERO, Duration::from_secs(1));
+                let spin = Spin::new(Duration::ZERO, Duration::from_secs(1), Arc::default());
                 let idle_before = parks_over_timers(WAITS).await;
                 let streaming = {
                     let _first = spin.stream();
@@ -134,7 +142,11 @@ mod tests {
         bound_executor()
             .spin_before_park(Duration::from_secs(1))
             .spawn(|| async {
-                let spin = Spin::new(Duration::from_micros(50), Duration::from_micros(50));
+                let spin = Spin::new(
+                    Duration::from_micros(50),
+                    Duration::from_micros(50),
+                    Arc::default(),
+                );
                 drop(spin.stream());
                 // The builder's spin is untouched: timers far shorter than it never park.
                 assert!(parks_over_timers(50).await < 25);
