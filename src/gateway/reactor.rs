@@ -51,7 +51,7 @@ pub struct Reactor {
     pub ws_conns: RefCell<HashMap<u64, Rc<Notify>>>,
     /// Numbers this core's WebSocket connections.
     pub next_ws_conn: Cell<u64>,
-    /// How long the core spins before it parks; longer while streamed requests are in flight.
+    /// How long the core spins before it parks; longer while WebSocket requests are in flight.
     pub spin: Spin,
 }
 
