@@ -1222,6 +1222,9 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
+    /// The duration `latency_preemption_timeout_src` was armed with, when it is a
+    /// preemption timer (not a sleeping executor's user timer).
+    latency_preemption_armed: Cell<Option<Duration>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1353,6 +1356,7 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
+            latency_preemption_armed: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1814,22 +1818,42 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // A preemption timer that has not fired and has the wanted duration is kept
+        // when we will not sleep (a preemption timer is wanted): re-arming it at every
+        // loop costs a cancellation, a new timeout and a submission each, to move the
+        // preemption point by the length of one loop. Otherwise the old timer is
+        // cancelled: if we will sleep, a timer left registered would wake us up when
+        // it expires.
+        let preempt = preempt_timer();
+        let kept_latency_timer = match self.latency_preemption_timeout_src.take() {
+            Some(src)
+                if preempt.is_some()
+                    && self.latency_preemption_armed.get() == preempt
+                    && src.result().is_none() =>
+            {
+                Some(src)
+            }
+            old => {
+                drop(old);
+                self.latency_preemption_armed.set(None);
+                None
+            }
+        };
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // The throughput-based timeout likewise stays until it fires; it is scheduled
+        // immediately otherwise: it won't matter if we end up sleeping.
+        let throughput_timer = match self.throughput_preemption_timeout_src.take() {
+            Some(src) if src.result().is_none() => src,
+            old => {
+                drop(old);
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                )
+            }
+        };
+        self.throughput_preemption_timeout_src
+            .set(Some(throughput_timer));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1841,7 +1865,7 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1879,10 +1903,16 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
+        if let Some(preempt) = preempt {
+            match kept_latency_timer {
+                Some(src) => self.latency_preemption_timeout_src.set(Some(src)),
+                None => {
+                    self.latency_preemption_timeout_src
+                        .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                    self.latency_preemption_armed.set(Some(preempt));
+                    flush_rings!(lat_ring, main_ring)?;
+                }
+            }
         }
 
         // A Note about `need_preempt`:
