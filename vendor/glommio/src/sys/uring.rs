@@ -1840,20 +1840,15 @@ impl Reactor {
             }
         };
 
-        // The throughput-based timeout likewise stays until it fires; it is scheduled
-        // immediately otherwise: it won't matter if we end up sleeping.
-        let throughput_timer = match self.throughput_preemption_timeout_src.take() {
-            Some(src) if src.result().is_none() => src,
-            old => {
-                drop(old);
-                main_ring.prepare_throughput_preemption_timer(
-                    self.ring_depth() as u32,
-                    self.eventfd_src.raw(),
-                )
-            }
-        };
-        self.throughput_preemption_timeout_src
-            .set(Some(throughput_timer));
+        // Schedule the throughput-based timeout immediately: it won't matter if we end
+        // up sleeping. (It counts completions from now: kept across loops it would fire
+        // every `ring_depth` completions, and those wake-ups showed in the tail latency.)
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
+                self.ring_depth() as u32,
+                self.eventfd_src.raw(),
+            ),
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
