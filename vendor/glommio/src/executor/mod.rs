@@ -2472,6 +2472,9 @@ impl ExecutorProxy {
         LOCAL_EX.with(|local_ex| local_ex.queues.borrow_mut().spin_before_park = spin);
 
         #[cfg(feature = "native-tls")]
+        // SAFETY: as in the other `ExecutorProxy` methods: `LOCAL_EX` points to the
+        // executor running on this thread for as long as it runs, and is null otherwise
+        // (`as_ref` then gives `None`).
         unsafe {
             LOCAL_EX
                 .as_ref()
