@@ -138,6 +138,14 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_outside_a_running_executor_changes_nothing_and_does_not_panic() {
+        // As for a run's task dropped with its executor at a stop.
+        let metrics = Arc::new(CoreMetrics::default());
+        let spin = Spin::new(Duration::ZERO, Duration::from_micros(50), metrics);
+        drop(spin.stream());
+    }
+
+    #[test]
     fn equal_spins_leave_the_executor_alone() {
         bound_executor()
             .spin_before_park(Duration::from_secs(1))

@@ -2466,22 +2466,21 @@ impl ExecutorProxy {
     /// Changes how long this executor spins before it parks (see
     /// [`LocalExecutorBuilder::spin_before_park`]); `None` parks at once. Takes
     /// effect at the executor's next park. Unlike the builder's setting, it also
-    /// applies to an executor that is not bound to a CPU.
+    /// applies to an executor that is not bound to a CPU. Outside a running
+    /// executor (a task dropped after its executor ended) there is nothing to
+    /// change, and it does nothing.
     pub fn set_spin_before_park(&self, spin: Option<Duration>) {
         #[cfg(not(feature = "native-tls"))]
-        LOCAL_EX.with(|local_ex| local_ex.queues.borrow_mut().spin_before_park = spin);
+        if LOCAL_EX.is_set() {
+            LOCAL_EX.with(|local_ex| local_ex.queues.borrow_mut().spin_before_park = spin);
+        }
 
         #[cfg(feature = "native-tls")]
         // SAFETY: as in the other `ExecutorProxy` methods: `LOCAL_EX` points to the
         // executor running on this thread for as long as it runs, and is null otherwise
         // (`as_ref` then gives `None`).
-        unsafe {
-            LOCAL_EX
-                .as_ref()
-                .expect("this thread doesn't have a LocalExecutor running")
-                .queues
-                .borrow_mut()
-                .spin_before_park = spin;
+        if let Some(local_ex) = unsafe { LOCAL_EX.as_ref() } {
+            local_ex.queues.borrow_mut().spin_before_park = spin;
         }
     }
 
