@@ -105,7 +105,7 @@ mod tests {
     async fn parks_over_timers(n: u32) -> i64 {
         let before = voluntary_switches();
         for _ in 0..n {
-            sleep(Duration::from_micros(200)).await;
+            sleep(Duration::from_millis(1)).await;
         }
         voluntary_switches() - before
     }
@@ -131,10 +131,12 @@ mod tests {
             .join()
             .unwrap();
         let (idle_before, streaming, idle_after) = parks;
-        // Each idle wait parks the thread; a spinning thread only loses the CPU involuntarily.
-        assert!(idle_before >= i64::from(WAITS), "{parks:?}");
-        assert!(idle_after >= i64::from(WAITS), "{parks:?}");
-        assert!(streaming < i64::from(WAITS) / 2, "{parks:?}");
+        // An idle wait parks the thread (unless it was preempted for the whole wait before it
+        // could park, as happens on a loaded machine); a spinning thread never blocks.
+        let waits = i64::from(WAITS);
+        assert!(idle_before >= waits / 2, "{parks:?}");
+        assert!(idle_after >= waits / 2, "{parks:?}");
+        assert!(streaming <= waits / 10, "{parks:?}");
     }
 
     #[test]
@@ -157,7 +159,7 @@ mod tests {
                 );
                 drop(spin.stream());
                 // The builder's spin is untouched: timers far shorter than it never park.
-                assert!(parks_over_timers(50).await < 25);
+                assert!(parks_over_timers(50).await <= 5);
             })
             .unwrap()
             .join()
