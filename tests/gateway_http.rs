@@ -11,8 +11,8 @@ use std::io::Write;
 use std::net::TcpStream;
 
 use gw::{
-    GatewayProc, HttpResponse, Options, RawResponse, parse_responses, raw_request, read_response,
-    read_until_closed, run_moltbot, write_bytewise,
+    GatewayProc, HttpResponse, Options, RawResponse, metric, parse_responses, raw_request,
+    read_response, read_until_closed, run_moltbot, write_bytewise,
 };
 use serde_json::{Value, json};
 
@@ -169,29 +169,6 @@ fn next_response(what: &str, s: &mut TcpStream) -> gw::Response {
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
     gw::header_of(headers, name)
-}
-
-/// The value of the OpenMetrics sample `name{labels...}` (labels in any order).
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-        if n != name {
-            return None;
-        }
-        let label_text = rest.strip_suffix('}')?;
-        let have: Vec<&str> = if label_text.is_empty() {
-            Vec::new()
-        } else {
-            label_text.split(',').collect()
-        };
-        let all = labels
-            .iter()
-            .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
-        (all && have.len() == labels.len())
-            .then(|| value.parse().ok())
-            .flatten()
-    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -520,9 +520,7 @@ fn upgrades_that_cannot_be_served_get_an_http_answer() {
 /// The `moltbot_gateway_spinning_cores` gauge of `g`.
 fn spinning_cores(g: &GatewayProc) -> f64 {
     let text = g.request("GET", "/metrics", &[], None).text();
-    text.lines()
-        .find_map(|l| l.strip_prefix("moltbot_gateway_spinning_cores "))
-        .and_then(|v| v.trim().parse().ok())
+    gw::metric(&text, "moltbot_gateway_spinning_cores", &[])
         .unwrap_or_else(|| panic!("no moltbot_gateway_spinning_cores in\n{text}"))
 }
 

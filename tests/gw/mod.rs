@@ -929,3 +929,26 @@ impl Client {
         matches!(self.r.read(&mut b), Ok(0) | Err(_))
     }
 }
+
+/// The value of the OpenMetrics sample `name{labels...}` (labels in any order).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+        if n != name {
+            return None;
+        }
+        let label_text = rest.strip_suffix('}')?;
+        let have: Vec<&str> = if label_text.is_empty() {
+            Vec::new()
+        } else {
+            label_text.split(',').collect()
+        };
+        let all = labels
+            .iter()
+            .all(|(k, v)| have.contains(&format!("{k}=\"{v}\"").as_str()));
+        (all && have.len() == labels.len())
+            .then(|| value.parse().ok())
+            .flatten()
+    })
+}
