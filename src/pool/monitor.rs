@@ -401,6 +401,11 @@ impl Monitor {
                     if slot.state() == SlotState::Starting {
                         slot.set_state(SlotState::Ready);
                     }
+                    // Saying it serves is a sign of life seen now: `/status` never shows a
+                    // ready worker that was never seen alive (`lastHeartbeat` 0).
+                    slot.stats
+                        .last_heartbeat_ms
+                        .store(now_ms(), Ordering::Relaxed);
                     slot.set_replacing(false);
                     tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
                 }
@@ -1045,10 +1050,12 @@ mod tests {
             .store(worker_state::SERVING, Ordering::Release);
         m.step(0, Instant::now());
         let after = slot.state();
+        let seen_alive = slot.stats.last_heartbeat_ms.load(Ordering::Relaxed);
         m.stop_all(Duration::ZERO);
         let _ = Segment::unlink(&name);
         assert_eq!(before, SlotState::Starting);
         assert_eq!(after, SlotState::Ready);
+        assert!(seen_alive > 0, "a ready worker was seen alive");
     }
 
     #[test]
