@@ -165,7 +165,7 @@ impl GatewayRouter {
         if running.is_some() {
             return Ok(());
         }
-        let (pool, mut endpoints) = Pool::start(self.config.clone(), 1)?;
+        let (pool, mut endpoints) = Pool::start(self.config.clone(), 1, None)?;
         let own = endpoints.remove(0);
         let inproc = Arc::new(InProcess {
             set: Mutex::new(own.set),

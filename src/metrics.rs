@@ -727,6 +727,7 @@ mod tests {
             crashes: id as u64 + 1,
             error_count: id as u64 + 7,
             generation: 1,
+            cpus: None,
             cell: None,
         }
     }

@@ -46,6 +46,7 @@ fn spec(root: &Path) -> CellSpec {
         port: node::free_cell_port_base(1),
         token,
         env_allow: Vec::new(),
+        cpus: Vec::new(),
     }
 }
 

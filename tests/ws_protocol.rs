@@ -526,8 +526,9 @@ fn spinning_cores(g: &GatewayProc) -> f64 {
 
 #[test]
 fn a_core_spins_while_a_websocket_request_is_in_flight_and_sleeps_after() {
-    // One core and as many workers as CPUs: no CPU for a core of its own, so it does not spin
-    // when idle; it spins while a request is in flight wherever a CPU is left beside it.
+    // One core and as many workers as CPUs, placed anywhere: no CPU for a core of its own, so
+    // it does not spin when idle; it spins while a request is in flight wherever a CPU is left
+    // beside it. (Workers placed beside the core make it spin at all times: tests/placement.rs.)
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let agent = format!(
         "/usr/bin/python3 {}/tests/agents/faulty_agent.py",
@@ -535,7 +536,14 @@ fn a_core_spins_while_a_websocket_request_is_in_flight_and_sleeps_after() {
     );
     // The agent answers no health check while it sleeps: a stall timeout far beyond the sleep.
     let g = GatewayProc::start_overriding(
-        Options::new(cpus).args(&["--cores", "1", "--worker-command", &agent]),
+        Options::new(cpus).args(&[
+            "--cores",
+            "1",
+            "--worker-placement",
+            "any",
+            "--worker-command",
+            &agent,
+        ]),
         &[("--stall-timeout", "60s")],
     );
     let while_in_flight = if cpus > 1 { 1.0 } else { 0.0 };

@@ -104,6 +104,37 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// Makes the child of `cmd` start on `cpus` only (its CPU affinity, which its threads and
+/// children inherit). The mask is set in the child before `exec`, so no thread of the program
+/// ever runs elsewhere. Advisory: a CPU the child may not use (a cpuset of the cgroup) leaves
+/// its inherited affinity as it was rather than failing the start. An empty list changes
+/// nothing.
+pub fn run_on_cpus(cmd: &mut Command, cpus: &[usize]) {
+    let Some(set) = cpu_set(cpus) else {
+        return;
+    };
+    // SAFETY: runs between fork and exec, where only async-signal-safe calls are allowed: one
+    // sched_setaffinity system call on a mask built before the fork (no allocation, no lock).
+    unsafe {
+        cmd.pre_exec(move || {
+            let _ = rustix::thread::sched_setaffinity(None, &set);
+            Ok(())
+        });
+    }
+}
+
+/// The affinity mask of `cpus`, or `None` if the list is empty or names no CPU the mask can
+/// hold.
+pub fn cpu_set(cpus: &[usize]) -> Option<rustix::thread::CpuSet> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        if c < rustix::thread::CpuSet::MAX_CPU {
+            set.set(c);
+        }
+    }
+    (set.count() > 0).then_some(set)
+}
+
 /// The most descendants [`descendants`] visits: a process that forks without end must not make
 /// its observer read `/proc` without end.
 pub const MAX_DESCENDANTS: usize = 1024;
@@ -190,6 +221,42 @@ mod tests {
         let n = a.as_raw_fd() as u32;
         super::cloexec_by_fcntl(n, n).unwrap();
         assert!(flags(&a).contains(rustix::io::FdFlags::CLOEXEC));
+    }
+
+    /// The CPUs a child started through `restrict` may run on (`Cpus_allowed_list`).
+    fn child_cpus(restrict: impl FnOnce(&mut std::process::Command)) -> String {
+        let mut cmd = std::process::Command::new("grep");
+        cmd.args(["-h", "^Cpus_allowed_list:", "/proc/self/status"]);
+        restrict(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .trim_start_matches("Cpus_allowed_list:")
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn a_child_starts_on_the_cpus_it_is_given() {
+        let mine = rustix::thread::sched_getaffinity(None).unwrap();
+        let allowed: Vec<usize> = (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&c| mine.is_set(c))
+            .collect();
+        let last = *allowed.last().unwrap();
+        // Without it the child has this thread's CPUs (the premise).
+        let all = child_cpus(|_| {});
+        if allowed.len() > 1 {
+            assert_ne!(all, last.to_string());
+        }
+        assert_eq!(
+            child_cpus(|c| super::run_on_cpus(c, &[last])),
+            last.to_string()
+        );
+        // An empty list, or CPUs beyond what a mask holds, leave the affinity alone.
+        assert_eq!(child_cpus(|c| super::run_on_cpus(c, &[])), all);
+        assert!(super::cpu_set(&[usize::MAX]).is_none());
+        // This thread's own affinity is untouched.
+        assert_eq!(rustix::thread::sched_getaffinity(None).unwrap(), mine);
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub struct CellSpec {
     /// Names of this process's environment variables passed to the cell on purpose (model
     /// API keys); absent ones are skipped. Nothing else of the environment is passed.
     pub env_allow: Vec<String>,
+    /// The CPUs the cell runs on (empty: this process's own).
+    pub cpus: Vec<usize>,
 }
 
 /// Why a cell could not be started, reached or stopped.
@@ -234,6 +236,7 @@ impl Cell {
             .process_group(0);
         moltbot_ipc::process::die_with_parent(&mut cmd);
         moltbot_ipc::process::inherit_only(&mut cmd, &[]);
+        moltbot_ipc::process::run_on_cpus(&mut cmd, &spec.cpus);
         let child = cmd.spawn().map_err(|source| CellError::Spawn {
             program: spec.node.clone(),
             source,
@@ -675,6 +678,7 @@ mod tests {
             port: 20000,
             token: "t0ken".into(),
             env_allow: vec!["ANTHROPIC_API_KEY".into()],
+            cpus: vec![],
         }
     }
 

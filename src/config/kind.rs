@@ -398,6 +398,45 @@ impl Kind<CellMode> for CellKind {
     }
 }
 
+/// Where worker processes run (`worker_placement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WorkerPlacement {
+    /// Where the workers share the CPUs with the gateway's cores: a light worker beside the
+    /// cores, a busy one and the programs workers start on the other CPUs; else anywhere.
+    #[default]
+    Auto,
+    /// Wherever the scheduler puts them.
+    Any,
+}
+
+/// The worker placement: `auto` or `any`.
+#[derive(Debug)]
+pub struct PlacementKind;
+
+impl Kind<WorkerPlacement> for PlacementKind {
+    const NAME: &'static str = "auto | any";
+    const VALUE_NAME: &'static str = "auto|any";
+    const EXPECTED: &'static str = "\"auto\" or \"any\"";
+
+    fn parse(s: &str) -> Result<WorkerPlacement, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(WorkerPlacement::Auto),
+            "any" => Ok(WorkerPlacement::Any),
+            other => Err(format!("{other:?}: expected \"auto\" or \"any\"")),
+        }
+    }
+
+    fn to_toml(v: &WorkerPlacement) -> Option<Value> {
+        Some(Value::String(
+            match v {
+                WorkerPlacement::Auto => "auto",
+                WorkerPlacement::Any => "any",
+            }
+            .into(),
+        ))
+    }
+}
+
 /// An IP address (`127.0.0.1`, `::1`).
 #[derive(Debug)]
 pub struct Address;

@@ -49,7 +49,9 @@ use serde::{Deserialize, Serialize};
 
 pub use declare::{Flag, FlagGroup, Key, KindInfo, Source, Sources};
 use declare::{at_least, config_keys, gateway, pool, positive, when_set, within};
-pub use kind::{CellMode, Cores, format_size, parse_command, parse_duration, parse_size};
+pub use kind::{
+    CellMode, Cores, WorkerPlacement, format_size, parse_command, parse_duration, parse_size,
+};
 
 /// 1 KiB.
 const KIB: u64 = 1 << 10;
@@ -181,10 +183,39 @@ config_keys! {
         check: when_set(spin_limit),
     }
 
+    /// Where worker processes run. `auto`: when the CPUs do not outnumber the gateway's cores
+    /// and the workers together (so workers share CPUs with the cores anyway), a worker runs
+    /// on the cores' CPUs while it is light, where a request handed over its ring is served
+    /// without waking another CPU, and on the other CPUs while it keeps more than
+    /// `worker_busy_share` of a CPU busy, where it does not take the cores' time from other
+    /// users' requests; the programs workers start (`worker_command`, cells) run on the other
+    /// CPUs. Otherwise, and with `any`, wherever the scheduler puts them. `/status` shows
+    /// each worker's side.
+    worker_placement: WorkerPlacement as PlacementKind {
+        default: WorkerPlacement::Auto,
+        aliases: ["workerPlacement"],
+        flag: pool("worker-placement"),
+    }
+
+    /// With `worker_placement = auto`: the share of one CPU (over a second) above which a
+    /// worker moves off the gateway cores' CPUs; it comes back below two fifths of it.
+    worker_busy_share: f64 as Float {
+        default: 0.5,
+        aliases: ["workerBusyShare"],
+        flag: pool("worker-busy-share").value_name("F"),
+        check: |&f| if f.is_finite() && f > 0.0 && f <= 1.0 {
+            Ok(())
+        } else {
+            Err(format!("{f} must be above 0 and at most 1 (a share of one CPU)"))
+        },
+    }
+
     /// How long an idle gateway core spins on its io_uring before it sleeps: a worker's answer
     /// or event, or a client's request, arriving within that window is taken without waking a
     /// sleeping thread. By default 50µs when the CPUs outnumber the gateway's cores and the
-    /// workers together; else 50µs while WebSocket requests are in flight on the core (a run's
+    /// workers together, or when the workers run beside the cores (`worker_placement`: a
+    /// worker the core wakes takes the CPU from the spinning core); else 50µs while WebSocket
+    /// requests are in flight on the core (a run's
     /// events come back one by one) when the CPUs outnumber the cores, and 0 otherwise (a
     /// spinning core would hold the CPU the workers need). Set, it holds at all times. At most
     /// 10ms.
@@ -193,7 +224,7 @@ config_keys! {
     /// apply the default.
     gateway_spin: Option<Duration> as Duration {
         default: None,
-        shown: "50µs if CPUs > cores + workers; else, if CPUs > cores, 50µs while WebSocket requests are in flight; else 0",
+        shown: "50µs if CPUs > cores + workers or workers run beside the cores; else, if CPUs > cores, 50µs while WebSocket requests are in flight; else 0",
         aliases: ["gatewaySpin"],
         flag: gateway("gateway-spin"),
         check: when_set(spin_limit),
@@ -1052,11 +1083,15 @@ impl Config {
     }
 
     /// How long an idle gateway core spins before it sleeps, with `cores` cores on a machine
-    /// with `cpus` CPUs available: `gateway_spin`, or by default [`DEFAULT_SPIN`] when
-    /// the CPUs outnumber the cores and workers together, else zero.
-    pub fn gateway_spin(&self, cores: usize, cpus: usize) -> Duration {
+    /// with `cpus` CPUs available, the workers placed beside the cores or not
+    /// (`worker_placement`): `gateway_spin`, or by default [`DEFAULT_SPIN`] when the CPUs
+    /// outnumber the cores and workers together, or when the workers run beside the cores
+    /// (a worker woken by the core then takes the CPU from the spinning core, and the clients
+    /// have the other CPUs), else zero.
+    pub fn gateway_spin(&self, cores: usize, cpus: usize, workers_beside: bool) -> Duration {
         match self.gateway_spin {
             Some(d) => d,
+            None if workers_beside => DEFAULT_SPIN,
             None if cpus > cores.saturating_add(self.worker_count) => DEFAULT_SPIN,
             None => Duration::ZERO,
         }
@@ -1064,7 +1099,8 @@ impl Config {
 
     /// How long a gateway core spins before it sleeps while WebSocket requests are in flight on
     /// it: `gateway_spin`, or by default [`DEFAULT_SPIN`] when the CPUs outnumber the cores (a
-    /// worker then has a CPU to answer on while the core spins), else zero.
+    /// worker then has a CPU to answer on while the core spins, or takes the core's when
+    /// placed beside it), else zero.
     pub fn gateway_stream_spin(&self, cores: usize, cpus: usize) -> Duration {
         match self.gateway_spin {
             Some(d) => d,

@@ -399,6 +399,10 @@ mod layers {
             ("worker_spin", "20us", |c| {
                 c.worker_spin == Some(Duration::from_micros(20))
             }),
+            ("worker_placement", "any", |c| {
+                c.worker_placement == WorkerPlacement::Any
+            }),
+            ("worker_busy_share", "0.25", |c| c.worker_busy_share == 0.25),
             ("gateway_spin", "30us", |c| {
                 c.gateway_spin == Some(Duration::from_micros(30))
             }),
@@ -1295,26 +1299,32 @@ mod layers {
     }
 
     #[test]
-    fn gateway_spin_defaults_to_zero_unless_every_core_and_worker_has_a_cpu() {
+    fn gateway_spin_defaults_to_zero_unless_every_core_and_worker_has_a_cpu_or_workers_are_beside()
+    {
         let c = Config {
             worker_count: 3,
             ..Config::default()
         };
         // 1 core + 3 workers on 2 CPUs (this machine) or 4: they share.
-        assert_eq!(c.gateway_spin(1, 2), Duration::ZERO);
-        assert_eq!(c.gateway_spin(1, 4), Duration::ZERO);
-        assert_eq!(c.gateway_spin(1, 5), DEFAULT_SPIN);
-        assert_eq!(c.gateway_spin(2, 5), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 2, false), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 4, false), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 5, false), DEFAULT_SPIN);
+        assert_eq!(c.gateway_spin(2, 5, false), Duration::ZERO);
+        // Sharing, but with the workers placed beside the cores.
+        assert_eq!(c.gateway_spin(1, 2, true), DEFAULT_SPIN);
+        assert_eq!(c.gateway_spin(1, 4, true), DEFAULT_SPIN);
         let c = Config {
             gateway_spin: Some(Duration::from_micros(30)),
             ..c
         };
-        assert_eq!(c.gateway_spin(1, 2), Duration::from_micros(30));
+        assert_eq!(c.gateway_spin(1, 2, false), Duration::from_micros(30));
+        assert_eq!(c.gateway_spin(1, 2, true), Duration::from_micros(30));
         let c = Config {
             gateway_spin: Some(Duration::ZERO),
             ..c
         };
-        assert_eq!(c.gateway_spin(1, 64), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 64, false), Duration::ZERO);
+        assert_eq!(c.gateway_spin(1, 2, true), Duration::ZERO);
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::config::{Config, Cores};
 use crate::gateway::server::CoreSetup;
 use crate::gateway::shared::Shared;
 pub use crate::gateway::shared::StopMode;
+use crate::pool::placement;
 use crate::pool::{Pool, PoolError};
 
 /// Bytes of io_uring-registered memory per core. The gateway does socket I/O only, which
@@ -233,7 +234,8 @@ impl Gateway {
             .map_err(|e| GatewayError::Config(format!("users file watcher: {e}")))?;
 
         let config = Arc::new(config);
-        let (pool, endpoints) = Pool::start(config.clone(), cpus.len())?;
+        let placement = placement::Placement::new(&config, &cpus, &placement::allowed_cpus());
+        let (pool, endpoints) = Pool::start(config.clone(), cpus.len(), placement.clone())?;
         if let Err(e) = pool.wait_ready(START_TIMEOUT) {
             pool.stop(Duration::ZERO);
             return Err(e.into());
@@ -246,7 +248,9 @@ impl Gateway {
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
         let available = crate::pool::monitor::available_cpus();
-        let idle_spin = shared.config.gateway_spin(cpus.len(), available);
+        let idle_spin = shared
+            .config
+            .gateway_spin(cpus.len(), available, placement.is_some());
         let stream_spin = shared.config.gateway_stream_spin(cpus.len(), available);
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {

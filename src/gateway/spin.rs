@@ -6,8 +6,10 @@
 //! arrive one by one until its final answer, and each event's delay is what the client sees,
 //! so while WebSocket requests are in flight the core spins wherever it does not take the only
 //! CPU ([`crate::config::Config::gateway_stream_spin`]). Otherwise it keeps its idle spin,
-//! which is zero where the cores and workers do not each have a CPU: under HTTP load a spinning
-//! core holds the CPU the workers need to answer.
+//! which is zero where the cores and workers do not each have a CPU and the workers may run
+//! anywhere: under HTTP load a spinning core holds the CPU the workers need to answer. (With
+//! the workers beside the cores, a worker the core wakes takes the CPU from the spinning core,
+//! and the core spins at all times: [`crate::config::Config::gateway_spin`].)
 //!
 //! Whether the spin starts at the request or at the run's `accepted` answer was measured
 //! (`tools/event-latency`): from `accepted` the core is often still waking for it when the

@@ -6,6 +6,7 @@ pub mod call;
 pub mod dispatch;
 pub mod lane;
 pub mod monitor;
+pub mod placement;
 pub mod policy;
 pub mod proc;
 pub mod reply;
@@ -197,10 +198,12 @@ fn warn_of_ephemeral_cell_ports(config: &Config) {
 
 impl Pool {
     /// Starts the pool with `lanes` lane owners and waits until every worker is ready.
-    /// Returns the pool and one endpoint per lane.
+    /// Returns the pool and one endpoint per lane. `placement`: where the workers run, beside
+    /// the lanes' owners (the gateway's cores) or anywhere (`None`).
     pub fn start(
         config: Arc<Config>,
         lanes: usize,
+        placement: Option<crate::pool::placement::Placement>,
     ) -> Result<(Arc<Pool>, Vec<LaneEndpoint>), PoolError> {
         config.validate()?;
         let base = config.sandbox_dir.clone();
@@ -294,6 +297,7 @@ impl Pool {
                 lanes,
                 agent,
                 cell,
+                placement,
             },
             slots.iter().cloned().zip(sandboxes).collect(),
             lane_wakers.clone(),
@@ -388,6 +392,7 @@ impl Pool {
                     crashes: st.crashes.load(Ordering::Relaxed),
                     error_count: st.errors.load(Ordering::Relaxed),
                     generation: s.segment.header().generation.load(Ordering::Relaxed),
+                    cpus: crate::pool::placement::side_name(st.side.load(Ordering::Relaxed)),
                     cell: (self.config.cell != crate::config::CellMode::None)
                         .then(|| CellStatus::of(s, pid != 0)),
                 }
@@ -491,6 +496,10 @@ pub struct WorkerStatus {
     pub error_count: u64,
     /// Generation of the current process.
     pub generation: u64,
+    /// Where the worker runs (`worker_placement`): `cores` (beside the gateway's cores) or
+    /// `spare` (the other CPUs); absent where workers run anywhere.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<&'static str>,
     /// Cell mode: the slot's OpenClaw cell.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cell: Option<CellStatus>,

@@ -23,6 +23,7 @@ use moltbot_ipc::{WakeReceiver, WakeSender, wake_pair};
 use rustix::event::{PollFd, PollFlags};
 
 use crate::config::Config;
+use crate::pool::placement::{self, Occupancy, Placement, Side};
 use crate::pool::policy::{Decision, ExitKind, RestartPolicy, RestartState};
 use crate::pool::slot::{Slot, SlotState, now_ms};
 use crate::sandbox::{RecycleCause, RestartReason, Sandbox};
@@ -43,6 +44,8 @@ pub struct SpawnSpec {
     pub agent: Option<AgentCommand>,
     /// The OpenClaw cell each worker relays to (`cell = openclaw`), resolved.
     pub cell: Option<CellCommand>,
+    /// Where workers run (`worker_placement`); `None`: anywhere.
+    pub placement: Option<Placement>,
 }
 
 /// The cell mode's programs, resolved at start so that a missing node or package is said
@@ -209,6 +212,8 @@ struct SlotRt {
     phase: Phase,
     restart: RestartState,
     max_requests: u64,
+    /// The worker's CPU use and side (`worker_placement`).
+    occupancy: Occupancy,
 }
 
 /// The monitor's state; `run` is its thread body.
@@ -231,6 +236,16 @@ const READY_POLL_MIN: Duration = Duration::from_millis(1);
 /// takes seconds (an agent program, a cell) costs a few dozen looks, not one per millisecond.
 fn ready_poll(age: Duration, tick: Duration) -> Duration {
     (age / 4).clamp(READY_POLL_MIN, tick.max(READY_POLL_MIN))
+}
+
+/// Moves worker `pid` of `slot` to the CPUs of `side` and records where it runs.
+fn place(slot: &Slot, pid: u32, placement: &Placement, side: Side) {
+    match placement::move_process(pid, placement.cpus(side)) {
+        Ok(_) => slot.stats.side.store(side.code(), Ordering::Relaxed),
+        Err(e) => {
+            tracing::warn!(worker = %slot.worker_id, pid, "moving to the {} CPUs: {e}", side.as_str());
+        }
+    }
 }
 
 fn describe(status: &ExitStatus) -> String {
@@ -270,6 +285,7 @@ impl Monitor {
                 },
                 restart: RestartState::default(),
                 max_requests: config.jittered_max_requests(rand::random::<f64>()),
+                occupancy: Occupancy::starting(),
             })
             .collect();
         Monitor {
@@ -408,6 +424,10 @@ impl Monitor {
                         .store(now_ms(), Ordering::Relaxed);
                     slot.set_replacing(false);
                     tracing::info!(worker = %slot.worker_id, pid = proc.pid, "ready");
+                    if let Some(placement) = &self.spec.placement {
+                        let side = rt.occupancy.serving();
+                        place(&slot, proc.pid, placement, side);
+                    }
                 }
                 let hb = h.heartbeat.load(Ordering::Relaxed);
                 if hb != *heartbeat {
@@ -444,6 +464,19 @@ impl Monitor {
                         slot.set_replacing(true);
                         slot.set_state(SlotState::Draining);
                     }
+                }
+                if let Some(placement) = &self.spec.placement
+                    && *ready
+                    && rt.occupancy.due(now)
+                    && let Some(used) = placement::cpu_time(proc.pid)
+                    && let Some(side) = rt.occupancy.look(now, used, placement.busy_share())
+                {
+                    let why = match side {
+                        Side::Spare => "busy",
+                        Side::Cores => "quiet again",
+                    };
+                    tracing::info!(worker = %slot.worker_id, pid = proc.pid, "{why}: moving to the {} CPUs", side.as_str());
+                    place(&slot, proc.pid, placement, side);
                 }
                 let served = h.requests_served.load(Ordering::Relaxed);
                 if served >= rt.max_requests && ending.is_none() && *ready {
@@ -635,6 +668,11 @@ impl Monitor {
                 rt.max_requests,
                 child_end,
             )?;
+            // A starting worker is busy (exec, loading, confining itself): it starts on the
+            // spare CPUs and moves beside the cores once it serves.
+            if let Some(placement) = &self.spec.placement {
+                moltbot_ipc::process::run_on_cpus(&mut cmd, placement.cpus(Side::Spare));
+            }
             let child = cmd.spawn().map_err(|e| e.to_string())?;
             // The command holds the child's end of the channel: closed here, so that the
             // worker sees end-of-file if this side goes away.
@@ -657,6 +695,14 @@ impl Monitor {
                 });
                 h.worker_pid.store(pid, Ordering::Relaxed);
                 slot.stats.pid.store(pid, Ordering::Relaxed);
+                rt.occupancy = Occupancy::starting();
+                slot.stats.side.store(
+                    self.spec
+                        .placement
+                        .as_ref()
+                        .map_or(0, |_| Side::Spare.code()),
+                    Ordering::Relaxed,
+                );
                 slot.stats.started_at_ms.store(now_ms(), Ordering::Relaxed);
                 slot.stats.rss_bytes.store(0, Ordering::Relaxed);
                 if let Err(e) = rt.sandbox.record_pid(pid) {
@@ -801,6 +847,14 @@ fn worker_command(
                 .as_micros()
                 .to_string(),
         );
+    if let Some(placement) = &spec.placement {
+        let spare: Vec<String> = placement
+            .cpus(Side::Spare)
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        cmd.arg("--program-cpus").arg(spare.join(","));
+    }
     if let Some(limit) = config.worker_address_space_limit(lanes) {
         cmd.arg("--address-space").arg(limit.to_string());
     }
@@ -931,6 +985,7 @@ mod tests {
                 lanes: 1,
                 agent: None,
                 cell: None,
+                placement: None,
             },
             vec![(slot, sandbox)],
             Vec::new(),
@@ -1099,6 +1154,7 @@ mod tests {
                 lanes: 1,
                 agent: None,
                 cell,
+                placement: None,
             };
             let null = std::fs::File::open("/dev/null").unwrap();
             worker_command(&config, &spec, &rt.slot, &rt.sandbox, 1, null.into()).unwrap()

@@ -85,6 +85,9 @@ pub struct SlotStats {
     /// Cell mode: the cell's pid the worker published, once the monitor found it among the
     /// worker's descendants (0 otherwise).
     pub cell_pid: AtomicU32,
+    /// Where the current process runs: a [`crate::pool::placement::Side`] code, 0 where
+    /// workers run anywhere.
+    pub side: AtomicU8,
     /// Restarts (every spawn after the first).
     pub restarts: AtomicU64,
     /// Requests answered by the worker (any status).

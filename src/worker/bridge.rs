@@ -280,7 +280,7 @@ fn raw(json: String) -> Box<RawValue> {
 
 /// Spawns the program: cwd = sandbox, the worker's (scrubbed) environment, stdin/stdout piped,
 /// stderr appended to `logs/agent.log`, killed if the worker dies.
-fn spawn(argv: &[String], sandbox: &std::path::Path) -> anyhow::Result<Child> {
+fn spawn(argv: &[String], sandbox: &std::path::Path, cpus: &[usize]) -> anyhow::Result<Child> {
     let (program, args) = argv.split_first().context("worker_command is empty")?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -295,6 +295,7 @@ fn spawn(argv: &[String], sandbox: &std::path::Path) -> anyhow::Result<Child> {
         .stderr(Stdio::from(log));
     moltbot_ipc::process::die_with_parent(&mut cmd);
     moltbot_ipc::process::inherit_only(&mut cmd, &[]);
+    moltbot_ipc::process::run_on_cpus(&mut cmd, cpus);
     cmd.spawn()
         .with_context(|| format!("cannot start {program:?}"))
 }
@@ -352,6 +353,8 @@ pub(crate) struct Settings {
     pub(crate) max_requests: u64,
     /// Time the program gets to finish after `shutdown`.
     pub(crate) grace: Duration,
+    /// The CPUs the program runs on (empty: the worker's own).
+    pub(crate) program_cpus: Vec<usize>,
 }
 
 /// Serves the lanes through the program until SIGTERM or a fatal error.
@@ -363,7 +366,7 @@ pub(crate) fn run(
     term: &Arc<AtomicBool>,
     max_reply: usize,
 ) -> anyhow::Result<()> {
-    let mut child = spawn(&argv, &args.sandbox)?;
+    let mut child = spawn(&argv, &args.sandbox, &args.program_cpus)?;
     let mut stdin = child.stdin.take().context("child stdin")?;
     let stdout = child.stdout.take().context("child stdout")?;
     let (tx, rx) = crossbeam::channel::unbounded();

@@ -1379,6 +1379,7 @@ mod tests {
                 port: 1,
                 token: "t".into(),
                 env_allow: vec![],
+                cpus: vec![],
             },
             idle_timeout: Duration::from_secs(30),
             start_timeout: Duration::from_secs(5),
@@ -1836,6 +1837,7 @@ mod tests {
             port,
             token: format!("{:032x}", rand::random::<u128>()),
             env_allow: vec![],
+            cpus: vec![],
         };
         let mut s = settings();
         s.spec = spec.clone();

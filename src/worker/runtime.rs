@@ -90,6 +90,10 @@ pub struct WorkerArgs {
     /// Names of environment variables of this process handed to the cell.
     #[arg(long = "cell-env")]
     pub cell_env: Vec<String>,
+    /// The CPUs the programs this worker starts (the agent program, the cell) run on: the
+    /// CPUs no gateway core runs on (`worker_placement`). Absent: this worker's own.
+    #[arg(long, value_delimiter = ',')]
+    pub program_cpus: Vec<usize>,
 }
 
 /// How long a cell may take to admit its client after its start: cold starts took 12–30 s in
@@ -178,6 +182,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 port,
                 token: cell_token(),
                 env_allow: args.cell_env.clone(),
+                cpus: args.program_cpus.clone(),
             },
             idle_timeout: Duration::from_millis(args.cell_idle_ms.max(1)),
             start_timeout: CELL_START_TIMEOUT,
@@ -198,6 +203,7 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
             heartbeat: Duration::from_millis(args.heartbeat_ms.max(1)),
             max_requests: args.max_requests.unwrap_or(u64::MAX),
             grace: Duration::from_millis(args.grace_ms),
+            program_cpus: args.program_cpus.clone(),
         };
         return bridge::run(&settings, argv, seg, lanes, &term, max_reply);
     }

@@ -9,7 +9,8 @@
 //! - `escape {"paths": [...]}` reports which paths it can read, list and create files in;
 //! - `signal {"pids": [...]}` reports which processes it may signal (a `kill(pid, 0)` probe: no
 //!   signal is ever sent);
-//! - `slow {"ms": N}` sleeps N ms before answering;
+//! - `slow {"ms": N}` sleeps N ms before answering; `busy {"ms": N}` keeps a CPU busy for N ms
+//!   (wall clock) before answering;
 //! - `garbage-frame`, `garbage-id`, `garbage-ring`, `event-unknown-id` and `event-no-stream`
 //!   break the ring protocol itself: the worker loop hands them to [`frame`] before the
 //!   handlers, as they need the response ring.
@@ -115,11 +116,12 @@ pub(super) fn handle(req: &ArchivedRequest<'_>, pid: u32) -> Outcome {
         "escape" => escape(&req.body, pid),
         "signal" => signal(&req.body),
         "slow" => slow(&req.body, pid),
+        "busy" => busy(&req.body, pid),
         other => Err(Fail::new(
             404,
             "UNKNOWN_TEST_ACTION",
             format!(
-                "unknown test action {other:?}; expected crash, exit, hang, alloc, escape, signal or slow"
+                "unknown test action {other:?}; expected crash, exit, hang, alloc, escape, signal, slow or busy"
             ),
         )),
     }
@@ -145,6 +147,29 @@ fn slow(body: &[u8], pid: u32) -> Outcome {
     }
     std::thread::sleep(Duration::from_millis(s.ms));
     Ok(HandlerReply::json(&json!({ "sleptMs": s.ms, "pid": pid })))
+}
+
+/// Computes without pause for `{"ms": N}` ms of wall-clock time.
+fn busy(body: &[u8], pid: u32) -> Outcome {
+    #[derive(Deserialize)]
+    struct Busy {
+        ms: u64,
+    }
+    let b: Busy = parse_json_payload(body, "{\"ms\": N}")?;
+    if b.ms > MAX_SLOW_MS {
+        return Err(Fail::bad(
+            "INVALID_PAYLOAD",
+            format!("ms must be at most {MAX_SLOW_MS}"),
+        ));
+    }
+    let until = std::time::Instant::now() + Duration::from_millis(b.ms);
+    let mut x = 0u64;
+    while std::time::Instant::now() < until {
+        for i in 0..1000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+    }
+    Ok(HandlerReply::json(&json!({ "busyMs": b.ms, "pid": pid })))
 }
 
 /// Allocates, touches and leaks `{"mib": N}` MiB.
