@@ -404,7 +404,8 @@ impl Exposition {
             .encode_descriptor(
                 "gateway_spinning_cores",
                 "Gateway cores that spin on their io_uring before they sleep, now (gateway_spin; \
-                 by default where each has a CPU, or while WebSocket requests are in flight)",
+                 by default where each has a CPU or the workers run beside the cores, or while \
+                 WebSocket requests are in flight)",
                 None,
                 MetricType::Gauge,
             )?
