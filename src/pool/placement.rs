@@ -197,13 +197,19 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs(ticks / hz) + Duration::from_nanos(ticks % hz * 1_000_000_000 / hz))
 }
 
-/// Moves every thread of process `pid` to `cpus`; returns how many it moved. A thread
-/// created while this runs inherits its creator's mask, old or new: the next move corrects it.
+/// The most threads [`move_process`] moves: a worker that makes threads without end must not
+/// make the monitor call the kernel without end.
+pub const MAX_THREADS: usize = 1024;
+
+/// Moves every thread of process `pid` (at most [`MAX_THREADS`]) to `cpus`; returns how many
+/// it moved. A thread created while this runs inherits its creator's mask, old or new: the
+/// next move corrects it.
 pub fn move_process(pid: u32, cpus: &[usize]) -> std::io::Result<usize> {
     let set = moltbot_ipc::process::cpu_set(cpus)
         .ok_or_else(|| std::io::Error::other("no CPU to move to"))?;
     let mut moved = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))?;
+    for task in tasks.flatten().take(MAX_THREADS) {
         let tid = task
             .file_name()
             .to_str()
@@ -323,5 +329,33 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(move_process(u32::MAX, &[last]).is_err());
+    }
+
+    #[test]
+    fn a_move_stops_at_the_thread_limit() {
+        // A process with more threads than the limit (Python, as the agent tests use).
+        let script = "import threading, time\n\
+                      for _ in range(1100):\n    \
+                      threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n\
+                      print('ready', flush=True)\n\
+                      time.sleep(60)\n";
+        let mut child = std::process::Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        assert_eq!(
+            move_process(child.id(), &allowed_cpus()).unwrap(),
+            MAX_THREADS
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
