@@ -132,44 +132,40 @@ fn parse_json_payload<T: for<'de> Deserialize<'de>>(body: &[u8], shape: &str) ->
         .map_err(|e| Fail::bad("INVALID_PAYLOAD", format!("expected {shape}: {e}")))
 }
 
-/// Sleeps `{"ms": N}` milliseconds, then answers.
-fn slow(body: &[u8], pid: u32) -> Outcome {
+/// The duration of `slow` and `busy`: `{"ms": N}`, at most [`MAX_SLOW_MS`].
+fn duration_payload(body: &[u8]) -> Result<u64, Fail> {
     #[derive(Deserialize)]
-    struct Slow {
+    struct Ms {
         ms: u64,
     }
-    let s: Slow = parse_json_payload(body, "{\"ms\": N}")?;
-    if s.ms > MAX_SLOW_MS {
+    let d: Ms = parse_json_payload(body, "{\"ms\": N}")?;
+    if d.ms > MAX_SLOW_MS {
         return Err(Fail::bad(
             "INVALID_PAYLOAD",
             format!("ms must be at most {MAX_SLOW_MS}"),
         ));
     }
-    std::thread::sleep(Duration::from_millis(s.ms));
-    Ok(HandlerReply::json(&json!({ "sleptMs": s.ms, "pid": pid })))
+    Ok(d.ms)
+}
+
+/// Sleeps `{"ms": N}` milliseconds, then answers.
+fn slow(body: &[u8], pid: u32) -> Outcome {
+    let ms = duration_payload(body)?;
+    std::thread::sleep(Duration::from_millis(ms));
+    Ok(HandlerReply::json(&json!({ "sleptMs": ms, "pid": pid })))
 }
 
 /// Computes without pause for `{"ms": N}` ms of wall-clock time.
 fn busy(body: &[u8], pid: u32) -> Outcome {
-    #[derive(Deserialize)]
-    struct Busy {
-        ms: u64,
-    }
-    let b: Busy = parse_json_payload(body, "{\"ms\": N}")?;
-    if b.ms > MAX_SLOW_MS {
-        return Err(Fail::bad(
-            "INVALID_PAYLOAD",
-            format!("ms must be at most {MAX_SLOW_MS}"),
-        ));
-    }
-    let until = std::time::Instant::now() + Duration::from_millis(b.ms);
+    let ms = duration_payload(body)?;
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
     let mut x = 0u64;
     while std::time::Instant::now() < until {
         for i in 0..1000u64 {
             x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
         }
     }
-    Ok(HandlerReply::json(&json!({ "busyMs": b.ms, "pid": pid })))
+    Ok(HandlerReply::json(&json!({ "busyMs": ms, "pid": pid })))
 }
 
 /// Allocates, touches and leaks `{"mib": N}` MiB.
