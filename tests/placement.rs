@@ -13,15 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use gw::{GatewayProc, Options, wait_until};
+// The CPUs this process may run on, in order: what the gateway it starts may use.
+use moltbot::pool::placement::allowed_cpus;
 use serde_json::{Value, json};
-
-/// The CPUs this process may run on, in order (what the gateway it starts may use).
-fn allowed_cpus() -> Vec<usize> {
-    let set = rustix::thread::sched_getaffinity(None).expect("affinity");
-    (0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| set.is_set(c))
-        .collect()
-}
 
 /// A CPU list as the kernel writes it in `/proc/PID/status` (`0`, `1-3`, `0,2-3`).
 fn parse_cpu_list(text: &str) -> Vec<usize> {

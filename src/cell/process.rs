@@ -626,11 +626,9 @@ fn proc_table() -> Vec<ProcEntry> {
         .collect()
 }
 
-/// Parses `/proc/PID/stat`: the command name is in parentheses and may itself contain spaces
-/// and parentheses, so the fields are counted from the last `)`.
+/// Parses `/proc/PID/stat` ([`crate::pool::proc::stat_fields`]).
 fn parse_stat(pid: i32, stat: &str) -> Option<ProcEntry> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let fields = crate::pool::proc::stat_fields(stat)?;
     // After the name: state(3) ppid(4) pgrp(5) ... rss(24), numbered as in proc(5).
     Some(ProcEntry {
         pid,

@@ -90,16 +90,8 @@ pub fn default_cores(available: usize) -> usize {
     (available / 2).max(1)
 }
 
-/// The CPUs the cores run on.
-fn core_cpus(config: &Config) -> Result<Vec<usize>, GatewayError> {
-    let available: Vec<usize> = core_affinity::get_core_ids()
-        .map(|ids| ids.into_iter().map(|c| c.id).collect())
-        .unwrap_or_else(|| {
-            (0..std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1))
-                .collect()
-        });
+/// The CPUs the cores run on, of the `available` ones.
+fn core_cpus(config: &Config, available: &[usize]) -> Result<Vec<usize>, GatewayError> {
     let cpus = match &config.cores {
         None => available[..default_cores(available.len())].to_vec(),
         Some(Cores::Count(n)) => {
@@ -194,7 +186,8 @@ impl Gateway {
         config
             .validate()
             .map_err(|e| GatewayError::Config(e.to_string()))?;
-        let cpus = core_cpus(&config)?;
+        let available = placement::allowed_cpus();
+        let cpus = core_cpus(&config, &available)?;
         ensure_memlock(cpus.len())?;
         // A default max_connections shrinks to what the open-files limit allows.
         config.max_connections = nofile::ensure_nofile(&config, cpus.len());
@@ -234,8 +227,9 @@ impl Gateway {
             .map_err(|e| GatewayError::Config(format!("users file watcher: {e}")))?;
 
         let config = Arc::new(config);
-        let placement = placement::Placement::new(&config, &cpus, &placement::allowed_cpus());
-        let (pool, endpoints) = Pool::start(config.clone(), cpus.len(), placement.clone())?;
+        let placement = placement::Placement::new(&config, &cpus, &available);
+        let workers_beside = placement.is_some();
+        let (pool, endpoints) = Pool::start(config.clone(), cpus.len(), placement)?;
         if let Err(e) = pool.wait_ready(START_TIMEOUT) {
             pool.stop(Duration::ZERO);
             return Err(e.into());
@@ -247,11 +241,11 @@ impl Gateway {
             cpus.len(),
             endpoints.iter().map(|e| e.waker.clone()).collect(),
         ));
-        let available = crate::pool::monitor::available_cpus();
+        let cpu_count = crate::pool::monitor::available_cpus();
         let idle_spin = shared
             .config
-            .gateway_spin(cpus.len(), available, placement.is_some());
-        let stream_spin = shared.config.gateway_stream_spin(cpus.len(), available);
+            .gateway_spin(cpus.len(), cpu_count, workers_beside);
+        let stream_spin = shared.config.gateway_stream_spin(cpus.len(), cpu_count);
         let mut cores = Vec::with_capacity(cpus.len());
         for (id, (endpoint, cpu)) in endpoints.into_iter().zip(cpus).enumerate() {
             let (tx, rx) = std::sync::mpsc::channel();

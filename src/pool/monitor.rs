@@ -468,7 +468,7 @@ impl Monitor {
                 if let Some(placement) = &self.spec.placement
                     && *ready
                     && rt.occupancy.due(now)
-                    && let Some(used) = placement::cpu_time(proc.pid)
+                    && let Some(used) = crate::pool::proc::cpu_time(proc.pid)
                     && let Some(side) = rt.occupancy.look(now, used, placement.busy_share())
                 {
                     let why = match side {

@@ -8,6 +8,32 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages.saturating_mul(rustix::param::page_size() as u64))
 }
 
+/// The fields of a `/proc/PID/stat` line after the command name, the first being field 3
+/// (the state) as proc(5) numbers them. The name is in parentheses and may itself hold
+/// spaces and parentheses, so the fields are counted from the last `)`.
+pub fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(
+        stat[stat.rfind(')')? + 1..]
+            .split_ascii_whitespace()
+            .collect(),
+    )
+}
+
+/// CPU time of process `pid`, user and system, all its threads (fields 14 and 15 of
+/// `/proc/PID/stat`, in clock ticks).
+pub fn cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields = stat_fields(&stat)?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let ticks = utime.saturating_add(stime);
+    Some(
+        std::time::Duration::from_secs(ticks / hz)
+            + std::time::Duration::from_nanos(ticks % hz * 1_000_000_000 / hz),
+    )
+}
+
 pub use moltbot_ipc::process::descendants;
 
 /// True if a process with this pid exists (it may be a zombie).
@@ -46,6 +72,31 @@ mod tests {
             .status();
         child.wait().unwrap();
         assert!(super::descendants(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn own_cpu_time_grows_and_a_missing_process_has_none() {
+        let me = std::process::id();
+        let before = super::cpu_time(me).unwrap();
+        let start = std::time::Instant::now();
+        // Spin until the kernel's tick-grained count moves (bounded by a generous deadline).
+        let mut x = 0u64;
+        while super::cpu_time(me).unwrap() <= before
+            && start.elapsed() < std::time::Duration::from_secs(60)
+        {
+            for i in 0..100_000u64 {
+                x = std::hint::black_box(x.wrapping_add(i));
+            }
+        }
+        assert!(super::cpu_time(me).unwrap() > before);
+        assert!(super::cpu_time(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let f = super::stat_fields("12 (a) b (c)) R 1 12 12").unwrap();
+        assert_eq!(f, ["R", "1", "12", "12"]);
+        assert!(super::stat_fields("no name here").is_none());
     }
 
     #[test]
