@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use event_listener::{Event, EventListener};
+use event_listener::{Event, EventListener, IntoNotification};
 
 /// Concurrency limit and queue of one slot.
 #[derive(Debug)]
@@ -37,7 +37,10 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         self.admission.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.admission.event.notify(1);
+        // One more waiter for each place freed: `notify(1)` alone would count a waiter that
+        // was told of an earlier place and has not run yet, and a burst of answers would
+        // admit one queued request instead of one each.
+        self.admission.event.notify(1usize.additional());
     }
 }
 
@@ -60,7 +63,7 @@ impl Drop for QueueTicket {
         // The notification of a released permit may have woken this waiter: if a place is
         // free, pass it on to the next one.
         if a.in_flight() < a.max_concurrent {
-            a.event.notify(1);
+            a.event.notify(1usize.additional());
         }
     }
 }
@@ -193,6 +196,29 @@ mod tests {
         assert_eq!((a.in_flight(), a.queued()), (2, 0));
         drop(p3);
         assert_eq!(a.in_flight(), 1);
+    }
+
+    #[test]
+    fn a_burst_of_answers_admits_one_waiter_for_each_place_freed() {
+        let a = Admission::new(3, 3);
+        let permits: Vec<Permit> = (0..3).map(|_| a.try_enter().unwrap()).collect();
+        let tickets: Vec<QueueTicket> = (0..3).map(|_| a.enqueue().unwrap()).collect();
+        let listeners: Vec<EventListener> = tickets.iter().map(QueueTicket::listen).collect();
+        // Three answers arrive before any waiter runs: each is told of its own place.
+        drop(permits);
+        for (i, l) in listeners.into_iter().enumerate() {
+            assert!(
+                l.wait_deadline(Instant::now() + Duration::from_secs(30))
+                    .is_some(),
+                "waiter {i} was not told of a free place"
+            );
+        }
+        let admitted: Vec<Permit> = tickets
+            .into_iter()
+            .map(|t| t.try_acquire().unwrap())
+            .collect();
+        assert_eq!((a.in_flight(), a.queued()), (3, 0));
+        drop(admitted);
     }
 
     #[test]
