@@ -53,11 +53,7 @@ fn spec(root: &Path) -> CellSpec {
 /// Starts a cell and waits until it serves; prints how long that took and its memory.
 fn started(spec: &CellSpec) -> Cell {
     let t0 = Instant::now();
-    let cell = Cell::start(spec).expect("start the cell");
-    if let Err(e) = cell.wait_ready(Instant::now() + READY) {
-        let log = std::fs::read_to_string(cell.log_path()).unwrap_or_default();
-        panic!("{e}\n--- cell.log ---\n{log}");
-    }
+    let cell = ready(spec);
     println!(
         "cell on port {} ready after {:.1} s, {} processes, {} MiB resident",
         spec.port,
@@ -65,6 +61,16 @@ fn started(spec: &CellSpec) -> Cell {
         cell.processes().len(),
         cell.rss_bytes() >> 20
     );
+    cell
+}
+
+/// Starts a cell and waits until it serves, without listing its processes.
+fn ready(spec: &CellSpec) -> Cell {
+    let cell = Cell::start(spec).expect("start the cell");
+    if let Err(e) = cell.wait_ready(Instant::now() + READY) {
+        let log = std::fs::read_to_string(cell.log_path()).unwrap_or_default();
+        panic!("{e}\n--- cell.log ---\n{log}");
+    }
     cell
 }
 
@@ -404,17 +410,36 @@ fn a_killed_cell_is_seen_dead_and_its_group_goes_with_it() {
         .tempdir()
         .expect("temporary directory");
     let spec = spec(&dir.path().join("cell"));
-    let cell = started(&spec);
+    let cell = ready(&spec);
     let root = cell.root().to_path_buf();
     let pid = cell.pid();
-    let helpers: Vec<i32> = cell
-        .processes()
-        .into_iter()
-        .filter(|&p| p != pid as i32)
+    // The main process's children, found here rather than through `processes()`, which
+    // would make the cell look at its members: `is_alive()` has to do that by itself.
+    let helpers: Vec<i32> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| common::proc_stat(p).is_some_and(|(ppid, _)| ppid == pid))
+        .map(|p| p as i32)
         .collect();
     println!("main {pid}, helpers {helpers:?}");
-    assert!(cell.is_alive());
+    // The cell looks at its members at most once a second while it is asked whether it
+    // runs: ask for longer than that, so that it has looked since the helpers started.
+    let asked = Instant::now();
+    common::wait_until(
+        Duration::from_secs(30),
+        "the cell asked whether it runs for 3 s",
+        || cell.is_alive() && asked.elapsed() >= Duration::from_secs(3),
+    );
 
+    // Stopped, the helpers cannot end by themselves when the main process dies (as they do,
+    // sooner or later): whatever still exists below was left to the cell to end.
+    for p in helpers
+        .iter()
+        .filter_map(|&p| rustix::process::Pid::from_raw(p))
+    {
+        // A helper may have ended already.
+        let _ = rustix::process::kill_process(p, rustix::process::Signal::STOP);
+    }
     common::kill9(pid);
     common::wait_until(
         Duration::from_secs(30),
@@ -426,6 +451,14 @@ fn a_killed_cell_is_seen_dead_and_its_group_goes_with_it() {
     assert!(common::is_our_child(pid));
     let left = cell.processes();
     println!("after kill -9 of the main process, still running: {left:?}");
+    // Helpers that started a session of their own are handed to init when the main process
+    // dies: the cell still counts them (and its drop kills them).
+    for p in helpers.iter().filter(|p| !left.contains(p)) {
+        assert!(
+            common::proc_stat(*p as u32).is_none_or(|(_, state)| state == 'Z'),
+            "process {p} of the cell still runs but is no longer counted as the cell's"
+        );
+    }
 
     let locks = cell.shared_lock_files();
     drop(cell);

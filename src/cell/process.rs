@@ -23,9 +23,11 @@
 //! The gateway listens on 127.0.0.1 and [::1] (`--bind loopback`).
 //!
 //! The gateway starts helper processes (SQLite workers) of its own: the cell runs in its own
-//! process group, and stopping, killing and measuring it covers the whole group.
+//! process group, and stopping, killing and measuring it covers the whole group, and the
+//! helpers that start sessions of their own (one does) — also after the main process died
+//! and the kernel handed them to init, as the cell remembers its members.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6, TcpListener};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -144,7 +146,24 @@ pub struct Cell {
     database: PathBuf,
     /// Set once the group is gone and the main process reaped.
     reaped: Option<String>,
+    /// The members at the last look, by pid, with their start times. A helper in a session
+    /// of its own is linked to the cell only through its parent; once that parent dies the
+    /// kernel hands it to init, and only this memory still names it as the cell's.
+    seen: std::sync::Mutex<Seen>,
 }
+
+/// The members of a cell at the last look (see [`Cell::is_alive`]).
+#[derive(Debug, Default)]
+struct Seen {
+    /// Pid → start time.
+    pids: HashMap<i32, u64>,
+    /// When the members were last listed.
+    at: Option<Instant>,
+}
+
+/// How often [`Cell::is_alive`] lists the members, so that a helper that lives longer is
+/// known before its parent can die.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 impl Cell {
     /// Prepares `spec.root` (home, state, tmp, logs; the config file) and starts the gateway
@@ -250,6 +269,7 @@ impl Cell {
             root,
             log,
             reaped: None,
+            seen: std::sync::Mutex::default(),
         })
     }
 
@@ -314,9 +334,21 @@ impl Cell {
     }
 
     /// Whether the main process is still running (it may have exited or been killed while its
-    /// helpers linger: [`Cell::processes`] lists those).
+    /// helpers linger: [`Cell::processes`] lists those). While it runs, this also lists the
+    /// cell's processes at most once every [`LOOK_EVERY`], so that the helpers it started in
+    /// sessions of their own are still known as the cell's once it dies.
     pub fn is_alive(&self) -> bool {
-        matches!(self.exit_status(), Ok(None))
+        let alive = matches!(self.exit_status(), Ok(None));
+        let due = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .at
+            .is_none_or(|at| at.elapsed() >= LOOK_EVERY);
+        if alive && due {
+            self.members();
+        }
+        alive
     }
 
     /// The ids of the cell's live processes: the members of its process group and their
@@ -392,8 +424,18 @@ impl Cell {
     /// Sends `sig` to the process group, while the group id is still ours (the main process
     /// is not reaped). A group that is already gone is not an error.
     fn signal_group(&self, sig: Signal) {
-        if self.reaped.is_none() {
-            let _ = rustix::process::kill_process_group(self.pid, sig);
+        if self.reaped.is_some() {
+            return;
+        }
+        let pgid = self.pid.as_raw_nonzero().get();
+        let _ = rustix::process::kill_process_group(self.pid, sig);
+        // The members outside the group: helpers that started a session of their own.
+        for p in self.members() {
+            if p.pgrp != pgid
+                && let Some(pid) = Pid::from_raw(p.pid)
+            {
+                let _ = rustix::process::kill_process(pid, sig);
+            }
         }
     }
 
@@ -430,7 +472,11 @@ impl Cell {
             // The group id may name someone else's group now.
             return Vec::new();
         }
-        members_of(self.pid.as_raw_nonzero().get(), proc_table())
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let members = members_of(self.pid.as_raw_nonzero().get(), proc_table(), &seen.pids);
+        seen.pids = members.iter().map(|p| (p.pid, p.start)).collect();
+        seen.at = Some(Instant::now());
+        members
     }
 }
 
@@ -610,6 +656,9 @@ struct ProcEntry {
     pgrp: i32,
     zombie: bool,
     rss_pages: u64,
+    /// Start time (clock ticks after boot): with the pid, names one process, not a later
+    /// one that reuses the pid.
+    start: u64,
 }
 
 /// Every process of the machine that can be read now (processes end while being read).
@@ -629,24 +678,26 @@ fn proc_table() -> Vec<ProcEntry> {
 /// Parses `/proc/PID/stat` ([`crate::pool::proc::stat_fields`]).
 fn parse_stat(pid: i32, stat: &str) -> Option<ProcEntry> {
     let fields = crate::pool::proc::stat_fields(stat)?;
-    // After the name: state(3) ppid(4) pgrp(5) ... rss(24), numbered as in proc(5).
+    // After the name: state(3) ppid(4) pgrp(5) ... starttime(22) rss(24), numbered as in proc(5).
     Some(ProcEntry {
         pid,
         zombie: matches!(*fields.first()?, "Z" | "X"),
         ppid: fields.get(1)?.parse().ok()?,
         pgrp: fields.get(2)?.parse().ok()?,
+        start: fields.get(19)?.parse().ok()?,
         rss_pages: fields.get(21)?.parse().ok()?,
     })
 }
 
-/// The live members of process group `pgid` and their live descendants.
-fn members_of(pgid: i32, table: Vec<ProcEntry>) -> Vec<ProcEntry> {
+/// The live members of process group `pgid`, the processes `seen` as members before (the
+/// same pid and start time), and their live descendants.
+fn members_of(pgid: i32, table: Vec<ProcEntry>, seen: &HashMap<i32, u64>) -> Vec<ProcEntry> {
     let mut chosen: HashSet<i32> = table
         .iter()
-        .filter(|p| p.pgrp == pgid)
+        .filter(|p| p.pgrp == pgid || seen.get(&p.pid) == Some(&p.start))
         .map(|p| p.pid)
         .collect();
-    // Descendants that moved to a group of their own; a zombie parent still links them.
+    // Descendants that moved to a group of their own, linked by their parent while it lives.
     loop {
         let before = chosen.len();
         for p in &table {
@@ -687,8 +738,8 @@ mod tests {
                     0 0 0 17 1 0 0 0 0 0";
         let p = parse_stat(4242, line).unwrap();
         assert_eq!(
-            (p.pid, p.ppid, p.pgrp, p.zombie, p.rss_pages),
-            (4242, 17, 4200, false, 179200)
+            (p.pid, p.ppid, p.pgrp, p.zombie, p.start, p.rss_pages),
+            (4242, 17, 4200, false, 900, 179200)
         );
         let z = parse_stat(7, "7 (a) Z 1 7 7 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 9 0 0 0").unwrap();
         assert!(z.zombie);
@@ -703,6 +754,7 @@ mod tests {
             pgrp,
             zombie,
             rss_pages: 1,
+            start: 5,
         };
         let table = vec![
             p(100, 1, 100, false),   // the cell
@@ -713,9 +765,44 @@ mod tests {
             p(200, 1, 200, false),   // someone else
             p(201, 200, 100, false), // in the group, started by someone else
         ];
-        let mut pids: Vec<i32> = members_of(100, table).iter().map(|p| p.pid).collect();
+        let mut pids: Vec<i32> = members_of(100, table, &HashMap::new())
+            .iter()
+            .map(|p| p.pid)
+            .collect();
         pids.sort_unstable();
         assert_eq!(pids, vec![100, 101, 102, 103, 201]);
+    }
+
+    #[test]
+    fn a_member_seen_before_stays_one_after_its_parent_dies() {
+        let p = |pid, ppid, pgrp, start| ProcEntry {
+            pid,
+            ppid,
+            pgrp,
+            zombie: false,
+            rss_pages: 1,
+            start,
+        };
+        // The cell's main process is gone; its helper in a session of its own was handed to
+        // init, and has a child.
+        let table = vec![
+            p(102, 1, 102, 5),   // the helper, seen before
+            p(103, 102, 102, 6), // its child, never seen
+            p(300, 1, 300, 7),   // someone else
+        ];
+        let members = |seen: &[(i32, u64)]| {
+            let seen: HashMap<i32, u64> = seen.iter().copied().collect();
+            let mut pids: Vec<i32> = members_of(100, table.clone(), &seen)
+                .iter()
+                .map(|p| p.pid)
+                .collect();
+            pids.sort_unstable();
+            pids
+        };
+        assert_eq!(members(&[]), Vec::<i32>::new());
+        assert_eq!(members(&[(102, 5)]), vec![102, 103]);
+        // The same pid started later is another process.
+        assert_eq!(members(&[(102, 4), (300, 1)]), Vec::<i32>::new());
     }
 
     #[test]
