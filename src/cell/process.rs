@@ -421,8 +421,9 @@ impl Cell {
         )
     }
 
-    /// Sends `sig` to the process group, while the group id is still ours (the main process
-    /// is not reaped). A group that is already gone is not an error.
+    /// Sends `sig` to the process group and to the cell's processes outside it, while the
+    /// group id is still ours (the main process is not reaped). A group that is already gone
+    /// is not an error.
     fn signal_group(&self, sig: Signal) {
         if self.reaped.is_some() {
             return;
