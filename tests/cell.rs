@@ -413,12 +413,10 @@ fn a_killed_cell_is_seen_dead_and_its_group_goes_with_it() {
     let cell = ready(&spec);
     let root = cell.root().to_path_buf();
     let pid = cell.pid();
-    // The main process's children, found here rather than through `processes()`, which
+    // The main process's descendants, found here rather than through `processes()`, which
     // would make the cell look at its members: `is_alive()` has to do that by itself.
-    let helpers: Vec<i32> = std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&p| common::proc_stat(p).is_some_and(|(ppid, _)| ppid == pid))
+    let helpers: Vec<i32> = moltbot_ipc::process::descendants(pid)
+        .into_iter()
         .map(|p| p as i32)
         .collect();
     println!("main {pid}, helpers {helpers:?}");
