@@ -92,6 +92,13 @@ bitflags::bitflags! {
         const CQSIZE    = 1 << 3;
         const CLAMP     = 1 << 4;
         const ATTACH_WQ = 1 << 5;
+        /// A completion that needs the submitting task to run (task work) does not interrupt
+        /// it with an inter-processor interrupt while it runs in user space: the work runs at
+        /// its next entry into the kernel (Linux 5.19).
+        const COOP_TASKRUN = 1 << 8;
+        /// With `COOP_TASKRUN`: the kernel sets `IORING_SQ_TASKRUN` in the submission queue's
+        /// flags while such work waits (Linux 5.19).
+        const TASKRUN_FLAG = 1 << 9;
     }
 }
 
@@ -156,6 +163,18 @@ impl IoUring {
             Ok(IoUring {
                 ring: ring.assume_init(),
             })
+        }
+    }
+
+    /// The submission queue's flags, which the kernel sets (`IORING_SQ_*`).
+    pub fn sq_flags(&self) -> u32 {
+        // SAFETY: `kflags` points into the submission queue ring that io_uring_queue_init
+        // mapped for this `IoUring`; it stays mapped until `Drop` unmaps it, and the kernel
+        // updates it concurrently, so it is read as an atomic u32 (aligned, as the kernel
+        // lays the ring out).
+        unsafe {
+            let flags = &*(self.ring.sq.kflags as *const std::sync::atomic::AtomicU32);
+            flags.load(std::sync::atomic::Ordering::Acquire)
         }
     }
 

@@ -893,18 +893,40 @@ struct SleepableRing {
     task_queue_stats: AHashMap<TaskQueueHandle, RingIoStats>,
     source_map: Rc<RefCell<SourceMap>>,
     in_kernel: usize,
+    /// Set up with `COOP_TASKRUN | TASKRUN_FLAG`: completions that need this thread to run
+    /// task work wait for its next entry into the kernel instead of interrupting it, and the
+    /// submission queue's `IORING_SQ_TASKRUN` flag says when some wait.
+    coop: bool,
 }
 
 impl SleepableRing {
+    /// `coop` asks for a ring whose completions do not interrupt the thread while it runs
+    /// (`COOP_TASKRUN`); a kernel without it (before 5.19) gives a plain ring.
     fn new(
         size: usize,
         name: &'static str,
         allocator: Rc<UringBufferAllocator>,
         source_map: Rc<RefCell<SourceMap>>,
+        coop: bool,
     ) -> io::Result<Self> {
         assert!(*IO_URING_RECENT_ENOUGH);
+        let cooperative = if coop {
+            iou::IoUring::new_with_flags(
+                size as _,
+                iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG,
+                iou::SetupFeatures::empty(),
+            )
+            .ok()
+        } else {
+            None
+        };
+        let coop = cooperative.is_some();
+        let ring = match cooperative {
+            Some(ring) => ring,
+            None => iou::IoUring::new(size as _)?,
+        };
         Ok(SleepableRing {
-            ring: iou::IoUring::new(size as _)?,
+            ring,
             size,
             submission_queue: UringQueueState::with_capacity(size * 4),
             name,
@@ -913,7 +935,13 @@ impl SleepableRing {
             task_queue_stats: AHashMap::new(),
             source_map,
             in_kernel: 0,
+            coop,
         })
+    }
+
+    /// Whether completions wait for this thread to enter the kernel and run its task work.
+    fn task_work_waits(&self) -> bool {
+        self.coop && self.ring.sq_flags() & uring_sys::IORING_SQ_TASKRUN != 0
     }
 
     fn ring_fd(&self) -> RawFd {
@@ -1129,9 +1157,10 @@ impl UringCommon for SleepableRing {
     }
 
     fn needs_kernel_enter(&self) -> bool {
-        // We only need to enter the kernel to submit SQEs, not to collect CQEs (the
-        // kernel posts the CQEs asynchronously for us)
-        self.waiting_kernel_submission() > 0
+        // We need to enter the kernel to submit SQEs, and on a cooperative ring to run the
+        // task work that posts waiting completions; other CQEs the kernel posts
+        // asynchronously.
+        self.waiting_kernel_submission() > 0 || self.task_work_waits()
     }
 
     fn can_sleep(&self) -> bool {
@@ -1310,10 +1339,22 @@ impl Reactor {
         let registry = vec![allocator.as_bytes()];
 
         let main_ring =
-            SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(
+            ring_depth,
+            "main",
+            allocator.clone(),
+            source_map.clone(),
+            true,
+        )?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
         let mut latency_ring =
-            SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
+            SleepableRing::new(
+            ring_depth,
+            "latency",
+            allocator.clone(),
+            source_map.clone(),
+            false,
+        )?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
             Err(x) => warn!("Error: registering buffers in the main ring. Skipping{x:#?}"),
@@ -2180,7 +2221,7 @@ mod tests {
     fn sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(4, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(4, "main", allocator, source_map, true).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2214,7 +2255,7 @@ mod tests {
     fn unterminated_sqe_link_chain() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, true).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
@@ -2234,7 +2275,7 @@ mod tests {
     fn sqe_link_chain_overflow() {
         let allocator = Rc::new(UringBufferAllocator::new(65536));
         let source_map = Rc::new(RefCell::new(SourceMap::default()));
-        let mut ring = SleepableRing::new(2, "main", allocator, source_map).unwrap();
+        let mut ring = SleepableRing::new(2, "main", allocator, source_map, true).unwrap();
         let q = ring.submission_queue();
         let mut queue = q.borrow_mut();
 
