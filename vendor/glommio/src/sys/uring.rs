@@ -1338,8 +1338,7 @@ impl Reactor {
         let allocator = Rc::new(UringBufferAllocator::new(io_memory));
         let registry = vec![allocator.as_bytes()];
 
-        let main_ring =
-            SleepableRing::new(
+        let main_ring = SleepableRing::new(
             ring_depth,
             "main",
             allocator.clone(),
@@ -1347,8 +1346,7 @@ impl Reactor {
             true,
         )?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
-        let mut latency_ring =
-            SleepableRing::new(
+        let mut latency_ring = SleepableRing::new(
             ring_depth,
             "latency",
             allocator.clone(),
