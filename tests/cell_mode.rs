@@ -2,8 +2,9 @@
 //! user's WebSocket frames to a real OpenClaw gateway (a cell) of its own, driven by the
 //! OpenClaw reference client (tests/js/cell.mjs): two users on their own cells, sessions kept
 //! apart, the cell's errors relayed, a killed cell replaced with its sessions, an idle cell
-//! stopped and started again, a third user refused; then SIGTERM stops every cell, and no cell
-//! survives a gateway killed with SIGKILL.
+//! stopped and started again, a third user refused; then SIGTERM stops every cell, no cell
+//! survives a gateway killed with SIGKILL, and none of a worker killed so survives its slot's
+//! replacement.
 //!
 //! Needs Node 24, the reference client and the openclaw package (tests/node); tools/test
 //! installs them. Each cell takes 12–30 s to start and ~800 MB of memory.
@@ -343,8 +344,9 @@ fn two_users_on_their_own_cells_through_the_reference_client() {
     }
 }
 
-#[test]
-fn no_cell_survives_a_gateway_killed_with_sigkill() {
+/// A gateway with one slot whose cell serves (alice's `health` started it), and its users
+/// file.
+fn one_cell_serving() -> (GatewayProc, Users) {
     let users = Users::new();
     let alice = users.add("alice");
     let g = cell_gateway(1, &users, &[]);
@@ -357,6 +359,12 @@ fn no_cell_survives_a_gateway_killed_with_sigkill() {
     send(&mut socket, &req("h", "health", None));
     let res = next_res(&mut socket, "h");
     assert_eq!(res["ok"], true, "{res}\n{}", logs(&g, 1));
+    (g, users)
+}
+
+#[test]
+fn no_cell_survives_a_gateway_killed_with_sigkill() {
+    let (g, _users) = one_cell_serving();
     // The worker, its cell and the cell's helper processes.
     let tree = descendants(g.pid());
     let cells = openclaw_processes(&tree);
@@ -364,6 +372,69 @@ fn no_cell_survives_a_gateway_killed_with_sigkill() {
     g.signal(rustix::process::Signal::KILL);
     if let Err(left) = wait_gone(&tree, Duration::from_secs(120)) {
         panic!("processes survived the gateway's SIGKILL: {left:?}");
+    }
+}
+
+/// The pid of slot 0's worker and its state, through the operator's `/status`.
+fn slot0(g: &GatewayProc) -> (Option<u32>, String) {
+    let auth = format!("Bearer {OPERATOR}");
+    let r = g.request("GET", "/status", &[("authorization", &auth)], None);
+    let v: Value = r.json().expect("status JSON");
+    let w = &v["workers"][0];
+    (
+        w["pid"].as_u64().map(|p| p as u32),
+        w["state"].as_str().unwrap_or("?").to_owned(),
+    )
+}
+
+#[test]
+fn a_worker_killed_with_sigkill_leaves_no_cell_process_once_its_slot_is_replaced() {
+    let (g, _users) = one_cell_serving();
+    let (Some(worker), _) = slot0(&g) else {
+        panic!("slot 0 has no worker\n{}", logs(&g, 1));
+    };
+    // The cell and its helpers; stopped, so that none can end by itself when its parent dies
+    // (as they do, sooner or later): whatever is still there below was left to the slot.
+    let tree = descendants(worker);
+    assert!(
+        !openclaw_processes(&tree).is_empty(),
+        "no cell under the worker: {tree:?}"
+    );
+    for &(p, _) in &tree {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(p as i32).expect("pid"),
+            rustix::process::Signal::STOP,
+        );
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(worker as i32).expect("pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill the worker");
+    let t0 = Instant::now();
+    loop {
+        let (pid, state) = slot0(&g);
+        if pid.is_some_and(|p| p != worker) && state == "ready" {
+            break;
+        }
+        assert!(
+            t0.elapsed() < ANSWER,
+            "slot 0 not replaced: {pid:?} {state}\n{}",
+            logs(&g, 1)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Err(left) = wait_gone(&tree, Duration::from_secs(60)) {
+        for &(p, _) in &left {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(p as i32).expect("pid"),
+                rustix::process::Signal::KILL,
+            );
+        }
+        panic!(
+            "processes of the killed worker's cell survived its replacement: {left:?}\n{}",
+            logs(&g, 1)
+        );
     }
 }
 

@@ -14,4 +14,4 @@ pub mod process;
 
 pub use client::{BackendClient, ClientError, Frame, RequestText};
 pub use ports::{ephemeral_overlap, ephemeral_ports};
-pub use process::{Cell, CellError, CellSpec, Stopped, port_range_free};
+pub use process::{Cell, CellError, CellSpec, Stopped, end_leftovers, port_range_free};

@@ -25,7 +25,8 @@
 //! The gateway starts helper processes (SQLite workers) of its own: the cell runs in its own
 //! process group, and stopping, killing and measuring it covers the whole group, and the
 //! helpers that start sessions of their own (one does) — also after the main process died
-//! and the kernel handed them to init, as the cell remembers its members.
+//! and the kernel handed them to init, as the cell remembers its members. What a cell leaves
+//! when its owner is killed, memory and all, [`end_leftovers`] ends before the next start.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
@@ -498,6 +499,80 @@ impl Drop for Cell {
     }
 }
 
+/// Ends what a cell on `root` left running because its owner could not stop it: a worker
+/// killed with SIGKILL (its cell's main process dies with it by `PR_SET_PDEATHSIG`, the
+/// helpers do not) or a gateway killed so. Call it before a cell on `root` starts, while none
+/// of its own runs. Every process whose environment names this cell's state directory
+/// (`OPENCLAW_STATE_DIR`, exactly) is killed and waited for (at most [`KILL_WAIT`]); once none
+/// is left, the shared lock files of its database are removed. Returns the pids it killed.
+///
+/// Each process is signalled through a pidfd opened before its environment is read, so a pid
+/// reused in between is never signalled. Processes whose environment cannot be read (another
+/// user's) are left alone. Only a process given this state directory can name it: one slot's
+/// start never reaches another slot's cell.
+pub fn end_leftovers(root: &Path) -> Vec<i32> {
+    // No root: no cell ever ran there.
+    let Ok(root) = root.canonicalize() else {
+        return Vec::new();
+    };
+    let state = root.join("state");
+    let mut marker = b"OPENCLAW_STATE_DIR=".to_vec();
+    marker.extend_from_slice(state.as_os_str().as_encoded_bytes());
+    let me = rustix::process::getpid().as_raw_nonzero().get();
+    let mut killed = Vec::new();
+    let mut waiting = Vec::new();
+    for p in proc_table() {
+        if p.pid == me || p.zombie {
+            continue;
+        }
+        let Some(pid) = Pid::from_raw(p.pid) else {
+            continue;
+        };
+        let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{}/environ", p.pid)) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| var == marker.as_slice())
+            && rustix::process::pidfd_send_signal(&fd, Signal::KILL).is_ok()
+        {
+            killed.push(p.pid);
+            waiting.push(fd);
+        }
+    }
+    let deadline = Instant::now() + KILL_WAIT;
+    while !waiting.is_empty() && Instant::now() < deadline {
+        use rustix::event::{PollFd, PollFlags};
+        // A pidfd is readable once its process has exited.
+        let exited: Vec<bool> = {
+            let mut fds: Vec<PollFd<'_>> = waiting
+                .iter()
+                .map(|fd| PollFd::new(fd, PollFlags::IN))
+                .collect();
+            let t = rustix::time::Timespec {
+                tv_sec: 0,
+                tv_nsec: POLL.as_nanos() as _,
+            };
+            let _ = rustix::event::poll(&mut fds, Some(&t));
+            fds.iter().map(|f| !f.revents().is_empty()).collect()
+        };
+        let mut exited = exited.into_iter();
+        waiting.retain(|_| !exited.next().unwrap_or(false));
+    }
+    if waiting.is_empty() {
+        for file in shared_lock_files(&state.join("state").join("openclaw.sqlite")) {
+            let _ = std::fs::remove_file(file);
+        }
+    } else {
+        tracing::error!(root = %root.display(), left = waiting.len(),
+            "processes of an earlier cell survived SIGKILL");
+    }
+    killed
+}
+
 /// Whether the ports a cell on `port` binds are all free on 127.0.0.1: `port`, `port + 2` and
 /// `port + 11 ..= port + 110`; and `port` on `[::1]` too, where the gateway also listens, when
 /// the machine has IPv6 loopback. False when the range passes 65535.
@@ -860,6 +935,54 @@ mod tests {
                 assert!(!port_range_free(p));
             }
         }
+    }
+
+    #[test]
+    fn leftovers_are_the_processes_given_this_cells_state_directory_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap().join("cell");
+        std::fs::create_dir_all(root.join("state/state")).unwrap();
+        let spawn = |state: &Path| {
+            Command::new("sleep")
+                .arg("600")
+                .env_clear()
+                .env("OPENCLAW_STATE_DIR", state)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        // A helper that started a session of its own is found all the same: by its
+        // environment, not by its group or parent.
+        let mut ours = spawn(&root.join("state"));
+        let mut longer = spawn(&root.join("state2"));
+        let mut other = spawn(&dir.path().join("other/state"));
+        // A lifecycle lock of this cell's database, named as openclaw names it.
+        let db = root.join("state/state/openclaw.sqlite");
+        let digest = Sha256::digest(db.as_os_str().as_encoded_bytes());
+        let hash: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let locks = shared_lock_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&locks)
+            .unwrap();
+        let lock = locks.join(format!("state-lifecycle.{hash}.lock.sqlite"));
+        std::fs::write(&lock, b"").unwrap();
+
+        assert_eq!(end_leftovers(&root), vec![ours.id() as i32]);
+        let status = ours.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(!lock.exists(), "{} left behind", lock.display());
+        for child in [&mut longer, &mut other] {
+            assert!(child.try_wait().unwrap().is_none(), "not this cell's");
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        // Nothing ran where there is no root.
+        assert!(end_leftovers(&dir.path().join("none")).is_empty());
     }
 
     #[test]

@@ -137,6 +137,14 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     let mut policy = policy;
     if args.cell_openclaw.is_some() {
+        // What this slot's cell left when its worker was killed (its helpers outlive it):
+        // ended now, before Landlock, which would keep this worker from reading and signalling
+        // processes of its predecessor's domain.
+        let left = crate::cell::end_leftovers(&args.sandbox.join("cell"));
+        if !left.is_empty() {
+            tracing::warn!(worker = args.slot, pids = ?left,
+                "ended processes the slot's previous cell left running");
+        }
         // The cell writes its lifecycle locks under a hard-coded /tmp directory (see
         // crate::cell::process): it must exist before Landlock, which only grants access
         // beneath paths that exist.
