@@ -3,19 +3,13 @@
 //! schedule). HTTP: one request in flight per connection (here); WebSocket: see [`crate::ws`].
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use rand::rngs::SmallRng;
 use rustix::event::epoll;
-use rustix::io::Errno;
-use rustix::net::{AddressFamily, SocketFlags, SocketType};
-use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
 
 use crate::BenchError;
 use crate::client_cpu::ClientMeter;
@@ -26,16 +20,13 @@ use crate::response::{ParseError, ResponseReader};
 use crate::schedule::{Schedule, latency};
 use crate::server_cpu::{CpuMeter, StatusSource};
 use crate::stats::{ErrorKind, ThreadStats, merge};
-use crate::users::{UserPicker, thread_rng};
+use crate::thread::{Connections, MAX_WAIT, ThreadCore, drive};
+use crate::users::UserPicker;
 use crate::workload::{RequestTemplate, verify};
 use crate::ws::WsThread;
 
 /// Wait before reconnecting after a failed connect.
 pub(crate) const RECONNECT_DELAY: Duration = Duration::from_millis(50);
-/// The epoll token of the timerfd (connections use their index).
-pub(crate) const TIMER_TOKEN: u64 = u64::MAX;
-/// Longest single wait (a safety net: every wait has a reason to end sooner).
-pub(crate) const MAX_WAIT: Duration = Duration::from_secs(1);
 /// Events that mean bytes (or an end) can be read.
 pub(crate) const READABLE: epoll::EventFlags = epoll::EventFlags::IN
     .union(epoll::EventFlags::RDHUP)
@@ -223,72 +214,6 @@ impl Drop for DoneSignal {
     }
 }
 
-/// Open loop: a timerfd on the thread's epoll that fires at the next scheduled send, with
-/// sub-millisecond precision (epoll's own timeout has millisecond granularity). Its epoll
-/// token is [`TIMER_TOKEN`].
-pub(crate) struct SendTimer {
-    fd: OwnedFd,
-    /// The expiry set last (`None`: disarmed), to skip a syscall when it is unchanged.
-    armed: Option<Instant>,
-}
-
-impl SendTimer {
-    pub(crate) fn new(epoll: &OwnedFd) -> Result<SendTimer, BenchError> {
-        let fd = rustix::time::timerfd_create(
-            TimerfdClockId::Monotonic,
-            TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-        )
-        .map_err(os_error("timerfd_create"))?;
-        epoll::add(
-            epoll,
-            &fd,
-            epoll::EventData::new_u64(TIMER_TOKEN),
-            epoll::EventFlags::IN,
-        )
-        .map_err(os_error("epoll_ctl(timerfd)"))?;
-        Ok(SendTimer { fd, armed: None })
-    }
-
-    /// Fires at `due` (disarmed for `None`).
-    pub(crate) fn arm(&mut self, due: Option<Instant>, now: Instant) {
-        if due == self.armed {
-            return;
-        }
-        let value = match due {
-            // A zero it_value disarms: use at least 1 ns.
-            Some(d) => Timespec::try_from(
-                d.saturating_duration_since(now)
-                    .max(Duration::from_nanos(1)),
-            )
-            .unwrap_or(Timespec {
-                tv_sec: 1,
-                tv_nsec: 0,
-            }),
-            None => Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-        };
-        let spec = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        if rustix::time::timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec).is_ok() {
-            self.armed = due;
-        }
-    }
-
-    /// Consumes an expiry (its epoll event).
-    pub(crate) fn drain(&mut self) {
-        let mut buf = [0u8; 8];
-        let _ = rustix::io::read(&self.fd, &mut buf);
-        self.armed = None;
-    }
-}
-
 /// The timeline of a run, shared by all threads.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -405,177 +330,28 @@ enum Next {
 }
 
 struct LoadThread<'a> {
-    cfg: &'a Config,
-    plan: &'a Plan,
-    shared: &'a Shared,
-    picker: &'a UserPicker,
+    core: ThreadCore<'a>,
     template: &'a RequestTemplate,
-    counters: &'a Counters,
-    epoll: OwnedFd,
-    timer: Option<SendTimer>,
     conns: Vec<Conn>,
-    /// Reconnect and open-loop wake-ups: (when, connection).
-    heap: BinaryHeap<Reverse<(Instant, usize)>>,
-    rng: SmallRng,
-    stats: ThreadStats,
-    seq: u64,
-    live: usize,
-    /// When to look for timed-out requests next.
-    scan_at: Instant,
 }
 
-impl<'a> LoadThread<'a> {
-    fn new(
-        cfg: &'a Config,
-        plan: &'a Plan,
-        shared: &'a Shared,
-        picker: &'a UserPicker,
-        template: &'a RequestTemplate,
-        tid: usize,
-    ) -> Result<LoadThread<'a>, BenchError> {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
-        let timer = match cfg.rate {
-            None => None,
-            Some(_) => Some(SendTimer::new(&epoll)?),
-        };
-        let (count, first) = cfg.connections_of(tid);
-        let conns = (0..count)
-            .map(|i| Conn {
-                stream: None,
-                state: State::Down,
-                req: Vec::with_capacity(cfg.body_size + 256),
-                written: 0,
-                expect: Vec::with_capacity(cfg.body_size + 16),
-                user: 0,
-                reader: ResponseReader::new(),
-                intended: plan.t0,
-                deadline: plan.t0,
-                measured: false,
-                schedule: cfg
-                    .rate
-                    .map(|r| Schedule::new(plan.t0, r, cfg.connections, first + i)),
-                k: 0,
-                wake_at: plan.t0,
-                readable_seen: false,
-            })
-            .collect();
-        Ok(LoadThread {
-            cfg,
-            plan,
-            shared,
-            picker,
-            template,
-            counters: &shared.counters[tid],
-            epoll,
-            timer,
-            conns,
-            heap: BinaryHeap::new(),
-            rng: thread_rng(cfg.seed, tid),
-            stats: ThreadStats::new(cfg.users),
-            seq: 0,
-            live: count,
-            scan_at: plan.t0 + cfg.timeout,
-        })
+impl<'a> Connections<'a> for LoadThread<'a> {
+    fn core(&mut self) -> &mut ThreadCore<'a> {
+        &mut self.core
     }
 
-    fn run(mut self) -> Result<ThreadStats, BenchError> {
-        let now = Instant::now();
-        for i in 0..self.conns.len() {
-            self.open(i, now);
-        }
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
-        while self.live > 0 {
-            let now = Instant::now();
-            let wake = self.next_wake(now);
-            if let Some(t) = &mut self.timer {
-                t.arm(self.heap.peek().map(|&Reverse((d, _))| d), now);
-            }
-            wait_events(
-                &self.epoll,
-                &mut events,
-                wake.saturating_duration_since(now),
-            )?;
-            let now = Instant::now();
-            for ev in &events {
-                let token = ev.data.u64();
-                if token == TIMER_TOKEN {
-                    if let Some(t) = &mut self.timer {
-                        t.drain();
-                    }
-                } else if let Ok(i) = usize::try_from(token)
-                    && i < self.conns.len()
-                {
-                    self.on_event(i, ev.flags, now);
-                }
-            }
-            let now = Instant::now();
-            while let Some(&Reverse((due, i))) = self.heap.peek() {
-                if due > now {
-                    break;
-                }
-                self.heap.pop();
-                self.wake(i, now);
-            }
-            if now >= self.scan_at {
-                self.scan_timeouts(now);
-            }
-        }
-        Ok(self.stats)
-    }
-
-    /// The earliest of: a scheduled wake-up, a request timeout, the safety net.
-    fn next_wake(&self, now: Instant) -> Instant {
-        let mut wake = (now + MAX_WAIT).min(self.scan_at);
-        if let Some(&Reverse((due, _))) = self.heap.peek() {
-            wake = wake.min(due);
-        }
-        wake
-    }
-
-    fn measuring(&self, now: Instant) -> bool {
-        now >= self.plan.measure_start
-    }
-
-    fn past_stop(&self, t: Instant) -> bool {
-        self.plan.past_stop(t)
-    }
-
-    fn claims_exhausted(&self) -> bool {
-        self.shared.claims_exhausted(self.plan)
-    }
-
-    /// Claims one measured request (request-count mode); false when none is left.
-    fn claim(&self) -> bool {
-        self.shared.claim(self.plan)
-    }
-
-    fn error(&mut self, kind: ErrorKind, describe: impl FnOnce() -> String) {
-        self.stats.errors.add(kind);
-        self.stats.problem(describe);
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+    fn count(&self) -> usize {
+        self.conns.len()
     }
 
     /// Starts connecting connection `i`.
     fn open(&mut self, i: usize, now: Instant) {
-        if self.past_stop(now) || self.claims_exhausted() {
+        if self.core.over(now) {
             self.finish(i);
             return;
         }
-        match connect(self.cfg.target.addr) {
+        match self.core.connect(i) {
             Ok((stream, connected)) => {
-                let added = epoll::add(
-                    &self.epoll,
-                    &stream,
-                    epoll::EventData::new_u64(i as u64),
-                    epoll::EventFlags::IN
-                        | epoll::EventFlags::OUT
-                        | epoll::EventFlags::RDHUP
-                        | epoll::EventFlags::ET,
-                );
-                if let Err(e) = added {
-                    self.connect_failed(i, now, e.into());
-                    return;
-                }
                 let c = &mut self.conns[i];
                 c.stream = Some(stream);
                 c.reader.reset();
@@ -584,47 +360,11 @@ impl<'a> LoadThread<'a> {
                     self.next(i, now);
                 } else {
                     c.state = State::Connecting;
-                    c.deadline = now + self.cfg.timeout;
-                    self.scan_at = self.scan_at.min(c.deadline);
+                    c.deadline = now + self.core.cfg.timeout;
+                    self.core.scan_at = self.core.scan_at.min(c.deadline);
                 }
             }
             Err(e) => self.connect_failed(i, now, e),
-        }
-    }
-
-    fn connect_failed(&mut self, i: usize, now: Instant, e: io::Error) {
-        self.close(i);
-        if self.measuring(now) {
-            // In request-count mode a failed connect uses up a request: the run stays bounded
-            // even when nothing listens.
-            if !self.claim() {
-                self.finish(i);
-                return;
-            }
-            let addr = self.cfg.target.addr;
-            self.error(ErrorKind::Connect, || format!("connect to {addr}: {e}"));
-        }
-        let c = &mut self.conns[i];
-        c.wake_at = now + RECONNECT_DELAY;
-        self.heap.push(Reverse((c.wake_at, i)));
-    }
-
-    /// Drops the socket (epoll forgets it with its last descriptor).
-    fn close(&mut self, i: usize) {
-        let c = &mut self.conns[i];
-        c.stream = None;
-        c.reader.reset();
-        if c.state != State::Done {
-            c.state = State::Down;
-        }
-    }
-
-    fn finish(&mut self, i: usize) {
-        let c = &mut self.conns[i];
-        if c.state != State::Done {
-            c.stream = None;
-            c.state = State::Done;
-            self.live -= 1;
         }
     }
 
@@ -670,6 +410,126 @@ impl<'a> LoadThread<'a> {
         }
     }
 
+    /// Fails requests and connects past their deadline; sets the next scan time.
+    fn scan_timeouts(&mut self, now: Instant) {
+        // Requests started below (reconnects) lower it again through `next` and `open`.
+        self.core.scan_at = now + MAX_WAIT;
+        let timeout = self.core.cfg.timeout;
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            let in_flight = matches!(c.state, State::Writing | State::Reading | State::Connecting);
+            if !in_flight {
+                continue;
+            }
+            if now < c.deadline {
+                self.core.scan_at = self.core.scan_at.min(c.deadline);
+            } else if c.state == State::Connecting {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no connection within {timeout:?}"),
+                );
+                self.connect_failed(i, now, e);
+            } else {
+                let why = format!("no answer within {timeout:?}");
+                self.fail(i, now, ErrorKind::Timeout, why);
+            }
+        }
+    }
+}
+
+impl<'a> LoadThread<'a> {
+    fn new(
+        cfg: &'a Config,
+        plan: &'a Plan,
+        shared: &'a Shared,
+        picker: &'a UserPicker,
+        template: &'a RequestTemplate,
+        tid: usize,
+    ) -> Result<LoadThread<'a>, BenchError> {
+        let (count, first) = cfg.connections_of(tid);
+        let conns = (0..count)
+            .map(|i| Conn {
+                stream: None,
+                state: State::Down,
+                req: Vec::with_capacity(cfg.body_size + 256),
+                written: 0,
+                expect: Vec::with_capacity(cfg.body_size + 16),
+                user: 0,
+                reader: ResponseReader::new(),
+                intended: plan.t0,
+                deadline: plan.t0,
+                measured: false,
+                schedule: cfg
+                    .rate
+                    .map(|r| Schedule::new(plan.t0, r, cfg.connections, first + i)),
+                k: 0,
+                wake_at: plan.t0,
+                readable_seen: false,
+            })
+            .collect();
+        Ok(LoadThread {
+            core: ThreadCore::new(cfg, plan, shared, picker, tid, count)?,
+            template,
+            conns,
+        })
+    }
+
+    fn run(mut self) -> Result<ThreadStats, BenchError> {
+        drive(&mut self)?;
+        Ok(self.core.stats)
+    }
+
+    fn past_stop(&self, t: Instant) -> bool {
+        self.core.plan.past_stop(t)
+    }
+
+    /// Claims one measured request (request-count mode); false when none is left.
+    fn claim(&self) -> bool {
+        self.core.shared.claim(self.core.plan)
+    }
+
+    fn error(&mut self, kind: ErrorKind, describe: impl FnOnce() -> String) {
+        self.core.stats.errors.add(kind);
+        self.core.stats.problem(describe);
+        self.core.counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn connect_failed(&mut self, i: usize, now: Instant, e: io::Error) {
+        self.close(i);
+        if self.core.measuring(now) {
+            // In request-count mode a failed connect uses up a request: the run stays bounded
+            // even when nothing listens.
+            if !self.claim() {
+                self.finish(i);
+                return;
+            }
+            let addr = self.core.cfg.target.addr;
+            self.error(ErrorKind::Connect, || format!("connect to {addr}: {e}"));
+        }
+        let c = &mut self.conns[i];
+        c.wake_at = now + RECONNECT_DELAY;
+        self.core.heap.push(Reverse((c.wake_at, i)));
+    }
+
+    /// Drops the socket (epoll forgets it with its last descriptor).
+    fn close(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        c.stream = None;
+        c.reader.reset();
+        if c.state != State::Done {
+            c.state = State::Down;
+        }
+    }
+
+    fn finish(&mut self, i: usize) {
+        let c = &mut self.conns[i];
+        if c.state != State::Done {
+            c.stream = None;
+            c.state = State::Done;
+            self.core.live -= 1;
+        }
+    }
+
     fn connected(&mut self, i: usize, now: Instant) {
         let Some(stream) = &self.conns[i].stream else {
             return;
@@ -699,8 +559,8 @@ impl<'a> LoadThread<'a> {
                 if self.past_stop(now) {
                     // Behind schedule at the end: the run stops on time; the requests that
                     // were due and never sent are reported, not hidden.
-                    if let Some(stop) = self.plan.stop_at {
-                        self.stats.unsent += s.unsent(k, self.plan.measure_start, stop);
+                    if let Some(stop) = self.core.plan.stop_at {
+                        self.core.stats.unsent += s.unsent(k, self.core.plan.measure_start, stop);
                     }
                     self.finish(i);
                     return;
@@ -708,7 +568,7 @@ impl<'a> LoadThread<'a> {
                 if due > now {
                     let c = &mut self.conns[i];
                     c.wake_at = due;
-                    self.heap.push(Reverse((due, i)));
+                    self.core.heap.push(Reverse((due, i)));
                     return;
                 }
                 self.conns[i].k = k + 1;
@@ -723,24 +583,24 @@ impl<'a> LoadThread<'a> {
                 Instant::now()
             }
         };
-        let measured = intended >= self.plan.measure_start;
+        let measured = intended >= self.core.plan.measure_start;
         if measured && !self.claim() {
             self.finish(i);
             return;
         }
-        let user = self.picker.pick(&mut self.rng);
-        self.seq += 1;
+        let user = self.core.picker.pick(&mut self.core.rng);
+        self.core.seq += 1;
         let c = &mut self.conns[i];
         self.template
-            .build(user, self.seq, &mut c.req, &mut c.expect);
+            .build(user, self.core.seq, &mut c.req, &mut c.expect);
         c.user = user;
         c.written = 0;
         c.intended = intended;
         c.measured = measured;
-        c.deadline = now + self.cfg.timeout;
+        c.deadline = now + self.core.cfg.timeout;
         c.readable_seen = false;
         c.state = State::Writing;
-        self.scan_at = self.scan_at.min(c.deadline);
+        self.core.scan_at = self.core.scan_at.min(c.deadline);
         self.write(i, now);
     }
 
@@ -815,9 +675,9 @@ impl<'a> LoadThread<'a> {
     fn complete(&mut self, i: usize, eof: bool) -> Option<Next> {
         // A fresh clock: `now` of the event batch may be stale by the batch's earlier work.
         let now = Instant::now();
-        let endpoint = self.cfg.endpoint;
+        let endpoint = self.core.cfg.endpoint;
         let c = &mut self.conns[i];
-        let stats = &mut self.stats;
+        let stats = &mut self.core.stats;
         let resp = match c.reader.parse() {
             Ok(None) => return None,
             Ok(Some(r)) => r,
@@ -861,11 +721,11 @@ impl<'a> LoadThread<'a> {
         let close = resp.close || eof;
         if measured {
             stats.answered(resp.status, latency(c.intended, now), now);
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.core.counters.requests.fetch_add(1, Ordering::Relaxed);
             if let Some((kind, why)) = bad {
                 stats.errors.add(kind);
                 stats.problem(|| why);
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.core.counters.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
         match c.reader.consume() {
@@ -903,7 +763,7 @@ impl<'a> LoadThread<'a> {
         let c = &mut self.conns[i];
         if c.state == State::Down {
             c.wake_at = now;
-            self.heap.push(Reverse((now, i)));
+            self.core.heap.push(Reverse((now, i)));
         }
     }
 
@@ -919,7 +779,7 @@ impl<'a> LoadThread<'a> {
             // The server closed an idle keep-alive connection: not an error.
             Ok(0) => self.reconnect_soon(i, now),
             Ok(n) => {
-                if self.measuring(now) {
+                if self.core.measuring(now) {
                     self.error(ErrorKind::Parse, || {
                         format!("{n} unsolicited bytes on an idle connection")
                     });
@@ -927,36 +787,10 @@ impl<'a> LoadThread<'a> {
                 self.reconnect_soon(i, now);
             }
             Err(e) => {
-                if self.measuring(now) {
+                if self.core.measuring(now) {
                     self.error(ErrorKind::Read, || format!("idle connection: {e}"));
                 }
                 self.reconnect_soon(i, now);
-            }
-        }
-    }
-
-    /// Fails requests and connects past their deadline; sets the next scan time.
-    fn scan_timeouts(&mut self, now: Instant) {
-        // Requests started below (reconnects) lower it again through `next` and `open`.
-        self.scan_at = now + MAX_WAIT;
-        let timeout = self.cfg.timeout;
-        for i in 0..self.conns.len() {
-            let c = &self.conns[i];
-            let in_flight = matches!(c.state, State::Writing | State::Reading | State::Connecting);
-            if !in_flight {
-                continue;
-            }
-            if now < c.deadline {
-                self.scan_at = self.scan_at.min(c.deadline);
-            } else if c.state == State::Connecting {
-                let e = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {timeout:?}"),
-                );
-                self.connect_failed(i, now, e);
-            } else {
-                let why = format!("no answer within {timeout:?}");
-                self.fail(i, now, ErrorKind::Timeout, why);
             }
         }
     }
@@ -983,61 +817,6 @@ pub fn raise_nofile_limit(connections: usize) -> Option<u64> {
         }
         other => other,
     }
-}
-
-/// Maps an errno from setting up the engine.
-/// Waits up to `timeout` for events of `epoll` into `events` (cleared first); an interrupted
-/// wait returns with none.
-pub(crate) fn wait_events(
-    epoll: &OwnedFd,
-    events: &mut Vec<epoll::Event>,
-    timeout: Duration,
-) -> Result<(), BenchError> {
-    let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
-        tv_sec: 1,
-        tv_nsec: 0,
-    });
-    events.clear();
-    match epoll::wait(
-        epoll,
-        rustix::buffer::spare_capacity(events),
-        Some(&timeout),
-    ) {
-        Ok(_) | Err(Errno::INTR) => Ok(()),
-        Err(e) => Err(BenchError::Os {
-            what: "epoll_wait",
-            source: e.into(),
-        }),
-    }
-}
-
-pub(crate) fn os_error(what: &'static str) -> impl Fn(Errno) -> BenchError {
-    move |e| BenchError::Os {
-        what,
-        source: e.into(),
-    }
-}
-
-/// A non-blocking TCP connection to `addr` with `TCP_NODELAY`; true when already connected.
-pub(crate) fn connect(addr: SocketAddr) -> io::Result<(TcpStream, bool)> {
-    let family = if addr.is_ipv4() {
-        AddressFamily::INET
-    } else {
-        AddressFamily::INET6
-    };
-    let fd = rustix::net::socket_with(
-        family,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    rustix::net::sockopt::set_tcp_nodelay(&fd, true)?;
-    let connected = match rustix::net::connect(&fd, &addr) {
-        Ok(()) => true,
-        Err(Errno::INPROGRESS) | Err(Errno::INTR) => false,
-        Err(e) => return Err(e.into()),
-    };
-    Ok((TcpStream::from(fd), connected))
 }
 
 #[cfg(test)]

@@ -16,8 +16,8 @@ use hdrhistogram::Histogram;
 use rustix::event::epoll;
 
 use crate::BenchError;
-use crate::engine::{os_error, wait_events};
 use crate::stats::{new_histogram, record};
+use crate::thread::{os_error, wait_events};
 
 /// Bytes of each message: about an `agent` event frame.
 const MESSAGE: usize = 256;

@@ -34,6 +34,7 @@ pub mod rpc;
 pub mod schedule;
 pub mod server_cpu;
 pub mod stats;
+mod thread;
 pub mod users;
 pub mod workload;
 pub mod ws;

@@ -22,15 +22,13 @@
 //! user, so events of runs this connection did not start are ignored.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::TcpStream;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use rand::rngs::SmallRng;
 use rustix::event::epoll;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -41,14 +39,12 @@ use tungstenite::{Message, WebSocket};
 
 use crate::BenchError;
 use crate::config::{Config, WsMethod};
-use crate::engine::{
-    Counters, MAX_WAIT, Plan, READABLE, RECONNECT_DELAY, SendTimer, Shared, TIMER_TOKEN, connect,
-    os_error, wait_events,
-};
+use crate::engine::{Plan, READABLE, RECONNECT_DELAY, Shared};
 use crate::rpc::{self, Inbound};
 use crate::schedule::Schedule;
 use crate::stats::{ErrorKind, ThreadStats, record};
-use crate::users::{UserPicker, thread_rng};
+use crate::thread::{Connections, MAX_WAIT, ThreadCore, drive};
+use crate::users::UserPicker;
 use crate::workload::fill;
 
 /// `{"message":"","idempotencyKey":""}` and a typical run id: the agent params' bytes besides
@@ -128,26 +124,147 @@ impl Conn {
 
 /// One load thread of a WebSocket run.
 pub(crate) struct WsThread<'a> {
-    cfg: &'a Config,
-    plan: &'a Plan,
-    shared: &'a Shared,
-    picker: &'a UserPicker,
-    counters: &'a Counters,
-    epoll: OwnedFd,
-    /// Open loop: fires at the earliest entry of `heap`.
-    timer: Option<SendTimer>,
+    core: ThreadCore<'a>,
     conns: Vec<Conn>,
-    /// Reconnect and open-loop send wake-ups: (when, connection).
-    heap: BinaryHeap<Reverse<(Instant, usize)>>,
-    rng: SmallRng,
-    stats: ThreadStats,
-    /// Numbers agent messages (unique per thread, as HTTP bodies are).
-    seq: u64,
-    live: usize,
-    /// When to look for timed-out requests next.
-    scan_at: Instant,
     /// The `connect` request (the same for every connection).
     connect_frame: String,
+}
+
+impl<'a> Connections<'a> for WsThread<'a> {
+    fn core(&mut self) -> &mut ThreadCore<'a> {
+        &mut self.core
+    }
+
+    fn count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Starts connecting connection `i` as a freshly drawn user.
+    fn open(&mut self, i: usize, now: Instant) {
+        if self.core.over(now) {
+            return self.finish(i);
+        }
+        match self.core.connect(i) {
+            Ok((stream, connected)) => {
+                let user = self.core.picker.pick(&mut self.core.rng);
+                let deadline = now + self.core.cfg.timeout;
+                let c = &mut self.conns[i];
+                c.user = user;
+                c.last_seq = 0;
+                c.draining = false;
+                c.deadline = deadline;
+                c.phase = Phase::Connecting(stream);
+                self.core.scan_at = self.core.scan_at.min(deadline);
+                if connected {
+                    self.upgrade(i, now);
+                }
+            }
+            Err(e) => {
+                let addr = self.core.cfg.target.addr;
+                let why = format!("connect to {addr}: {e}");
+                self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, flags: epoll::EventFlags, _waited: Instant) {
+        // Each frame is timed when it is read, not when the wait returned: event latencies
+        // are measured to the microsecond.
+        let now = Instant::now();
+        match &self.conns[i].phase {
+            Phase::Connecting(stream) => {
+                if !flags.intersects(
+                    epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
+                ) {
+                    return;
+                }
+                match rustix::net::sockopt::socket_error(stream) {
+                    Ok(Ok(())) => self.upgrade(i, now),
+                    Ok(Err(e)) | Err(e) => {
+                        let addr = self.core.cfg.target.addr;
+                        let why = format!("connect to {addr}: {}", io::Error::from(e));
+                        self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
+                    }
+                }
+            }
+            Phase::Upgrading(_) => {
+                if flags.intersects(READABLE | epoll::EventFlags::OUT) {
+                    self.upgrade(i, now);
+                }
+            }
+            Phase::Challenge(_) | Phase::Hello(_) | Phase::Ready(_) => self.drive(i, now),
+            Phase::Down | Phase::Done => {}
+        }
+    }
+
+    fn wake(&mut self, i: usize, now: Instant) {
+        let c = &self.conns[i];
+        // A stale entry (a later one exists) or a connection already back up.
+        if c.wake_at > now {
+            return;
+        }
+        if matches!(c.phase, Phase::Down) {
+            self.open(i, now);
+        } else if matches!(c.phase, Phase::Ready(_)) && self.fill(i) {
+            // Open loop: requests came due.
+            self.flush(i, now);
+        }
+    }
+
+    /// Fails handshakes and requests past their deadline; sets the next scan time.
+    fn scan_timeouts(&mut self, now: Instant) {
+        self.core.scan_at = now + MAX_WAIT;
+        let timeout = self.core.cfg.timeout;
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            match &c.phase {
+                Phase::Connecting(_)
+                | Phase::Upgrading(_)
+                | Phase::Challenge(_)
+                | Phase::Hello(_) => {
+                    if now < c.deadline {
+                        self.core.scan_at = self.core.scan_at.min(c.deadline);
+                        continue;
+                    }
+                    let kind = if matches!(c.phase, Phase::Connecting(_)) {
+                        ErrorKind::Connect
+                    } else {
+                        ErrorKind::Handshake
+                    };
+                    let why = format!("no connection within {timeout:?}");
+                    self.broken(i, now, kind, why, RECONNECT_DELAY);
+                }
+                Phase::Ready(_) => {
+                    let expired = c
+                        .pending
+                        .values()
+                        .filter(|p| p.measured && p.deadline <= now)
+                        .count() as u64;
+                    let first = c.pending.values().map(|p| p.deadline).min();
+                    match first {
+                        Some(d) if d <= now => {
+                            let user = c.user;
+                            let lost =
+                                c.pending.values().filter(|p| p.measured).count() as u64 - expired;
+                            // The timed-out requests count as timeouts; the others in flight
+                            // are lost with the connection, dropped so that `depth` stays
+                            // the number of requests the gateway is working on.
+                            self.errors(ErrorKind::Timeout, expired, || {
+                                format!("user-{user}: no answer within {timeout:?}")
+                            });
+                            self.errors(ErrorKind::Read, lost, || {
+                                format!("user-{user}: connection dropped after a request timed out")
+                            });
+                            self.reconnect(i, now, Duration::ZERO);
+                        }
+                        Some(d) => self.core.scan_at = self.core.scan_at.min(d),
+                        None => {}
+                    }
+                }
+                Phase::Down | Phase::Done => {}
+            }
+        }
+    }
 }
 
 impl<'a> WsThread<'a> {
@@ -158,11 +275,6 @@ impl<'a> WsThread<'a> {
         picker: &'a UserPicker,
         tid: usize,
     ) -> Result<WsThread<'a>, BenchError> {
-        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os_error("epoll_create"))?;
-        let timer = match cfg.rate {
-            None => None,
-            Some(_) => Some(SendTimer::new(&epoll)?),
-        };
         let (count, first) = cfg.connections_of(tid);
         // Run ids must not collide with those of another bench run against the same gateway
         // (its users' histories keep them): a random part per run and thread.
@@ -185,83 +297,15 @@ impl<'a> WsThread<'a> {
             })
             .collect();
         Ok(WsThread {
-            cfg,
-            plan,
-            shared,
-            picker,
-            counters: &shared.counters[tid],
-            epoll,
-            timer,
+            core: ThreadCore::new(cfg, plan, shared, picker, tid, count)?,
             conns,
-            heap: BinaryHeap::new(),
-            rng: thread_rng(cfg.seed, tid),
-            stats: ThreadStats::new(cfg.users),
-            seq: 0,
-            live: count,
-            scan_at: plan.t0 + cfg.timeout,
             connect_frame: rpc::connect_frame(cfg.token.as_deref()),
         })
     }
 
     pub(crate) fn run(mut self) -> Result<ThreadStats, BenchError> {
-        let now = Instant::now();
-        for i in 0..self.conns.len() {
-            self.open(i, now);
-        }
-        let mut events: Vec<epoll::Event> = Vec::with_capacity(256);
-        while self.live > 0 {
-            let now = Instant::now();
-            let mut wake = (now + MAX_WAIT).min(self.scan_at);
-            if let Some(&Reverse((due, _))) = self.heap.peek() {
-                wake = wake.min(due);
-            }
-            if let Some(t) = &mut self.timer {
-                t.arm(self.heap.peek().map(|&Reverse((d, _))| d), now);
-            }
-            wait_events(
-                &self.epoll,
-                &mut events,
-                wake.saturating_duration_since(now),
-            )?;
-            for ev in &events {
-                let token = ev.data.u64();
-                if token == TIMER_TOKEN {
-                    if let Some(t) = &mut self.timer {
-                        t.drain();
-                    }
-                } else if let Ok(i) = usize::try_from(token)
-                    && i < self.conns.len()
-                {
-                    self.on_event(i, ev.flags);
-                }
-            }
-            let now = Instant::now();
-            while let Some(&Reverse((due, i))) = self.heap.peek() {
-                if due > now {
-                    break;
-                }
-                self.heap.pop();
-                let c = &self.conns[i];
-                // A stale entry (a later one exists) or a connection already back up.
-                if c.wake_at > now {
-                    continue;
-                }
-                if matches!(c.phase, Phase::Down) {
-                    self.open(i, now);
-                } else if matches!(c.phase, Phase::Ready(_)) && self.fill(i) {
-                    // Open loop: requests came due.
-                    self.flush(i, now);
-                }
-            }
-            if now >= self.scan_at {
-                self.scan_timeouts(now);
-            }
-        }
-        Ok(self.stats)
-    }
-
-    fn measuring(&self, now: Instant) -> bool {
-        now >= self.plan.measure_start
+        drive(&mut self)?;
+        Ok(self.core.stats)
     }
 
     /// Counts `n` errors of `kind`, describing the first.
@@ -270,79 +314,10 @@ impl<'a> WsThread<'a> {
             return;
         }
         for _ in 0..n {
-            self.stats.errors.add(kind);
+            self.core.stats.errors.add(kind);
         }
-        self.stats.problem(describe);
-        self.counters.errors.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Starts connecting connection `i` as a freshly drawn user.
-    fn open(&mut self, i: usize, now: Instant) {
-        if self.plan.past_stop(now) || self.shared.claims_exhausted(self.plan) {
-            return self.finish(i);
-        }
-        match connect(self.cfg.target.addr) {
-            Ok((stream, connected)) => {
-                let added = epoll::add(
-                    &self.epoll,
-                    &stream,
-                    epoll::EventData::new_u64(i as u64),
-                    epoll::EventFlags::IN
-                        | epoll::EventFlags::OUT
-                        | epoll::EventFlags::RDHUP
-                        | epoll::EventFlags::ET,
-                );
-                if let Err(e) = added {
-                    let why = format!("epoll_ctl: {e}");
-                    return self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
-                }
-                let user = self.picker.pick(&mut self.rng);
-                let deadline = now + self.cfg.timeout;
-                let c = &mut self.conns[i];
-                c.user = user;
-                c.last_seq = 0;
-                c.draining = false;
-                c.deadline = deadline;
-                c.phase = Phase::Connecting(stream);
-                self.scan_at = self.scan_at.min(deadline);
-                if connected {
-                    self.upgrade(i, now);
-                }
-            }
-            Err(e) => {
-                let addr = self.cfg.target.addr;
-                let why = format!("connect to {addr}: {e}");
-                self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
-            }
-        }
-    }
-
-    fn on_event(&mut self, i: usize, flags: epoll::EventFlags) {
-        let now = Instant::now();
-        match &self.conns[i].phase {
-            Phase::Connecting(stream) => {
-                if !flags.intersects(
-                    epoll::EventFlags::OUT | epoll::EventFlags::ERR | epoll::EventFlags::HUP,
-                ) {
-                    return;
-                }
-                match rustix::net::sockopt::socket_error(stream) {
-                    Ok(Ok(())) => self.upgrade(i, now),
-                    Ok(Err(e)) | Err(e) => {
-                        let addr = self.cfg.target.addr;
-                        let why = format!("connect to {addr}: {}", io::Error::from(e));
-                        self.broken(i, now, ErrorKind::Connect, why, RECONNECT_DELAY);
-                    }
-                }
-            }
-            Phase::Upgrading(_) => {
-                if flags.intersects(READABLE | epoll::EventFlags::OUT) {
-                    self.upgrade(i, now);
-                }
-            }
-            Phase::Challenge(_) | Phase::Hello(_) | Phase::Ready(_) => self.drive(i, now),
-            Phase::Down | Phase::Done => {}
-        }
+        self.core.stats.problem(describe);
+        self.core.counters.errors.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Starts or resumes the HTTP upgrade.
@@ -350,7 +325,7 @@ impl<'a> WsThread<'a> {
         let c = &mut self.conns[i];
         let result = match std::mem::replace(&mut c.phase, Phase::Down) {
             Phase::Connecting(stream) => {
-                let t = &self.cfg.target;
+                let t = &self.core.cfg.target;
                 // The gateway serves WebSocket on `/` (below the URL's prefix, for a proxy
                 // that forwards one); a connection without credentials names its user here.
                 let url = format!("ws://{}{}/?user=user-{}", t.host_header, t.prefix, c.user);
@@ -486,7 +461,7 @@ impl<'a> WsThread<'a> {
                     return false;
                 };
                 c.phase = Phase::Ready(ws);
-                self.stats.ws.handshakes += 1;
+                self.core.stats.ws.handshakes += 1;
                 self.fill(i)
             }
             (
@@ -545,7 +520,7 @@ impl<'a> WsThread<'a> {
         now: Instant,
     ) -> bool {
         let at = Instant::now();
-        let method = self.cfg.ws_method;
+        let method = self.core.cfg.ws_method;
         let c = &mut self.conns[i];
         let Some(n) = id.parse::<u64>().ok().filter(|n| c.pending.contains_key(n)) else {
             let why = format!("an answer to id {id:?}, which is not in flight");
@@ -560,7 +535,7 @@ impl<'a> WsThread<'a> {
                     Ok(true) => {
                         p.accepted = true;
                         if p.measured {
-                            record(&mut self.stats.ws.accepted, at - p.sent);
+                            record(&mut self.core.stats.ws.accepted, at - p.sent);
                         }
                         return true;
                     }
@@ -596,12 +571,13 @@ impl<'a> WsThread<'a> {
                         Ok(Some(worker)) => {
                             let measured = p.measured;
                             if let Some(before) =
-                                self.stats
+                                self.core
+                                    .stats
                                     .workers
                                     .observe(user, worker.as_bytes(), measured)
                             {
                                 let before = String::from_utf8_lossy(before).into_owned();
-                                self.stats.problem(|| {
+                                self.core.stats.problem(|| {
                                 format!("user-{user} answered by {worker} after {before}: not sticky")
                             });
                             }
@@ -624,10 +600,10 @@ impl<'a> WsThread<'a> {
         }
         if p.measured {
             let outcome = if ok { "ok" } else { code };
-            self.stats.rpc_answered(outcome, at - p.sent, at);
-            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            self.core.stats.rpc_answered(outcome, at - p.sent, at);
+            self.core.counters.requests.fetch_add(1, Ordering::Relaxed);
             if method == WsMethod::Agent && ok && !p.first_event {
-                self.stats.ws.runs_without_event += 1;
+                self.core.stats.ws.runs_without_event += 1;
             }
             if let Some((kind, why)) = bad {
                 self.errors(kind, 1, || why);
@@ -644,14 +620,14 @@ impl<'a> WsThread<'a> {
         if let Some(s) = seq {
             let expected = c.last_seq + 1;
             c.last_seq = s;
-            if s != expected && self.measuring(at) {
+            if s != expected && self.core.measuring(at) {
                 let user = self.conns[i].user;
                 self.errors(ErrorKind::Protocol, 1, || {
                     format!("user-{user}: event seq {s} where {expected} was due")
                 });
             }
         }
-        if self.cfg.ws_method != WsMethod::Agent || !matches!(name, "agent" | "chat") {
+        if self.core.cfg.ws_method != WsMethod::Agent || !matches!(name, "agent" | "chat") {
             return;
         }
         let c = &mut self.conns[i];
@@ -665,18 +641,18 @@ impl<'a> WsThread<'a> {
             return;
         };
         if p.measured {
-            self.stats.ws.run_events += 1;
+            self.core.stats.ws.run_events += 1;
             if name == "agent"
                 && let Some(emitted) = rpc::emitted_us(payload)
             {
                 let delay_us = moltbot_ipc::clock::monotonic_us().saturating_sub(emitted);
                 record(
-                    &mut self.stats.ws.event_delay,
+                    &mut self.core.stats.ws.event_delay,
                     Duration::from_micros(delay_us),
                 );
             }
             if !p.first_event {
-                record(&mut self.stats.ws.first_event, at - p.sent);
+                record(&mut self.core.stats.ws.first_event, at - p.sent);
             }
         }
         p.first_event = true;
@@ -685,20 +661,25 @@ impl<'a> WsThread<'a> {
     /// Tops connection `i` up to `depth` requests in flight; closes it once the run is over
     /// and nothing is in flight. False when the connection was dropped or finished.
     fn fill(&mut self, i: usize) -> bool {
-        let method = self.cfg.ws_method;
-        let message_len = self.cfg.body_size.saturating_sub(AGENT_OVERHEAD).max(1);
+        let method = self.core.cfg.ws_method;
+        let message_len = self
+            .core
+            .cfg
+            .body_size
+            .saturating_sub(AGENT_OVERHEAD)
+            .max(1);
         loop {
             let c = &self.conns[i];
-            if c.draining || c.pending.len() >= self.cfg.depth {
+            if c.draining || c.pending.len() >= self.core.cfg.depth {
                 break;
             }
             let now = Instant::now();
             let Some((origin, measured)) = self.next_send(i, now) else {
                 break;
             };
-            self.seq += 1;
-            let seq = self.seq;
-            let timeout = self.cfg.timeout;
+            self.core.seq += 1;
+            let seq = self.core.seq;
+            let timeout = self.core.cfg.timeout;
             let c = &mut self.conns[i];
             let n = c.next_id;
             c.next_id += 1;
@@ -740,7 +721,7 @@ impl<'a> WsThread<'a> {
                     message,
                 },
             );
-            self.scan_at = self.scan_at.min(written + timeout);
+            self.core.scan_at = self.core.scan_at.min(written + timeout);
         }
         let c = &mut self.conns[i];
         if c.draining && c.pending.is_empty() {
@@ -761,11 +742,11 @@ impl<'a> WsThread<'a> {
     /// measured. Sets `draining` when the run is over for it; in open loop, a request not yet
     /// due is a wake-up on the heap.
     fn next_send(&mut self, i: usize, now: Instant) -> Option<(Option<Instant>, bool)> {
-        let plan = self.plan;
+        let plan = self.core.plan;
         let c = &mut self.conns[i];
         let Some(s) = c.schedule else {
             let measured = now >= plan.measure_start;
-            if plan.past_stop(now) || (measured && !self.shared.claim(plan)) {
+            if plan.past_stop(now) || (measured && !self.core.shared.claim(plan)) {
                 c.draining = true;
                 return None;
             }
@@ -780,7 +761,7 @@ impl<'a> WsThread<'a> {
             // Behind schedule at the end: the run stops on time; the requests that were due
             // and never sent are reported, not hidden.
             if let Some(stop) = plan.stop_at {
-                self.stats.unsent += s.unsent(c.k, plan.measure_start, stop);
+                self.core.stats.unsent += s.unsent(c.k, plan.measure_start, stop);
             }
             c.draining = true;
             return None;
@@ -788,12 +769,12 @@ impl<'a> WsThread<'a> {
         if due > now {
             if c.wake_at != due {
                 c.wake_at = due;
-                self.heap.push(Reverse((due, i)));
+                self.core.heap.push(Reverse((due, i)));
             }
             return None;
         }
         let measured = due >= plan.measure_start;
-        if measured && !self.shared.claim(plan) {
+        if measured && !self.core.shared.claim(plan) {
             c.draining = true;
             return None;
         }
@@ -810,10 +791,10 @@ impl<'a> WsThread<'a> {
         c.pending.clear();
         if in_flight > 0 {
             self.errors(kind, in_flight, || format!("user-{user}: {why}"));
-        } else if self.measuring(now) {
+        } else if self.core.measuring(now) {
             // In request-count mode a failure uses up a request: the run stays bounded even
             // when every connection fails.
-            if !self.shared.claim(self.plan) {
+            if !self.core.shared.claim(self.core.plan) {
                 return self.finish(i);
             }
             self.errors(kind, 1, || format!("user-{user}: {why}"));
@@ -832,7 +813,7 @@ impl<'a> WsThread<'a> {
         c.pending.clear();
         c.phase = Phase::Down;
         c.wake_at = now + delay;
-        self.heap.push(Reverse((c.wake_at, i)));
+        self.core.heap.push(Reverse((c.wake_at, i)));
     }
 
     fn finish(&mut self, i: usize) {
@@ -840,62 +821,7 @@ impl<'a> WsThread<'a> {
         if !matches!(c.phase, Phase::Done) {
             c.phase = Phase::Done;
             c.pending.clear();
-            self.live -= 1;
-        }
-    }
-
-    /// Fails handshakes and requests past their deadline; sets the next scan time.
-    fn scan_timeouts(&mut self, now: Instant) {
-        self.scan_at = now + MAX_WAIT;
-        let timeout = self.cfg.timeout;
-        for i in 0..self.conns.len() {
-            let c = &self.conns[i];
-            match &c.phase {
-                Phase::Connecting(_)
-                | Phase::Upgrading(_)
-                | Phase::Challenge(_)
-                | Phase::Hello(_) => {
-                    if now < c.deadline {
-                        self.scan_at = self.scan_at.min(c.deadline);
-                        continue;
-                    }
-                    let kind = if matches!(c.phase, Phase::Connecting(_)) {
-                        ErrorKind::Connect
-                    } else {
-                        ErrorKind::Handshake
-                    };
-                    let why = format!("no connection within {timeout:?}");
-                    self.broken(i, now, kind, why, RECONNECT_DELAY);
-                }
-                Phase::Ready(_) => {
-                    let expired = c
-                        .pending
-                        .values()
-                        .filter(|p| p.measured && p.deadline <= now)
-                        .count() as u64;
-                    let first = c.pending.values().map(|p| p.deadline).min();
-                    match first {
-                        Some(d) if d <= now => {
-                            let user = c.user;
-                            let lost =
-                                c.pending.values().filter(|p| p.measured).count() as u64 - expired;
-                            // The timed-out requests count as timeouts; the others in flight
-                            // are lost with the connection, dropped so that `depth` stays
-                            // the number of requests the gateway is working on.
-                            self.errors(ErrorKind::Timeout, expired, || {
-                                format!("user-{user}: no answer within {timeout:?}")
-                            });
-                            self.errors(ErrorKind::Read, lost, || {
-                                format!("user-{user}: connection dropped after a request timed out")
-                            });
-                            self.reconnect(i, now, Duration::ZERO);
-                        }
-                        Some(d) => self.scan_at = self.scan_at.min(d),
-                        None => {}
-                    }
-                }
-                Phase::Down | Phase::Done => {}
-            }
+            self.core.live -= 1;
         }
     }
 }
