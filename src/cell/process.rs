@@ -521,26 +521,35 @@ pub fn end_leftovers(root: &Path) -> Vec<i32> {
     let me = rustix::process::getpid().as_raw_nonzero().get();
     let mut killed = Vec::new();
     let mut waiting = Vec::new();
-    for p in proc_table() {
-        if p.pid == me || p.zombie {
-            continue;
+    // A process forked behind the scan's position escapes one pass: look again while a pass
+    // finds something (a dead cell's helpers rarely fork; three passes at most).
+    for _ in 0..3 {
+        let before = killed.len();
+        for p in proc_table() {
+            if p.pid == me || p.zombie || killed.contains(&p.pid) {
+                continue;
+            }
+            let Some(pid) = Pid::from_raw(p.pid) else {
+                continue;
+            };
+            let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+            else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(format!("/proc/{}/environ", p.pid)) else {
+                continue;
+            };
+            if environ
+                .split(|&b| b == 0)
+                .any(|var| var == marker.as_slice())
+                && rustix::process::pidfd_send_signal(&fd, Signal::KILL).is_ok()
+            {
+                killed.push(p.pid);
+                waiting.push(fd);
+            }
         }
-        let Some(pid) = Pid::from_raw(p.pid) else {
-            continue;
-        };
-        let Ok(fd) = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) else {
-            continue;
-        };
-        let Ok(environ) = std::fs::read(format!("/proc/{}/environ", p.pid)) else {
-            continue;
-        };
-        if environ
-            .split(|&b| b == 0)
-            .any(|var| var == marker.as_slice())
-            && rustix::process::pidfd_send_signal(&fd, Signal::KILL).is_ok()
-        {
-            killed.push(p.pid);
-            waiting.push(fd);
+        if killed.len() == before {
+            break;
         }
     }
     let deadline = Instant::now() + KILL_WAIT;
