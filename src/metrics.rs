@@ -718,6 +718,7 @@ mod tests {
             worker_id: format!("worker-{id}"),
             state,
             pid: Some(1000 + id as u32),
+            standby_pid: None,
             requests_processed: 10 * id as u64 + 1,
             active_requests: id,
             queued_requests: 2 * id,

@@ -456,7 +456,7 @@ impl Sandbox {
 
     /// Writes `sandbox.json` atomically: a new temp file (never an existing one, which could be
     /// a planted link) renamed over the old file.
-    fn write_record(&self) -> Result<(), SandboxError> {
+    pub fn write_record(&self) -> Result<(), SandboxError> {
         let mut bytes = serde_json::to_vec_pretty(&self.record)?;
         bytes.push(b'\n');
         let path = self.metadata_path();
@@ -479,6 +479,16 @@ impl Sandbox {
     /// `sandbox.json`. Returns the new generation. On error the in-memory record is still
     /// updated; the caller may log and go on.
     pub fn record_start(&mut self, reason: RestartReason) -> Result<u64, SandboxError> {
+        let generation = self.prepare_start(reason);
+        let written = self.write_record();
+        let generation = generation?;
+        written?;
+        Ok(generation)
+    }
+
+    /// [`Sandbox::record_start`] without writing `sandbox.json`, for a caller that writes it
+    /// with the pid right after ([`Sandbox::record_pid`]): one write per start instead of two.
+    pub fn prepare_start(&mut self, reason: RestartReason) -> Result<u64, SandboxError> {
         let ran_before = self.record.generation > 0;
         let prepared = self.ensure_layout().and_then(|()| {
             if ran_before {
@@ -505,9 +515,7 @@ impl Sandbox {
         let excess = r.restart_history.len().saturating_sub(RESTART_HISTORY_LEN);
         r.restart_history.drain(..excess);
         let generation = r.generation;
-        let written = self.write_record();
         prepared?;
-        written?;
         Ok(generation)
     }
 

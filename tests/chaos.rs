@@ -670,20 +670,33 @@ fn under_load(
     (recs, w)
 }
 
-/// A stable end: every slot ready, the gateway's children exactly its current workers, no
-/// other process on its segments; then a clean stop (SIGINT, exit 0) that leaves no segment in
-/// /dev/shm and no worker running.
+/// A stable end: every slot ready, the gateway's children exactly its current workers and
+/// their standbys, no other process on its segments; then a clean stop (SIGINT, exit 0) that
+/// leaves no segment in /dev/shm and no worker running.
 fn settle_and_stop(g: &mut GatewayProc, segments: &[String]) {
     wait_until("every slot ready", || {
         g.worker_states().iter().all(|s| s == "ready")
     });
-    let mut pids: Vec<u32> = g
-        .worker_pids()
-        .into_iter()
-        .map(|p| p.expect("every slot has a process"))
-        .collect();
-    pids.sort();
-    assert_eq!(children(g.pid()), pids, "the gateway's children");
+    // A standby starts beside a worker once it is ready: looked at until the two views agree.
+    let deadline = Instant::now() + gw::DEADLINE;
+    let pids = loop {
+        let mut pids: Vec<u32> = g
+            .worker_pids()
+            .into_iter()
+            .map(|p| p.expect("every slot has a process"))
+            .chain(g.standby_pids())
+            .collect();
+        pids.sort();
+        let kids = children(g.pid());
+        if kids == pids {
+            break pids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway's children {kids:?}, its workers and standbys {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert_eq!(
         processes_on(segments),
         pids,

@@ -734,10 +734,17 @@ fn sigterm_answers_what_is_in_flight_then_exits_0_leaving_nothing() {
     let mut g = freezable_gateway(2, &[]);
     let gw_pid = g.pid();
     let workers = worker_procs(&g);
+    // Its children: the workers and their standbys.
+    gw::wait_until("every worker to have its standby", || {
+        g.standby_pids().len() == 2
+    });
+    let standbys: Vec<ProcId> = g.standby_pids().into_iter().filter_map(proc_id).collect();
+    let mut expected: Vec<ProcId> = workers.iter().chain(&standbys).copied().collect();
+    expected.sort();
     assert_eq!(
         children(gw_pid),
-        workers,
-        "the workers are the gateway's children"
+        expected,
+        "the workers and their standbys are the gateway's children"
     );
     let segs = live_segments(&g, 2);
 

@@ -664,7 +664,8 @@ fn a_worker_flooding_its_wake_sockets_is_killed_and_replaced() {
 }
 
 /// Descriptors the gateway inherited without close-on-exec (from a shell or a supervisor) stay
-/// out of its workers: a worker holds its stdio, its wake sockets and what it opened itself.
+/// out of its workers and their standbys: a worker holds its stdio, its wake sockets and what
+/// it opened itself.
 #[test]
 fn workers_inherit_no_stray_descriptor_of_the_gateway() {
     // Held open, without close-on-exec, while the gateway starts: it inherits it.
@@ -688,7 +689,18 @@ fn workers_inherit_no_stray_descriptor_of_the_gateway() {
         targets(g.g.pid()).contains(&stray_t),
         "the gateway did not inherit the pipe: the test proves nothing"
     );
-    for pid in g.worker_pids() {
+    // The standbys waiting beside the workers (started the same way) hold nothing of it either.
+    let mut standbys = Vec::new();
+    gw::wait_until("every worker to have a standby", || {
+        standbys = g.status()["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["standbyPid"].as_u64().map(|p| p as u32))
+            .collect();
+        standbys.len() == 2
+    });
+    for pid in g.worker_pids().into_iter().chain(standbys) {
         let t = targets(pid);
         assert!(!t.contains(&stray_t), "worker {pid} inherited it: {t:?}");
     }

@@ -304,6 +304,158 @@ fn a_worker_at_max_requests_is_recycled_and_every_request_is_answered() {
     );
 }
 
+/// The standby of `slot` (`worker_standby`, on by default) once it has one other than `not`.
+fn wait_standby(router: &GatewayRouter, slot: usize, not: u32) -> u32 {
+    let mut pid = 0;
+    wait_until(
+        DEADLINE,
+        &format!("worker-{slot} to have a standby"),
+        || match worker(router, slot).standby_pid {
+            Some(p) if p != not => {
+                pid = p;
+                true
+            }
+            _ => false,
+        },
+    );
+    pid
+}
+
+// 4c.
+#[test]
+fn a_standby_waits_beside_the_worker_serves_nobody_and_takes_over_at_the_recycle() {
+    let mut env = TestEnv::new(2);
+    env.config.max_requests = 20;
+    env.config.max_requests_jitter = 0.0;
+    let router = env.start();
+    let user = user_on_slot(&router, 0, "standby");
+    let first = pid_of(&router, 0);
+    let other = pid_of(&router, 1);
+    let standby = wait_standby(&router, 0, 0);
+    assert_ne!(standby, first);
+    assert!(is_our_child(standby), "the pool's own child");
+    assert!(cmdline(standby).iter().any(|a| a == "--standby"));
+    // Started and attached ahead: it maps the slot's segment already.
+    let segment = router.pool().expect("running").slots()[0]
+        .segment
+        .name()
+        .trim_start_matches('/')
+        .to_string();
+    let maps = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    assert!(maps(first).contains(&segment));
+    wait_until(DEADLINE, "the standby to map its segment", || {
+        maps(standby).contains(&segment)
+    });
+
+    // The first process answers until its limit, the standby after it, never before.
+    let mut pids = Vec::new();
+    for i in 0..30 {
+        let r = agent(&router, &user, &format!("m{i}"));
+        assert!(r.success, "{r:?}");
+        pids.push(payload_pid(&r));
+    }
+    let took_over = pids.iter().position(|&p| p != first).expect("a recycle");
+    assert!(took_over > 0, "{pids:?}");
+    assert!(
+        pids[took_over..].iter().all(|&p| p == standby),
+        "the standby did not take over alone: first {first}, standby {standby}: {pids:?}"
+    );
+    // The user's turns went on across the takeover.
+    assert_eq!(session_lines(&env, 0, &user).len(), 30);
+    assert_eq!(wait_replaced(&router, 0, first), standby);
+    let w = worker(&router, 0);
+    assert_eq!((w.crashes, w.restarts), (0, 1), "{w:?}");
+    let history = &env.sandbox_json(0)["restartHistory"];
+    let last = history.as_array().and_then(|h| h.last()).expect("history");
+    assert_eq!(last["reason"], "recycled: max_requests", "{history}");
+    assert_eq!(last["pid"], standby, "{history}");
+    assert_eq!(last["previousPid"], first, "{history}");
+
+    // The new worker gets a standby of its own; the other slot was never touched.
+    let second = wait_standby(&router, 0, standby);
+    assert_ne!(second, first);
+    assert_eq!(pid_of(&router, 1), other);
+
+    // Stopping the pool leaves no process behind, standbys included.
+    let others = worker(&router, 1).standby_pid;
+    router.stop();
+    for pid in [Some(standby), Some(second), others].into_iter().flatten() {
+        assert!(!is_our_child(pid), "{pid} left after the stop");
+    }
+}
+
+#[test]
+fn a_crashed_workers_standby_takes_its_place() {
+    let env = TestEnv::new(1);
+    let router = env.start();
+    let user = user_on_slot(&router, 0, "crash");
+    let first = pid_of(&router, 0);
+    let standby = wait_standby(&router, 0, 0);
+    kill9(first);
+    assert_eq!(wait_replaced(&router, 0, first), standby);
+    let r = agent(&router, &user, "after the crash");
+    assert!(r.success, "{r:?}");
+    assert_eq!(payload_pid(&r), standby);
+    assert_eq!(worker(&router, 0).crashes, 1);
+    assert_eq!(
+        restart_reasons(&env, 0).last().map(String::as_str),
+        Some("crashed: signal 9")
+    );
+    wait_standby(&router, 0, standby);
+}
+
+#[test]
+fn a_standby_that_dies_is_reaped_and_the_next_worker_starts_cold() {
+    let env = TestEnv::new(1);
+    let router = env.start();
+    let user = user_on_slot(&router, 0, "cold");
+    let first = pid_of(&router, 0);
+    let standby = wait_standby(&router, 0, 0);
+    kill9(standby);
+    wait_until(DEADLINE, "the dead standby reaped", || {
+        worker(&router, 0).standby_pid.is_none() && !is_our_child(standby)
+    });
+    // Its users never noticed; the worker's replacement is a process started then.
+    assert!(echo(&router, &user).success);
+    kill9(first);
+    let next = wait_replaced(&router, 0, first);
+    assert_ne!(next, standby);
+    assert!(
+        !cmdline(next).iter().any(|a| a == "--standby"),
+        "{:?}",
+        cmdline(next)
+    );
+    let r = agent(&router, &user, "after");
+    assert_eq!(payload_pid(&r), next, "{r:?}");
+    // The new worker gets a standby again.
+    let again = wait_standby(&router, 0, 0);
+    assert_ne!(again, standby);
+}
+
+#[test]
+fn without_worker_standby_no_standby_is_started() {
+    let mut env = TestEnv::new(1);
+    env.config.worker_standby = false;
+    let router = env.start();
+    let sandbox = env.sandbox(0).to_string_lossy().into_owned();
+    let mut pid = pid_of(&router, 0);
+    for round in 0..2 {
+        // Two heartbeats seen after the worker is ready: the monitor has looked at the slot
+        // since (a standby starts at the first look at a ready worker).
+        for _ in 0..2 {
+            let seen = worker(&router, 0).last_heartbeat;
+            wait_until(DEADLINE, "a heartbeat seen", || {
+                worker(&router, 0).last_heartbeat > seen
+            });
+        }
+        let w = worker(&router, 0);
+        assert_eq!(w.standby_pid, None, "round {round}: {w:?}");
+        assert_eq!(processes_mentioning(&sandbox), vec![pid], "round {round}");
+        kill9(pid);
+        pid = wait_replaced(&router, 0, pid);
+    }
+}
+
 // 5.
 #[test]
 fn a_crash_loop_fails_the_slot_then_it_is_retried_after_the_cool_down() {
@@ -432,16 +584,24 @@ fn stop_leaves_nothing_behind_and_a_restart_keeps_the_assignments() {
         assert!(is_our_child(*pid));
         assert!(shm_exists(name), "{name}");
     }
+    // Every worker's standby is up: the pool's processes are the workers and the standbys.
+    let mut standbys = Vec::new();
+    wait_until(DEADLINE, "every worker to have a standby", || {
+        standbys = (0..3)
+            .filter_map(|i| worker(&router, i).standby_pid)
+            .collect();
+        standbys.len() == 3
+    });
     let base = env.base().to_string_lossy().into_owned();
-    let mut sorted = pids.clone();
+    let mut sorted: Vec<u32> = pids.iter().chain(&standbys).copied().collect();
     sorted.sort_unstable();
     assert_eq!(processes_mentioning(&base), sorted);
 
     router.stop();
     assert_eq!(processes_mentioning(&base), Vec::<u32>::new());
     let children = children_of(std::process::id());
-    for pid in &pids {
-        assert!(!children.contains(pid), "worker {pid} survived stop()");
+    for pid in pids.iter().chain(&standbys) {
+        assert!(!children.contains(pid), "process {pid} survived stop()");
     }
     for name in &segments {
         assert!(!shm_exists(name), "segment {name} survived stop()");

@@ -38,6 +38,51 @@ pub fn inherit_only(cmd: &mut Command, keep: &[RawFd]) {
     }
 }
 
+/// Marks every descriptor of this process from 3 up close-on-exec, here in the parent, so that
+/// a child started afterwards inherits only its stdio, with no code of ours between fork and
+/// exec ([`inherit_only`] runs there). A command without such code is started by std with
+/// `posix_spawn`, which shares this process's memory until the exec (vfork) instead of copying
+/// its page tables: its threads take no copy-on-write faults afterwards.
+///
+/// Descriptors this process inherited without the flag (from a shell or a supervisor) are the
+/// ones this catches; Rust and this workspace open theirs close-on-exec. One that another
+/// thread opens without the flag between this call and the spawn would still pass.
+pub fn cloexec_all() -> std::io::Result<()> {
+    // SAFETY: close_range only changes descriptor flags; it reads no memory of ours.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+        return Err(err);
+    }
+    // Kernels before 5.11: one fcntl per descriptor number, up to the open-files limit.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(1 << 20)
+        .min(1 << 20);
+    for fd in 3..limit.min(i32::MAX as u64) as i32 {
+        // SAFETY: fcntl on a descriptor number reads no memory of ours. A number that is not
+        // open fails with EBADF (ignored); one another thread closes and reuses meanwhile gets
+        // close-on-exec, which only keeps it out of children.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Marks descriptors `first..=last` close-on-exec (async-signal-safe).
 fn cloexec_range(first: u32, last: u32) -> std::io::Result<()> {
     // SAFETY: close_range only changes descriptor flags; it reads no memory of ours.

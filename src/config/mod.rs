@@ -252,6 +252,16 @@ config_keys! {
         check: |&n| at_least(n, 1),
     }
 
+    /// Keep a started successor beside each serving worker (built-in handlers only; not with
+    /// `worker_command` or a cell): executed, its segment mapped and its Landlock domain
+    /// applied, it waits until the worker is gone and its lanes are recovered, then takes
+    /// them, so a recycle or a crash leaves the slot's users without a worker for about a
+    /// millisecond instead of a spawn and a start. Costs one idle process per slot.
+    worker_standby: bool as Bool {
+        default: true,
+        aliases: ["workerStandby"],
+    }
+
     /// A fraction in [0, 1): each slot's limit is drawn from
     /// [(1 − jitter) × max_requests, max_requests], so that slots do not recycle together.
     max_requests_jitter: f64 as Float {

@@ -408,6 +408,7 @@ mod layers {
             }),
             ("max_memory", "64MiB", |c| c.max_memory == 64 * MIB),
             ("max_requests", "9", |c| c.max_requests == 9),
+            ("worker_standby", "off", |c| !c.worker_standby),
             ("max_requests_jitter", "0.5", |c| {
                 c.max_requests_jitter == 0.5
             }),

@@ -378,6 +378,7 @@ impl Pool {
                     worker_id: s.worker_id.clone(),
                     state: s.reported_state().as_str(),
                     pid: (pid != 0).then_some(pid),
+                    standby_pid: Some(st.standby_pid.load(Ordering::Relaxed)).filter(|&p| p != 0),
                     requests_processed: st.requests.load(Ordering::Relaxed),
                     active_requests: s.admission.in_flight(),
                     queued_requests: s.admission.queued(),
@@ -476,6 +477,9 @@ pub struct WorkerStatus {
     pub state: &'static str,
     /// Current process, if any.
     pub pid: Option<u32>,
+    /// The standby waiting to take over (`worker_standby`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_pid: Option<u32>,
     /// Requests answered (all generations).
     pub requests_processed: u64,
     /// Requests admitted and not yet answered.

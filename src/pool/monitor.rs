@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::segment::{cell_state, worker_state};
-use moltbot_ipc::wake::wake_handoff;
+use moltbot_ipc::wake::{WakeHandoff, wake_handoff};
 use moltbot_ipc::{WakeReceiver, WakeSender, wake_pair};
 use rustix::event::{PollFd, PollFlags};
 
@@ -206,6 +206,16 @@ enum Phase {
     Stopped,
 }
 
+/// A slot's started successor (`worker_standby`): executed, attached and confined, it waits
+/// on its hand-off channel until the monitor sends it the lanes' wake sockets.
+struct Standby {
+    proc: Proc,
+    /// The parent's end of the hand-off channel; dropped unsent, it releases the standby.
+    handoff: WakeHandoff,
+    /// Its request limit (`--max-requests`), drawn when it was started.
+    max_requests: u64,
+}
+
 struct SlotRt {
     slot: Arc<Slot>,
     sandbox: Sandbox,
@@ -214,6 +224,12 @@ struct SlotRt {
     max_requests: u64,
     /// The worker's CPU use and side (`worker_placement`).
     occupancy: Occupancy,
+    /// The successor waiting beside the worker, if any.
+    standby: Option<Standby>,
+    /// A standby was started for the current worker: one per worker, so that one that ends
+    /// on its own (a binary that cannot start) is not started again and again; the next
+    /// worker is spawned cold instead.
+    standby_tried: bool,
 }
 
 /// The monitor's state; `run` is its thread body.
@@ -286,6 +302,8 @@ impl Monitor {
                 restart: RestartState::default(),
                 max_requests: config.jittered_max_requests(rand::random::<f64>()),
                 occupancy: Occupancy::starting(),
+                standby: None,
+                standby_tried: false,
             })
             .collect();
         Monitor {
@@ -327,6 +345,7 @@ impl Monitor {
                 // disk that may be busy), and a stale `now` would skew this slot's deadlines
                 // and run times.
                 self.step(i, Instant::now());
+                self.keep_standby(i);
             }
         }
     }
@@ -363,6 +382,10 @@ impl Monitor {
             if let Phase::Running { proc, .. } = &s.phase
                 && let Some(fd) = &proc.pidfd
             {
+                fds.push(PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN));
+            }
+            // A standby that ends is reaped at once.
+            if let Some(fd) = s.standby.as_ref().and_then(|sb| sb.proc.pidfd.as_ref()) {
                 fds.push(PollFd::from_borrowed_fd(fd.as_fd(), PollFlags::IN));
             }
         }
@@ -608,11 +631,25 @@ impl Monitor {
         let rt = &mut self.slots[i];
         let slot = rt.slot.clone();
         let initial = reason == RestartReason::Initial;
-        let generation = match rt.sandbox.record_start(reason.clone()) {
+        // A standby that is still there takes the slot; it has not touched the sandbox, which
+        // is made fresh below before it gets its sockets, as for a process spawned now.
+        let standby = rt
+            .standby
+            .take()
+            .and_then(|mut sb| match sb.proc.child.try_wait() {
+                Ok(None) => Some(sb),
+                _ => None,
+            });
+        slot.stats.standby_pid.store(0, Ordering::Relaxed);
+        rt.standby_tried = false;
+        // Written with the pid once the process is there (`record_pid`), after the sockets are
+        // sent: a standby starts serving without waiting for the file.
+        let generation = match rt.sandbox.prepare_start(reason.clone()) {
             Ok(g) => g,
             Err(e) => {
+                // The in-memory record counts the start all the same.
                 tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
-                rt.sandbox.generation() + 1
+                rt.sandbox.generation()
             }
         };
         if !initial {
@@ -637,7 +674,10 @@ impl Monitor {
         slot.stats.cell_pid.store(0, Ordering::Relaxed);
         slot.stats.cell_rss_bytes.store(0, Ordering::Relaxed);
         slot.set_state(SlotState::Starting);
-        rt.max_requests = self.config.jittered_max_requests(rand::random::<f64>());
+        rt.max_requests = standby.as_ref().map_or_else(
+            || self.config.jittered_max_requests(rand::random::<f64>()),
+            |sb| sb.max_requests,
+        );
 
         // Wake sockets of its own, one per lane: the sending ends go to this process only
         // (passed over its standard input right after the spawn, closed here right after that,
@@ -657,38 +697,34 @@ impl Monitor {
                 }
             }
         }
-        let handoff =
-            pairs_ok.and_then(|()| wake_handoff().map_err(|e| format!("wake socket: {e}")));
-        let result = handoff.and_then(|(handoff, child_end)| {
-            let mut cmd = worker_command(
-                &self.config,
-                &self.spec,
-                &slot,
-                &rt.sandbox,
-                rt.max_requests,
-                child_end,
-            )?;
-            // A starting worker is busy (exec, loading, confining itself): it starts on the
-            // spare CPUs and moves beside the cores once it serves.
-            if let Some(placement) = &self.spec.placement {
-                moltbot_ipc::process::run_on_cpus(&mut cmd, placement.cpus(Side::Spare));
+        let result = pairs_ok.and_then(|()| {
+            if let Some(sb) = standby {
+                match sb.handoff.send(&senders) {
+                    Ok(()) => return Ok((sb.proc.child, true)),
+                    Err(e) => {
+                        // It ended or broke its channel since the look above: a process
+                        // started now takes the slot instead.
+                        tracing::warn!(worker = %slot.worker_id, pid = sb.proc.pid, "the standby did not take its wake sockets: {e}");
+                        let mut child = sb.proc.child;
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                }
             }
-            let child = cmd.spawn().map_err(|e| e.to_string())?;
-            // The command holds the child's end of the channel: closed here, so that the
-            // worker sees end-of-file if this side goes away.
-            drop(cmd);
+            let (child, handoff) =
+                start_process(&self.config, &self.spec, &slot, &rt.sandbox, rt.max_requests, false)?;
             if let Err(e) = handoff.send(&senders) {
                 // The worker exits when it does not get its sockets: reaped as a crash.
                 tracing::warn!(worker = %slot.worker_id, "sending the wake sockets: {e}");
             }
-            Ok(child)
+            Ok((child, false))
         });
         drop(senders);
         for w in &self.lane_wakers {
             w.notify();
         }
         match result {
-            Ok(child) => {
+            Ok((child, took_over)) => {
                 let pid = child.id();
                 let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
                     rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
@@ -708,7 +744,11 @@ impl Monitor {
                 if let Err(e) = rt.sandbox.record_pid(pid) {
                     tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
                 }
-                tracing::info!(worker = %slot.worker_id, pid, generation, "spawned ({reason})");
+                if took_over {
+                    tracing::info!(worker = %slot.worker_id, pid, generation, "standby took over ({reason})");
+                } else {
+                    tracing::info!(worker = %slot.worker_id, pid, generation, "spawned ({reason})");
+                }
                 // The stall clock starts now, not when the spawn was decided: preparing the
                 // sandbox and recording the start can take longer than the stall timeout on a
                 // busy disk, and the fresh worker was then killed as stalled
@@ -736,6 +776,9 @@ impl Monitor {
                 // As above: the attempt may have taken long; the retry delay counts from now.
                 let now = Instant::now();
                 tracing::error!(worker = %slot.worker_id, "cannot spawn the worker: {e}");
+                if let Err(e) = rt.sandbox.write_record() {
+                    tracing::warn!(worker = %slot.worker_id, "sandbox record: {e}");
+                }
                 // Counted like a crash, so that a broken binary ends in `failed`.
                 let decision =
                     self.policy
@@ -767,17 +810,87 @@ impl Monitor {
         }
     }
 
-    /// Stops every worker: SIGTERM, then SIGKILL after `grace`; reaps them all.
+    /// Reaps slot `i`'s standby if it ended, and starts one beside a worker that serves when
+    /// `worker_standby` asks for it and none was started for this worker yet.
+    fn keep_standby(&mut self, i: usize) {
+        let wanted =
+            self.config.worker_standby && self.spec.agent.is_none() && self.spec.cell.is_none();
+        let rt = &mut self.slots[i];
+        if let Some(sb) = &mut rt.standby {
+            match sb.proc.child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => {
+                    tracing::warn!(worker = %rt.slot.worker_id, pid = sb.proc.pid, "the standby ended before it served: {}", describe(&status));
+                    rt.slot.stats.standby_pid.store(0, Ordering::Relaxed);
+                    rt.standby = None;
+                }
+                Err(e) => tracing::warn!(worker = %rt.slot.worker_id, "waitpid: {e}"),
+            }
+        }
+        let serving = matches!(
+            rt.phase,
+            Phase::Running {
+                ready: true,
+                ending: None,
+                ..
+            }
+        );
+        if !wanted || !serving || rt.standby.is_some() || rt.standby_tried {
+            return;
+        }
+        rt.standby_tried = true;
+        let max_requests = self.config.jittered_max_requests(rand::random::<f64>());
+        match start_process(
+            &self.config,
+            &self.spec,
+            &rt.slot,
+            &rt.sandbox,
+            max_requests,
+            true,
+        ) {
+            Ok((child, handoff)) => {
+                let pid = child.id();
+                let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+                });
+                rt.slot.stats.standby_pid.store(pid, Ordering::Relaxed);
+                tracing::debug!(worker = %rt.slot.worker_id, pid, "standby started");
+                rt.standby = Some(Standby {
+                    proc: Proc {
+                        child,
+                        pidfd,
+                        pid,
+                        started: Instant::now(),
+                    },
+                    handoff,
+                    max_requests,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(worker = %rt.slot.worker_id, "cannot start a standby: {e}");
+            }
+        }
+    }
+
+    /// Stops every worker: SIGTERM, then SIGKILL after `grace`; reaps them all. Standbys are
+    /// released (their channel closed) and told to stop alike.
     fn stop_all(&mut self, grace: Duration) {
-        for rt in &self.slots {
+        let mut standbys = Vec::new();
+        for rt in &mut self.slots {
             rt.slot.set_state(SlotState::Draining);
             if let Phase::Running { proc, .. } = &rt.phase {
                 signal(proc.pid, rustix::process::Signal::TERM);
             }
+            if let Some(sb) = rt.standby.take() {
+                signal(sb.proc.pid, rustix::process::Signal::TERM);
+                rt.slot.stats.standby_pid.store(0, Ordering::Relaxed);
+                standbys.push(sb.proc);
+            }
         }
         let deadline = Instant::now() + grace;
         loop {
-            let mut running = 0;
+            standbys.retain_mut(|p| matches!(p.child.try_wait(), Ok(None)));
+            let mut running = standbys.len();
             for rt in &mut self.slots {
                 if let Phase::Running { proc, .. } = &mut rt.phase {
                     match proc.child.try_wait() {
@@ -790,6 +903,10 @@ impl Monitor {
                 break;
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+        for mut p in standbys {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
         }
         for rt in &mut self.slots {
             if let Phase::Running { proc, .. } = &mut rt.phase {
@@ -804,6 +921,43 @@ impl Monitor {
         }
         self.notify_lanes();
     }
+}
+
+/// Starts `<program> worker` for `slot` (with `--standby`: a standby) on the spare CPUs where
+/// workers are placed. Returns the child and the parent's end of its hand-off channel, on
+/// which the lanes' wake sockets are to be sent.
+fn start_process(
+    config: &Config,
+    spec: &SpawnSpec,
+    slot: &Slot,
+    sandbox: &Sandbox,
+    max_requests: u64,
+    standby: bool,
+) -> Result<(Child, WakeHandoff), String> {
+    let (handoff, child_end) = wake_handoff().map_err(|e| format!("wake socket: {e}"))?;
+    let mut cmd = worker_command(config, spec, slot, sandbox, max_requests, child_end)?;
+    if standby {
+        cmd.arg("--standby");
+    }
+    // A starting worker is busy (exec, loading, confining itself): it starts on the spare
+    // CPUs and moves beside the cores once it serves. The child inherits the mask of the
+    // thread that starts it, this one, which stays there.
+    if let Some(set) = spec
+        .placement
+        .as_ref()
+        .and_then(|p| moltbot_ipc::process::cpu_set(p.cpus(Side::Spare)))
+    {
+        let _ = rustix::thread::sched_setaffinity(None, &set);
+    }
+    // Nothing runs between fork and exec (the command has no `pre_exec`): std starts it with
+    // posix_spawn, without copying the gateway's page tables, whose cores would then take a
+    // copy-on-write fault for each page they write (hundreds per spawn, measured).
+    moltbot_ipc::process::cloexec_all().map_err(|e| format!("close-on-exec: {e}"))?;
+    let child = cmd.spawn().map_err(|e| e.to_string())?;
+    // The command holds the child's end of the channel: closed here, so that the worker sees
+    // end-of-file if this side goes away.
+    drop(cmd);
+    Ok((child, handoff))
 }
 
 /// The command line and environment of a worker process.
@@ -915,7 +1069,6 @@ fn worker_command(
         .stdin(Stdio::from(wake_channel))
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    moltbot_ipc::process::inherit_only(&mut cmd, &[]);
     Ok(cmd)
 }
 

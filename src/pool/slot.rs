@@ -72,6 +72,8 @@ pub fn now_ms() -> u64 {
 pub struct SlotStats {
     /// Pid of the current process (0 when none).
     pub pid: AtomicU32,
+    /// Pid of the slot's standby, the started successor waiting beside it (0 when none).
+    pub standby_pid: AtomicU32,
     /// Start of the current process, ms since the epoch.
     pub started_at_ms: AtomicU64,
     /// When the heartbeat last advanced, ms since the epoch.

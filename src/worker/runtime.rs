@@ -94,6 +94,12 @@ pub struct WorkerArgs {
     /// CPUs no gateway core runs on (`worker_placement`). Absent: this worker's own.
     #[arg(long, value_delimiter = ',')]
     pub program_cpus: Vec<usize>,
+    /// Start as the slot's standby: attach, confine, then wait on standard input until the
+    /// gateway hands over the wake sockets (the slot's worker is gone and its lanes are
+    /// recovered), and only then take the lanes. End-of-file or SIGTERM before that: exit 0.
+    /// Built-in handlers only.
+    #[arg(long, conflicts_with_all = ["command", "cell_openclaw"])]
+    pub standby: bool,
 }
 
 /// How long a cell may take to admit its client after its start: cold starts took 12–30 s in
@@ -122,18 +128,8 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     if args.lanes != lanes_n {
         bail!("--lanes {} for a segment of {lanes_n} lanes", args.lanes);
     }
-    let wakes = receive_wake_sockets(lanes_n)?;
-    let mut lanes = Vec::with_capacity(lanes_n);
-    for (i, wake) in wakes.into_iter().enumerate() {
-        let ends = seg
-            .take_worker_lane(i as u32)
-            .with_context(|| format!("lane {i}"))?;
-        lanes.push(Lane {
-            req: ends.requests,
-            resp: ends.responses,
-            wake,
-        });
-    }
+    // Standard input becomes /dev/null once the wake sockets are in; opened before Landlock.
+    let null = std::fs::File::open("/dev/null").context("/dev/null")?;
 
     let mut policy = policy;
     if args.cell_openclaw.is_some() {
@@ -167,6 +163,22 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
     // From here on no new files outside the sandbox: the segment is mapped, the fds are open.
     let landlock = isolation::apply_landlock(&policy).context("landlock")?;
+    if args.standby && !await_activation(&term)? {
+        tracing::info!(worker = args.slot, "standby released before it served");
+        return Ok(());
+    }
+    let wakes = receive_wake_sockets(lanes_n, &null)?;
+    let mut lanes = Vec::with_capacity(lanes_n);
+    for (i, wake) in wakes.into_iter().enumerate() {
+        let ends = seg
+            .take_worker_lane(i as u32)
+            .with_context(|| format!("lane {i}"))?;
+        lanes.push(Lane {
+            req: ends.requests,
+            resp: ends.responses,
+            wake,
+        });
+    }
     tracing::info!(
         worker = args.slot,
         pid = std::process::id(),
@@ -244,14 +256,53 @@ const WAKE_SOCKETS_WITHIN: Duration = Duration::from_secs(10);
 /// Receives the lanes' wake sockets, which the gateway sends over this process's standard
 /// input right after spawning it, then points standard input at `/dev/null` (the channel has
 /// served its purpose; nothing else reads it).
-fn receive_wake_sockets(lanes: usize) -> anyhow::Result<Vec<WakeSender>> {
+fn receive_wake_sockets(lanes: usize, null: &std::fs::File) -> anyhow::Result<Vec<WakeSender>> {
     let wakes = moltbot_ipc::wake::receive_wake_senders(
         std::io::stdin().as_fd(),
         lanes,
         WAKE_SOCKETS_WITHIN,
     )
     .context("receiving the wake sockets from the gateway on standard input")?;
-    let null = std::fs::File::open("/dev/null").context("/dev/null")?;
-    rustix::stdio::dup2_stdin(&null).context("standard input")?;
+    rustix::stdio::dup2_stdin(null).context("standard input")?;
     Ok(wakes)
+}
+
+/// How often a waiting standby looks at its SIGTERM flag (a signal also ends the wait early).
+const STANDBY_LOOK: Duration = Duration::from_millis(250);
+
+/// A standby's wait for its activation: true once the gateway has written to the hand-off
+/// channel (the wake sockets follow at once), false on SIGTERM or when the gateway closed the
+/// channel without writing (released: it is not needed any more).
+fn await_activation(term: &AtomicBool) -> anyhow::Result<bool> {
+    use rustix::event::{PollFd, PollFlags};
+    let stdin = std::io::stdin();
+    let ts = rustix::time::Timespec {
+        tv_sec: STANDBY_LOOK.as_secs() as i64,
+        tv_nsec: STANDBY_LOOK.subsec_nanos() as _,
+    };
+    loop {
+        if term.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let mut fds = [PollFd::new(&stdin, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e).context("waiting on the hand-off channel"),
+        }
+        // A message waits, or the channel is closed: a peek tells which (it leaves the
+        // message and its descriptors queued for the receive).
+        let mut byte = [0u8; 1];
+        let got = rustix::net::recv(
+            &stdin,
+            &mut byte,
+            rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+        );
+        return match got {
+            Ok((0, _)) => Ok(false),
+            Ok(_) => Ok(true),
+            Err(rustix::io::Errno::INTR | rustix::io::Errno::AGAIN) => continue,
+            Err(e) => Err(e).context("waiting on the hand-off channel"),
+        };
+    }
 }

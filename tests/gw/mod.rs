@@ -188,6 +188,16 @@ impl GatewayProc {
             .expect("status JSON")
     }
 
+    /// Pids of the standbys waiting beside the workers (`worker_standby`), in slot order.
+    pub fn standby_pids(&self) -> Vec<u32> {
+        self.status()["workers"]
+            .as_array()
+            .expect("workers")
+            .iter()
+            .filter_map(|w| w["standbyPid"].as_u64().map(|p| p as u32))
+            .collect()
+    }
+
     /// Pid of each worker slot (None while a slot has no process).
     pub fn worker_pids(&self) -> Vec<Option<u32>> {
         self.status()["workers"]
