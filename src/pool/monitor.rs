@@ -183,6 +183,29 @@ struct Proc {
     started: Instant,
 }
 
+impl Proc {
+    /// A process just started, with a pidfd to wait on (none on kernels before 5.3: the tick
+    /// finds its exit then).
+    fn new(child: Child) -> Proc {
+        let pid = child.id();
+        let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
+            rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
+        });
+        Proc {
+            child,
+            pidfd,
+            pid,
+            started: Instant::now(),
+        }
+    }
+
+    /// Kills and reaps it (it is this process's child: the pid cannot have been reused).
+    fn discard(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 enum Phase {
     Running {
         proc: Proc,
@@ -638,7 +661,11 @@ impl Monitor {
             .take()
             .and_then(|mut sb| match sb.proc.child.try_wait() {
                 Ok(None) => Some(sb),
-                _ => None,
+                Ok(Some(_)) => None,
+                Err(_) => {
+                    sb.proc.discard();
+                    None
+                }
             });
         slot.stats.standby_pid.store(0, Ordering::Relaxed);
         rt.standby_tried = false;
@@ -697,38 +724,52 @@ impl Monitor {
                 }
             }
         }
-        let result = pairs_ok.and_then(|()| {
-            if let Some(sb) = standby {
-                match sb.handoff.send(&senders) {
-                    Ok(()) => return Ok((sb.proc.child, true)),
+        let result = match pairs_ok {
+            Err(e) => {
+                if let Some(sb) = standby {
+                    sb.proc.discard();
+                }
+                Err(e)
+            }
+            Ok(()) => {
+                let taken = standby.and_then(|sb| match sb.handoff.send(&senders) {
+                    Ok(()) => Some(sb.proc),
                     Err(e) => {
                         // It ended or broke its channel since the look above: a process
                         // started now takes the slot instead.
                         tracing::warn!(worker = %slot.worker_id, pid = sb.proc.pid, "the standby did not take its wake sockets: {e}");
-                        let mut child = sb.proc.child;
-                        let _ = child.kill();
-                        let _ = child.wait();
+                        sb.proc.discard();
+                        None
                     }
+                });
+                match taken {
+                    Some(proc) => Ok((proc, true)),
+                    None => start_process(
+                        &self.config,
+                        &self.spec,
+                        &slot,
+                        &rt.sandbox,
+                        rt.max_requests,
+                        false,
+                    )
+                    .map(|(child, handoff)| {
+                        if let Err(e) = handoff.send(&senders) {
+                            // The worker exits when it does not get its sockets: reaped as a
+                            // crash.
+                            tracing::warn!(worker = %slot.worker_id, "sending the wake sockets: {e}");
+                        }
+                        (Proc::new(child), false)
+                    }),
                 }
             }
-            let (child, handoff) =
-                start_process(&self.config, &self.spec, &slot, &rt.sandbox, rt.max_requests, false)?;
-            if let Err(e) = handoff.send(&senders) {
-                // The worker exits when it does not get its sockets: reaped as a crash.
-                tracing::warn!(worker = %slot.worker_id, "sending the wake sockets: {e}");
-            }
-            Ok((child, false))
-        });
+        };
         drop(senders);
         for w in &self.lane_wakers {
             w.notify();
         }
         match result {
-            Ok((child, took_over)) => {
-                let pid = child.id();
-                let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
-                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-                });
+            Ok((mut proc, took_over)) => {
+                let pid = proc.pid;
                 h.worker_pid.store(pid, Ordering::Relaxed);
                 slot.stats.pid.store(pid, Ordering::Relaxed);
                 rt.occupancy = Occupancy::starting();
@@ -758,15 +799,11 @@ impl Monitor {
                 if took >= self.config.stall_timeout() / 2 {
                     tracing::warn!(worker = %slot.worker_id, ?took, "slow respawn: the monitor was blocked (a slow disk? the sandbox is prepared and sandbox.json written before a spawn)");
                 }
+                proc.started = started;
                 rt.phase = Phase::Running {
                     heartbeat: h.heartbeat.load(Ordering::Relaxed),
                     heartbeat_at: started,
-                    proc: Proc {
-                        child,
-                        pidfd,
-                        pid,
-                        started,
-                    },
+                    proc,
                     ready: false,
                     ending: None,
                     recycle_deadline: None,
@@ -849,19 +886,11 @@ impl Monitor {
             true,
         ) {
             Ok((child, handoff)) => {
-                let pid = child.id();
-                let pidfd = rustix::process::Pid::from_raw(pid as i32).and_then(|p| {
-                    rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok()
-                });
-                rt.slot.stats.standby_pid.store(pid, Ordering::Relaxed);
-                tracing::debug!(worker = %rt.slot.worker_id, pid, "standby started");
+                let proc = Proc::new(child);
+                rt.slot.stats.standby_pid.store(proc.pid, Ordering::Relaxed);
+                tracing::debug!(worker = %rt.slot.worker_id, pid = proc.pid, "standby started");
                 rt.standby = Some(Standby {
-                    proc: Proc {
-                        child,
-                        pidfd,
-                        pid,
-                        started: Instant::now(),
-                    },
+                    proc,
                     handoff,
                     max_requests,
                 });
@@ -904,9 +933,8 @@ impl Monitor {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        for mut p in standbys {
-            let _ = p.child.kill();
-            let _ = p.child.wait();
+        for p in standbys {
+            p.discard();
         }
         for rt in &mut self.slots {
             if let Phase::Running { proc, .. } = &mut rt.phase {
