@@ -267,8 +267,10 @@ fn receive_wake_sockets(lanes: usize, null: &std::fs::File) -> anyhow::Result<Ve
     Ok(wakes)
 }
 
-/// How often a waiting standby looks at its SIGTERM flag (a signal also ends the wait early).
-const STANDBY_LOOK: Duration = Duration::from_millis(250);
+/// How often a waiting standby looks at its SIGTERM flag: a signal interrupts the wait, except
+/// one that comes just before it starts. Its release by the gateway (end-of-file) is seen at
+/// once.
+const STANDBY_LOOK: Duration = Duration::from_secs(1);
 
 /// A standby's wait for its activation: true once the gateway has written to the hand-off
 /// channel (the wake sockets follow at once), false on SIGTERM or when the gateway closed the
