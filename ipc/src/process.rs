@@ -48,42 +48,11 @@ pub fn inherit_only(cmd: &mut Command, keep: &[RawFd]) {
 /// ones this catches; Rust and this workspace open theirs close-on-exec. One that another
 /// thread opens without the flag between this call and the spawn would still pass.
 pub fn cloexec_all() -> std::io::Result<()> {
-    // SAFETY: close_range only changes descriptor flags; it reads no memory of ours.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    if !matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
-        return Err(err);
-    }
-    // Kernels before 5.11: one fcntl per descriptor number, up to the open-files limit.
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(1 << 20)
-        .min(1 << 20);
-    for fd in 3..limit.min(i32::MAX as u64) as i32 {
-        // SAFETY: fcntl on a descriptor number reads no memory of ours. A number that is not
-        // open fails with EBADF (ignored); one another thread closes and reuses meanwhile gets
-        // close-on-exec, which only keeps it out of children.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
-    Ok(())
+    cloexec_range(3, u32::MAX)
 }
 
-/// Marks descriptors `first..=last` close-on-exec (async-signal-safe).
+/// Marks descriptors `first..=last` close-on-exec (async-signal-safe, and safe beside other
+/// threads: it changes flags only).
 fn cloexec_range(first: u32, last: u32) -> std::io::Result<()> {
     // SAFETY: close_range only changes descriptor flags; it reads no memory of ours.
     let r = unsafe {
@@ -111,16 +80,26 @@ fn cloexec_by_fcntl(first: u32, last: u32) -> std::io::Result<()> {
         .current
         .unwrap_or(1 << 20)
         .min(1 << 20);
-    let end = u64::from(last).min(limit.saturating_sub(1));
-    let mut fd = u64::from(first);
-    while fd <= end {
-        // SAFETY: the number is borrowed for one fcntl call in a single-threaded child about to
-        // exec; a number that is not open makes it fail with EBADF, which is ignored.
-        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd as RawFd) };
-        if let Ok(flags) = rustix::io::fcntl_getfd(b) {
-            rustix::io::fcntl_setfd(b, flags | rustix::io::FdFlags::CLOEXEC)?;
+    let end = u64::from(last)
+        .min(limit.saturating_sub(1))
+        .min(i32::MAX as u64);
+    for fd in u64::from(first)..=end {
+        // SAFETY: fcntl on a descriptor number reads no memory of ours. A number that is not
+        // open fails with EBADF (ignored); one another thread closes and reuses meanwhile gets
+        // close-on-exec, which only keeps it out of children.
+        unsafe {
+            let flags = libc::fcntl(fd as RawFd, libc::F_GETFD);
+            if flags >= 0
+                && flags & libc::FD_CLOEXEC == 0
+                && libc::fcntl(fd as RawFd, libc::F_SETFD, flags | libc::FD_CLOEXEC) != 0
+            {
+                let err = std::io::Error::last_os_error();
+                // Closed by another thread since the F_GETFD: nothing left to mark.
+                if err.raw_os_error() != Some(libc::EBADF) {
+                    return Err(err);
+                }
+            }
         }
-        fd += 1;
     }
     Ok(())
 }
