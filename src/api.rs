@@ -318,7 +318,7 @@ fn dispatch_blocking(
     inproc: &InProcess,
     call: &Call<'_>,
 ) -> Result<Reply, (Option<usize>, RouteError)> {
-    let mut d = Dispatch::new(pool, call).map_err(|e| (None, e))?;
+    let mut d = Dispatch::new(pool, call, Instant::now()).map_err(|e| (None, e))?;
     loop {
         let step = {
             let mut set = inproc.set.lock().unwrap_or_else(|p| p.into_inner());

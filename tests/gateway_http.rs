@@ -1909,6 +1909,41 @@ fn request_timeout_is_504() {
 }
 
 #[test]
+fn a_request_waiting_in_the_admission_queue_times_out_with_504() {
+    // One place per worker, held by a request the worker sleeps on: the next request waits in
+    // the admission queue, where only its deadline can end the wait.
+    let g = start_overriding(
+        Options::new(1).env("MOLTBOT_MAX_CONCURRENT", "1"),
+        &[("--request-timeout", "3s"), ("--stall-timeout", "20min")],
+    );
+    let _slow = start_slow_request(&g, "busy");
+    gw::wait_until("the slow request to be admitted", || {
+        g.status()["workers"][0]["activeRequests"] == 1
+    });
+    let mut queued = g.connect();
+    queued
+        .write_all(&raw_request(
+            "POST",
+            "/v1/echo",
+            &[("x-moltbot-user", b"busy")],
+            Some(b"x"),
+        ))
+        .expect("write");
+    gw::wait_until("the second request to queue", || {
+        g.status()["workers"][0]["queuedRequests"] == 1
+    });
+    let (status, _, body) = read_response(&mut queued).expect("an answer");
+    let err = assert_error("queued echo", status, &body, 504, "TIMEOUT");
+    assert_eq!(err["retryable"], true);
+    assert_eq!(g.status()["workers"][0]["queuedRequests"], 0);
+    // The connection is still served.
+    queued
+        .write_all(&raw_request("GET", "/healthz", &[], None))
+        .expect("write");
+    assert_eq!(read_response(&mut queued).expect("an answer").0, 200);
+}
+
+#[test]
 fn a_full_queue_is_503() {
     let g = start_overriding(
         Options::new(1)

@@ -128,23 +128,27 @@ struct Conn {
 }
 
 impl Conn {
-    /// Reads more bytes, giving up at `deadline`; while `idle` (nothing buffered) a stop
-    /// also ends the wait.
+    /// Reads more bytes, giving up at `deadline` (kept by the core's [`Deadlines`], so up to
+    /// a grain late); while `idle` (nothing buffered) a stop also ends the wait. An idle
+    /// connection's deadline is always ahead (now plus the keep-alive timeout); a partial
+    /// request's may have passed already.
+    ///
+    /// [`Deadlines`]: crate::gateway::deadline::Deadlines
     async fn read_more(&mut self, deadline: Instant, idle: bool) -> ReadOutcome {
         enum Woke {
             Read(std::io::Result<usize>),
             Timer,
             Closing,
         }
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+        if !idle && deadline <= Instant::now() {
             return ReadOutcome::TimedOut;
-        };
+        }
         let reactor = self.reactor.clone();
         let stream = &mut self.stream;
         let spare = self.rb.spare();
         let read = async { Woke::Read(stream.read(spare).await) };
         let timer = async {
-            glommio::timer::sleep(left).await;
+            reactor.deadlines.until(deadline).await;
             Woke::Timer
         };
         let closing = async {
@@ -478,12 +482,9 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                 (None, Some(t)) => t + cfg.header_read_timeout,
                 (None, None) => Instant::now() + cfg.header_read_timeout,
             };
+            // After data the head's clock starts where it is parsed, next.
             match conn.read_more(deadline, idle).await {
-                ReadOutcome::Data => {
-                    if head_started.is_none() {
-                        head_started = Some(Instant::now());
-                    }
-                }
+                ReadOutcome::Data => {}
                 ReadOutcome::TimedOut if !idle => {
                     let a = Answer::error(
                         Endpoint::Other,

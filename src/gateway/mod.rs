@@ -8,6 +8,7 @@
 
 pub mod answer;
 pub mod conn;
+pub mod deadline;
 pub mod endpoints;
 pub mod first_sight;
 pub mod http;

@@ -14,6 +14,7 @@ use glommio::net::UnixStream;
 use moltbot_ipc::clock::monotonic_us;
 
 use crate::error::RouteError;
+use crate::gateway::deadline::Deadlines;
 use crate::gateway::first_sight::FirstSight;
 use crate::gateway::notify::{Latch, Notify};
 use crate::gateway::shared::Shared;
@@ -43,6 +44,9 @@ pub struct Reactor {
     pub flush: Notify,
     /// Fired (by the pump) when a stop began: idle connections stop waiting.
     pub closing: Latch,
+    /// The deadlines of this core's reads and queued requests (swept by
+    /// [`Deadlines::sweep`]).
+    pub deadlines: Deadlines,
     /// Per slot: tells its wake reader that a new wake socket may wait in the slot.
     pub wake_swaps: Vec<Notify>,
     /// Users waiting for their first assignment, persisted in batches.
@@ -75,6 +79,7 @@ impl Reactor {
             finished: Cell::new(false),
             flush: Notify::default(),
             closing: Latch::default(),
+            deadlines: Deadlines::default(),
             first_sight: Rc::default(),
             ws_conns: RefCell::default(),
             next_ws_conn: Cell::new(1),
@@ -109,7 +114,8 @@ impl Reactor {
         call: &Call<'_>,
     ) -> Result<(usize, Replies), (Option<usize>, RouteError)> {
         let pool = &self.shared.pool;
-        let mut d = Dispatch::new(pool, call).map_err(|e| (None, e))?;
+        let mut now = Instant::now();
+        let mut d = Dispatch::new(pool, call, now).map_err(|e| (None, e))?;
         // A stop refuses requests not yet admitted; admitted ones are served.
         let refuse_if_stopping = |d: &Dispatch| {
             if self.shared.stopping() {
@@ -122,7 +128,7 @@ impl Reactor {
             refuse_if_stopping(&d)?;
         }
         loop {
-            let step = d.step(call, &mut self.lanes.borrow_mut(), Instant::now());
+            let step = d.step(call, &mut self.lanes.borrow_mut(), now);
             match step.map_err(|e| (d.slot(), e))? {
                 Step::Assign => {
                     // A first assignment appends to the routing table and fsyncs it, which
@@ -136,16 +142,12 @@ impl Reactor {
                     refuse_if_stopping(&d)?;
                 }
                 Step::Queue(listener) => {
-                    let left = d.deadline().saturating_duration_since(Instant::now());
-                    futures_lite::future::or(listener, async {
-                        glommio::timer::sleep(left).await;
-                    })
-                    .await;
+                    futures_lite::future::or(listener, self.deadlines.until(d.deadline())).await;
                 }
                 Step::Pause(pause) => {
                     // The worker is behind (or being replaced): give it a moment, within the
                     // request's own deadline.
-                    let left = d.deadline().saturating_duration_since(Instant::now());
+                    let left = d.deadline().saturating_duration_since(now);
                     glommio::timer::sleep(pause.min(left)).await;
                 }
                 Step::Sent { slot, replies } => {
@@ -154,6 +156,7 @@ impl Reactor {
                     return Ok((slot, replies));
                 }
             }
+            now = Instant::now();
         }
     }
 }

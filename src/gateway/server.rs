@@ -110,6 +110,8 @@ pub async fn run(setup: CoreSetup, bound: std::sync::mpsc::Sender<Result<SocketA
     for slot in shared.pool.slots() {
         glommio::spawn_local(reactor::wake_reader(reactor.clone(), slot.clone(), lane)).detach();
     }
+    let sweeper = reactor.clone();
+    glommio::spawn_local(async move { sweeper.deadlines.sweep().await }).detach();
     let pump_task = glommio::spawn_local(reactor::pump(reactor.clone(), control));
     let _ = bound.send(Ok(local));
     accept_loop(reactor.clone(), listener).await;

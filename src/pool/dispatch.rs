@@ -80,23 +80,24 @@ impl std::fmt::Debug for Dispatch {
 
 impl Dispatch {
     /// Starts dispatching `call` through `pool`: checks the user and finds its slot if it has
-    /// one (a lock-free lookup). The request's deadline starts now.
-    pub fn new(pool: &Pool, call: &Call<'_>) -> Result<Dispatch, RouteError> {
+    /// one (a lock-free lookup). The request's deadline starts at `now`, the caller's reading
+    /// of the clock.
+    pub fn new(pool: &Pool, call: &Call<'_>, now: Instant) -> Result<Dispatch, RouteError> {
         crate::user::validate_user_id(call.user)
             .map_err(|e| RouteError::InvalidUser(e.to_string()))?;
-        let mut d = Dispatch::with_timeout(pool.config().request_timeout);
+        let mut d = Dispatch::with_timeout(pool.config().request_timeout, now);
         if let Some(slot) = pool.router().lookup(call.user) {
             d.assigned(pool, slot)?;
         }
         Ok(d)
     }
 
-    fn with_timeout(timeout: Duration) -> Dispatch {
+    fn with_timeout(timeout: Duration, now: Instant) -> Dispatch {
         Dispatch {
             slot: None,
             stage: Stage::Unassigned,
             timeout,
-            deadline: Instant::now() + timeout,
+            deadline: now + timeout,
             deadline_us: monotonic_us().saturating_add(timeout.as_micros() as u64),
         }
     }
@@ -270,7 +271,7 @@ mod tests {
     };
 
     fn to(slot: &Arc<Slot>) -> Dispatch {
-        let mut d = Dispatch::with_timeout(Duration::from_secs(60));
+        let mut d = Dispatch::with_timeout(Duration::from_secs(60), Instant::now());
         d.go_to(slot.clone());
         d
     }
