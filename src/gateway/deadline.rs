@@ -10,7 +10,9 @@
 //!
 //! A wait ends no earlier than its deadline, and at most [`GRAIN`] after it (besides the
 //! executor's own timer latency): the sweeper looks at most once per grain, so that many
-//! deadlines falling due one after another cost one pass over the waits, not one each.
+//! deadlines falling due one after another cost one pass over the waits, not one each. A pass
+//! looks at every wait, so its cost is bounded by the core's connections: at most
+//! `max_connections` (10,000 by default) reads, plus the queued requests, 200 times a second.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
