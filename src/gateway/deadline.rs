@@ -171,15 +171,18 @@ mod tests {
             .expect("executor")
     }
 
+    /// Deadlines with their sweeper running on the current executor.
+    fn swept() -> std::rc::Rc<Deadlines> {
+        let d = std::rc::Rc::new(Deadlines::default());
+        let sweeper = d.clone();
+        glommio::spawn_local(async move { sweeper.sweep().await }).detach();
+        d
+    }
+
     #[test]
     fn a_wait_ends_at_its_deadline_not_before() {
         executor().run(async {
-            let d = std::rc::Rc::new(Deadlines::default());
-            glommio::spawn_local({
-                let d = d.clone();
-                async move { d.sweep().await }
-            })
-            .detach();
+            let d = swept();
             let begun = Instant::now();
             let at = begun + Duration::from_millis(30);
             d.until(at).await;
@@ -191,12 +194,7 @@ mod tests {
     #[test]
     fn an_earlier_wait_is_not_held_up_by_a_later_one() {
         executor().run(async {
-            let d = std::rc::Rc::new(Deadlines::default());
-            glommio::spawn_local({
-                let d = d.clone();
-                async move { d.sweep().await }
-            })
-            .detach();
+            let d = swept();
             let now = Instant::now();
             // The sweeper first learns of a wait an hour away, then of one 20 ms away.
             let far = glommio::spawn_local({
@@ -226,12 +224,7 @@ mod tests {
     #[test]
     fn many_waits_end_in_deadline_order_and_dropped_ones_leave_nothing() {
         executor().run(async {
-            let d = std::rc::Rc::new(Deadlines::default());
-            glommio::spawn_local({
-                let d = d.clone();
-                async move { d.sweep().await }
-            })
-            .detach();
+            let d = swept();
             let base = Instant::now();
             let order = std::rc::Rc::new(RefCell::new(Vec::new()));
             let mut tasks = Vec::new();
