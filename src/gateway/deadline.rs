@@ -59,7 +59,8 @@ impl Deadlines {
     }
 
     /// The number of waits in progress.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.waits.borrow().len()
     }
 
