@@ -83,10 +83,9 @@ pub enum GatewayError {
 
 /// How many cores (executors) the gateway runs when `cores` is not set: half the CPUs it may
 /// use, at least one. The workers run on the same CPUs (and the clients often do too): with an
-/// executor pinned on every CPU, each executor is half as busy, parks and is woken more than
-/// twice as often (io_uring waits per request: 1.7 with two executors on two CPUs, 0.4 with
-/// one), and the gateway spends about a third more CPU per request for less throughput
-/// (README, "Placement").
+/// executor pinned on every CPU, each executor is half as busy, parks and is woken far more
+/// often, and the gateway spends more CPU per request for about half the throughput (README,
+/// "One executor on this machine").
 pub fn default_cores(available: usize) -> usize {
     (available / 2).max(1)
 }
