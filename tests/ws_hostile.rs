@@ -367,6 +367,27 @@ fn a_client_that_never_reads_is_closed_as_a_slow_consumer() {
     serves_fresh_client(&g, None, "slow");
 }
 
+/// A client that neither answers the gateway's close nor closes is reset once the close's
+/// second is up: what it has not read is dropped then, not left to the kernel, which delivers
+/// it to a client whose window is shut with probes that back off to two minutes (a slow
+/// consumer closed after reading all it sent took that long to see its close).
+#[test]
+fn a_client_that_does_not_answer_the_close_is_reset() {
+    let g = open_gateway(&["--ws-connect-timeout", "200ms"]);
+    // No `connect` within the timeout: the gateway closes with 1008. The client reads nothing
+    // and answers nothing.
+    let mut r = Raw::open(&g, "/?user=mute", &[], &[]);
+    gw::wait_until("the gateway to reset the connection", || {
+        rustix::net::sockopt::socket_error(&r.s)
+            .is_ok_and(|e| e == Err(rustix::io::Errno::CONNRESET))
+    });
+    // What arrived before the reset is still there to read.
+    assert_eq!(r.text()["event"], "connect.challenge");
+    let (how, _) = r.closed();
+    assert_eq!(how, Closed::Frame(1008, "connect timeout".into()));
+    serves_fresh_client(&g, None, "mute");
+}
+
 #[test]
 fn a_connect_trickled_byte_by_byte_still_works() {
     let g = open_gateway(&[]);

@@ -59,6 +59,9 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// How often a draining connection checks whether the drain timeout passed.
 const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
+/// How long a closing connection waits for the client to answer its close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Requests of one connection in flight at once; beyond, its next frames wait (as HTTP
 /// pipelining does), so that one connection cannot fill its worker's admission queue and
 /// starve the other users of that worker.
@@ -224,20 +227,28 @@ impl Conn {
         self.end(end).await;
     }
 
-    /// Sends a close frame (bounded in time: the client may not read) and ends.
+    /// Sends a close frame (bounded in time: the client may not read) and ends. A client that
+    /// has not answered the close within the bound is reset: what it did not read (a slow
+    /// consumer's backlog, the close frame itself) is dropped rather than left to the kernel
+    /// to deliver, for minutes, to a client that does not read.
     async fn end(&mut self, end: End) {
         if let End::Close(code, reason) = end {
             let frame = CloseFrame {
                 code: CloseCode::from(code),
                 reason: reason.into(),
             };
-            let _ = glommio::timer::timeout(Duration::from_secs(1), async {
+            let answered = glommio::timer::timeout(CLOSE_WAIT, async {
                 let _ = self.ws.close(Some(frame)).await;
                 // Let the client answer the close (bounded by the timeout), as RFC 6455 asks.
                 while let Some(Ok(_)) = self.ws.next().await {}
                 Ok(())
             })
             .await;
+            if answered.is_err() {
+                // Dropped without a FIN: the socket's close is then a reset.
+                self.ws.get_ref().reset_on_close();
+                return;
+            }
         }
         let _ = self.ws.get_mut().close().await;
     }

@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -33,6 +34,13 @@ impl Metered {
     /// The count of bytes written so far, shared (it keeps counting).
     pub fn written(&self) -> Rc<Cell<u64>> {
         self.written.clone()
+    }
+
+    /// Makes the socket's close a reset (`SO_LINGER` 0): what the client has not taken is
+    /// dropped at once instead of being held by the kernel while the client's window stays
+    /// shut (its zero-window probes back off to two minutes).
+    pub fn reset_on_close(&self) {
+        let _ = rustix::net::sockopt::set_socket_linger(&self.inner, Some(Duration::ZERO));
     }
 }
 

@@ -23,7 +23,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::{
     io,
     net::{self, Shutdown, SocketAddr, ToSocketAddrs},
-    os::unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
+    os::{
+        fd::{AsFd, BorrowedFd},
+        unix::io::{AsRawFd, FromRawFd, IntoRawFd, RawFd},
+    },
     pin::Pin,
     rc::{Rc, Weak},
     task::{Context, Poll},
@@ -383,6 +386,12 @@ impl From<socket2::Socket> for TcpStream {
 impl<B: RxBuf> AsRawFd for TcpStream<B> {
     fn as_raw_fd(&self) -> RawFd {
         self.stream.stream().as_raw_fd()
+    }
+}
+
+impl<B: RxBuf> AsFd for TcpStream<B> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.stream().as_fd()
     }
 }
 
