@@ -448,6 +448,58 @@ fn a_broken_users_file_at_run_time_keeps_the_last_good_table() {
     assert!(!g.log().contains(&alice), "a token was logged");
 }
 
+/// A gateway whose only credentials are its users file stays closed to requests without one
+/// when the file is emptied by hand or deleted while it runs: neither is a revocation, and
+/// the deleted file's last table stays in force.
+#[test]
+fn a_users_file_emptied_or_deleted_at_run_time_does_not_open_the_gateway() {
+    let u = users_file();
+    let alice = add_user(&u.file, "alice");
+    let file = u.file.display().to_string();
+    let g = GatewayProc::start(Options::new(1).args(&["--users-file", &file]));
+    let anonymous = |g: &GatewayProc| {
+        g.request(
+            "POST",
+            "/v1/echo",
+            &[("x-moltbot-user", "mallory")],
+            Some(b"x"),
+        )
+        .status
+    };
+    assert_eq!(anonymous(&g), 401);
+
+    let kept = std::fs::read(&u.file).expect("users file");
+    std::fs::write(&u.file, br#"{"version":1,"users":[]}"#).expect("empty the file");
+    wait_until("the empty table loaded", || {
+        call(&g, "POST", "/v1/echo", Some(&alice), &[], Some(b"x")).status == 401
+    });
+    assert_eq!(
+        anonymous(&g),
+        401,
+        "an emptied users file opened the gateway"
+    );
+
+    std::fs::write(&u.file, &kept).expect("restore the file");
+    wait_until("alice's table loaded again", || {
+        call(&g, "POST", "/v1/echo", Some(&alice), &[], Some(b"x")).status == 200
+    });
+    std::fs::remove_file(&u.file).expect("delete the file");
+    wait_until("the deleted file noticed", || {
+        g.log()
+            .contains("does not exist; the previous users table stays in force")
+    });
+    assert_eq!(
+        anonymous(&g),
+        401,
+        "a deleted users file opened the gateway"
+    );
+    assert_eq!(
+        call(&g, "POST", "/v1/echo", Some(&alice), &[], Some(b"x")).status,
+        200,
+        "the last table stays in force"
+    );
+}
+
 #[test]
 fn a_users_file_that_cannot_be_used_stops_the_start_with_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");

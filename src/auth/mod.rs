@@ -137,6 +137,10 @@ struct Loaded {
     table: Arc<UsersTable>,
     /// Identity of the file the table was read from (`None`: there was no file).
     file: Option<FileId>,
+    /// Some table of this gateway's life had a user (revoked ones count): from then on every
+    /// request needs a credential, whatever later happens to the file (emptied by hand,
+    /// deleted). Only a restart without users opens the gateway again.
+    guarded: bool,
 }
 
 /// Enough of a file's metadata to notice a replacement or a change.
@@ -249,6 +253,7 @@ impl Authenticator {
             jwt,
             users_path,
             users: ArcSwap::from_pointee(Loaded {
+                guarded: !table.is_empty(),
                 table: Arc::new(table),
                 file,
             }),
@@ -267,9 +272,9 @@ impl Authenticator {
     /// `None`) acts as.
     pub fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Refusal> {
         let loaded = self.users.load();
-        // Any credential: revoked users count too (revoking the last user does not open the
-        // gateway).
-        let configured = self.operator.is_some() || self.jwt.is_some() || !loaded.table.is_empty();
+        // Any credential, now or earlier in this run: revoked users count too (revoking the
+        // last user does not open the gateway, nor does emptying or deleting the file).
+        let configured = self.operator.is_some() || self.jwt.is_some() || loaded.guarded;
         if !configured {
             // Nothing to check a token against: as on a gateway for one person.
             return Ok(Principal::Anonymous);
@@ -321,7 +326,8 @@ impl Authenticator {
     }
 
     /// Re-reads the users file if it changed (or `force`). A file that cannot be read or
-    /// parsed leaves the table in force, records why and logs it once per version of the file.
+    /// parsed, or that is gone after one was read, leaves the table in force, records why and
+    /// logs it once per version of the file.
     pub fn reload_if_changed(&self, force: bool) {
         let now = FileId::of(&self.users_path);
         let current = self.users.load();
@@ -329,7 +335,13 @@ impl Authenticator {
             return;
         }
         let result = match now {
-            None => Ok(UsersTable::empty()),
+            // A gateway started without a file has nothing to keep.
+            None if current.file.is_none() && !current.guarded => Ok(UsersTable::empty()),
+            // Revoking everyone is `moltbot users revoke`; a file that disappears (unlinked
+            // by hand, by a tool, by a cleaner of temporary directories) is not a revocation.
+            None => Err(UsersError::Missing {
+                path: self.users_path.clone(),
+            }),
             Some(_) => UsersTable::load(&self.users_path),
         };
         let mut status = self.status.lock().unwrap_or_else(|p| p.into_inner());
@@ -343,6 +355,7 @@ impl Authenticator {
                 status.loaded_at = now_ms();
                 status.error = None;
                 self.users.store(Arc::new(Loaded {
+                    guarded: current.guarded || !table.is_empty(),
                     table: Arc::new(table),
                     file: now,
                 }));
@@ -356,7 +369,11 @@ impl Authenticator {
                 // Remember this version as seen, so that it is not re-read at every tick;
                 // the table stays the last good one.
                 let table = current.table.clone();
-                self.users.store(Arc::new(Loaded { table, file: now }));
+                self.users.store(Arc::new(Loaded {
+                    table,
+                    file: now,
+                    guarded: current.guarded,
+                }));
             }
         }
     }
