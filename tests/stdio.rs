@@ -6,6 +6,7 @@ mod common;
 mod gw;
 
 use std::collections::HashMap;
+use std::io::Write;
 
 use gw::{GatewayProc, Options, wait_until};
 use serde_json::{Value, json};
@@ -302,6 +303,46 @@ fn plain_text_echo_through_an_agent_is_exact() {
     assert_eq!(r.body, text.as_bytes());
     let (status, v, _) = echo(&g, "texter", &json!("a json string"));
     assert_eq!((status, v), (200, json!("a json string")));
+}
+
+/// An agent's answer with a status that has no content (204, 205) is sent without the
+/// body the agent gave it, so that the body cannot pass for the answer to the connection's
+/// next request; the next request on the connection gets its own answer.
+#[test]
+fn an_answer_whose_status_has_no_content_carries_no_body() {
+    let g = start(1, &faulty_agent(), &[], &[]);
+    let forged = "HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: keep-alive\r\n\r\nINJECTED";
+    let request = |body: &Value, close: bool| {
+        let body = body.to_string();
+        format!(
+            "POST /v1/echo HTTP/1.1\r\nhost: x\r\nx-moltbot-user: quiet\r\n\
+content-type: application/json\r\ncontent-length: {}\r\nconnection: {}\r\n\r\n{body}",
+            body.len(),
+            if close { "close" } else { "keep-alive" }
+        )
+    };
+    for status in [204, 205] {
+        let mut s = g.connect();
+        let first = request(
+            &json!({"fault": "status", "status": status, "body": forged}),
+            false,
+        );
+        let second = request(&json!({"n": 2}), true);
+        s.write_all(format!("{first}{second}").as_bytes())
+            .expect("write");
+        let raw = gw::read_until_closed(&mut s);
+        let text = String::from_utf8_lossy(&raw);
+        assert!(!text.contains("INJECTED"), "{status}: {text}");
+        let answers = gw::parse_responses(&raw);
+        assert_eq!(answers.len(), 2, "{status}: {text}");
+        assert_eq!(
+            (answers[0].status, answers[0].body.as_slice()),
+            (status, &b""[..]),
+            "{text}"
+        );
+        assert_eq!(answers[1].status, 200, "{text}");
+        assert_eq!(answers[1].json(), json!({"n": 2}), "{text}");
+    }
 }
 
 /// An event for a request id the agent was not given, or with a malformed name, is a protocol

@@ -168,7 +168,7 @@ pub fn write_answer_to(
         keep_alive,
         &headers[..n],
     );
-    if !head_only && with_body {
+    if !head_only && with_body && http::status_has_content(a.status) {
         out.extend_from_slice(body);
     }
 }
@@ -189,5 +189,20 @@ mod tests {
         assert_eq!(&full[..head_only.len()], head_only.as_slice());
         let text = String::from_utf8_lossy(&head_only);
         assert!(text.contains("content-length: 7\r\n"), "{text}");
+    }
+
+    /// A worker's body under a status without content is not written: the client would read
+    /// it as the next response.
+    #[test]
+    fn answers_whose_status_has_no_content_have_no_body() {
+        let forged = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\nX".to_vec();
+        for status in [204, 205, 304] {
+            let a = Answer::json(Endpoint::Echo, status, forged.clone());
+            let mut out = Vec::new();
+            write_answer_to(&mut out, &a, true, false, true);
+            let text = String::from_utf8_lossy(&out);
+            assert!(text.ends_with("\r\n\r\n"), "{status}: {text}");
+            assert_eq!(text.matches("HTTP/1.1").count(), 1, "{status}: {text}");
+        }
     }
 }

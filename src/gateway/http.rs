@@ -927,8 +927,16 @@ pub fn reason_phrase(status: u16) -> &'static str {
         .unwrap_or("")
 }
 
+/// Whether a response with this status carries content: not a 1xx, 204 or 304 (RFC 9110
+/// 6.4.1), nor a 205 (15.3.6). The body of an answer with any other status is not written,
+/// whatever the worker put in it: bytes after such a head would be read as the next response.
+pub fn status_has_content(status: u16) -> bool {
+    status >= 200 && !matches!(status, 204 | 205 | 304)
+}
+
 /// Appends a response head: status line, `content-type` (omitted when empty), `content-length`
-/// (omitted for 1xx and 204, which cannot have one), `connection`, `extra_headers`, blank line.
+/// (omitted for 1xx, 204 and 304, whose messages end at the head; 0 for 205, which has no
+/// content), `connection`, `extra_headers`, blank line.
 ///
 /// Names and values are written as given: they come from the gateway, never from a client, and
 /// must not contain CR or LF. `status` must be three digits.
@@ -965,9 +973,14 @@ pub fn write_response_head(
         out.extend_from_slice(content_type.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if status >= 200 && status != 204 {
+    if status >= 200 && !matches!(status, 204 | 304) {
+        let length = if status_has_content(status) {
+            content_length
+        } else {
+            0
+        };
         out.extend_from_slice(b"content-length: ");
-        push_decimal(out, content_length as u64);
+        push_decimal(out, length as u64);
         out.extend_from_slice(b"\r\n");
     }
     end_head(out, keep_alive, extra_headers);
@@ -1875,6 +1888,21 @@ connection: close\r\nretry-after: 1\r\nx-a: b\r\n\r\n"
         assert_eq!(
             String::from_utf8_lossy(&out),
             "HTTP/1.1 204 No Content\r\nconnection: keep-alive\r\n\r\n"
+        );
+
+        // 304 ends at its head; 205 has no content and says so.
+        out.clear();
+        write_response_head(&mut out, 304, "", 10, true, &[]);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 304 Not Modified\r\nconnection: keep-alive\r\n\r\n"
+        );
+        out.clear();
+        write_response_head(&mut out, 205, "text/plain", 10, true, &[]);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 205 Reset Content\r\ncontent-type: text/plain\r\ncontent-length: 0\r\n\
+connection: keep-alive\r\n\r\n"
         );
 
         out.clear();

@@ -136,11 +136,12 @@ pub fn decode_response(frame: &[u8]) -> Result<DecodedResponse<'_>, &'static str
 }
 
 impl DecodedResponse<'_> {
-    /// The checks of a well-framed response's fields: a status in 100..=599 and an error code
-    /// of at most 64 bytes of `[A-Za-z0-9_:.-]`. `Err(reason)` answers that request's caller
+    /// The checks of a well-framed response's fields: a final status in 200..=599 (a 1xx is
+    /// an interim answer in HTTP: a client would wait on for the final one and take the next
+    /// request's answer for it) and an error code of at most 64 bytes of `[A-Za-z0-9_:.-]`. `Err(reason)` answers that request's caller
     /// with `BAD_WORKER_RESPONSE` (the frame itself was fine: the lane stays usable).
     pub fn check_fields(&self) -> Result<(), String> {
-        if !(100..=599).contains(&self.status) {
+        if !(200..=599).contains(&self.status) {
             return Err(format!("status {}", self.status));
         }
         let code = self.error_code;
@@ -849,9 +850,11 @@ mod tests {
             let r = decode_response(frame.as_slice()).unwrap();
             r.check_fields()
         }
-        assert_eq!(ok(100, ""), Ok(()));
+        assert_eq!(ok(200, ""), Ok(()));
         assert_eq!(ok(599, "A-z_0:9."), Ok(()));
         assert_eq!(ok(99, ""), Err("status 99".into()));
+        assert_eq!(ok(100, ""), Err("status 100".into()));
+        assert_eq!(ok(199, ""), Err("status 199".into()));
         assert_eq!(ok(600, ""), Err("status 600".into()));
         assert_eq!(ok(500, &"E".repeat(64)), Ok(()));
         assert!(ok(500, &"E".repeat(65)).is_err());

@@ -21,7 +21,7 @@ pub type Outcome = Result<Reply, RouteError>;
 pub struct Reply {
     /// The slot that answered.
     pub slot: usize,
-    /// HTTP-style status from the handler (100..=599).
+    /// HTTP-style status from the handler (200..=599).
     pub status: u16,
     /// The handler's error code (`""` on success); `[A-Za-z0-9_:.-]`, at most 64 bytes.
     pub error_code: String,

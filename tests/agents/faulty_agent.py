@@ -10,6 +10,7 @@
   {"fault": "parts"}       send an accepted line and an event for the request, then answer
   {"fault": "silent"}      stop answering health checks (and everything else), stay alive
   {"fault": "slow", "ms"}  answer after sleeping
+  {"fault": "status", "status", "body"}  answer success with this status and this string as payload
 anything else is echoed. With MOLTBOT_FAULTY_IGNORE_SHUTDOWN=1 it ignores `shutdown` messages.
 """
 
@@ -63,6 +64,9 @@ for line in sys.stdin:
         send({"type": "event", "requestId": req["requestId"], "event": "a b", "payload": {}})
     elif fault == "silent":
         silent = True
+    elif fault == "status":
+        send({"type": "response", "response": {"requestId": req["requestId"], "success": True,
+                                               "status": payload["status"], "payload": payload["body"]}})
     else:
         if fault == "slow":
             time.sleep(payload.get("ms", 100) / 1000)
