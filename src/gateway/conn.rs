@@ -123,6 +123,8 @@ struct Conn {
     reactor: Rc<Reactor>,
     stream: TcpStream,
     rb: ReadBuf,
+    /// How far the request at the front of `rb` has been parsed.
+    front: Partial,
     out: Vec<u8>,
     limits: Limits,
 }
@@ -242,14 +244,35 @@ enum Parsed {
         body: Vec<u8>,
         consumed: usize,
     },
-    /// More bytes are needed.
-    Incomplete { head: Option<RequestHead> },
+    /// More bytes are needed; the head, once complete, is in the [`Partial`].
+    Incomplete,
 }
 
-/// Tries to take one complete request from the front of the buffer.
-fn parse_one(data: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
-    let Some(head) = http::parse_head(data, limits)? else {
-        return Ok(Parsed::Incomplete { head: None });
+/// The request at the front of the read buffer as far as it has been parsed: its head once
+/// complete, and a chunked body's decoder and what it decoded. Kept across reads so that each
+/// read parses only the bytes that arrived: parsed from the start at every read, a client
+/// sending a large head or a chunked body in small segments cost the core time quadratic in
+/// its request.
+#[derive(Debug, Default)]
+struct Partial {
+    head: Option<RequestHead>,
+    chunked: ChunkedDecoder,
+    /// The chunked body decoded so far.
+    body: Vec<u8>,
+    /// Bytes after the head the decoder has taken.
+    raw: usize,
+}
+
+/// Tries to take one complete request from the front of the buffer, `front` holding how far
+/// earlier calls got with the same request (the buffer only grew since). A complete request
+/// leaves `front` empty for the next one.
+fn parse_one(data: &[u8], limits: &Limits, front: &mut Partial) -> Result<Parsed, HttpError> {
+    let head = match front.head.take() {
+        Some(head) => head,
+        None => match http::parse_head(data, limits)? {
+            Some(head) => head,
+            None => return Ok(Parsed::Incomplete),
+        },
     };
     let rest = &data[head.head_len..];
     match head.body {
@@ -259,29 +282,31 @@ fn parse_one(data: &[u8], limits: &Limits) -> Result<Parsed, HttpError> {
             if rest.len() >= n {
                 Ok(Parsed::InBuffer { head, body_len: n })
             } else {
-                Ok(Parsed::Incomplete { head: Some(head) })
+                front.head = Some(head);
+                Ok(Parsed::Incomplete)
             }
         }
         BodyFraming::Chunked => {
-            let mut dec = ChunkedDecoder::new();
-            let mut body = Vec::new();
-            let p = dec.decode(rest, &mut body, limits)?;
+            let p = front
+                .chunked
+                .decode(&rest[front.raw..], &mut front.body, limits)?;
+            front.raw += p.consumed;
             if p.done {
-                let consumed = head.head_len + p.consumed;
+                let consumed = head.head_len + front.raw;
+                let body = std::mem::take(front).body;
                 Ok(Parsed::Decoded {
                     head,
                     body,
                     consumed,
                 })
             } else if rest.len() > chunked_raw_limit(limits) {
-                // The raw chunked bytes stay buffered (and are decoded again on every read)
-                // until the body is complete. Chunk extensions and tiny chunks make them
-                // arbitrarily larger than the decoded body, so they are bounded too: without
-                // this a client grew the buffer, and the core's time re-decoding it, without
-                // limit until the body timeout.
+                // The raw chunked bytes stay buffered until the body is complete. Chunk
+                // extensions and tiny chunks make them arbitrarily larger than the decoded
+                // body, so they are bounded too.
                 Err(HttpError::BodyTooLarge)
             } else {
-                Ok(Parsed::Incomplete { head: Some(head) })
+                front.head = Some(head);
+                Ok(Parsed::Incomplete)
             }
         }
     }
@@ -309,6 +334,7 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
         reactor: reactor.clone(),
         stream,
         rb: ReadBuf::new(),
+        front: Partial::default(),
         out: Vec::new(),
         limits,
     };
@@ -349,7 +375,7 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                     need_more = true;
                     break;
                 }
-                let parsed = match parse_one(conn.rb.data(), &conn.limits) {
+                let parsed = match parse_one(conn.rb.data(), &conn.limits, &mut conn.front) {
                     Ok(p) => p,
                     Err(e) => {
                         // Answer what came before, then the error, then close.
@@ -360,15 +386,15 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                 };
                 let started = Instant::now();
                 match parsed {
-                    Parsed::Incomplete { head } => {
+                    Parsed::Incomplete => {
                         if head_started.is_none() {
                             head_started = Some(started);
                         }
-                        if let (Some(h), None) = (&head, body_deadline) {
+                        let head = conn.front.head.as_ref();
+                        if let (Some(h), None) = (head, body_deadline) {
                             body_deadline = Some(started + body_time(&h.body, &cfg));
                         }
-                        if let Some(h) = head
-                            && h.expect_continue
+                        if head.is_some_and(|h| h.expect_continue)
                             && !continue_sent
                             && batch.is_empty()
                         {
@@ -664,13 +690,15 @@ mod tests {
             req.extend_from_slice(chunk.as_bytes());
         }
         // At the bound: still waiting for more (the decoded body is small).
+        let mut front = Partial::default();
         assert!(matches!(
-            parse_one(&req, &limits),
-            Ok(Parsed::Incomplete { head: Some(_) })
+            parse_one(&req, &limits, &mut front),
+            Ok(Parsed::Incomplete)
         ));
+        assert!(front.head.is_some());
         req.extend_from_slice(chunk.as_bytes());
         assert!(matches!(
-            parse_one(&req, &limits),
+            parse_one(&req, &limits, &mut front),
             Err(HttpError::BodyTooLarge)
         ));
         // Ordinary chunking of a body at the limit is far below the bound.
@@ -681,12 +709,66 @@ mod tests {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"0\r\n\r\n");
-        match parse_one(&req, &limits) {
+        match parse_one(&req, &limits, &mut Partial::default()) {
             Ok(Parsed::Decoded { body, consumed, .. }) => {
                 assert_eq!(body.len(), 1024);
                 assert_eq!(consumed, req.len());
             }
             _ => panic!("expected a decoded body"),
+        }
+    }
+
+    /// What one call to `parse_one` returns for the first request of `data`, as comparable
+    /// text: the request's target and body, and the bytes it took.
+    fn outcome(p: Result<Parsed, HttpError>, data: &[u8]) -> String {
+        match p {
+            Ok(Parsed::InBuffer { head, body_len }) => format!(
+                "{} {:?} {}",
+                head.target,
+                &data[head.head_len..head.head_len + body_len],
+                head.head_len + body_len
+            ),
+            Ok(Parsed::Decoded {
+                head,
+                body,
+                consumed,
+            }) => format!("{} {body:?} {consumed}", head.target),
+            Ok(Parsed::Incomplete) => "incomplete".into(),
+            Err(e) => format!("error {e}"),
+        }
+    }
+
+    /// Fed as the bytes arrive, split anywhere, the parse keeps its place between reads (the
+    /// head is parsed once, each chunked byte decoded once) and ends as a parse of the whole.
+    #[test]
+    fn a_request_parsed_as_it_arrives_is_parsed_once() {
+        let limits = Limits::default();
+        let requests: [&[u8]; 3] = [
+            b"POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+3;ext=1\r\nabc\r\n1\r\nd\r\n0\r\nTrailer: t\r\n\r\nGET /next HTTP/1.1\r\n",
+            b"POST /l HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloGET /next",
+            b"POST /bad HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        ];
+        for data in requests {
+            let whole = outcome(parse_one(data, &limits, &mut Partial::default()), data);
+            for step in [1, 2, 7] {
+                let mut front = Partial::default();
+                let mut end = 0;
+                let last = loop {
+                    end = (end + step).min(data.len());
+                    let p = parse_one(&data[..end], &limits, &mut front);
+                    if !matches!(p, Ok(Parsed::Incomplete)) || end == data.len() {
+                        break outcome(p, data);
+                    }
+                    if let Some(head) = &front.head {
+                        // Every byte after the head that has arrived was decoded once.
+                        if head.body == BodyFraming::Chunked {
+                            assert_eq!(head.head_len + front.raw, end, "{step}");
+                        }
+                    }
+                };
+                assert_eq!(last, whole, "{:?} by {step}", String::from_utf8_lossy(data));
+            }
         }
     }
 }
