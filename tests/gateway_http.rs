@@ -2209,3 +2209,40 @@ fn cli_status_and_route_talk_to_a_running_gateway() {
         "{err}"
     );
 }
+
+/// Pipelined requests whose client goes away while an earlier answer is being written get no
+/// answer; they still end, so `moltbot_http_requests_in_flight` comes back down.
+#[test]
+fn requests_behind_an_answer_the_client_reset_still_end() {
+    let g = start_overriding(
+        Options::new(1),
+        &[("--max-body-bytes", "1MiB"), ("--ring-capacity", "4MiB")],
+    );
+    let big = serde_json::to_vec(&"v".repeat(900 * 1024)).expect("JSON");
+    let r = g.request(
+        "PUT",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", "leaver")],
+        Some(&big),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let in_flight = || {
+        let text = g.request("GET", "/metrics", &[], None).text();
+        // The request asking counts itself.
+        metric(&text, "moltbot_http_requests_in_flight", &[]).expect("in-flight gauge") - 1.0
+    };
+    let mut s = g.connect();
+    let get = raw_request(
+        "GET",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", b"leaver")],
+        None,
+    );
+    // 20 answers of 900 KiB: more than the sockets hold, so the gateway is still writing the
+    // first ones, with the others waiting, when the client goes.
+    s.write_all(&get.repeat(20)).expect("write");
+    gw::wait_until("the pipelined requests in flight", || in_flight() >= 10.0);
+    rustix::net::sockopt::set_socket_linger(&s, Some(std::time::Duration::ZERO)).expect("linger");
+    drop(s);
+    gw::wait_until("every request ended", || in_flight() == 0.0);
+}

@@ -217,14 +217,14 @@ fn a_run_streams_to_every_connection_of_its_user_on_any_core_and_to_no_other_use
     );
 }
 
-#[test]
-fn http_clients_get_the_run_as_server_sent_events() {
-    let gw = GatewayProc::start(Options::new(1));
+/// Sends `POST /v1/agent` for Server-Sent Events in `version` with `connection` and reads
+/// until the gateway closes: the response head and the body as sent.
+fn sse_request(gw: &GatewayProc, version: &str, connection: &str) -> (String, String) {
     let mut s = TcpStream::connect(gw.addr).unwrap();
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     let body = br#"{"message":"alpha beta gamma"}"#;
     let req = format!(
-        "POST /v1/agent HTTP/1.1\r\nhost: t\r\nx-moltbot-user: sse-user\r\naccept: text/event-stream\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST /v1/agent {version}\r\nhost: t\r\nx-moltbot-user: sse-user\r\naccept: text/event-stream\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n",
         body.len()
     );
     std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
@@ -232,22 +232,13 @@ fn http_clients_get_the_run_as_server_sent_events() {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8(raw).unwrap();
-    let (head, chunked) = text.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("content-type: text/event-stream"), "{head}");
-    assert!(head.contains("transfer-encoding: chunked"), "{head}");
-    // De-chunk.
-    let mut stream = String::new();
-    let mut rest = chunked;
-    loop {
-        let (size, after) = rest.split_once("\r\n").unwrap();
-        let n = usize::from_str_radix(size, 16).unwrap();
-        if n == 0 {
-            break;
-        }
-        stream.push_str(&after[..n]);
-        rest = &after[n + 2..];
-    }
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_string(), body.to_string())
+}
+
+/// The events of a Server-Sent Events stream, checked to end with the run's `result`, which
+/// came in at least two `agent` pieces.
+fn assert_run_events(stream: &str) {
     let events: Vec<(&str, Value)> = stream
         .split("\n\n")
         .filter(|e| !e.is_empty())
@@ -272,6 +263,28 @@ fn http_clients_get_the_run_as_server_sent_events() {
         .filter(|(n, v)| *n == "agent" && v["stream"] == "assistant")
         .count();
     assert!(pieces >= 2, "{events:?}");
+}
+
+#[test]
+fn http_clients_get_the_run_as_server_sent_events() {
+    let gw = GatewayProc::start(Options::new(1));
+    let (head, chunked) = sse_request(&gw, "HTTP/1.1", "close");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    // De-chunk.
+    let mut stream = String::new();
+    let mut rest = chunked.as_str();
+    loop {
+        let (size, after) = rest.split_once("\r\n").unwrap();
+        let n = usize::from_str_radix(size, 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        stream.push_str(&after[..n]);
+        rest = &after[n + 2..];
+    }
+    assert_run_events(&stream);
 
     // Without the header the answer is the plain JSON reply, as before.
     let r = gw.request(
@@ -282,6 +295,21 @@ fn http_clients_get_the_run_as_server_sent_events() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.json::<Value>().unwrap()["reply"], "echo: plain");
+}
+
+/// HTTP/1.0 has no chunked encoding: an HTTP/1.0 client gets the events as they are, the end
+/// of the stream marked by the close, even if it asked to keep the connection.
+#[test]
+fn http_1_0_clients_get_the_events_ended_by_the_close() {
+    let gw = GatewayProc::start(Options::new(1));
+    for connection in ["keep-alive", "close"] {
+        let (head, stream) = sse_request(&gw, "HTTP/1.0", connection);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("content-type: text/event-stream"), "{head}");
+        assert!(!head.contains("transfer-encoding"), "{head}");
+        assert!(head.contains("connection: close"), "{head}");
+        assert_run_events(&stream);
+    }
 }
 
 #[test]

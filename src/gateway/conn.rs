@@ -232,6 +232,26 @@ struct Pending {
     started: Instant,
     /// The request was HEAD: answer without a body.
     head_only: bool,
+    /// The client speaks HTTP/1.1: a stream is sent in chunked encoding, else as is, ended by
+    /// the connection's close.
+    chunked: bool,
+}
+
+impl Pending {
+    /// A prepared request. The connection stays open after its answer if the client asked
+    /// for that, the gateway is not stopping, and the answer is not a stream to an HTTP/1.0
+    /// client (whose end only the close can mark).
+    fn new(prepared: Prepared, head: &RequestHead, stopping: bool, started: Instant) -> Pending {
+        let chunked = head.version == http::Version::Http11;
+        let streaming = matches!(prepared, Prepared::Streaming(_));
+        Pending {
+            keep: head.keep_alive && !stopping && (chunked || !streaming),
+            prepared,
+            started,
+            head_only: head.method == http::Method::Head,
+            chunked,
+        }
+    }
 }
 
 /// A request read from the buffer, with its body.
@@ -422,7 +442,6 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                         head_started = None;
                         body_deadline = None;
                         continue_sent = false;
-                        let keep = head.keep_alive && !shared.stopping();
                         reactor.metrics.request_started();
                         let body_start = head.head_len;
                         let prepared = {
@@ -431,13 +450,9 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                             endpoints::prepare(&reactor, &head, body).await
                         };
                         conn.rb.consume(body_start + body_len);
-                        batch.push(Pending {
-                            prepared,
-                            keep,
-                            started,
-                            head_only: head.method == http::Method::Head,
-                        });
-                        close_after = !keep;
+                        let p = Pending::new(prepared, &head, shared.stopping(), started);
+                        close_after = !p.keep;
+                        batch.push(p);
                     }
                     Parsed::Decoded {
                         head,
@@ -447,17 +462,12 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                         head_started = None;
                         body_deadline = None;
                         continue_sent = false;
-                        let keep = head.keep_alive && !shared.stopping();
                         reactor.metrics.request_started();
                         conn.rb.consume(consumed);
                         let prepared = endpoints::prepare(&reactor, &head, &body).await;
-                        batch.push(Pending {
-                            prepared,
-                            keep,
-                            started,
-                            head_only: head.method == http::Method::Head,
-                        });
-                        close_after = !keep;
+                        let p = Pending::new(prepared, &head, shared.stopping(), started);
+                        close_after = !p.keep;
+                        batch.push(p);
                     }
                 }
             }
@@ -555,12 +565,29 @@ fn body_time(framing: &BodyFraming, cfg: &crate::config::Config) -> Duration {
 /// connection closes. `more_follows`: another answer is written after the batch.
 async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) -> bool {
     let n = batch.len();
-    for (i, p) in batch.into_iter().enumerate() {
+    let mut batch = batch.into_iter().enumerate();
+    let written = answer_in_order(conn, &mut batch, n, more_follows).await;
+    // Requests behind an answer that could not be written get none: they end here.
+    for _ in batch {
+        conn.reactor.metrics.request_finished();
+    }
+    written
+}
+
+/// Answers the requests of `batch` in order until one cannot be written (`false`).
+async fn answer_in_order(
+    conn: &mut Conn,
+    batch: &mut impl Iterator<Item = (usize, Pending)>,
+    n: usize,
+    more_follows: bool,
+) -> bool {
+    for (i, p) in batch {
         let Pending {
             prepared,
             keep,
             started,
             head_only,
+            chunked,
         } = p;
         let answer = match prepared {
             Prepared::Streaming(mut w) if !head_only => match w.next().await {
@@ -569,7 +596,7 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
                     let endpoint = crate::metrics::Endpoint::Agent;
                     let last = i + 1 == n && !more_follows;
                     let keep = keep && !(last && conn.reactor.shared.stopping());
-                    let (ok, status) = stream_events(conn, w, first, keep).await;
+                    let (ok, status) = stream_events(conn, w, first, chunked, keep).await;
                     let metrics = &conn.reactor.metrics;
                     metrics.request_finished();
                     metrics.record(endpoint, status, started.elapsed());
@@ -606,20 +633,30 @@ async fn finish_batch(conn: &mut Conn, batch: Vec<Pending>, more_follows: bool) 
 /// Writes a streaming answer as Server-Sent Events: a 200 head, one event per worker event
 /// (`event: NAME`, the JSON payload as `data`), then the final answer as event `result` (or
 /// `error`, with the body the request would have got without streaming), in chunked
-/// encoding. Returns whether the connection is still usable, and the final status.
+/// encoding (`chunked`) or as is. Returns whether the connection is still usable, and the
+/// final status.
 async fn stream_events(
     conn: &mut Conn,
     mut w: endpoints::Waiting,
     first: Reply,
+    chunked: bool,
     keep: bool,
 ) -> (bool, u16) {
     let worker = crate::gateway::answer::worker_header(w.slot());
     http::write_stream_head(
         &mut conn.out,
         "text/event-stream",
+        chunked,
         keep,
         &[("x-moltbot-worker", &worker), ("cache-control", "no-cache")],
     );
+    let piece = |out: &mut Vec<u8>, event: &[u8]| {
+        if chunked {
+            http::write_chunk(out, event);
+        } else {
+            out.extend_from_slice(event);
+        }
+    };
     if !conn.flush().await {
         return (false, 200);
     }
@@ -627,7 +664,7 @@ async fn stream_events(
     let outcome = loop {
         let mut event = Vec::new();
         sse_event(&mut event, &part.event, part.body());
-        http::write_chunk(&mut conn.out, &event);
+        piece(&mut conn.out, &event);
         if !conn.flush().await {
             return (false, 200);
         }
@@ -644,8 +681,10 @@ async fn stream_events(
     };
     let mut event = Vec::new();
     sse_event(&mut event, name, a.body.as_slice());
-    http::write_chunk(&mut conn.out, &event);
-    http::write_last_chunk(&mut conn.out);
+    piece(&mut conn.out, &event);
+    if chunked {
+        http::write_last_chunk(&mut conn.out);
+    }
     (conn.flush().await, a.status)
 }
 

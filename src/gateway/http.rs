@@ -1004,15 +1004,26 @@ fn end_head(out: &mut Vec<u8>, keep_alive: bool, extra_headers: &[(&str, &str)])
 
 /// Writes the head of a 200 response whose body follows in chunks ([`write_chunk`], then
 /// [`write_last_chunk`]).
+///
+/// Without `chunked` (an HTTP/1.0 client, which has no chunked encoding) the body is written as
+/// is and ends with the connection: `keep_alive` must then be false.
 pub fn write_stream_head(
     out: &mut Vec<u8>,
     content_type: &str,
+    chunked: bool,
     keep_alive: bool,
     extra_headers: &[(&str, &str)],
 ) {
+    debug_assert!(
+        chunked || !keep_alive,
+        "a close-delimited body ends the connection"
+    );
     out.extend_from_slice(b"HTTP/1.1 200 OK\r\ncontent-type: ");
     out.extend_from_slice(content_type.as_bytes());
-    out.extend_from_slice(b"\r\ntransfer-encoding: chunked\r\n");
+    out.extend_from_slice(b"\r\n");
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
     end_head(out, keep_alive, extra_headers);
 }
 
