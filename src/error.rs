@@ -47,6 +47,16 @@ pub enum RouteError {
         /// What was wrong.
         reason: String,
     },
+    /// A streaming request's caller left more of its events untaken than the gateway keeps
+    /// (a client reading slower than its worker sends, or a worker flooding the request):
+    /// the caller is answered with this, the request's later events and answer are dropped.
+    #[error("worker-{slot} sent more events than the caller took: over {max} bytes waited")]
+    EventsOverrun {
+        /// The slot.
+        slot: usize,
+        /// The bytes of events a caller may leave untaken.
+        max: usize,
+    },
     /// The worker is failed (restart limit reached), its queue is full, or the pool stops.
     #[error("worker-{slot} is unavailable: {reason}")]
     Unavailable {
@@ -105,6 +115,7 @@ impl RouteError {
             RouteError::TooLarge { .. } => "PAYLOAD_TOO_LARGE",
             RouteError::WorkerCrashed { .. } => "WORKER_CRASHED",
             RouteError::BadWorkerResponse { .. } => "BAD_WORKER_RESPONSE",
+            RouteError::EventsOverrun { .. } => "EVENTS_OVERRUN",
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => "UNAVAILABLE",
             RouteError::Timeout(_) => "TIMEOUT",
             RouteError::UserLimit(_) | RouteError::CellsTaken(_) => "USER_LIMIT",
@@ -118,7 +129,9 @@ impl RouteError {
         match self {
             RouteError::InvalidUser(_) | RouteError::InvalidRequest(_) => 400,
             RouteError::TooLarge { .. } => 413,
-            RouteError::WorkerCrashed { .. } | RouteError::BadWorkerResponse { .. } => 502,
+            RouteError::WorkerCrashed { .. }
+            | RouteError::BadWorkerResponse { .. }
+            | RouteError::EventsOverrun { .. } => 502,
             RouteError::Unavailable { .. } | RouteError::ShuttingDown => 503,
             RouteError::UserLimit(_)
             | RouteError::CellsTaken(_)

@@ -23,7 +23,7 @@ use moltbot_ipc::{
 use crate::error::RouteError;
 use crate::pool::admission::Permit;
 use crate::pool::call::Call;
-use crate::pool::reply::{Outcome, Replies, Reply, ReplyTo, reply_pair};
+use crate::pool::reply::{MAX_QUEUED_PART_BYTES, Outcome, Replies, Reply, ReplyTo, reply_pair};
 use crate::pool::slot::{Slot, SlotState};
 
 /// Why a request could not be placed in the ring.
@@ -87,6 +87,11 @@ struct PartFields {
 
 /// Longest error code accepted from a worker.
 const MAX_ERROR_CODE: usize = 64;
+
+/// Most response frames one poll of a lane reads: then the core's other tasks run before the
+/// next poll (more than a round's worth of answers of its places, few enough that a flood
+/// holds the core for well under a millisecond).
+const DRAIN_BUDGET: usize = 256;
 
 /// A worker's response frame, decoded and located: the fields the gateway reads from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,10 +386,12 @@ impl LaneClient {
         self.resp.has_data().unwrap_or(true)
     }
 
-    /// Reads every published response. `Err` means the ring was found corrupt.
+    /// Reads the published responses, at most [`DRAIN_BUDGET`] frames: a worker that
+    /// publishes as fast as the gateway reads would otherwise keep the core in this loop, and
+    /// every other connection of the core waiting. `Err` means the ring was found corrupt.
     fn drain_responses(&mut self) -> Result<bool, ()> {
         let mut worked = false;
-        loop {
+        for _ in 0..DRAIN_BUDGET {
             match self.resp.peek() {
                 Ok(None) => return Ok(worked),
                 Ok(Some(f)) => {
@@ -404,6 +411,7 @@ impl LaneClient {
                 Err(_) => return Ok(worked),
             }
         }
+        Ok(worked)
     }
 
     /// Matches a response to its caller.
@@ -465,9 +473,10 @@ impl LaneClient {
     /// JSON is a protocol violation. Events carry no user: they belong to the user of the
     /// request they name, so a worker cannot address another user's connections.
     fn deliver_part(&mut self, p: PartFields, frame: AlignedBuf) -> Result<(), &'static str> {
+        let slot = self.slot.id;
         let pending = self
             .pending
-            .get(&p.request_id)
+            .get_mut(&p.request_id)
             .ok_or("an event for an unknown request id")?;
         if !pending.stream {
             return Err("an event for a request that does not stream");
@@ -476,16 +485,18 @@ impl LaneClient {
             return Err("an event whose payload is not JSON");
         }
         if let Some(reply) = &pending.reply {
-            let part = Reply::new(
-                self.slot.id,
-                p.status,
-                String::new(),
-                p.duration_us,
-                frame,
-                p.body,
-            )
-            .into_part(p.part, p.event);
-            reply.part(part);
+            let part = Reply::new(slot, p.status, String::new(), p.duration_us, frame, p.body)
+                .into_part(p.part, p.event);
+            if !reply.part(part) {
+                // The caller has not taken what came so far: it is answered now; the request
+                // keeps its permit until the worker's own answer, which finds no one to answer.
+                if let Some(reply) = pending.reply.take() {
+                    reply.finish(Err(RouteError::EventsOverrun {
+                        slot,
+                        max: MAX_QUEUED_PART_BYTES,
+                    }));
+                }
+            }
         }
         Ok(())
     }
@@ -727,6 +738,7 @@ impl LaneSet {
 mod tests {
     use super::*;
     use crate::pool::admission::Admission;
+    use crate::pool::reply::Delivery;
     use crate::pool::slot::test_slot;
     use moltbot_ipc::Response;
 
@@ -749,6 +761,113 @@ mod tests {
             error_code,
             event: "",
         }
+    }
+
+    /// A streaming RPC request submitted on a fresh lane with rings of `capacity` bytes: the
+    /// lane, the worker's end, the caller's replies, the request id (and what must live).
+    fn streaming_request(
+        capacity: usize,
+    ) -> (
+        LaneClient,
+        moltbot_ipc::WorkerLane,
+        Replies,
+        u64,
+        (Arc<Slot>, moltbot_ipc::wake::WakeReceiver),
+    ) {
+        let (slot, rx) = crate::pool::slot::test_slot_sized(Admission::new(1, 1), capacity);
+        let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
+        let mut worker = slot.segment.take_worker_lane(0).unwrap();
+        let permit = slot.admission.try_enter().unwrap();
+        let call = Call {
+            kind: Kind::Rpc,
+            method: moltbot_ipc::Method::Post,
+            user: "u",
+            target: "",
+            call_id: "",
+            stream: true,
+            body: b"{}",
+        };
+        let Ok(replies) = lane.submit(&call, 0, permit) else {
+            panic!("submit refused");
+        };
+        let f = worker.requests.peek().unwrap().unwrap();
+        let id = moltbot_ipc::access_request(f.bytes())
+            .unwrap()
+            .request_id
+            .to_native();
+        f.release();
+        (lane, worker, replies, id, (slot, rx))
+    }
+
+    fn event(id: u64, body: &[u8]) -> AlignedBuf {
+        encoded(&Response {
+            request_id: id,
+            duration_us: 0,
+            status: 200,
+            part: Part::Event,
+            body,
+            error_code: "",
+            event: "agent",
+        })
+    }
+
+    /// A worker that publishes faster than the gateway reads cannot keep the core in one
+    /// poll: each reads at most `DRAIN_BUDGET` frames, then the core's other tasks run.
+    #[test]
+    fn a_poll_reads_a_bounded_number_of_frames() {
+        let (mut lane, mut worker, _replies, id, _keep) = streaming_request(1 << 20);
+        let ev = event(id, b"[]");
+        for _ in 0..DRAIN_BUDGET + 10 {
+            worker.responses.push(ev.as_slice()).unwrap();
+        }
+        assert!(lane.poll());
+        assert!(lane.has_work(), "one poll read every frame");
+        assert!(lane.poll());
+        assert!(!lane.has_work());
+    }
+
+    /// A caller that leaves more than `MAX_QUEUED_PART_BYTES` of events untaken is answered
+    /// `EVENTS_OVERRUN` after the events it had; later ones are dropped, and the worker's own
+    /// answer then frees the request's place without an error.
+    #[test]
+    fn events_the_caller_does_not_take_are_bounded() {
+        let (mut lane, mut worker, mut replies, id, keep) = streaming_request(1 << 20);
+        let payload = format!("\"{}\"", "e".repeat(60 * 1024));
+        let ev = event(id, payload.as_bytes());
+        let sent = MAX_QUEUED_PART_BYTES / ev.len() + 20;
+        for _ in 0..sent {
+            while worker.responses.push(ev.as_slice()).is_err() {
+                assert!(lane.poll());
+            }
+        }
+        while lane.has_work() {
+            lane.poll();
+        }
+        let mut parts = 0;
+        let end = loop {
+            let next = futures_lite::future::poll_once(replies.next());
+            match futures_lite::future::block_on(next) {
+                Some(Delivery::Part(_)) => parts += 1,
+                Some(Delivery::Final(outcome)) => break outcome,
+                None => panic!("{parts} events and no answer"),
+            }
+        };
+        assert_eq!(parts, MAX_QUEUED_PART_BYTES / ev.len());
+        let Err(e) = end else {
+            panic!("answered without an error");
+        };
+        assert_eq!(e.code(), "EVENTS_OVERRUN");
+        // The request still holds the worker's one place until the worker's answer, which
+        // frees it and is otherwise dropped.
+        assert!(keep.0.admission.try_enter().is_none());
+        let fin = encoded(&Response {
+            request_id: id,
+            ..response(200, "", b"{}")
+        });
+        worker.responses.push(fin.as_slice()).unwrap();
+        assert!(lane.poll());
+        assert!(!lane.poisoned);
+        assert!(keep.0.admission.try_enter().is_some());
     }
 
     #[test]

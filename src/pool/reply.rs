@@ -7,6 +7,8 @@
 //! (the `accepted` answer, events), in the worker's order, ahead of that final outcome.
 
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use moltbot_ipc::{AlignedBuf, Part};
@@ -15,6 +17,12 @@ use crate::error::RouteError;
 
 /// The final outcome of a request.
 pub type Outcome = Result<Reply, RouteError>;
+
+/// Most bytes of interim parts (their frames) a request's caller may leave untaken: beyond,
+/// the caller is answered [`RouteError::EventsOverrun`] and the request's later parts are
+/// dropped. A caller that does not keep up (a Server-Sent Events client that reads slowly) or
+/// a worker that floods one request with events then costs the gateway bounded memory.
+pub const MAX_QUEUED_PART_BYTES: usize = 16 << 20;
 
 /// A worker's answer, validated, in a private copy of its frame.
 #[derive(Debug)]
@@ -69,6 +77,11 @@ impl Reply {
         self
     }
 
+    /// Bytes this reply holds (its frame).
+    fn held_bytes(&self) -> usize {
+        self.frame.len()
+    }
+
     /// The payload.
     pub fn body(&self) -> &[u8] {
         &self.frame.as_slice()[self.body.clone()]
@@ -88,8 +101,8 @@ pub struct ReplyTo(Sender);
 enum Sender {
     /// The final outcome only (no allocation beyond the oneshot's).
     Once(oneshot::Sender<Outcome>),
-    /// Interim parts, then the final outcome, in order.
-    Stream(flume::Sender<Delivery>),
+    /// Interim parts, then the final outcome, in order; the bytes of parts not yet taken.
+    Stream(flume::Sender<Delivery>, Arc<AtomicUsize>),
 }
 
 /// The caller's end of a request's replies.
@@ -99,7 +112,7 @@ pub struct Replies(Receiver);
 #[derive(Debug)]
 enum Receiver {
     Once(oneshot::Receiver<Outcome>),
-    Stream(flume::Receiver<Delivery>),
+    Stream(flume::Receiver<Delivery>, Arc<AtomicUsize>),
     /// The final outcome was handed out.
     Spent,
 }
@@ -117,7 +130,11 @@ pub enum Delivery {
 pub fn reply_pair(stream: bool) -> (ReplyTo, Replies) {
     if stream {
         let (tx, rx) = flume::unbounded();
-        (ReplyTo(Sender::Stream(tx)), Replies(Receiver::Stream(rx)))
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            ReplyTo(Sender::Stream(tx, queued.clone())),
+            Replies(Receiver::Stream(rx, queued)),
+        )
     } else {
         let (tx, rx) = oneshot::channel();
         (ReplyTo(Sender::Once(tx)), Replies(Receiver::Once(rx)))
@@ -126,13 +143,19 @@ pub fn reply_pair(stream: bool) -> (ReplyTo, Replies) {
 
 impl ReplyTo {
     /// Delivers an interim part; dropped if the caller did not ask for parts. A caller that
-    /// is gone is no error. Parts are unbounded here: the lane's owner delivers them on the
-    /// caller's own core, and the caller bounds what it keeps (a WebSocket connection closes
-    /// a client that does not read).
-    pub fn part(&self, part: Reply) {
-        if let Sender::Stream(tx) = &self.0 {
+    /// is gone is no error. False (the part dropped) if the caller left more than
+    /// [`MAX_QUEUED_PART_BYTES`] of parts untaken: it should then be answered at once.
+    #[must_use]
+    pub fn part(&self, part: Reply) -> bool {
+        if let Sender::Stream(tx, queued) = &self.0 {
+            let bytes = part.held_bytes();
+            if queued.load(Ordering::Relaxed).saturating_add(bytes) > MAX_QUEUED_PART_BYTES {
+                return false;
+            }
+            queued.fetch_add(bytes, Ordering::Relaxed);
             let _ = tx.send(Delivery::Part(part));
         }
+        true
     }
 
     /// Delivers the final outcome. A caller that is gone (its client left) is no error.
@@ -141,7 +164,7 @@ impl ReplyTo {
             Sender::Once(tx) => {
                 let _ = tx.send(outcome);
             }
-            Sender::Stream(tx) => {
+            Sender::Stream(tx, _) => {
                 let _ = tx.send(Delivery::Final(outcome));
             }
         }
@@ -166,9 +189,10 @@ impl Replies {
         let gone = || Err(RouteError::ShuttingDown);
         match std::mem::replace(&mut self.0, Receiver::Spent) {
             Receiver::Once(rx) => Delivery::Final(rx.await.unwrap_or_else(|_| gone())),
-            Receiver::Stream(rx) => match rx.recv_async().await {
+            Receiver::Stream(rx, queued) => match rx.recv_async().await {
                 Ok(Delivery::Part(p)) => {
-                    self.0 = Receiver::Stream(rx);
+                    queued.fetch_sub(p.held_bytes(), Ordering::Relaxed);
+                    self.0 = Receiver::Stream(rx, queued);
                     Delivery::Part(p)
                 }
                 Ok(fin) => fin,
@@ -187,9 +211,11 @@ impl Replies {
                 Err(oneshot::RecvTimeoutError::Timeout) => Err(RouteError::Timeout(timeout)),
                 Err(oneshot::RecvTimeoutError::Disconnected) => Err(RouteError::ShuttingDown),
             },
-            Receiver::Stream(rx) => loop {
+            Receiver::Stream(rx, queued) => loop {
                 match rx.recv_deadline(deadline) {
-                    Ok(Delivery::Part(_)) => continue,
+                    Ok(Delivery::Part(p)) => {
+                        queued.fetch_sub(p.held_bytes(), Ordering::Relaxed);
+                    }
                     Ok(Delivery::Final(o)) => return o,
                     Err(flume::RecvTimeoutError::Timeout) => {
                         return Err(RouteError::Timeout(timeout));

@@ -277,12 +277,21 @@ impl Slot {
 /// end of its monitor wake socket.
 #[cfg(test)]
 pub(crate) fn test_slot(admission: Arc<Admission>) -> (Arc<Slot>, WakeReceiver) {
+    test_slot_sized(admission, 4096)
+}
+
+/// As [`test_slot`], with rings of `capacity` bytes.
+#[cfg(test)]
+pub(crate) fn test_slot_sized(
+    admission: Arc<Admission>,
+    capacity: usize,
+) -> (Arc<Slot>, WakeReceiver) {
     let name = format!(
         "/moltbot-test-{}-{:x}",
         std::process::id(),
         rand::random::<u64>()
     );
-    let layout = moltbot_ipc::SegmentLayout::new(1, 4096).expect("layout");
+    let layout = moltbot_ipc::SegmentLayout::new(1, capacity).expect("layout");
     let seg = Segment::create(&name, layout, 0).expect("segment");
     let (tx, rx) = moltbot_ipc::wake_pair().expect("wake pair");
     (Arc::new(Slot::new(0, seg, 1, admission, Arc::new(tx))), rx)
