@@ -268,6 +268,10 @@ struct AssignState {
     counts: Vec<usize>,
     /// Users whose persisted slot no longer exists (fewer workers than before), with that slot.
     stale: StdHashMap<Box<str>, usize>,
+    /// Per slot, its longest-standing user: the one whose current assignment (its last line)
+    /// comes first in the table file, or the first assigned since. The one user a slot keeps
+    /// under [`StickyRouter::one_user_per_slot`].
+    senior: Vec<Option<Box<str>>>,
     journal: Option<Journal>,
 }
 
@@ -304,6 +308,7 @@ impl StickyRouter {
     /// was re-assigned, and the latest line is the slot that user was last served by).
     /// A persisted slot ≥ `workers` (restarted with fewer workers) is not loaded: that user is
     /// re-assigned on next sight. With more workers than before, no existing user moves.
+    /// [`StickyRouter::one_user_per_slot`] then keeps at most one user per slot.
     /// Only one router may have the file open at a time.
     pub fn open(
         dir: &Path,
@@ -357,20 +362,28 @@ impl StickyRouter {
     ) -> Result<StickyRouter, RouterError> {
         let ring = HashRing::new(workers)?;
         let factor = parse_balance_factor(balance_factor)?;
-        // Last line wins (see `open`).
-        let mut latest: StdHashMap<Box<str>, usize> = StdHashMap::with_capacity(entries.len());
-        for (user, worker) in entries {
-            latest.insert(user.into_boxed_str(), worker);
+        // Last line wins (see `open`); its position in the file is kept to find each slot's
+        // longest-standing user.
+        let mut latest: StdHashMap<Box<str>, (usize, usize)> =
+            StdHashMap::with_capacity(entries.len());
+        for (line, (user, worker)) in entries.into_iter().enumerate() {
+            latest.insert(user.into_boxed_str(), (worker, line));
         }
         let table = papaya::HashMap::with_capacity(latest.len());
         let mut counts = vec![0; workers];
+        let mut senior: Vec<Option<(usize, Box<str>)>> = vec![None; workers];
         let mut stale = StdHashMap::new();
         {
             let pinned = table.pin();
-            for (user, worker) in latest {
+            for (user, (worker, line)) in latest {
                 match counts.get_mut(worker) {
                     Some(c) => {
                         *c += 1;
+                        if let Some(first) = senior.get_mut(worker)
+                            && first.as_ref().is_none_or(|&(l, _)| line < l)
+                        {
+                            *first = Some((line, user.clone()));
+                        }
                         pinned.insert(user, worker);
                     }
                     None => {
@@ -379,6 +392,7 @@ impl StickyRouter {
                 }
             }
         }
+        let senior = senior.into_iter().map(|s| s.map(|(_, u)| u)).collect();
         if !stale.is_empty() {
             tracing::warn!(
                 users = stale.len(),
@@ -397,6 +411,7 @@ impl StickyRouter {
             state: Mutex::new(AssignState {
                 counts,
                 stale,
+                senior,
                 journal,
             }),
         })
@@ -410,12 +425,51 @@ impl StickyRouter {
     }
 
     /// At most one user per slot (OpenClaw cells: a cell serves one user): `max_users` is the
-    /// slot count and a new user beyond gets [`RouterError::SlotsTaken`]. Which slot a new
-    /// user takes is left to the bounded load: with a balance factor of 1 a slot takes a
-    /// second user only when all have one, which this limit never lets happen.
+    /// slot count and a new user beyond gets [`RouterError::SlotsTaken`]. A new user takes
+    /// the first slot without a user in its ring walk (what bounded load at factor 1 gives).
+    ///
+    /// The loaded table is brought to that rule too, since it may come from a run without
+    /// cells (several users per slot) or with more workers (users on slots that no longer
+    /// exist): **each slot keeps only its longest-standing user, the one whose current
+    /// assignment (its last line) comes first in the table file**; every other user of the
+    /// slot, and every user whose slot no longer exists, is dropped from the table. A dropped
+    /// user is then a new user: it takes a slot that has no user, if one is left, and is
+    /// refused with [`RouterError::SlotsTaken`] otherwise. Nothing is written for a dropped
+    /// user (its lines stay in the file, and a later run with more workers or without cells
+    /// finds it where it was), so the rule gives the same keeper at every load.
     pub fn one_user_per_slot(mut self) -> StickyRouter {
         self.max_users = self.ring.workers();
         self.per_slot = true;
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let pinned = self.table.pin();
+        let shared: Vec<Box<str>> = pinned
+            .iter()
+            .filter(|&(user, &slot)| state.senior.get(slot).and_then(Option::as_ref) != Some(user))
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in &shared {
+            pinned.remove(user);
+        }
+        let stale = state.stale.len();
+        state.stale.clear();
+        state.counts = state
+            .senior
+            .iter()
+            .map(|s| usize::from(s.is_some()))
+            .collect();
+        let kept = state.counts.iter().sum();
+        self.len.store(kept, Ordering::Release);
+        if !shared.is_empty() || stale > 0 {
+            tracing::warn!(
+                kept,
+                sharing = shared.len(),
+                stale,
+                "the routing table has users sharing a slot (from a run without cells) or on \
+                 slots that no longer exist: one user per cell, each slot keeps its \
+                 longest-standing user; the others take a free cell on next sight or are refused"
+            );
+        }
+        drop(pinned);
         self
     }
 
@@ -518,6 +572,11 @@ impl StickyRouter {
                     "re-assigned a user whose slot no longer exists"
                 );
             }
+            if let Some(senior) = state.senior.get_mut(slot)
+                && senior.is_none()
+            {
+                *senior = Some(user.into());
+            }
             table.insert(user.into(), slot);
         }
         self.len.fetch_add(fresh.len(), Ordering::Release);
@@ -531,6 +590,14 @@ impl StickyRouter {
 
     /// Where a new user goes given the current counts.
     fn choose(&self, user: &str, counts: &[usize]) -> usize {
+        if self.per_slot {
+            // A slot without a user; the limit leaves one to every new user it admits.
+            return self
+                .ring
+                .walk(user)
+                .find(|&w| counts.get(w) == Some(&0))
+                .unwrap_or_else(|| self.ring.lookup(user));
+        }
         let Some(factor) = self.factor else {
             return self.ring.lookup(user);
         };
@@ -857,6 +924,115 @@ mod tests {
         assert!(matches!(r.route("user-4"), Err(RouterError::SlotsTaken(4))));
         // A known user keeps its slot.
         assert_eq!(r.route("user-2").unwrap(), r.lookup("user-2").unwrap());
+    }
+
+    /// A table written without cells (several users per slot), loaded with one user per
+    /// slot: each slot keeps the user whose current line comes first, the others are dropped;
+    /// a dropped user takes a slot without a user, or is refused.
+    #[test]
+    fn one_user_per_slot_keeps_one_user_of_a_shared_table() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            table_path(dir.path()),
+            "{\"user\":\"late\",\"worker\":1}\n\
+             {\"user\":\"a\",\"worker\":0}\n\
+             {\"user\":\"b\",\"worker\":0}\n\
+             {\"user\":\"c\",\"worker\":1}\n\
+             {\"user\":\"late\",\"worker\":0}\n\
+             {\"user\":\"d\",\"worker\":1}\n",
+        )
+        .expect("write");
+        let lines = read_lines(dir.path()).len();
+        for _ in 0..2 {
+            let r = StickyRouter::open(dir.path(), 3, 1.0)
+                .expect("open")
+                .one_user_per_slot();
+            // `late` moved to slot 0 after `a` came: `a` keeps slot 0, `c` slot 1.
+            assert_eq!(r.lookup("a"), Some(0));
+            assert_eq!(r.lookup("c"), Some(1));
+            for dropped in ["b", "late", "d"] {
+                assert_eq!(r.lookup(dropped), None, "{dropped}");
+            }
+            assert_eq!(r.counts(), vec![1, 1, 0]);
+            assert_eq!(r.len(), 2);
+            assert_eq!(r.route("a").expect("a"), 0);
+            assert_eq!(r.route("c").expect("c"), 1);
+        }
+        let r = StickyRouter::open(dir.path(), 3, 1.0)
+            .expect("open")
+            .one_user_per_slot();
+        // The first dropped user to come back takes the free slot; the next is refused.
+        assert_eq!(r.route("b").expect("b"), 2);
+        assert!(matches!(r.route("d"), Err(RouterError::SlotsTaken(3))));
+        assert!(matches!(r.route("late"), Err(RouterError::SlotsTaken(3))));
+        assert_eq!(r.counts(), vec![1, 1, 1]);
+        assert_eq!(read_lines(dir.path()).len(), lines + 1, "only b's new slot");
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 3, 1.0)
+            .expect("reopen")
+            .one_user_per_slot();
+        assert_eq!(
+            (r.lookup("a"), r.lookup("c"), r.lookup("b"), r.lookup("d")),
+            (Some(0), Some(1), Some(2), None)
+        );
+        // Without cells, the table is loaded as it stands.
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 3, 1.0).expect("reopen without cells");
+        assert_eq!(r.lookup("d"), Some(1));
+        assert_eq!(r.counts(), vec![2, 2, 1]);
+    }
+
+    /// Four users on four cells, restarted with two: the users of the slots that are gone are
+    /// not put on the slots that have a user; back at four, each finds its slot again.
+    #[test]
+    fn one_user_per_slot_does_not_share_a_slot_with_a_stale_user() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let users = ["user-0", "user-1", "user-2", "user-3"];
+        let before: Vec<usize> = {
+            let r = StickyRouter::open(dir.path(), 4, 1.0)
+                .expect("open")
+                .one_user_per_slot();
+            users.iter().map(|u| r.route(u).expect("route")).collect()
+        };
+        let r = StickyRouter::open(dir.path(), 2, 1.0)
+            .expect("fewer workers")
+            .one_user_per_slot();
+        assert_eq!(r.counts(), vec![1, 1]);
+        for (u, &slot) in users.iter().zip(&before) {
+            if slot < 2 {
+                assert_eq!(r.route(u).expect("kept"), slot, "{u}");
+            } else {
+                assert_eq!(r.lookup(u), None, "{u}");
+                assert!(
+                    matches!(r.route(u), Err(RouterError::SlotsTaken(2))),
+                    "{u} must not share a slot"
+                );
+            }
+        }
+        assert_eq!(r.counts(), vec![1, 1]);
+        assert_eq!(r.len(), 2);
+        drop(r);
+        let r = StickyRouter::open(dir.path(), 4, 1.0)
+            .expect("back to four")
+            .one_user_per_slot();
+        for (u, &slot) in users.iter().zip(&before) {
+            assert_eq!(r.lookup(u), Some(slot), "{u}");
+        }
+
+        // A stale user is placed only on a slot without a user.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            table_path(dir.path()),
+            "{\"user\":\"x\",\"worker\":3}\n{\"user\":\"y\",\"worker\":0}\n\
+             {\"user\":\"z\",\"worker\":2}\n",
+        )
+        .expect("write");
+        let r = StickyRouter::open(dir.path(), 2, 1.0)
+            .expect("open")
+            .one_user_per_slot();
+        assert_eq!(r.route("x").expect("x"), 1);
+        assert!(matches!(r.route("z"), Err(RouterError::SlotsTaken(2))));
+        assert_eq!(r.counts(), vec![1, 1]);
     }
 
     #[test]

@@ -437,6 +437,9 @@ struct Relay<'a> {
     /// Run id → our id of the request the run belongs to.
     runs: HashMap<String, String>,
     probes: u64,
+    /// The user this worker's cell serves: the user of the first RPC this worker took. An RPC
+    /// of another user is refused, never relayed (see [`Relay::take_requests`]).
+    owner: Option<String>,
     launch: &'a mut dyn FnMut() -> anyhow::Result<Box<dyn CellProcess>>,
 }
 
@@ -458,6 +461,7 @@ fn serve(
         pending: HashMap::new(),
         runs: HashMap::new(),
         probes: 0,
+        owner: None,
         launch,
     };
     let mut state = State::Stopped { retry_at: None };
@@ -602,6 +606,11 @@ impl Relay<'_> {
     }
 
     /// Takes every request of the rings: RPCs into the queue, the rest answered at once.
+    ///
+    /// A cell serves one user (the router gives each slot at most one): the first RPC's user
+    /// becomes the cell's, and an RPC of any other user is answered 503 `UNAVAILABLE` with
+    /// `details.code` `USER_LIMIT`, as the router refuses a user when every cell is taken,
+    /// without reaching the cell.
     fn take_requests(&mut self, cell_state: &str) -> anyhow::Result<()> {
         for i in 0..self.lanes.len() {
             loop {
@@ -614,6 +623,23 @@ impl Relay<'_> {
                 let id = req.request_id.to_native();
                 let kind = req.kind.to_native();
                 let taken = Instant::now();
+                let user: &str = &req.user_id;
+                let foreign = kind == Kind::Rpc
+                    && match &self.owner {
+                        Some(owner) if owner != user => {
+                            tracing::error!(
+                                user,
+                                serves = owner.as_str(),
+                                "refused an RPC of another user than the one this worker's cell serves"
+                            );
+                            true
+                        }
+                        Some(_) => false,
+                        None => {
+                            self.owner = Some(user.to_owned());
+                            false
+                        }
+                    };
                 let queued = Queued {
                     lane: i,
                     id,
@@ -625,6 +651,16 @@ impl Relay<'_> {
                 };
                 frame.release();
                 match kind {
+                    Kind::Rpc if foreign => {
+                        self.finish(
+                            i,
+                            id,
+                            taken,
+                            503,
+                            "UNAVAILABLE",
+                            br#"{"message":"this OpenClaw cell serves another user: a cell serves one user","details":{"code":"USER_LIMIT"},"retryable":false}"#,
+                        )?
+                    }
                     Kind::Rpc => self.queue.push_back(queued),
                     Kind::Echo => self.finish(i, id, taken, 200, "", &queued.body)?,
                     Kind::HealthCheck => {
@@ -1422,8 +1458,23 @@ mod tests {
     }
 
     impl Harness {
+        /// Sends a request of user `u1`.
         fn send(
             &mut self,
+            id: u64,
+            kind: Kind,
+            method: &str,
+            stream: bool,
+            body: &str,
+            deadline: Option<Duration>,
+        ) {
+            self.send_as("u1", id, kind, method, stream, body, deadline);
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn send_as(
+            &mut self,
+            user: &str,
             id: u64,
             kind: Kind,
             method: &str,
@@ -1436,7 +1487,7 @@ mod tests {
                 deadline_us: deadline.map_or(0, |d| monotonic_us() + d.as_micros() as u64),
                 kind,
                 method: Method::Post,
-                user_id: "u1",
+                user_id: user,
                 stream,
                 path: method,
                 call_id: "client-id",
@@ -1597,6 +1648,56 @@ mod tests {
             (f.id, f.status, f.code.as_str()),
             (14, 501, "NOT_SUPPORTED_IN_CELL_MODE")
         );
+        h.finish().unwrap();
+    }
+
+    /// The cell serves the user of the first RPC; another user's RPC is refused as the router
+    /// refuses a user when every cell is taken, and never reaches the cell.
+    #[test]
+    fn a_second_users_rpc_is_refused_and_never_reaches_the_cell() {
+        let st = Arc::new(FakeState::default());
+        let st2 = st.clone();
+        let mut h = harness(settings(), move || Ok(Box::new(fake_cell(st2.clone()))));
+        // Both arrive while the cell starts: the second user's is refused at once.
+        h.send_as("u1", 1, Kind::Rpc, "status", false, r#"{"n":1}"#, None);
+        h.send_as("u2", 2, Kind::Rpc, "status", false, r#"{"n":2}"#, None);
+        let mut got = [h.recv(), h.recv()];
+        got.sort_by_key(|g| g.id);
+        assert_eq!((got[0].id, got[0].status), (1, 200), "{got:?}");
+        assert_eq!(json(&got[0].body), json(r#"{"n":1}"#));
+        assert_eq!(
+            (got[1].id, got[1].status, got[1].code.as_str()),
+            (2, 503, "UNAVAILABLE"),
+            "{got:?}"
+        );
+        let refused = json(&got[1].body);
+        assert_eq!(refused["details"]["code"], "USER_LIMIT", "{refused}");
+        assert_eq!(refused["retryable"], false, "{refused}");
+        // Once the cell is ready too; its user goes on being served.
+        h.send_as(
+            "u2",
+            3,
+            Kind::Rpc,
+            "agent",
+            true,
+            r#"{"idempotencyKey":"r"}"#,
+            None,
+        );
+        let f = h.recv();
+        assert_eq!((f.id, f.part, f.status), (3, Part::Final, 503), "{f:?}");
+        h.send_as("u1", 4, Kind::Rpc, "status", false, r#"{"n":4}"#, None);
+        let f = h.recv();
+        assert_eq!((f.id, f.status), (4, 200), "{f:?}");
+        // Requests that do not reach the cell are answered for anyone.
+        h.send_as("u2", 5, Kind::Echo, "", false, "e", None);
+        assert_eq!(h.recv().status, 200);
+        let seen = st.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .all(|f| !f.contains(r#""id":"0:2""#) && !f.contains(r#""id":"0:3""#)),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|f| f.contains(r#""id":"0:4""#)), "{seen:?}");
         h.finish().unwrap();
     }
 
