@@ -494,6 +494,48 @@ fn a_stop_sends_shutdown_then_closes_with_1012() {
     assert!(g.wait().success());
 }
 
+/// A client that closes gets the close frame back (RFC 6455 §5.5.1), before `connect` and
+/// after `hello-ok`: a socket closed without it is a connection that failed (a browser
+/// reports 1006, `wasClean: false`).
+#[test]
+fn a_client_close_is_answered_with_a_close_frame() {
+    use tungstenite::protocol::CloseFrame;
+    use tungstenite::protocol::frame::coding::CloseCode;
+    let g = open_gateway();
+    for after_hello in [false, true] {
+        let mut ws = open(&g, "/?user=bye", &[]);
+        if after_hello {
+            hello(&mut ws, None);
+        } else {
+            challenge(&mut ws);
+        }
+        ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .expect("close");
+        let answer = loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Close(f)) => break f,
+                // A tick may come before the close.
+                Ok(_) => {}
+                Err(e) => panic!("no close frame (after hello: {after_hello}): {e}"),
+            }
+        };
+        assert_eq!(
+            answer.map(|f| u16::from(f.code)),
+            Some(1000),
+            "after hello: {after_hello}"
+        );
+        // Then the gateway closes the socket.
+        match ws.read() {
+            Err(tungstenite::Error::ConnectionClosed) => {}
+            other => panic!("after the close (after hello: {after_hello}): {other:?}"),
+        }
+    }
+    serves_fresh_client(&g, None, "bye");
+}
+
 #[test]
 fn upgrades_that_cannot_be_served_get_an_http_answer() {
     let g = open_gateway();

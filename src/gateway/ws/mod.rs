@@ -185,7 +185,10 @@ fn named_user(head: &RequestHead) -> Option<Vec<u8>> {
 enum End {
     /// Close with this code and reason.
     Close(u16, &'static str),
-    /// The client closed, or the socket failed: nothing more to send.
+    /// The client sent a close frame: the codec queued the answer, which is sent, then the
+    /// connection ends.
+    ClosedByClient,
+    /// The socket failed, or ended without a close frame: nothing more to send.
     Gone,
 }
 
@@ -231,24 +234,39 @@ impl Conn {
     /// has not answered the close within the bound is reset: what it did not read (a slow
     /// consumer's backlog, the close frame itself) is dropped rather than left to the kernel
     /// to deliver, for minutes, to a client that does not read.
+    ///
+    /// A client's close frame is answered (RFC 6455 §5.5.1): the codec only queues the answer
+    /// when it reads the close, so it is flushed here, within the same bound, before the
+    /// socket is closed.
     async fn end(&mut self, end: End) {
-        if let End::Close(code, reason) = end {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
-            let answered = glommio::timer::timeout(CLOSE_WAIT, async {
-                let _ = self.ws.close(Some(frame)).await;
-                // Let the client answer the close (bounded by the timeout), as RFC 6455 asks.
-                while let Some(Ok(_)) = self.ws.next().await {}
+        let in_time = match end {
+            End::Close(code, reason) => {
+                let frame = CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                };
+                glommio::timer::timeout(CLOSE_WAIT, async {
+                    let _ = self.ws.close(Some(frame)).await;
+                    // Let the client answer the close (bounded by the timeout), as RFC 6455
+                    // asks.
+                    while let Some(Ok(_)) = self.ws.next().await {}
+                    Ok(())
+                })
+                .await
+                .is_ok()
+            }
+            End::ClosedByClient => glommio::timer::timeout(CLOSE_WAIT, async {
+                let _ = self.ws.flush().await;
                 Ok(())
             })
-            .await;
-            if answered.is_err() {
-                // Dropped without a FIN: the socket's close is then a reset.
-                self.ws.get_ref().reset_on_close();
-                return;
-            }
+            .await
+            .is_ok(),
+            End::Gone => true,
+        };
+        if !in_time {
+            // Dropped without a FIN: the socket's close is then a reset.
+            self.ws.get_ref().reset_on_close();
+            return;
         }
         let _ = self.ws.get_mut().close().await;
     }
@@ -285,7 +303,7 @@ impl Conn {
                 Ok(Some(Ok(Message::Binary(_)))) => {
                     return Err(End::Close(close::UNSUPPORTED, "binary frames are not used"));
                 }
-                Ok(Some(Ok(Message::Close(_)))) => return Err(End::Gone),
+                Ok(Some(Ok(Message::Close(_)))) => return Err(End::ClosedByClient),
                 Ok(Some(Ok(_))) => continue,
             }
         };
@@ -533,7 +551,7 @@ impl Conn {
                         Message::Binary(_) => {
                             return End::Close(close::UNSUPPORTED, "binary frames are not used");
                         }
-                        Message::Close(_) => return End::Gone,
+                        Message::Close(_) => return End::ClosedByClient,
                         // Pings are answered by the codec; pongs and raw frames need nothing.
                         _ => {}
                     }
