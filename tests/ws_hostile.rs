@@ -388,6 +388,53 @@ fn a_client_that_does_not_answer_the_close_is_reset() {
     serves_fresh_client(&g, None, "mute");
 }
 
+/// A client with a tiny receive window (set before it connects, so that the window it
+/// announces stays small) and small segments.
+fn connect_with_small_buffers(g: &GatewayProc) -> std::net::TcpStream {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    use std::os::fd::AsRawFd;
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None).expect("socket");
+    sockopt::set_socket_recv_buffer_size(&fd, 2048).expect("SO_RCVBUF");
+    let mss: libc::c_int = 88;
+    // SAFETY: `fd` is an open socket for the call; `mss` is a live c_int and its size is given.
+    let set = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            (&raw const mss).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "TCP_MAXSEG");
+    rustix::net::connect(&fd, &g.addr).expect("connect");
+    let s = std::net::TcpStream::from(fd);
+    s.set_write_timeout(Some(gw::DEADLINE)).expect("timeout");
+    s.set_read_timeout(Some(gw::DEADLINE)).expect("timeout");
+    s
+}
+
+/// Before `hello-ok` what the gateway sends is bounded by the connect timeout too: a client
+/// that never reads, whose pongs fill the socket's buffers, then sends a frame the gateway
+/// must refuse, does not hold the refusal's send (and its connection) open. It is reset.
+#[test]
+fn a_client_that_does_not_read_before_connect_is_reset_at_the_connect_timeout() {
+    let g = open_gateway(&["--ws-connect-timeout", "300ms"]);
+    let mut s = connect_with_small_buffers(&g);
+    // The upgrade, pings whose pongs it never reads (within the 128 KiB allowed before
+    // `connect`), then a first request that is not `connect`. Nothing is ever read.
+    let mut bytes = upgrade_request("/?user=deaf", &[]);
+    let ping = frame(true, 0x9, &[b'p'; 125], true);
+    bytes.extend(ping.repeat(950));
+    bytes.extend(text_frame(&req("h1", "health", None)));
+    assert!(bytes.len() < 128 * 1024);
+    s.write_all(&bytes).expect("write");
+    gw::wait_until("the gateway to reset the connection", || {
+        rustix::net::sockopt::socket_error(&s).is_ok_and(|e| e == Err(rustix::io::Errno::CONNRESET))
+    });
+    serves_fresh_client(&g, None, "deaf");
+}
+
 #[test]
 fn a_connect_trickled_byte_by_byte_still_works() {
     let g = open_gateway(&[]);

@@ -8,7 +8,9 @@
 //!
 //! Bounds, so that no client can stall a core or grow its memory without limit:
 //! - before `hello-ok`: at most [`PRE_AUTH_BYTES`] read in all (a frame over
-//!   [`PRE_AUTH_FRAME`] closes with 1009) and `ws_connect_timeout` to connect (1008);
+//!   [`PRE_AUTH_FRAME`] closes with 1009) and `ws_connect_timeout` from the upgrade to
+//!   connect (1008), by which the client must also have taken what was sent to it (else the
+//!   connection is reset);
 //! - after: frames up to `policy.maxPayload` (= `max_body_bytes`, which a ring frame carries),
 //!   1009 beyond; text only (binary: 1003), UTF-8 (1007); the outbound queue is bounded by
 //!   `policy.maxBufferedBytes` (1008 "slow consumer");
@@ -134,6 +136,8 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
         return;
     }
     let cfg = &reactor.shared.config;
+    // The client has this long to connect, and to take what is sent to it meanwhile.
+    let connect_deadline = Instant::now() + cfg.ws_connect_timeout;
     let mut ws_config = WebSocketConfig::default();
     ws_config.read_buffer_size = 4096;
     // Frames are encoded into the buffer and written when `flush` ends a batch; the buffer
@@ -161,7 +165,7 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
         budget,
         seq: 0,
     };
-    c.run(named).await;
+    c.run(named, connect_deadline).await;
 }
 
 /// The user an upgrade request names for an operator token or a gateway without credentials:
@@ -190,6 +194,9 @@ enum End {
     ClosedByClient,
     /// The socket failed, or ended without a close frame: nothing more to send.
     Gone,
+    /// The client did not take a frame in time: the socket is reset, dropping what it did
+    /// not read.
+    Reset,
 }
 
 /// One authenticated connection's identity.
@@ -213,8 +220,8 @@ struct Conn {
 }
 
 impl Conn {
-    async fn run(&mut self, named: Option<Vec<u8>>) {
-        let session = match self.handshake(named).await {
+    async fn run(&mut self, named: Option<Vec<u8>>, connect_deadline: Instant) {
+        let session = match self.handshake(named, connect_deadline).await {
             Ok(s) => s,
             Err(end) => return self.end(end).await,
         };
@@ -262,6 +269,7 @@ impl Conn {
             .await
             .is_ok(),
             End::Gone => true,
+            End::Reset => false,
         };
         if !in_time {
             // Dropped without a FIN: the socket's close is then a reset.
@@ -271,13 +279,30 @@ impl Conn {
         let _ = self.ws.get_mut().close().await;
     }
 
-    /// Sends one text frame. False if the socket failed.
-    async fn send_text(&mut self, text: String) -> bool {
-        self.ws.send(Message::text(text)).await.is_ok()
+    /// Sends one text frame before `hello-ok`, which the client must take by `deadline` (the
+    /// connect deadline): a client that does not read would otherwise hold its connection,
+    /// unauthenticated, for as long as it likes. Past the deadline the connection is reset.
+    async fn send_before(&mut self, deadline: Instant, text: String) -> Result<(), End> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // The send is tried first: a frame the socket takes at once goes even at the deadline.
+        let sent = glommio::timer::timeout(left.max(Duration::from_millis(1)), async {
+            Ok(self.ws.send(Message::text(text)).await)
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Gone),
+            Err(_) => Err(End::Reset),
+        }
     }
 
-    /// `connect.challenge`, then the client's `connect`: the session, or why not.
-    async fn handshake(&mut self, named: Option<Vec<u8>>) -> Result<Session, End> {
+    /// `connect.challenge`, then the client's `connect` by `deadline`: the session, or why
+    /// not.
+    async fn handshake(
+        &mut self,
+        named: Option<Vec<u8>>,
+        deadline: Instant,
+    ) -> Result<Session, End> {
         let reactor = self.reactor.clone();
         let shared = &reactor.shared;
         let nonce = new_nonce();
@@ -285,10 +310,7 @@ impl Conn {
             "{{\"type\":\"event\",\"event\":\"connect.challenge\",\"payload\":{{\"nonce\":\"{nonce}\",\"ts\":{}}}}}",
             now_ms()
         );
-        if !self.send_text(challenge).await {
-            return Err(End::Gone);
-        }
-        let deadline = Instant::now() + shared.config.ws_connect_timeout;
+        self.send_before(deadline, challenge).await?;
         let text = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let next = glommio::timer::timeout(left.max(Duration::from_millis(1)), async {
@@ -315,7 +337,8 @@ impl Conn {
             Err(e) => {
                 let shape = ErrorShape::new("INVALID_REQUEST", e.message, None);
                 let id = e.id.unwrap_or_else(|| "connect".into());
-                let _ = self.send_text(frames::error_frame(&id, &shape)).await;
+                self.send_before(deadline, frames::error_frame(&id, &shape))
+                    .await?;
                 return Err(End::Close(close::POLICY, "invalid handshake"));
             }
         };
@@ -326,7 +349,8 @@ impl Conn {
                 "invalid handshake: the first request must be connect",
                 None,
             );
-            let _ = self.send_text(frames::error_frame(&id, &shape)).await;
+            self.send_before(deadline, frames::error_frame(&id, &shape))
+                .await?;
             return Err(End::Close(close::POLICY, "invalid handshake"));
         }
         let outcome = frames::check_connect(req.params, &nonce).and_then(|(p, protocol)| {
@@ -337,7 +361,8 @@ impl Conn {
             Ok(v) => v,
             Err(r) => {
                 let shape = ErrorShape::new("INVALID_REQUEST", r.message.clone(), r.detail);
-                let _ = self.send_text(frames::error_frame(&id, &shape)).await;
+                self.send_before(deadline, frames::error_frame(&id, &shape))
+                    .await?;
                 let reason = if r.close == close::PROTOCOL {
                     "protocol mismatch"
                 } else {
@@ -386,10 +411,13 @@ impl Conn {
             in_flight: Rc::new(Cell::new(0)),
             presence: Rc::new(presence::Presence::new(shared.pool.clone())),
         };
-        if !self.send_text(frames::ok_frame(&id, &hello)).await {
+        if let Err(end) = self
+            .send_before(deadline, frames::ok_frame(&id, &hello))
+            .await
+        {
             shared.hub.leave(&session.user, &session.outbox);
             reactor.ws_conns.borrow_mut().remove(&conn);
-            return Err(End::Gone);
+            return Err(end);
         }
         Ok(session)
     }
