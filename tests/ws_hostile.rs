@@ -151,7 +151,8 @@ fn size_limits_before_and_after_connect_close_with_1009() {
 
 #[test]
 fn a_ping_flood_neither_stalls_others_nor_grows_the_gateway() {
-    // A small outbound bound (the pongs the codec may queue are bounded by it).
+    // A small outbound bound (the pongs the codec may queue are bounded by the largest frame,
+    // a ring frame: the harness's 256 KiB).
     let g = open_gateway(&["--ws-max-buffered-bytes", "1MiB"]);
     let mut flood = authed(&g, "flood");
     let mut other = open(&g, "/?user=other", &[]);

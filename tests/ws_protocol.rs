@@ -536,6 +536,46 @@ fn a_client_close_is_answered_with_a_close_frame() {
     serves_fresh_client(&g, None, "bye");
 }
 
+/// An answer larger than the outbound bound (`--ws-max-buffered-bytes`, which bounds the
+/// backlog of a client that does not read, not one frame) reaches a client that reads.
+#[test]
+fn an_answer_larger_than_the_outbound_bound_reaches_a_client_that_reads() {
+    let g = GatewayProc::start_overriding(
+        Options::new(1).args(&["--ws-max-buffered-bytes", "64KiB"]),
+        &[("--ring-capacity", "1MiB"), ("--max-body-bytes", "512KiB")],
+    );
+    // A turn of about 300 KB in the user's session log (by HTTP), so that its history is one
+    // answer of about 600 KB: the message and its echo.
+    let message = "m".repeat(300 * 1000);
+    let r = g.request(
+        "POST",
+        "/v1/agent",
+        &[("x-moltbot-user", "large")],
+        Some(message.as_bytes()),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut ws = open(&g, "/?user=large", &[]);
+    hello(&mut ws, None);
+    send(
+        &mut ws,
+        &req("h1", "chat.history", Some(json!({ "sessionKey": "main" }))),
+    );
+    let res = next_res(&mut ws, "h1");
+    let head: String = res.to_string().chars().take(300).collect();
+    assert_eq!(res["ok"], true, "{head}");
+    let texts: Vec<usize> = res["payload"]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m.to_string().len())
+        .collect();
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert!(texts.iter().all(|&n| n > 300 * 1000), "{texts:?}");
+    // The connection stays.
+    send(&mut ws, &req("after", "health", None));
+    assert_eq!(next_res(&mut ws, "after")["ok"], true);
+}
+
 #[test]
 fn upgrades_that_cannot_be_served_get_an_http_answer() {
     let g = open_gateway();

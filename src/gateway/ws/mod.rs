@@ -58,6 +58,10 @@ pub const PRE_AUTH_FRAME: usize = 64 * 1024;
 /// up to this size.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
+/// What a frame adds around the body a ring frame carried: the JSON around it (the type, the
+/// request id of at most 256 bytes escaped, the event's `seq`) and the WebSocket header.
+const FRAME_ENVELOPE: usize = 4 * 1024;
+
 /// How often a draining connection checks whether the drain timeout passed.
 const DRAIN_CHECK: Duration = Duration::from_millis(100);
 
@@ -148,11 +152,14 @@ pub async fn serve(reactor: Rc<Reactor>, mut stream: TcpStream, head: RequestHea
     // The codec queues a pong for each ping while the client does not read them; unbounded,
     // a ping flood grew the gateway by every pong it could not send. Beyond this bound the
     // latest pong replaces the unsent one, and a frame that does not fit ends the connection.
-    // Room for the largest frame sent (the outbox refuses larger), with its header, behind a
-    // batch's worth of frames not yet written.
+    // The outbox takes one frame of any size (its limit, `ws_max_buffered_bytes`, bounds a
+    // backlog, not a frame), so the bound is room for the largest frame the gateway sends —
+    // a worker's answer or event, whose body a ring frame carried, in its envelope — behind a
+    // batch's worth of frames not yet written (a blocked write is finished before the next
+    // frame is encoded).
     ws_config.max_write_buffer_size = cfg
-        .ws_max_buffered_bytes
-        .saturating_add(PRE_AUTH_FRAME)
+        .ring_capacity
+        .saturating_add(FRAME_ENVELOPE)
         .saturating_add(WRITE_BATCH_BYTES);
     let budget = Rc::new(Cell::new(Some(PRE_AUTH_BYTES.saturating_sub(early.len()))));
     let metered = Metered::new(stream, budget.clone());
