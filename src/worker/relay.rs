@@ -351,6 +351,8 @@ struct Queued {
 struct Pending {
     lane: usize,
     id: u64,
+    /// Monotonic µs after which the request is answered `TIMEOUT` (0: never).
+    deadline_us: u64,
     stream: bool,
     /// Its `accepted` answer came: the next `res` is the final one.
     accepted: bool,
@@ -477,8 +479,8 @@ fn serve(
             // 2. The cell's lifecycle and frames.
             state = r.step(state, now)?;
             state.publish(&seg);
-            // 3. Requests that waited too long for a start.
-            r.expire_queue(&state)?;
+            // 3. Requests that waited too long for a start or for the cell's answer.
+            r.expire(&state)?;
             // 4. Heartbeat, unless a ready cell leaves its probe unanswered.
             let stalled = matches!(&state, State::Ready { probe: Some((_, at)), .. } if now.duration_since(*at) > s.stall);
             if !stalled {
@@ -694,8 +696,9 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// Answers queued requests whose deadline passed while the cell starts.
-    fn expire_queue(&mut self, state: &State) -> anyhow::Result<()> {
+    /// Answers the requests whose deadline passed: queued ones while the cell starts,
+    /// forwarded ones the cell has not answered.
+    fn expire(&mut self, state: &State) -> anyhow::Result<()> {
         let now_us = monotonic_us();
         let retry = match state {
             State::Starting { since, .. } => self
@@ -721,6 +724,20 @@ impl Relay<'_> {
             } else {
                 i += 1;
             }
+        }
+        // Forwarded requests the cell has not answered by their deadline. The gateway told
+        // the client `TIMEOUT` already; the answer here frees the request's place in the
+        // worker, which a cell that never answers would hold for good. A late answer of the
+        // cell then finds nothing to complete and is dropped.
+        let due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline_us != 0 && now_us > p.deadline_us)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in due {
+            let body = br#"{"message":"the user's cell did not answer in time","retryable":true}"#;
+            self.complete(&key, 504, "TIMEOUT", body)?;
         }
         Ok(())
     }
@@ -981,6 +998,7 @@ impl Relay<'_> {
                 Pending {
                     lane: q.lane,
                     id: q.id,
+                    deadline_us: q.deadline_us,
                     stream: q.stream,
                     accepted: false,
                     runs,
@@ -1698,6 +1716,31 @@ mod tests {
             "{seen:?}"
         );
         assert!(seen.iter().any(|f| f.contains(r#""id":"0:4""#)), "{seen:?}");
+        h.finish().unwrap();
+    }
+
+    /// A request the cell never answers is answered `TIMEOUT` at its deadline, which frees
+    /// its place in the worker; the cell goes on serving.
+    #[test]
+    fn a_request_the_cell_never_answers_times_out() {
+        let st = Arc::new(FakeState::default());
+        let st2 = st.clone();
+        let mut h = harness(settings(), move || Ok(Box::new(fake_cell(st2.clone()))));
+        h.send(1, Kind::Rpc, "health", false, "{}", None);
+        assert_eq!(h.recv().status, 200);
+        h.send(
+            2,
+            Kind::Rpc,
+            "hold",
+            false,
+            "{}",
+            Some(Duration::from_millis(200)),
+        );
+        let f = h.recv();
+        assert_eq!((f.id, f.status, f.code.as_str()), (2, 504, "TIMEOUT"));
+        h.send(3, Kind::Rpc, "health", false, "{}", None);
+        let f = h.recv();
+        assert_eq!((f.id, f.status), (3, 200));
         h.finish().unwrap();
     }
 
