@@ -47,10 +47,13 @@
 //! When the other end is a different process (the gateway and a worker), that process can
 //! write anything into the shared memory at any time: no type can prevent it. The ring then
 //! still never reads or writes outside its data area (positions and lengths are checked), and
-//! the side facing an untrusted peer (the gateway reading responses) copies frames out with
-//! relaxed atomic loads ([`ReadFrame::copy_into`]) and checks only the copy. In-place reads
-//! ([`ReadFrame::bytes`]) are for the trusted direction (the worker reading the gateway's
-//! requests); a peer that rewrote a frame it had published would garble what is read there.
+//! the side facing an untrusted peer never forms a reference to bytes that peer can write: the
+//! gateway copies response frames out with relaxed atomic loads ([`ReadFrame::copy_into`]) and
+//! checks only the copy, and writes its requests into the free space with relaxed atomic
+//! stores from a private buffer ([`Producer::push_buf`]). In-place access
+//! ([`ReadFrame::bytes`], [`Reservation::as_mut_slice`]) is for the trusted direction (the
+//! worker reading the gateway's requests and writing its answers); a peer that rewrote a frame
+//! it had published would garble what is read there.
 //! [`Tamper`] plays such a peer inside one process, for tests and fuzzing, without breaking the
 //! rules above: it exists only while the other end is not taken in this process.
 
@@ -371,6 +374,21 @@ impl RingRef {
         }
     }
 
+    /// Copies `src` into the data area from offset `off` with relaxed atomic stores.
+    fn store_words(&self, off: usize, src: &[u64]) {
+        assert!(off.is_multiple_of(8) && off + src.len() * 8 <= self.capacity);
+        let dst = self
+            .data_ptr()
+            .wrapping_add(off)
+            .cast::<core::sync::atomic::AtomicU64>();
+        for (i, w) in src.iter().enumerate() {
+            // SAFETY: checked above: word `i` lies in the data area and is 8-aligned (data is
+            // 128-aligned). AtomicU64 has u64's layout, and an atomic store is sound while
+            // another process reads or writes the same bytes.
+            unsafe { (*dst.add(i)).store(*w, core::sync::atomic::Ordering::Relaxed) };
+        }
+    }
+
     /// Stores one byte of the data area with a relaxed atomic store.
     fn store_byte(&self, off: usize, b: u8) {
         assert!(off < self.capacity);
@@ -454,6 +472,16 @@ impl RingRef {
             // SAFETY: in bounds (checked above); loom runs one thread at a time, and `track`
             // has checked that this read is ordered after the bytes' last write.
             *w = unsafe { self.data_ptr().add(off + 8 * i).cast::<u64>().read() };
+        }
+    }
+
+    fn store_words(&self, off: usize, src: &[u64]) {
+        assert!(off % 8 == 0 && off + src.len() * 8 <= self.capacity);
+        self.track(off, src.len() * 8, true);
+        for (i, w) in src.iter().enumerate() {
+            // SAFETY: in bounds (checked above); loom runs one thread at a time, and `track`
+            // has checked that no read or write of these bytes is concurrent with this one.
+            unsafe { self.data_ptr().add(off + 8 * i).cast::<u64>().write(*w) };
         }
     }
 
@@ -705,6 +733,21 @@ impl Producer {
         let mut r = self.reserve(payload.len())?;
         r.as_mut_slice().copy_from_slice(payload);
         r.commit(payload.len());
+        Ok(())
+    }
+
+    /// Copies `payload` into a new frame with relaxed atomic stores, without ever forming a
+    /// reference to the ring's bytes: the way to write to a consumer in another process that
+    /// may write the free space at any time (an untrusted peer), where the `&mut` of
+    /// [`Reservation::as_mut_slice`] would be a data race.
+    pub fn push_buf(&mut self, payload: &AlignedBuf) -> Result<(), RingError> {
+        let len = payload.len();
+        let r = self.reserve(len)?;
+        // Whole words: the reservation is `len` rounded up to 16 bytes.
+        r.producer
+            .ring
+            .store_words(r.off, &payload.words()[..len.div_ceil(8)]);
+        r.commit(len);
         Ok(())
     }
 
@@ -1232,6 +1275,19 @@ impl AlignedBuf {
     fn resize_words(&mut self, words8: usize) {
         self.words.resize(words8.div_ceil(2), 0);
         self.len = 0;
+    }
+
+    /// Keeps the first `len` bytes (at most the current length).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    fn words(&self) -> &[u64] {
+        // SAFETY: u128 storage viewed as twice as many u64: same memory, u64's alignment
+        // divides u128's, every bit pattern is valid for both; shared like `&self`.
+        unsafe {
+            core::slice::from_raw_parts(self.words.as_ptr().cast::<u64>(), self.words.len() * 2)
+        }
     }
 
     fn words_mut(&mut self) -> &mut [u64] {
@@ -1775,6 +1831,29 @@ mod tests {
         assert_eq!(buf.as_slice().as_ptr() as usize % 16, 0);
         f.release();
         assert!(!c.pop_into(&mut buf).unwrap());
+    }
+
+    /// Frames written with atomic stores from a private buffer read back as pushed, for every
+    /// length around the word and unit sizes, across the wrap, and after a longer buffer was
+    /// truncated (the bytes past the length are not part of the frame).
+    #[test]
+    fn push_buf_writes_what_push_writes() {
+        let (mut p, mut c, _) = pair(256);
+        let mut buf = AlignedBuf::new();
+        for len in (0..=40).chain([100, 160, 240]) {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            buf.zeroed_mut(len + 9).fill(0xee);
+            buf.zeroed_mut(len).copy_from_slice(&data);
+            buf.truncate(len);
+            if matches!(p.push_buf(&buf), Err(RingError::Full)) {
+                // Only the padding before the wrap went in: once it is read, the frame fits.
+                assert_eq!(pop(&mut c), None);
+                p.push_buf(&buf).unwrap();
+            }
+            assert_eq!(pop(&mut c).unwrap(), data, "{len}");
+        }
+        buf.zeroed_mut(241);
+        assert!(matches!(p.push_buf(&buf), Err(RingError::TooLarge { .. })));
     }
 
     #[test]

@@ -36,7 +36,8 @@ fn push_retrying(p: &mut Producer, data: &[u8]) {
 
 /// Two frames through a 256-byte ring: the second (128 bytes) does not fit before the end, so
 /// the producer publishes a padding frame, waits for the consumer to release the first
-/// (176 bytes), and writes the second at offset 0, over the bytes the first one used. The
+/// (176 bytes), and writes the second at offset 0, over the bytes the first one used, with
+/// atomic stores from a private buffer (`push_buf`, as the gateway writes its requests). The
 /// consumer must get both whole, in order: the first read in place, the second copied.
 #[test]
 fn frames_arrive_whole_and_in_order_across_the_wrap() {
@@ -45,7 +46,15 @@ fn frames_arrive_whole_and_in_order_across_the_wrap() {
         let (mut p, mut c) = ring.split().unwrap();
         let producer = thread::spawn(move || {
             push_retrying(&mut p, &[1; 160]);
-            push_retrying(&mut p, &[2; 100]);
+            let mut second = AlignedBuf::new();
+            second.zeroed_mut(100).fill(2);
+            loop {
+                match p.push_buf(&second) {
+                    Ok(()) => break,
+                    Err(RingError::Full) => thread::yield_now(),
+                    Err(e) => panic!("push_buf: {e}"),
+                }
+            }
         });
         let mut got = 0;
         let mut buf = AlignedBuf::new();

@@ -206,6 +206,8 @@ pub struct LaneClient {
     /// before the owner withdraws the announcement and sees it cleared); below that it is
     /// flooding the owner with wake-ups for answers that do not exist. Reset at each recovery.
     wake_credit: i64,
+    /// Where a request is encoded before it is copied into the ring (see `submit`).
+    scratch: AlignedBuf,
 }
 
 /// The wake socket byte that may arrive before [`LaneClient::cancel_park`] credits it.
@@ -234,6 +236,7 @@ impl LaneClient {
             defer_wakes: false,
             wake_due: false,
             wake_credit: 0,
+            scratch: AlignedBuf::new(),
         })
     }
 
@@ -279,14 +282,22 @@ impl LaneClient {
             body: call.body,
         };
         let bound = req.encoded_len_bound();
-        match self.req.push_with(bound, |slot| req.encode_into(slot)) {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(RingError::TooLarge { .. }) => {
-                return Err(Refused::TooLarge {
-                    len: bound,
-                    max: self.max_payload(),
-                });
-            }
+        let too_large = Refused::TooLarge {
+            len: bound,
+            max: self.max_payload(),
+        };
+        if bound > self.max_payload() {
+            return Err(too_large);
+        }
+        // Encoded privately, then stored into the ring with atomic stores: the worker may
+        // write the ring's free space at any time, and a `&mut` to it would be a data race.
+        let Ok(used) = req.encode_into(self.scratch.zeroed_mut(bound)) else {
+            return Err(too_large);
+        };
+        self.scratch.truncate(used);
+        match self.req.push_buf(&self.scratch) {
+            Ok(()) => {}
+            Err(RingError::TooLarge { .. }) => return Err(too_large),
             Err(RingError::Full) => return Err(Refused::Full(permit)),
             Err(RingError::Corrupt(why)) => {
                 self.poison(why);
