@@ -70,6 +70,9 @@ impl Pending {
 }
 
 struct Outstanding {
+    /// Ring position where the frame before this request's ended (its frame, or a padding
+    /// frame before it, starts there).
+    start: u64,
     /// Ring position just past the request's frame.
     end: u64,
     request_id: u64,
@@ -295,6 +298,7 @@ impl LaneClient {
             return Err(too_large);
         };
         self.scratch.truncate(used);
+        let start = self.req.position();
         match self.req.push_buf(&self.scratch) {
             Ok(()) => {}
             Err(RingError::TooLarge { .. }) => return Err(too_large),
@@ -306,6 +310,7 @@ impl LaneClient {
         }
         self.next_id += 1;
         self.outstanding.push_back(Outstanding {
+            start,
             end: self.req.position(),
             request_id: id,
         });
@@ -573,7 +578,7 @@ impl LaneClient {
         };
         match self.req.peer_positions().ok() {
             Some((head, claimed)) => {
-                let taken_until = claimed.max(head);
+                let taken_until = self.taken_until(claimed.max(head));
                 let doomed: Vec<u64> = self
                     .outstanding
                     .iter()
@@ -602,6 +607,24 @@ impl LaneClient {
         self.wake_credit = 0;
         self.seen_epoch = epoch;
         self.slot.ack_epoch(self.lane, epoch);
+    }
+
+    /// The frame boundary up to which a dead worker took the requests, from the position it
+    /// claimed: that position itself when it is a boundary, else the end of the frame it
+    /// falls in (a worker may have stored anything there; a request it may have taken is
+    /// failed rather than given to its successor, and its successor starts on a boundary).
+    /// Before the first outstanding request every request was answered: all taken.
+    fn taken_until(&self, claimed: u64) -> u64 {
+        match self.outstanding.front() {
+            None => self.req.position(),
+            Some(first) if claimed <= first.start => first.start,
+            Some(_) => self
+                .outstanding
+                .iter()
+                .map(|o| o.end)
+                .find(|&end| end >= claimed)
+                .unwrap_or(self.req.position()),
+        }
     }
 
     fn discard_all(&mut self, err: RouteError) {
@@ -752,6 +775,7 @@ mod tests {
     use crate::pool::reply::Delivery;
     use crate::pool::slot::test_slot;
     use moltbot_ipc::Response;
+    use std::time::{Duration, Instant};
 
     fn encoded(resp: &Response<'_>) -> AlignedBuf {
         let mut buf = AlignedBuf::new();
@@ -879,6 +903,64 @@ mod tests {
         assert!(lane.poll());
         assert!(!lane.poisoned);
         assert!(keep.0.admission.try_enter().is_some());
+    }
+
+    /// A dead worker that stored a `claimed` position inside a frame: the request of that
+    /// frame counts as taken (failed, not given to the successor), and the successor starts on
+    /// the next frame boundary, where it reads the request the dead worker never saw.
+    #[test]
+    fn a_claimed_position_inside_a_frame_counts_that_frame_as_taken() {
+        let (slot, _rx) = test_slot(Admission::new(4, 4));
+        let seg = slot.segment.clone();
+        let mut lane = LaneClient::new(slot.clone(), 0).unwrap();
+        let body = [b'b'; 200];
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let call = Call {
+                kind: Kind::Echo,
+                method: moltbot_ipc::Method::Post,
+                user: "u",
+                target: "",
+                call_id: "",
+                stream: false,
+                body: &body,
+            };
+            let permit = slot.admission.try_enter().unwrap();
+            let Ok(r) = lane.submit(&call, 0, permit) else {
+                panic!("submit refused");
+            };
+            replies.push(r);
+        }
+        let (first, second) = (&lane.outstanding[0], &lane.outstanding[1]);
+        assert_eq!(first.end, second.start);
+        let inside_second = second.start + 32;
+        assert!(inside_second < second.end);
+        // The worker takes the first request, stores a position inside the second, and dies.
+        {
+            let mut worker = seg.take_worker_lane(0).unwrap();
+            worker.requests.peek().unwrap().unwrap().claim();
+        }
+        lane.req.tamper().unwrap().set_claimed(inside_second);
+        slot.epoch.fetch_add(1, Ordering::AcqRel);
+        assert!(lane.poll());
+        let outcomes: Vec<_> = replies
+            .into_iter()
+            .take(2)
+            .map(|r| r.outcome_by(Instant::now(), Duration::ZERO))
+            .collect();
+        for o in outcomes {
+            assert_eq!(o.map(|_| ()), Err(RouteError::WorkerCrashed { slot: 0 }));
+        }
+        // The successor reads the third request, whole.
+        let mut worker = seg.take_worker_lane(0).expect("a successor attaches");
+        let f = worker
+            .requests
+            .peek()
+            .expect("a ring the successor can read")
+            .unwrap();
+        let req = moltbot_ipc::access_request(f.bytes()).unwrap();
+        assert_eq!(req.request_id.to_native(), 3);
+        assert_eq!(&req.body[..], &body[..]);
     }
 
     #[test]
