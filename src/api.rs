@@ -246,6 +246,7 @@ impl GatewayRouter {
             call_id: "",
             stream: false,
             body,
+            held: None,
         };
         self.route_with_id(next_request_id(), &call)
     }

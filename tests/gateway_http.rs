@@ -2246,3 +2246,46 @@ fn requests_behind_an_answer_the_client_reset_still_end() {
     drop(s);
     gw::wait_until("every request ended", || in_flight() == 0.0);
 }
+
+/// A client that pipelines requests for large answers and reads none is disconnected once
+/// more than the connection's limit of answers (16 MiB here) waits for it and none is taken
+/// for a second, long before the idle timeout; a client that pipelines the same requests and
+/// reads gets every answer.
+#[test]
+fn a_client_that_lets_pipelined_answers_pile_up_is_disconnected() {
+    let g = start_overriding(
+        Options::new(1).args(&["--idle-timeout", "10m"]),
+        &[("--max-body-bytes", "2MiB"), ("--ring-capacity", "8MiB")],
+    );
+    let big = serde_json::to_vec(&"v".repeat(1900 * 1024)).expect("JSON");
+    let r = g.request(
+        "PUT",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", "hoarder")],
+        Some(&big),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let get = raw_request(
+        "GET",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", b"hoarder")],
+        None,
+    );
+    let in_flight = || {
+        let text = g.request("GET", "/metrics", &[], None).text();
+        metric(&text, "moltbot_http_requests_in_flight", &[]).expect("in-flight gauge") - 1.0
+    };
+    // 32 answers of 1.9 MiB: 60 MiB, far more than the sockets take.
+    let mut hoarder = g.connect();
+    hoarder.write_all(&get.repeat(32)).expect("write");
+    gw::wait_until("the hoarder's requests in flight", || in_flight() >= 1.0);
+    gw::wait_until("the hoarder disconnected", || in_flight() == 0.0);
+    drop(hoarder);
+
+    let mut reader = g.connect();
+    reader.write_all(&get.repeat(32)).expect("write");
+    for i in 0..32 {
+        let (status, _, body) = read_response(&mut reader).unwrap_or_else(|| panic!("answer {i}"));
+        assert_eq!((status, body.len()), (200, big.len()), "answer {i}");
+    }
+}

@@ -3,6 +3,8 @@
 //! that does not read its answers stops being read from).
 
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
@@ -17,6 +19,14 @@ use crate::pool::reply::{Delivery, Reply};
 
 /// Most pipelined requests prepared before the first answer is written.
 const PIPELINE_DEPTH: usize = 32;
+/// Least bytes of answers a connection may hold for a client whose socket takes no more (see
+/// [`Conn::held`]); at least two ring frames, so that a large answer and the next one fit.
+const HELD_ANSWERS_MIN: usize = 16 << 20;
+/// How often a blocked write looks at the bytes of answers its connection holds.
+const HELD_CHECK: Duration = Duration::from_millis(20);
+/// How long a connection may hold more than its limit of answers without writing one out.
+const HELD_STALL: Duration = Duration::from_secs(1);
+
 /// Bytes asked of each read.
 const READ_CHUNK: usize = 16 * 1024;
 /// Bytes asked of a read while little is buffered: small requests on many idle keep-alive
@@ -125,6 +135,13 @@ struct Conn {
     rb: ReadBuf,
     /// How far the request at the front of `rb` has been parsed.
     front: Partial,
+    /// Bytes of the workers' answers to this connection's requests that are still held (in
+    /// flight to it, or waiting behind an answer its client has not taken), counted by the
+    /// lanes as they arrive. While a write blocks, a client that lets more than `held_limit`
+    /// pile up and takes none of it for [`HELD_STALL`] is disconnected: pipelined requests
+    /// for large answers cost the gateway bounded memory per connection.
+    held: Arc<AtomicUsize>,
+    held_limit: usize,
     out: Vec<u8>,
     limits: Limits,
 }
@@ -186,9 +203,11 @@ impl Conn {
         // Usually the socket takes it all at once: no timer needed.
         let ok = match futures_lite::future::poll_once(&mut write).await {
             Some(r) => r.is_ok(),
-            None => glommio::timer::timeout(idle, async { write.await.map_err(Into::into) })
-                .await
-                .is_ok(),
+            None => {
+                let write =
+                    glommio::timer::timeout(idle, async { write.await.map_err(Into::into) });
+                within_held(&self.held, self.held_limit, write).await
+            }
         };
         self.out.clear();
         if self.out.capacity() > 1 << 20 {
@@ -197,15 +216,15 @@ impl Conn {
         ok
     }
 
-    /// Writes `bytes` to the socket (bounded by the idle timeout, like `flush`).
+    /// Writes `bytes` to the socket (bounded by the idle timeout and the answers held, like
+    /// `flush`).
     async fn write_direct(&mut self, bytes: &[u8]) -> bool {
         let idle = self.reactor.shared.config.idle_timeout;
         let stream = &mut self.stream;
-        glommio::timer::timeout(idle, async {
+        let write = glommio::timer::timeout(idle, async {
             stream.write_all(bytes).await.map_err(Into::into)
-        })
-        .await
-        .is_ok()
+        });
+        within_held(&self.held, self.held_limit, write).await
     }
 
     async fn write_error_and_close(&mut self, e: HttpError) {
@@ -223,6 +242,32 @@ impl Conn {
         write_answer(&mut self.out, &a, false);
         self.flush().await;
     }
+}
+
+/// Whether `write` succeeds before the answers `held` for its connection stay over `limit`
+/// for [`HELD_STALL`] without going down (a client that does not read while its pipelined
+/// requests' answers pile up; one that reads lets them go down as each is written).
+async fn within_held<T, E>(
+    held: &AtomicUsize,
+    limit: usize,
+    write: impl std::future::Future<Output = Result<T, E>>,
+) -> bool {
+    let watch = async {
+        let mut before = held.load(Ordering::Relaxed);
+        let mut since = Instant::now();
+        loop {
+            glommio::timer::sleep(HELD_CHECK).await;
+            let now = held.load(Ordering::Relaxed);
+            if now < before || now <= limit {
+                since = Instant::now();
+            }
+            before = now;
+            if now > limit && since.elapsed() >= HELD_STALL {
+                return false;
+            }
+        }
+    };
+    futures_lite::future::or(async { write.await.is_ok() }, watch).await
 }
 
 /// A prepared request waiting for its turn to be answered.
@@ -355,6 +400,8 @@ pub async fn serve(reactor: Rc<Reactor>, stream: TcpStream) {
         stream,
         rb: ReadBuf::new(),
         front: Partial::default(),
+        held: Arc::new(AtomicUsize::new(0)),
+        held_limit: HELD_ANSWERS_MIN.max(2 * c.ring_capacity),
         out: Vec::new(),
         limits,
     };
@@ -447,7 +494,7 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                         let prepared = {
                             let data = conn.rb.data();
                             let body = &data[body_start..body_start + body_len];
-                            endpoints::prepare(&reactor, &head, body).await
+                            endpoints::prepare(&reactor, &head, body, &conn.held).await
                         };
                         conn.rb.consume(body_start + body_len);
                         let p = Pending::new(prepared, &head, shared.stopping(), started);
@@ -464,7 +511,7 @@ async fn serve_loop(conn: &mut Conn) -> Option<(RequestHead, Vec<u8>)> {
                         continue_sent = false;
                         reactor.metrics.request_started();
                         conn.rb.consume(consumed);
-                        let prepared = endpoints::prepare(&reactor, &head, &body).await;
+                        let prepared = endpoints::prepare(&reactor, &head, &body, &conn.held).await;
                         let p = Pending::new(prepared, &head, shared.stopping(), started);
                         close_after = !p.keep;
                         batch.push(p);

@@ -8,7 +8,8 @@
 //! With the `fault-injection` feature (tests only), `/v1/route` with type `test` takes the
 //! worker's fault action from `payload.action` (see `fault_action`).
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -276,7 +277,12 @@ fn method_not_allowed(endpoint: Endpoint, allow: &'static str) -> Prepared {
 }
 
 /// Handles one request up to the point where it waits for a worker.
-pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prepared {
+pub async fn prepare(
+    reactor: &Reactor,
+    head: &RequestHead,
+    body: &[u8],
+    held: &Arc<AtomicUsize>,
+) -> Prepared {
     let shared = &reactor.shared;
     let path = head.path();
     let endpoint = classify(path);
@@ -313,7 +319,7 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
             _ => method_not_allowed(endpoint, "GET"),
         },
         Endpoint::Route => match m {
-            Method::Post => route(reactor, &principal, body).await,
+            Method::Post => route(reactor, &principal, body, held).await,
             _ => method_not_allowed(endpoint, "POST"),
         },
         Endpoint::Agent | Endpoint::Echo => {
@@ -339,13 +345,14 @@ pub async fn prepare(reactor: &Reactor, head: &RequestHead, body: &[u8]) -> Prep
                 call_id: "",
                 stream,
                 body,
+                held: Some(held),
             };
             match send(reactor, endpoint, &call, Shape::Raw { content_type }).await {
                 Prepared::Waiting(w) if stream => Prepared::Streaming(w),
                 p => p,
             }
         }
-        Endpoint::Sessions => sessions(reactor, &principal, head, path, body).await,
+        Endpoint::Sessions => sessions(reactor, &principal, head, path, body, held).await,
         Endpoint::Other => Prepared::Done(Answer::error(
             endpoint,
             404,
@@ -544,7 +551,12 @@ struct RouteBody<'a> {
     payload: Option<&'a RawValue>,
 }
 
-async fn route(reactor: &Reactor, principal: &Principal, body: &[u8]) -> Prepared {
+async fn route(
+    reactor: &Reactor,
+    principal: &Principal,
+    body: &[u8],
+    held: &Arc<AtomicUsize>,
+) -> Prepared {
     let endpoint = Endpoint::Route;
     let req: RouteBody<'_> = match serde_json::from_slice(body) {
         Ok(r) => r,
@@ -586,6 +598,7 @@ async fn route(reactor: &Reactor, principal: &Principal, body: &[u8]) -> Prepare
         target: &target,
         call_id: "",
         stream: false,
+        held: Some(held),
         ..Call::of_kind(kind, user, payload.as_bytes())
     };
     let shape = Shape::Route {
@@ -623,6 +636,7 @@ async fn sessions(
     head: &RequestHead,
     path: &str,
     body: &[u8],
+    held: &Arc<AtomicUsize>,
 ) -> Prepared {
     let endpoint = Endpoint::Sessions;
     let name = match path.strip_prefix("/v1/sessions/") {
@@ -660,6 +674,7 @@ async fn sessions(
         call_id: "",
         stream: false,
         body,
+        held: Some(held),
     };
     send(reactor, endpoint, &call, Shape::Raw { content_type: JSON }).await
 }

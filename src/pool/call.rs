@@ -2,7 +2,8 @@
 //! caller) to its user's worker. Its wire form is [`moltbot_ipc::Request`], written by the lane
 //! straight into the ring.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub use moltbot_ipc::{Kind, Method};
 
@@ -23,6 +24,9 @@ pub struct Call<'a> {
     pub stream: bool,
     /// The payload, opaque to the gateway.
     pub body: &'a [u8],
+    /// Where the bytes of the final answer are counted while it lives (the caller's tally of
+    /// what it holds: an HTTP connection closes a client that leaves too much unread).
+    pub held: Option<&'a Arc<AtomicUsize>>,
 }
 
 impl<'a> Call<'a> {
@@ -41,6 +45,7 @@ impl<'a> Call<'a> {
             call_id: "",
             stream: false,
             body,
+            held: None,
         }
     }
 }

@@ -268,6 +268,7 @@ mod tests {
         call_id: "",
         stream: false,
         body: b"hello",
+        held: None,
     };
 
     fn to(slot: &Arc<Slot>) -> Dispatch {
@@ -362,6 +363,7 @@ mod tests {
         let body = [7u8; 1000];
         let call = Call {
             body: &body,
+            held: None,
             ..CALL
         };
         let mut paused = None;
@@ -399,6 +401,7 @@ mod tests {
             .step(
                 &Call {
                     body: &huge,
+                    held: None,
                     ..CALL
                 },
                 &mut lanes,

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use moltbot_ipc::wake::{announce_park, cancel_park, futex_unpark, wake_needed};
 use moltbot_ipc::{
@@ -53,6 +53,8 @@ struct Pending {
     /// Every body of the answer must be JSON (an RPC request: the gateway forwards them into
     /// JSON frames).
     json: bool,
+    /// The caller's tally of the answer bytes it holds ([`Call::held`]).
+    held: Option<Arc<AtomicUsize>>,
 }
 
 impl Pending {
@@ -323,6 +325,7 @@ impl LaneClient {
                 deadline_us,
                 stream: call.stream,
                 json: call.kind == Kind::Rpc,
+                held: call.held.cloned(),
             },
         );
         if self.defer_wakes {
@@ -466,14 +469,11 @@ impl LaneClient {
             Ok(()) => {
                 let (status, code, duration_us, body) =
                     (r.status, r.error_code.to_string(), r.duration_us, r.body);
-                Ok(Reply::new(
-                    self.slot.id,
-                    status,
-                    code,
-                    duration_us,
-                    frame,
-                    body,
-                ))
+                let reply = Reply::new(self.slot.id, status, code, duration_us, frame, body);
+                Ok(match &pending.held {
+                    Some(held) => reply.counted_in(held.clone()),
+                    None => reply,
+                })
             }
         };
         if !matches!(&outcome, Ok(r) if r.is_success()) {
@@ -821,6 +821,7 @@ mod tests {
             call_id: "",
             stream: true,
             body: b"{}",
+            held: None,
         };
         let Ok(replies) = lane.submit(&call, 0, permit) else {
             panic!("submit refused");
@@ -924,6 +925,7 @@ mod tests {
                 call_id: "",
                 stream: false,
                 body: &body,
+                held: None,
             };
             let permit = slot.admission.try_enter().unwrap();
             let Ok(r) = lane.submit(&call, 0, permit) else {

@@ -41,6 +41,8 @@ pub struct Reply {
     pub event: String,
     frame: AlignedBuf,
     body: Range<usize>,
+    /// Where the frame's bytes are counted while this reply lives (see [`Reply::counted_in`]).
+    held: Option<Arc<AtomicUsize>>,
 }
 
 impl Reply {
@@ -67,6 +69,7 @@ impl Reply {
             event: String::new(),
             frame,
             body,
+            held: None,
         }
     }
 
@@ -82,6 +85,14 @@ impl Reply {
         self.frame.len()
     }
 
+    /// This reply, its bytes counted in `held` until it is dropped: the caller's tally of the
+    /// answers it holds.
+    pub(crate) fn counted_in(mut self, held: Arc<AtomicUsize>) -> Reply {
+        held.fetch_add(self.held_bytes(), Ordering::Relaxed);
+        self.held = Some(held);
+        self
+    }
+
     /// The payload.
     pub fn body(&self) -> &[u8] {
         &self.frame.as_slice()[self.body.clone()]
@@ -90,6 +101,14 @@ impl Reply {
     /// True for 2xx.
     pub fn is_success(&self) -> bool {
         (200..300).contains(&self.status)
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(held) = &self.held {
+            held.fetch_sub(self.held_bytes(), Ordering::Relaxed);
+        }
     }
 }
 

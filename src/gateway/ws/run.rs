@@ -60,6 +60,7 @@ impl Run {
             call_id: &self.id,
             stream: true,
             body: self.params.as_bytes(),
+            held: None,
         };
         let mut replies = match self.reactor.dispatch(&call).await {
             Ok((slot, replies)) => {
