@@ -2210,6 +2210,31 @@ fn cli_status_and_route_talk_to_a_running_gateway() {
     );
 }
 
+/// Stores a session of `kib` KiB for `user`; returns the raw request that reads it back.
+fn big_session(g: &GatewayProc, user: &str, kib: usize) -> (Vec<u8>, usize) {
+    let big = serde_json::to_vec(&"v".repeat(kib * 1024)).expect("JSON");
+    let r = g.request(
+        "PUT",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", user)],
+        Some(&big),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let get = raw_request(
+        "GET",
+        "/v1/sessions/big",
+        &[("x-moltbot-user", user.as_bytes())],
+        None,
+    );
+    (get, big.len())
+}
+
+/// HTTP requests in flight on `g`, not counting the one that asks.
+fn in_flight(g: &GatewayProc) -> f64 {
+    let text = g.request("GET", "/metrics", &[], None).text();
+    metric(&text, "moltbot_http_requests_in_flight", &[]).expect("in-flight gauge") - 1.0
+}
+
 /// Pipelined requests whose client goes away while an earlier answer is being written get no
 /// answer; they still end, so `moltbot_http_requests_in_flight` comes back down.
 #[test]
@@ -2218,33 +2243,15 @@ fn requests_behind_an_answer_the_client_reset_still_end() {
         Options::new(1),
         &[("--max-body-bytes", "1MiB"), ("--ring-capacity", "4MiB")],
     );
-    let big = serde_json::to_vec(&"v".repeat(900 * 1024)).expect("JSON");
-    let r = g.request(
-        "PUT",
-        "/v1/sessions/big",
-        &[("x-moltbot-user", "leaver")],
-        Some(&big),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let in_flight = || {
-        let text = g.request("GET", "/metrics", &[], None).text();
-        // The request asking counts itself.
-        metric(&text, "moltbot_http_requests_in_flight", &[]).expect("in-flight gauge") - 1.0
-    };
+    let (get, _) = big_session(&g, "leaver", 900);
     let mut s = g.connect();
-    let get = raw_request(
-        "GET",
-        "/v1/sessions/big",
-        &[("x-moltbot-user", b"leaver")],
-        None,
-    );
     // 20 answers of 900 KiB: more than the sockets hold, so the gateway is still writing the
     // first ones, with the others waiting, when the client goes.
     s.write_all(&get.repeat(20)).expect("write");
-    gw::wait_until("the pipelined requests in flight", || in_flight() >= 10.0);
+    gw::wait_until("the pipelined requests in flight", || in_flight(&g) >= 10.0);
     rustix::net::sockopt::set_socket_linger(&s, Some(std::time::Duration::ZERO)).expect("linger");
     drop(s);
-    gw::wait_until("every request ended", || in_flight() == 0.0);
+    gw::wait_until("every request ended", || in_flight(&g) == 0.0);
 }
 
 /// A client that pipelines requests for large answers and reads none is disconnected once
@@ -2257,35 +2264,18 @@ fn a_client_that_lets_pipelined_answers_pile_up_is_disconnected() {
         Options::new(1).args(&["--idle-timeout", "10m"]),
         &[("--max-body-bytes", "2MiB"), ("--ring-capacity", "8MiB")],
     );
-    let big = serde_json::to_vec(&"v".repeat(1900 * 1024)).expect("JSON");
-    let r = g.request(
-        "PUT",
-        "/v1/sessions/big",
-        &[("x-moltbot-user", "hoarder")],
-        Some(&big),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let get = raw_request(
-        "GET",
-        "/v1/sessions/big",
-        &[("x-moltbot-user", b"hoarder")],
-        None,
-    );
-    let in_flight = || {
-        let text = g.request("GET", "/metrics", &[], None).text();
-        metric(&text, "moltbot_http_requests_in_flight", &[]).expect("in-flight gauge") - 1.0
-    };
+    let (get, len) = big_session(&g, "hoarder", 1900);
     // 32 answers of 1.9 MiB: 60 MiB, far more than the sockets take.
     let mut hoarder = g.connect();
     hoarder.write_all(&get.repeat(32)).expect("write");
-    gw::wait_until("the hoarder's requests in flight", || in_flight() >= 1.0);
-    gw::wait_until("the hoarder disconnected", || in_flight() == 0.0);
+    gw::wait_until("the hoarder's requests in flight", || in_flight(&g) >= 1.0);
+    gw::wait_until("the hoarder disconnected", || in_flight(&g) == 0.0);
     drop(hoarder);
 
     let mut reader = g.connect();
     reader.write_all(&get.repeat(32)).expect("write");
     for i in 0..32 {
         let (status, _, body) = read_response(&mut reader).unwrap_or_else(|| panic!("answer {i}"));
-        assert_eq!((status, body.len()), (200, big.len()), "answer {i}");
+        assert_eq!((status, body.len()), (200, len), "answer {i}");
     }
 }
